@@ -1,0 +1,148 @@
+"""The one mixed-modal model interface every backend implements.
+
+A backend is an lm-eval `LM` (loglikelihood, loglikelihood_rolling, generate_until) that also
+accepts images: following lm-eval's multimodal convention, a request's args may carry a third
+element `{"visual": [PIL images]}` and its context the `<image>` placeholder where each goes.
+`generate_interleaved` returns mixed-modal output (text and images).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lm_eval.api.model import LM, hash_args
+
+from chameleon.errors import InputError
+
+IMAGE_PLACEHOLDER = "<image>"  # lm-eval's DEFAULT_IMAGE_PLACEHOLDER for multimodal tasks
+
+Segment = Any  # str | PIL.Image.Image
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    """Decoding settings of one generate_until request, parsed from lm-eval's gen_kwargs."""
+
+    until: tuple[str, ...] = ()
+    max_gen_toks: int = 256
+    do_sample: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature <= 0.0
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_GEN_KEYS = {"until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed"}
+
+
+def parse_gen_kwargs(gen_kwargs: dict | None, default_max_gen_toks: int = 256) -> GenSettings:
+    kw = dict(gen_kwargs or {})
+    unknown = sorted(set(kw) - _GEN_KEYS)
+    if unknown:
+        raise InputError(f"generation settings: unknown key(s) {unknown}; allowed: {sorted(_GEN_KEYS)}")
+    until = kw.get("until") or ()
+    if isinstance(until, str):
+        until = (until,)
+    max_toks = kw.get("max_gen_toks", kw.get("max_new_tokens", default_max_gen_toks))
+    do_sample = bool(kw.get("do_sample", False))
+    temperature = float(kw.get("temperature", 1.0 if do_sample else 0.0))
+    return GenSettings(
+        until=tuple(until), max_gen_toks=int(max_toks), do_sample=do_sample and temperature > 0,
+        temperature=temperature if do_sample else 0.0, top_p=float(kw.get("top_p", 1.0)),
+        top_k=int(kw.get("top_k", 0) or 0), seed=int(kw.get("seed", 0)),
+    )
+
+
+def request_hash(kind: str, args: tuple) -> str:
+    """lm-eval's own cache key (images hashed by content), so our records align with its cache."""
+    return hash_args(kind, args)
+
+
+def sample_seed(settings: GenSettings, req_hash: str, sample_index: int) -> int:
+    """Seed of one sampled generation: a function of the request alone, never of batch or shard."""
+    h = hashlib.sha256(f"{settings.seed}:{req_hash}:{sample_index}".encode()).digest()
+    return int.from_bytes(h[:4], "little")
+
+
+def sample_indices(requests: list) -> list[int]:
+    """Occurrence number of each request among identical ones (lm-eval repeats for maj@k)."""
+    seen: dict[str, int] = {}
+    out = []
+    for req in requests:
+        h = request_hash(req.request_type, req.args)
+        out.append(seen.get(h, 0))
+        seen[h] = out[-1] + 1
+    return out
+
+
+def to_segments(context: str, aux: dict | None) -> list[Segment]:
+    """Split an lm-eval context on `<image>` placeholders and interleave the request's images."""
+    images = list((aux or {}).get("visual") or [])
+    if not images:
+        return [context] if context else []
+    parts = context.split(IMAGE_PLACEHOLDER)
+    if len(parts) - 1 != len(images):
+        # lm-eval tasks without placeholders put images first
+        if len(parts) == 1:
+            return [*images, context] if context else list(images)
+        raise InputError(
+            f"request has {len(images)} image(s) but {len(parts) - 1} '{IMAGE_PLACEHOLDER}' placeholder(s)"
+        )
+    segs: list[Segment] = []
+    for i, part in enumerate(parts):
+        if part:
+            segs.append(part)
+        if i < len(images):
+            segs.append(images[i])
+    return segs
+
+
+def truncate_at_stops(text: str, until: tuple[str, ...]) -> str:
+    """lm-eval semantics: the output ends before the first stop string."""
+    cut = len(text)
+    for stop in until:
+        if stop:
+            i = text.find(stop)
+            if i != -1:
+                cut = min(cut, i)
+    return text[:cut]
+
+
+class MixedModalLM(LM):
+    """Base of our backends: lm-eval LM + images in, text and images out."""
+
+    MULTIMODAL = True  # lm-eval: may run multimodal tasks
+    backend_name = "base"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures: dict[str, str] = {}  # request hash -> reason; the runner counts them
+
+    # identity of the weights + config: keys caches, stamps results
+    @property
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What results.json records about the model."""
+        return {"backend": self.backend_name, "fingerprint": self.fingerprint}
+
+    def generate_interleaved(self, prompts: list[list[Segment]], settings: GenSettings,
+                             mode: str = "interleaved") -> list[list[Segment]]:
+        raise InputError(f"backend '{self.backend_name}' cannot produce mixed-modal (image) output")
+
+    # generate_until with explicit per-request sample indices (seeds), used by the runner when it
+    # hands a backend only part of a list (resume, shards); lm-eval calls generate_until(requests).
+    def generate_until(self, requests, sample_index: list[int] | None = None) -> list[str]:  # noqa: D102
+        raise NotImplementedError
+

@@ -1,0 +1,154 @@
+"""Hugging Face transformers baseline: any causal LM, and `ChameleonForConditionalGeneration`.
+
+Scores whole (context + continuation) sequences in right-padded batches, like lm-eval's `hf`
+model type; images are supported for Chameleon checkpoints (VQ codes spliced in as tokens).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from benchmarks.backends.base import GenSettings, Segment
+from benchmarks.backends.token_lm import TokenLM, TokenPair
+from chameleon.errors import InputError
+
+
+def hash_checkpoint(path: Path) -> str:
+    """sha256 over config and weight files of a HF checkpoint directory."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.suffix in {".json", ".safetensors", ".bin", ".model"})
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+@register_model("hf-mm")
+class HFBackend(TokenLM):
+    backend_name = "hf"
+
+    def __init__(self, pretrained: str, device: str = "cpu", dtype: str = "float32",
+                 batch_size: int = 8, max_gen_toks: int = 256, max_length: int | None = None) -> None:
+        super().__init__(batch_size=batch_size, max_gen_toks=max_gen_toks)
+        import transformers
+
+        path = Path(pretrained)
+        if not (path / "config.json").is_file():
+            raise InputError(f"--model {pretrained}: expected a Hugging Face checkpoint directory with config.json")
+        self.path = path
+        self.device_name = device
+        torch_dtype = getattr(torch, dtype)
+        config = transformers.AutoConfig.from_pretrained(path)
+        self.is_chameleon = config.model_type == "chameleon"
+        auto = transformers.AutoModelForImageTextToText if self.is_chameleon else transformers.AutoModelForCausalLM
+        self.model = auto.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        self.processor = None
+        if self.is_chameleon and (path / "processor_config.json").is_file():
+            self.processor = transformers.AutoProcessor.from_pretrained(path)
+        self.max_length = int(max_length or getattr(config, "max_position_embeddings", None)
+                              or getattr(getattr(config, "text_config", None), "max_position_embeddings", 2048))
+        self.eot_token_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        self._fingerprint = hash_checkpoint(path)
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def describe(self) -> dict:
+        return {**super().describe(), "path": str(self.path), "class": type(self.model).__name__,
+                "dtype": str(self.model.dtype), "device": self.device_name}
+
+    # --- tokenization -------------------------------------------------------------------------
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def encode_prompt(self, segments: list[Segment]) -> list[int]:
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        ids = list(bos)
+        for seg in segments:
+            ids += self.encode_text(seg) if isinstance(seg, str) else self._image_ids(seg)
+        return ids
+
+    @torch.no_grad()
+    def _image_ids(self, image) -> list[int]:
+        if self.processor is None:
+            raise InputError(f"model {self.path}: image input needs a Chameleon checkpoint with processor_config.json")
+        enc = self.processor(text=[self.processor.image_token], images=[image], return_tensors="pt")
+        ids = enc["input_ids"][0].tolist()
+        codes = self.model.model.get_image_tokens(enc["pixel_values"].to(self.model.device, self.model.dtype))
+        codes = codes.flatten().tolist()
+        image_tok = self.model.model.vocabulary_mapping.image_token_id
+        out, k = [], 0
+        for t in ids:
+            if t == image_tok:
+                out.append(codes[k])
+                k += 1
+            elif t != self.tokenizer.bos_token_id:
+                out.append(t)
+        return out
+
+    # --- model --------------------------------------------------------------------------------
+    def _logits(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens, attention_mask=mask).logits
+
+    @torch.no_grad()
+    def _score(self, pairs: list[TokenPair]) -> list[tuple[float, bool]]:
+        out: list[tuple[float, bool] | None] = [None] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        for start in tqdm(range(0, len(order), self.batch_size), desc="hf loglikelihood", leave=False):
+            chunk = order[start:start + self.batch_size]
+            seqs = [(pairs[i][0] + pairs[i][1])[:-1] for i in chunk]
+            width = max(map(len, seqs))
+            tokens = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for r, s in enumerate(seqs):
+                tokens[r, : len(s)] = torch.tensor(s)
+                mask[r, : len(s)] = 1
+            logp = F.log_softmax(self._logits(tokens.to(self.model.device), mask.to(self.model.device)).float(), -1)
+            for r, i in enumerate(chunk):
+                ctx, cont = pairs[i]
+                pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont))
+                rows = logp[r, pos]
+                target = torch.tensor(cont, device=rows.device)
+                lp = rows.gather(-1, target[:, None]).sum().item()
+                out[i] = (lp, bool((rows.argmax(-1) == target).all()))
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[list[int]], settings: GenSettings, seed: int | None) -> list[list[int]]:
+        width = max(map(len, prompts))
+        tokens = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(tokens)
+        for r, p in enumerate(prompts):  # left padding for generation
+            tokens[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        kwargs = dict(max_new_tokens=settings.max_gen_toks, pad_token_id=self.pad_id,
+                      eos_token_id=self.eot_token_id, do_sample=seed is not None)
+        if seed is not None:
+            torch.manual_seed(seed)
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
+        if settings.until:
+            kwargs.update(stop_strings=list(settings.until), tokenizer=self.tokenizer)
+        gen = self.model.generate(input_ids=tokens.to(self.model.device), attention_mask=mask.to(self.model.device),
+                                  **kwargs)[:, width:].tolist()
+        out = []
+        for row in gen:
+            if self.eot_token_id in row:
+                row = row[: row.index(self.eot_token_id)]
+            out.append([t for t in row if t != self.pad_id])
+        return out
+
+

@@ -1,0 +1,101 @@
+"""Pre-computed outputs of an external system (e.g. an API model), scored exactly like ours.
+
+The file is JSONL, one response per line, keyed by `request_hash` (lm-eval's hash of the request,
+as written in our per-sample records) or by `item_id` ("<task>/<doc_id>"):
+
+    {"request_hash": "9f2c...", "output": "The answer is 42."}
+    {"item_id": "gsm8k/17", "sample": 3, "output": "..."}          # sample k of maj@k
+    {"request_hash": "...", "loglikelihood": -3.2, "is_greedy": false}
+
+A request without a response is a per-item failure (recorded in `failures`, empty output /
+-inf loglikelihood), never a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from lm_eval.api.registry import register_model
+
+from benchmarks.backends.base import MixedModalLM, request_hash, sample_indices
+from chameleon.errors import InputError
+
+
+@register_model("responses")
+class ResponsesBackend(MixedModalLM):
+    backend_name = "responses"
+
+    def __init__(self, pretrained: str, **_: object) -> None:
+        super().__init__()
+        self.path = Path(pretrained)
+        if not self.path.is_file():
+            raise InputError(f"--model {pretrained}: expected a responses JSONL file")
+        raw = self.path.read_bytes()
+        self._fingerprint = "responses:" + hashlib.sha256(raw).hexdigest()
+        self.by_hash: dict[tuple[str, int], dict] = {}
+        self.by_item: dict[tuple[str, int], dict] = {}
+        for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{self.path}:{n}: not valid JSON ({err.msg})") from None
+            if not isinstance(rec, dict) or not ({"request_hash", "item_id"} & rec.keys()):
+                raise InputError(f"{self.path}:{n}: expected an object with 'request_hash' or 'item_id'")
+            if not ({"output", "loglikelihood"} & rec.keys()):
+                raise InputError(f"{self.path}:{n}: expected 'output' (generation) or 'loglikelihood'")
+            sample = int(rec.get("sample", 0))
+            if "request_hash" in rec:
+                self.by_hash[(rec["request_hash"], sample)] = rec
+            if "item_id" in rec:
+                self.by_item[(str(rec["item_id"]), sample)] = rec
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def describe(self) -> dict:
+        return {**super().describe(), "path": str(self.path)}
+
+    def _lookup(self, kind: str, req, sample: int, field: str):
+        h = request_hash(kind, req.args)
+        rec = self.by_hash.get((h, sample)) or self.by_item.get((f"{req.task_name}/{req.doc_id}", sample))
+        if rec is None or field not in rec:
+            self.failures[h] = f"no '{field}' response for request {h[:12]} (item {req.task_name}/{req.doc_id})"
+            return None
+        return rec[field]
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        out = []
+        for req in requests:
+            lp = self._lookup("loglikelihood", req, 0, "loglikelihood")
+            rec = (float("-inf"), False) if lp is None else (float(lp), bool(self._greedy(req)))
+            out.append(rec)
+            if lp is not None:
+                self.cache_hook.add_partial("loglikelihood", req.args, rec)
+        return out
+
+    def _greedy(self, req) -> bool:
+        rec = self.by_hash.get((request_hash("loglikelihood", req.args), 0)) or {}
+        return rec.get("is_greedy", False)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for req in requests:
+            lp = self._lookup("loglikelihood_rolling", req, 0, "loglikelihood")
+            out.append(float("-inf") if lp is None else float(lp))
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False,
+                       sample_index: list[int] | None = None) -> list[str]:
+        sample_index = sample_index if sample_index is not None else sample_indices(requests)
+        out = []
+        for req, k in zip(requests, sample_index):
+            text = self._lookup("generate_until", req, k, "output")
+            out.append("" if text is None else str(text))
+            if text is not None:
+                self.cache_hook.add_partial("generate_until", req.args, out[-1])
+        return out

@@ -1,0 +1,49 @@
+"""Scale-out under `torchrun`: items are sharded across processes and results gathered (gloo).
+
+Without torchrun (no WORLD_SIZE, or 1) everything here is a no-op for a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_gather(self, obj) -> list:
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as tdist
+
+        out = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        """rank 0's value of `obj` on every rank (e.g. an error found by the main process)."""
+        return self.all_gather(obj)[0]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+
+
+def init_dist() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        tdist.init_process_group("gloo")  # CPU collectives; the payloads are small Python objects
+    return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size())

@@ -1,0 +1,102 @@
+"""results.json (versioned; see SCHEMA.md) and the plain-text results table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+Z95 = 1.959963984540054
+
+
+def metric_entry(value: float, stderr: float | None, n: int) -> dict:
+    """A metric with its standard error and normal-approximation 95% CI."""
+    value = float(value)
+    ok = stderr is not None and isinstance(stderr, (int, float)) and math.isfinite(stderr)
+    se = float(stderr) if ok else None
+    ci = [value - Z95 * se, value + Z95 * se] if se is not None else None
+    return {"value": value, "stderr": se, "ci95": ci, "n": int(n)}
+
+
+def mean_entry(scores: list[float]) -> dict:
+    """Mean of per-item scores with the standard error of the mean (sample std / sqrt(n))."""
+    n = len(scores)
+    if n == 0:
+        return metric_entry(float("nan"), None, 0)
+    mean = sum(scores) / n
+    se = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n) if n > 1 else None
+    return metric_entry(mean, se, n)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("chameleon-bench", "torch", "transformers", "lm_eval", "pycocoevalcap", "tokenizers", "datasets"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: Path, records) -> str:
+    """Write records and return the file's sha256."""
+    tmp = path.with_name(path.name + ".tmp")
+    h = hashlib.sha256()
+    with open(tmp, "wb") as f:
+        for rec in records:
+            line = (json.dumps(rec, sort_keys=True) + "\n").encode()
+            h.update(line)
+            f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return h.hexdigest()
+
+
+def _fmt(x: float | None, pct: bool) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{100 * x:.1f}" if pct else f"{x:.3f}"
+
+
+def format_results_table(results: dict | str | Path) -> str:
+    """Plain-text table of a results.json (dict or path): one row per benchmark metric."""
+    if not isinstance(results, dict):
+        results = json.loads(Path(results).read_text())
+    rows = [("benchmark", "metric", "value", "± 95% CI", "n", "failed")]
+    for name, bench in results.get("benchmarks", {}).items():
+        for metric, m in bench.get("metrics", {}).items():
+            pct = metric.lower() not in {"cider", "bleu_4", "meteor", "rouge_l", "spice"} and abs(m["value"]) <= 1
+            half = None if m.get("ci95") is None else (m["ci95"][1] - m["ci95"][0]) / 2
+            rows.append((name, metric, _fmt(m["value"], pct), _fmt(half, pct), str(m["n"]),
+                         str(bench.get("n_failed", 0))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    model = results.get("model", {})
+    head = f"suite {results.get('suite', {}).get('name', '?')}  model {model.get('backend', '?')}:" \
+           f"{str(model.get('fingerprint', '?'))[:12]}  ({'complete' if results.get('complete') else 'INCOMPLETE'})"
+    return head + "\n" + "\n".join(lines) + "\n"

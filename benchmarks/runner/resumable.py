@@ -1,0 +1,89 @@
+"""The runner's view of a backend: cached, resumable and sharded request execution.
+
+`ResumableLM` is itself an lm-eval `LM`. For each list of requests it answers what the run's
+record store already holds, gives this process its share (round robin) of the rest, runs it in
+chunks and appends each finished chunk to the store (fsynced) before starting the next, then
+gathers every process's answers. Keys hash the model fingerprint, the request (lm-eval's
+`hash_args`, which covers the context, continuation, generation settings and image content) and
+the sample index of sampled generations, so a cache can never answer for another checkpoint.
+Failed requests (e.g. a missing external response) are never cached and are reported in
+`failed`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from lm_eval.api.model import LM
+from tqdm import tqdm
+
+from benchmarks.backends.base import MixedModalLM, parse_gen_kwargs, request_hash, sample_indices
+from benchmarks.runner.dist import Dist
+from benchmarks.runner.store import RecordStore
+
+
+class ResumableLM(LM):
+    MULTIMODAL = True
+
+    def __init__(self, backend: MixedModalLM, store: RecordStore, dist: Dist = Dist(), chunk_size: int = 32) -> None:
+        super().__init__()
+        self.backend = backend
+        self.store = store
+        self.dist = dist
+        self.chunk_size = max(1, int(chunk_size))
+        self.failed: dict[str, str] = {}  # request hash -> reason
+        self.computed = 0  # requests this process actually ran (not from the store)
+
+    def key(self, kind: str, req_hash: str, sample: int) -> str:
+        raw = f"{self.backend.fingerprint}\n{kind}\n{req_hash}\n{sample}"
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return [tuple(v) for v in self._run("loglikelihood", requests)]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return self._run("loglikelihood_rolling", requests)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._run("generate_until", requests)
+
+    def _run(self, kind: str, requests) -> list:
+        hashes = [request_hash(kind, r.args) for r in requests]
+        samples = [0] * len(requests)
+        if kind == "generate_until":
+            for i, (r, k) in enumerate(zip(requests, sample_indices(requests))):
+                samples[i] = 0 if parse_gen_kwargs(r.args[1]).greedy else k  # greedy repeats agree
+        keys = [self.key(kind, h, k) for h, k in zip(hashes, samples)]
+        todo: dict[str, int] = {}  # key -> first request index, for keys not yet stored
+        for i, k in enumerate(keys):
+            if k not in self.store and k not in todo:
+                todo[k] = i
+        mine = list(todo.values())[self.dist.rank::self.dist.world_size]
+        fresh: dict[str, object] = {}
+        failed: dict[str, str] = {}
+        bar = tqdm(total=len(mine), desc=f"{kind} ({len(requests) - len(todo)} cached)",
+                   disable=not self.dist.is_main or not mine)
+        for start in range(0, len(mine), self.chunk_size):
+            chunk = mine[start:start + self.chunk_size]
+            reqs = [requests[i] for i in chunk]
+            self.backend.failures.clear()
+            if kind == "generate_until":
+                values = self.backend.generate_until(reqs, sample_index=[samples[i] for i in chunk])
+            else:
+                values = getattr(self.backend, kind)(reqs)
+            ok = []
+            for i, v in zip(chunk, values):
+                if hashes[i] in self.backend.failures:
+                    failed[hashes[i]] = self.backend.failures[hashes[i]]
+                else:
+                    ok.append((keys[i], list(v) if isinstance(v, tuple) else v))
+                fresh[keys[i]] = list(v) if isinstance(v, tuple) else v
+            self.store.put_many(ok)
+            self.computed += len(chunk)
+            bar.update(len(chunk))
+        bar.close()
+        for part in self.dist.all_gather((fresh, failed)):
+            fresh.update(part[0])
+            failed.update(part[1])
+        self.failed.update(failed)
+        return [self.store.get(k)["value"] if k in self.store else fresh[k] for k in keys]
