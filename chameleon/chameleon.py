@@ -1,0 +1,169 @@
+"""`Chameleon`: the decoder with its text tokenizer and VQGAN, and `load()` for either checkpoint format."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Union
+
+import torch
+from PIL import Image
+from torch import nn
+
+from chameleon.checkpoint import Checkpoint, read_checkpoint, write_hf, write_meta
+from chameleon.config import ModelArgs, VQGANConfig
+from chameleon.errors import InputError
+from chameleon.model import KVCache, Transformer
+from chameleon.tokenizer import ChameleonTokenizer
+from chameleon.vqgan import VQGAN
+
+Segment = Union[str, Image.Image]
+
+
+class Chameleon(nn.Module):
+    def __init__(self, args: ModelArgs, vq_config: VQGANConfig, tokenizer: ChameleonTokenizer, with_decoder: bool = True):
+        super().__init__()
+        if tokenizer.vocab_size > args.vocab_size:
+            raise InputError(f"{tokenizer.source}: tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {args.vocab_size}")
+        if tokenizer.n_image_codes != vq_config.n_embed:
+            raise InputError(f"{tokenizer.source}: tokenizer has {tokenizer.n_image_codes} image tokens but the VQGAN codebook has {vq_config.n_embed} entries")
+        self.config = args
+        self.transformer = Transformer(args)
+        self.vqgan = VQGAN(vq_config, with_decoder=with_decoder)
+        self.tokenizer = tokenizer
+        self._fingerprint: str | None = None
+        self.tokenizer_file: Path | None = None
+
+    # --- forward ----------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0, **kw) -> torch.Tensor:
+        if tokens.shape[1] + start_pos > self.config.max_seq_len:
+            raise InputError(f"sequence of {tokens.shape[1] + start_pos} tokens is longer than the model's context ({self.config.max_seq_len})")
+        kv_len = None
+        if cache is not None:
+            kv_len = start_pos + tokens.shape[1]
+            if kv_len > cache.max_seq_len:
+                raise InputError(f"{kv_len} tokens do not fit the KV cache ({cache.max_seq_len} slots)")
+            cache.valid[:, start_pos:kv_len] = True
+        return self.transformer(tokens, cache=cache, input_pos=start_pos, kv_len=kv_len, **kw)
+
+    def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
+        return self.transformer.new_cache(batch_size, max_seq_len)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.output.weight.device
+
+    @property
+    def image_seq_len(self) -> int:
+        return self.vqgan.cfg.image_seq_len
+
+    # --- mixed-modal token streams ----------------------------------------------------------
+    def encode_image(self, image: Image.Image) -> list[int]:
+        """boi + codes + eoi for one image."""
+        codes = self.vqgan.encode_image(image)
+        return [self.tokenizer.boi_id, *self.tokenizer.codes_to_ids(codes), self.tokenizer.eoi_id]
+
+    def encode_prompt(self, segments: list[Segment] | str, bos: bool = True) -> list[int]:
+        if isinstance(segments, str):
+            segments = [segments]
+        ids = [self.tokenizer.bos_id] if bos else []
+        for i, seg in enumerate(segments):
+            if isinstance(seg, str):
+                ids += self.tokenizer.encode_text(seg)
+            elif isinstance(seg, Image.Image):
+                ids += self.encode_image(seg)
+            else:
+                raise InputError(f"prompt segment {i}: expected text or a PIL image, got {type(seg).__name__}")
+        return ids
+
+    def decode_output(self, ids: list[int]) -> list[Segment]:
+        """Generated ids -> text and image segments. An image cut short (no room left) is dropped."""
+        tok, n = self.tokenizer, self.image_seq_len
+        segments: list[Segment] = []
+        text: list[int] = []
+        i = 0
+        while i < len(ids):
+            t = ids[i]
+            if t == tok.eos_id:
+                break
+            if t == tok.boi_id:
+                if text:
+                    segments.append(tok.decode_text(text))
+                    text = []
+                codes = [c for c in ids[i + 1 : i + 1 + n] if tok.is_image_token(c)]
+                if len(codes) == n:
+                    segments.append(self.vqgan.decode_image(tok.ids_to_codes(codes)))
+                i += 1 + n
+                if i < len(ids) and ids[i] == tok.eoi_id:
+                    i += 1
+                continue
+            text.append(t)
+            i += 1
+        if text:
+            segments.append(tok.decode_text(text))
+        return [s for s in segments if not (isinstance(s, str) and s == "")]
+
+    def generate(self, prompt: list[Segment] | str, **options) -> list[Segment]:
+        """One prompt in, its mixed-modal continuation out. Options: see GenerationOptions."""
+        from chameleon.generate import GenerationOptions, generate
+
+        ids = generate(self, [self.encode_prompt(prompt)], GenerationOptions(**options))[0]
+        return self.decode_output(ids)
+
+    # --- identity and saving ----------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the config, tokenizer vocabulary and every weight: any change gives a new one."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(json.dumps(asdict(self.config), sort_keys=True).encode())
+            h.update(json.dumps(self.tokenizer.vocab, sort_keys=True).encode())
+            for name, t in sorted(self.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def to_checkpoint(self) -> Checkpoint:
+        if self.tokenizer_file is None:
+            raise InputError("this model has no tokenizer file to save with it")
+        weights = {k: v.detach().cpu() for k, v in self.transformer.state_dict().items()}
+        vq = {k: v.detach().cpu() for k, v in self.vqgan.state_dict().items()}
+        return Checkpoint(self.config, weights, self.vqgan.cfg, vq, self.tokenizer_file, "memory", Path("."))
+
+    def save(self, out: str | Path, format: str = "hf", shards: int = 1, max_shard_bytes: int | None = None) -> None:
+        save_checkpoint(self.to_checkpoint(), Path(out), format, self.tokenizer, shards, max_shard_bytes)
+
+
+def save_checkpoint(ckpt: Checkpoint, out: Path, format: str, tokenizer: ChameleonTokenizer, shards: int = 1, max_shard_bytes: int | None = None) -> None:
+    if format == "hf":
+        write_hf(ckpt, out, tokenizer, max_shard_bytes)
+    elif format == "meta":
+        write_meta(ckpt, out, shards)
+    else:
+        raise InputError(f"unknown checkpoint format {format!r}; expected 'hf' or 'meta'")
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Chameleon:
+    """Load a HF- or Meta-format checkpoint directory (auto-detected) with its tokenizers."""
+    ckpt = read_checkpoint(path)
+    tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
+    has_decoder = any(k.startswith("decoder.") for k in ckpt.vq_weights)
+    with torch.device("meta"):
+        model = Chameleon(ckpt.args, ckpt.vq_config, tokenizer, with_decoder=has_decoder)
+    model.transformer.load_state_dict(ckpt.weights, strict=False, assign=True)
+    model.vqgan.load_state_dict(ckpt.vq_weights, strict=True, assign=True)
+    # Buffers (RoPE tables) are not in checkpoints: rebuild them on the real device.
+    from chameleon.model import rope_tables
+
+    cos, sin = rope_tables(ckpt.args)
+    model.transformer.rope_cos, model.transformer.rope_sin = cos, sin
+    model.tokenizer_file = ckpt.tokenizer_file
+    # The VQGAN stays fp32: its argmin over distances must not flip codes under bf16.
+    model.transformer.to(device=device, dtype=dtype)
+    model.transformer.rope_cos = cos.to(device)
+    model.transformer.rope_sin = sin.to(device)
+    model.vqgan.to(device=device, dtype=torch.float32)
+    return model.eval()

@@ -1,0 +1,261 @@
+"""Reading and writing checkpoint directories, HF's and Meta's, with strict validation.
+
+HF format:   config.json, model.safetensors | model.safetensors.index.json + shards, tokenizer.json,
+             [vqgan_decoder.safetensors: this project's extra file keeping the VQGAN decoder]
+Meta format: params.json [+ consolidate_params.json], consolidated.pth | consolidated.NN.pth,
+             tokenizer/{text_tokenizer.json, vqgan.yaml, vqgan.ckpt} (or ../../tokenizer, the release layout)
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from chameleon.config import ModelArgs, VQGANConfig, read_json
+from chameleon.convert import HF_VQ_PREFIX, Tensors, from_hf, from_meta_shards, to_hf, to_meta_shards
+from chameleon.errors import InputError
+from chameleon.tokenizer import ChameleonTokenizer
+
+HF_DECODER_FILE = "vqgan_decoder.safetensors"
+
+
+@dataclass
+class Checkpoint:
+    """Everything a directory holds, in this stack's layout."""
+
+    args: ModelArgs
+    weights: Tensors  # decoder, our names
+    vq_config: VQGANConfig
+    vq_weights: Tensors  # taming names; decoder.* may be absent
+    tokenizer_file: Path
+    format: str
+    path: Path
+
+
+def detect_format(path: Path) -> str:
+    if not path.exists():
+        raise InputError(f"{path}: checkpoint directory not found")
+    if not path.is_dir():
+        raise InputError(f"{path}: expected a checkpoint directory, got a file")
+    if (path / "config.json").is_file():
+        return "hf"
+    if (path / "params.json").is_file():
+        return "meta"
+    raise InputError(f"{path}: not a checkpoint directory: expected config.json (HF format) or params.json (Meta format)")
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    fmt = detect_format(path)
+    ckpt = _read_hf(path) if fmt == "hf" else _read_meta(path)
+    _check_weights(ckpt)
+    return ckpt
+
+
+# --- safetensors / torch.load with errors that name the file ------------------------------------
+def _load_safetensors(file: Path) -> Tensors:
+    if not file.is_file():
+        raise InputError(f"{file}: weights file not found")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise InputError(f"{file}: corrupt or unreadable safetensors file ({err})") from None
+
+
+def _load_pth(file: Path) -> dict:
+    if not file.is_file():
+        raise InputError(f"{file}: checkpoint file not found")
+    try:
+        return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise InputError(f"{file}: corrupt or unreadable PyTorch checkpoint ({str(err).splitlines()[0]})") from None
+
+
+# --- HF ---------------------------------------------------------------------------------------
+def _read_hf(path: Path) -> Checkpoint:
+    cfg = read_json(path / "config.json")
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path / 'config.json'}: expected a JSON object")
+    args = ModelArgs.from_hf(cfg, str(path / "config.json"))
+    vq_config = VQGANConfig.from_hf(cfg.get("vq_config") or {})
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index}: missing 'weight_map'")
+        raw: Tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            raw.update(_load_safetensors(path / shard))
+        missing = sorted(set(weight_map) - set(raw))
+        if missing:
+            raise InputError(f"{index}: weights listed but not found in the shards: {', '.join(missing[:5])}")
+    elif (path / "model.safetensors").is_file():
+        raw = _load_safetensors(path / "model.safetensors")
+    else:
+        raise InputError(f"{path}: no weights: expected model.safetensors or model.safetensors.index.json")
+    vq = {k[len(HF_VQ_PREFIX):]: v for k, v in raw.items() if k.startswith(HF_VQ_PREFIX)}
+    decoder_file = path / HF_DECODER_FILE
+    if decoder_file.is_file():
+        vq.update(_load_safetensors(decoder_file))
+    weights = from_hf({k: v for k, v in raw.items() if not k.startswith(HF_VQ_PREFIX)}, args, str(path))
+    tok = path / "tokenizer.json"
+    if not tok.is_file():
+        raise InputError(f"{path}: tokenizer.json is missing (the text tokenizer, `tokenizers` JSON)")
+    return Checkpoint(args, weights, vq_config, vq, tok, "hf", path)
+
+
+def write_hf(ckpt: Checkpoint, out: Path, tokenizer: ChameleonTokenizer, max_shard_bytes: int | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    special = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
+    cfg = ckpt.args.to_hf(ckpt.vq_config, dict(sorted(tokenizer.vocab.items(), key=lambda kv: kv[1])), special)
+    cfg["dtype"] = str(next(iter(ckpt.weights.values())).dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tensors = to_hf(ckpt.weights, ckpt.args)
+    decoder = {k: v for k, v in ckpt.vq_weights.items() if k.startswith("decoder.")}
+    tensors.update({HF_VQ_PREFIX + k: v for k, v in ckpt.vq_weights.items() if not k.startswith("decoder.")})
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    _write_safetensors_sharded(tensors, out, max_shard_bytes)
+    if decoder:
+        save_file({k: v.contiguous() for k, v in decoder.items()}, str(out / HF_DECODER_FILE))
+    shutil.copyfile(ckpt.tokenizer_file, out / "tokenizer.json")
+
+
+def _write_safetensors_sharded(tensors: Tensors, out: Path, max_shard_bytes: int | None) -> None:
+    if not max_shard_bytes:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[Tensors] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+# --- Meta -------------------------------------------------------------------------------------
+def _meta_tokenizer_dir(path: Path) -> Path:
+    for candidate in (path / "tokenizer", path.parent.parent / "tokenizer"):
+        if (candidate / "text_tokenizer.json").is_file():
+            return candidate
+    raise InputError(f"{path}: tokenizer folder not found: expected {path / 'tokenizer'}/text_tokenizer.json (or ../../tokenizer, the release layout)")
+
+
+def _read_meta(path: Path) -> Checkpoint:
+    params = read_json(path / "params.json")
+    if not isinstance(params, dict):
+        raise InputError(f"{path / 'params.json'}: expected a JSON object")
+    extra = path / "consolidate_params.json"
+    if extra.is_file():
+        consolidate = read_json(extra)
+        params = {**params, "model": {**params.get("model", params), **consolidate}} if "model" in params else {**params, **consolidate}
+    args = ModelArgs.from_params(params, str(path / "params.json"))
+    files = sorted(path.glob("consolidated.*.pth"))
+    single = path / "consolidated.pth"
+    if single.is_file():
+        files = [single]
+    if not files:
+        raise InputError(f"{path}: no weights: expected consolidated.pth or consolidated.NN.pth")
+    shards = [_load_pth(f) for f in files]
+    for f, shard in zip(files, shards):
+        if not isinstance(shard, dict) or not all(isinstance(v, torch.Tensor) for v in shard.values()):
+            raise InputError(f"{f}: expected a dict of tensors (a consolidated state dict)")
+    keys0 = set(shards[0])
+    for f, shard in zip(files[1:], shards[1:]):
+        if set(shard) != keys0:
+            raise InputError(f"{f}: its keys differ from {files[0].name}'s")
+    _check_keys(set(shards[0]) - {"rope.freqs"}, _expected_meta_keys(args), str(files[0]))
+    weights = from_meta_shards(shards, args, str(path))
+
+    tok_dir = _meta_tokenizer_dir(path)
+    vq_yaml, vq_ckpt = tok_dir / "vqgan.yaml", tok_dir / "vqgan.ckpt"
+    if not vq_yaml.is_file() or not vq_ckpt.is_file():
+        raise InputError(f"{tok_dir}: expected vqgan.yaml and vqgan.ckpt beside text_tokenizer.json")
+    try:
+        vq_config = VQGANConfig.from_yaml_dict(yaml.safe_load(vq_yaml.read_text()), str(vq_yaml))
+    except yaml.YAMLError as err:
+        raise InputError(f"{vq_yaml}: not valid YAML ({err})") from None
+    raw = _load_pth(vq_ckpt)
+    if not isinstance(raw, dict) or "state_dict" not in raw:
+        raise InputError(f"{vq_ckpt}: expected a dict with a 'state_dict' entry")
+    # The training checkpoint also holds the GAN loss/discriminator: not part of the tokenizer.
+    vq = {k: v for k, v in raw["state_dict"].items() if not k.startswith("loss.")}
+    return Checkpoint(args, weights, vq_config, vq, tok_dir / "text_tokenizer.json", "meta", path)
+
+
+def write_meta(ckpt: Checkpoint, out: Path, num_shards: int = 1) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.json").write_text(json.dumps(ckpt.args.to_params(), indent=2))
+    shards = to_meta_shards(ckpt.weights, ckpt.args, num_shards)
+    if num_shards == 1:
+        torch.save(shards[0], out / "consolidated.pth")
+    else:
+        (out / "consolidate_params.json").write_text(json.dumps({"model_parallel_size": num_shards}))
+        for i, shard in enumerate(shards):
+            torch.save(shard, out / f"consolidated.{i:02d}.pth")
+    tok_dir = out / "tokenizer"
+    tok_dir.mkdir(exist_ok=True)
+    shutil.copyfile(ckpt.tokenizer_file, tok_dir / "text_tokenizer.json")
+    (tok_dir / "vqgan.yaml").write_text(yaml.safe_dump(ckpt.vq_config.to_yaml_dict(), sort_keys=False))
+    torch.save({"state_dict": ckpt.vq_weights}, tok_dir / "vqgan.ckpt")
+
+
+# --- validation -------------------------------------------------------------------------------
+def _expected_meta_keys(args: ModelArgs) -> set[str]:
+    keys = {"tok_embeddings.weight", "norm.weight", "output.weight"}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        keys |= {p + s for s in ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
+                                 "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight",
+                                 "attention_norm.weight", "ffn_norm.weight")}
+        if args.qk_normalization:
+            keys |= {p + f"attention.{n}_normalization.{t}" for n in ("q", "k") for t in ("weight", "bias")}
+    return keys
+
+
+def _check_keys(found: set[str], expected: set[str], source: str) -> None:
+    missing, unknown = sorted(expected - found), sorted(found - expected)
+    if missing:
+        raise InputError(f"{source}: missing weight(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unknown:
+        raise InputError(f"{source}: unknown weight(s): {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+
+
+def _check_weights(ckpt: Checkpoint) -> None:
+    """Shapes and names against a freshly built model: a config/weights mismatch names the key."""
+    from chameleon.model import Transformer
+    from chameleon.vqgan import VQGAN
+
+    with torch.device("meta"):
+        ref = Transformer(ckpt.args).state_dict()
+        vq_ref = VQGAN(ckpt.vq_config).state_dict()
+    source = str(ckpt.path)
+    _check_keys(set(ckpt.weights), set(ref), source)
+    for name, w in ckpt.weights.items():
+        if tuple(w.shape) != tuple(ref[name].shape):
+            raise InputError(f"{source}: weight {name} has shape {tuple(w.shape)}, the config implies {tuple(ref[name].shape)}")
+    vq_expected = set(vq_ref)
+    if not any(k.startswith("decoder.") for k in ckpt.vq_weights):
+        vq_expected = {k for k in vq_expected if not k.startswith("decoder.")}
+    _check_keys(set(ckpt.vq_weights), vq_expected, f"{source} (VQGAN)")
+    for name, w in ckpt.vq_weights.items():
+        if tuple(w.shape) != tuple(vq_ref[name].shape):
+            raise InputError(f"{source} (VQGAN): weight {name} has shape {tuple(w.shape)}, the config implies {tuple(vq_ref[name].shape)}")

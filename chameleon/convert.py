@@ -1,0 +1,163 @@
+"""State-dict conversion between this stack's layout, Meta's (sharded) layout and Hugging Face's.
+
+This stack keeps Meta's parameter names and Meta's interleaved RoPE layout, with q/k-norm stored
+per head. HF rotates halves (`rotate_half`), so its q/k projection rows and its q/k-norm
+parameters are permuted within each head: Meta's pair (2i, 2i+1) sits at HF's (i, i + hd/2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from chameleon.config import ModelArgs
+from chameleon.errors import InputError
+
+Tensors = dict[str, torch.Tensor]
+
+# Per layer: our/Meta name -> HF name.
+_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.q_norm.bias": "self_attn.q_norm.bias",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
+    "attention.k_norm.bias": "self_attn.k_norm.bias",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+HF_VQ_PREFIX = "model.vqmodel."
+
+
+def interleaved_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Permute the rows of each head from Meta's (pairs) to HF's (halves) order. w: (heads*hd, ...)."""
+    rest = w.shape[1:]
+    hd = w.shape[0] // heads
+    return w.reshape(heads, hd // 2, 2, *rest).transpose(1, 2).reshape(heads * hd, *rest)
+
+
+def halves_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
+    rest = w.shape[1:]
+    hd = w.shape[0] // heads
+    return w.reshape(heads, 2, hd // 2, *rest).transpose(1, 2).reshape(heads * hd, *rest)
+
+
+def _permute_norm(w: torch.Tensor, fn) -> torch.Tensor:
+    heads, hd = w.shape
+    return fn(w.reshape(heads * hd), heads).reshape(heads, hd)
+
+
+def _heads_of(suffix: str, args: ModelArgs) -> int:
+    return args.n_heads if ".wq." in suffix or ".q_norm." in suffix else args.kv_heads
+
+
+def to_hf(sd: Tensors, args: ModelArgs) -> Tensors:
+    out: Tensors = {}
+    for name, w in sd.items():
+        if name in _TOP_NAMES:
+            out[_TOP_NAMES[name]] = w
+            continue
+        _, idx, suffix = name.split(".", 2)
+        if suffix in ("attention.wq.weight", "attention.wk.weight"):
+            w = interleaved_to_halves(w, _heads_of(suffix, args))
+        elif suffix.startswith(("attention.q_norm", "attention.k_norm")):
+            w = _permute_norm(w, interleaved_to_halves)
+        out[f"model.layers.{idx}.{_LAYER_NAMES[suffix]}"] = w
+    return out
+
+
+def from_hf(sd: Tensors, args: ModelArgs, source: str) -> Tensors:
+    inverse_top = {v: k for k, v in _TOP_NAMES.items()}
+    inverse_layer = {v: k for k, v in _LAYER_NAMES.items()}
+    out: Tensors = {}
+    for name, w in sd.items():
+        if name in inverse_top:
+            out[inverse_top[name]] = w
+            continue
+        parts = name.split(".", 3)
+        if len(parts) != 4 or parts[:2] != ["model", "layers"] or parts[3] not in inverse_layer:
+            raise InputError(f"{source}: unexpected weight {name!r} for a Chameleon decoder")
+        suffix = inverse_layer[parts[3]]
+        if suffix in ("attention.wq.weight", "attention.wk.weight"):
+            w = halves_to_interleaved(w, _heads_of(suffix, args))
+        elif suffix.startswith(("attention.q_norm", "attention.k_norm")):
+            w = _permute_norm(w, halves_to_interleaved)
+        out[f"layers.{parts[2]}.{suffix}"] = w
+    return out
+
+
+# --- Meta shards ------------------------------------------------------------------------------
+# How each parameter is split across model-parallel shards (None: replicated).
+def _split_dim(name: str) -> int | None:
+    if name == "tok_embeddings.weight" or name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        return 1
+    if name == "output.weight" or name.endswith(("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight", "feed_forward.w3.weight")):
+        return 0
+    return None
+
+
+def from_meta_shards(shards: list[Tensors], args: ModelArgs, source: str) -> Tensors:
+    """Merge Meta's consolidated.NN.pth shards; expand each shard's q/k-norm to its heads."""
+    n = len(shards)
+    if n != args.model_parallel_size and n != 1:
+        raise InputError(f"{source}: found {n} checkpoint shards but params.json says model_parallel_size={args.model_parallel_size}")
+    out: Tensors = {}
+    for name in shards[0]:
+        if name == "rope.freqs":
+            continue
+        parts = [s[name] for s in shards]
+        if ".attention.q_normalization." in name or ".attention.k_normalization." in name:
+            heads = args.n_heads if "q_normalization" in name else args.kv_heads
+            per_shard = heads // args.model_parallel_size
+            norms = parts if n > 1 else parts * args.model_parallel_size
+            new = name.replace("q_normalization", "q_norm").replace("k_normalization", "k_norm")
+            out[new] = torch.stack([norms[i // per_shard] for i in range(heads)])
+            continue
+        dim = _split_dim(name)
+        if dim is None:
+            out[name] = parts[0] if n == 1 else torch.stack(parts).float().mean(0).to(parts[0].dtype)
+        else:
+            out[name] = torch.cat(parts, dim=dim) if n > 1 else parts[0]
+    return out
+
+
+def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> list[Tensors]:
+    """Split into Meta shards. Each shard keeps one q/k-norm, so heads within a shard must share it."""
+    mp = args.model_parallel_size
+    if num_shards not in (1, mp):
+        raise InputError(f"--shards {num_shards}: a Meta checkpoint has 1 file or model_parallel_size={mp} files")
+    shards: list[Tensors] = [{} for _ in range(num_shards)]
+    for name, w in sd.items():
+        if name.endswith((".q_norm.weight", ".q_norm.bias", ".k_norm.weight", ".k_norm.bias")):
+            per_shard = w.shape[0] // mp
+            groups = w.reshape(mp, per_shard, -1)
+            if not torch.equal(groups, groups[:, :1].expand_as(groups)):
+                raise InputError(
+                    f"weight {name}: heads within a model-parallel shard have different q/k-norm parameters; "
+                    "Meta's format stores one per shard, so this model can only be saved in HF format"
+                )
+            meta_name = name.replace("q_norm", "q_normalization").replace("k_norm", "k_normalization")
+            for s in range(num_shards):
+                # A single-file checkpoint of a model-parallel model keeps shard 0's norm; this is
+                # lossless only when all shards agree, which we check.
+                if num_shards == 1 and mp > 1 and not torch.equal(groups[:, 0], groups[:1, 0].expand_as(groups[:, 0])):
+                    raise InputError(f"weight {name}: shards have different q/k-norms; save with --shards {mp}")
+                shards[s][meta_name] = groups[s, 0].clone()
+            continue
+        dim = _split_dim(name)
+        if dim is None or num_shards == 1:
+            for s in range(num_shards):
+                shards[s][name] = w
+        else:
+            for s, piece in enumerate(torch.chunk(w, num_shards, dim=dim)):
+                shards[s][name] = piece.clone()
+    hd = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+    for shard in shards:
+        shard["rope.freqs"] = freqs  # Meta's loader expects this (unused) buffer
+    return shards

@@ -1,0 +1,312 @@
+"""Batched generation with a static KV cache: text, image (3-way classifier-free guidance) and interleaved.
+
+Each prompt owns one row of the cache, or three when images are guided: the full prompt, the prompt
+reduced to its images, and the unconditional `<s><boi>`. All rows advance one slot per step; a row
+that must not see a token (left padding; text tokens for the two guidance rows) gets that slot
+marked invalid and its RoPE position does not advance. So every row of a batch may be in a
+different phase (text, image, done) and one forward pass per step serves all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from chameleon.errors import InputError
+
+MODES = ("text", "image", "interleaved")
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # applied to text tokens (prompt and output)
+    stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    seed: int = 0
+    mode: str = "text"
+    # Image codes are sampled with their own settings; Meta's defaults.
+    image_temperature: float = 0.7
+    image_top_p: float = 0.9
+    cfg_text_scale: float = 3.0
+    cfg_image_scale: float = 1.2
+    compile: bool | None = None  # compile the decode step; default: on CUDA only
+    progress: bool = False
+    stop_ids_set: frozenset = field(init=False, repr=False, default=frozenset())
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise InputError(f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0 or self.image_temperature < 0:
+            raise InputError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1 or not 0 < self.image_top_p <= 1:
+            raise InputError("top_p must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise InputError("repetition_penalty must be > 0")
+        self.stop_ids = tuple(self.stop_ids)
+        self.stop_strings = tuple(self.stop_strings)
+        self.stop_ids_set = frozenset(self.stop_ids)
+
+    @property
+    def guided(self) -> bool:
+        """Guidance changes nothing when both scales are 1: then the full row alone is sampled."""
+        return self.mode != "text" and (self.cfg_text_scale, self.cfg_image_scale) != (1.0, 1.0)
+
+
+def cfg_mix(full: torch.Tensor, image_only: torch.Tensor, uncond: torch.Tensor, s_txt: float, s_img: float) -> torch.Tensor:
+    """uncond + s_img * (image_only - uncond) + s_txt * (full - image_only)."""
+    return uncond + s_img * (image_only - uncond) + s_txt * (full - image_only)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style: divide positive, multiply negative logits of tokens already seen."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
+    """One token from a (V,) logit vector."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = filter_top_k_top_p(logits / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def row_seed(seed: int, prompt: list[int]) -> int:
+    """A seed per prompt, so that sampled outputs do not depend on batch composition or order."""
+    digest = hashlib.sha256(f"{seed}:{','.join(map(str, prompt))}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class _Row:
+    """Per-prompt state."""
+
+    def __init__(self, prompt: list[int], opts: GenerationOptions, seed: int):
+        self.prompt = prompt
+        self.out: list[int] = []
+        self.text_run: list[int] = []  # text tokens since the last image, for stop strings
+        self.codes_left = 0  # >0: inside an image
+        self.pending: int | None = None  # a token the next step must emit (boi in image mode, eoi)
+        self.done = False
+        self.generator = torch.Generator().manual_seed(seed)
+
+
+def _image_only_prompt(prompt: list[int], tok) -> list[int]:
+    """`<s>` plus the prompt's images (boi + codes + eoi), text removed."""
+    out = [tok.bos_id]
+    inside = False
+    for t in prompt:
+        if t == tok.boi_id:
+            inside = True
+        if inside:
+            out.append(t)
+        if t == tok.eoi_id:
+            inside = False
+    return out
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[list[int]]:
+    """New token ids for each prompt (stop ids, eos and prompt excluded).
+
+    Text: generation ends at eos, a stop id, after the token that completes a stop string (cut the
+    decoded text at the stop string), or at max_new_tokens. Image: `boi + N codes + eoi`. Interleaved:
+    text with images; an image starts only where `boi + N codes + eoi` still fits.
+    """
+    if not prompts:
+        return []
+    tok = model.tokenizer
+    n_codes = model.image_seq_len
+    args = model.config
+    device = model.device
+    for i, p in enumerate(prompts):
+        if not p:
+            raise InputError(f"prompt {i} is empty")
+    budget = opts.max_new_tokens
+    if opts.mode == "image":
+        budget = n_codes + 2  # boi + codes + eoi, whatever max_new_tokens says
+    longest = max(len(p) for p in prompts)
+    if longest + budget > args.max_seq_len:
+        raise InputError(
+            f"prompt of {longest} tokens plus {budget} new tokens exceeds the model's context of {args.max_seq_len} tokens"
+        )
+
+    guided = opts.guided
+    rows = [_Row(p, opts, row_seed(opts.seed, p)) for p in prompts]
+    # Row layout in the cache: [full_0..full_{B-1}, image_only_0.., uncond_0..] when guided.
+    streams = [r.prompt for r in rows]
+    if guided:
+        streams += [_image_only_prompt(r.prompt, tok) for r in rows]
+        streams += [[tok.bos_id] for _ in rows]
+    n_rows, n_prompts = len(streams), len(rows)
+    max_len = max(len(s) for s in streams)
+    total = max_len + budget
+    cache = model.new_cache(n_rows, total)
+
+    # Masks over the vocabulary.
+    vocab = args.vocab_size
+    image_ids = torch.zeros(vocab, dtype=torch.bool, device=device)
+    image_ids[tok.code_to_id.to(device)] = True
+    not_text = torch.zeros(vocab, dtype=torch.bool, device=device)
+    not_text[: tok.vocab_size] = tok.non_text_ids.to(device)
+    not_text[tok.vocab_size :] = True  # ids the tokenizer does not know
+    not_text[[tok.eos_id, tok.eot_id]] = False  # both end a text answer
+    text_seen = torch.zeros(n_prompts, vocab, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        ids = torch.tensor(r.prompt, device=device)
+        text_seen[i, ids] = True
+    text_seen &= ~not_text
+
+    # Prefill, left-padded: every stream ends at slot max_len - 1.
+    pads = [max_len - len(s) for s in streams]
+    tokens = torch.tensor([[tok.pad_id] * p + s for p, s in zip(pads, streams)], device=device)
+    pad_t = torch.tensor(pads, device=device)
+    slots = torch.arange(max_len, device=device)
+    cache.valid[:, :max_len] = slots[None, :] >= pad_t[:, None]
+    positions = (slots[None, :] - pad_t[:, None]).clamp(min=0)
+    next_pos = torch.tensor([len(s) for s in streams], device=device)
+    logits = model.transformer(tokens, cache=cache, input_pos=0, positions=positions, kv_len=max_len, last_only=True)[:, -1]
+
+    step_fn = _decode_step(model, opts)
+    for r in rows:
+        if opts.mode == "image":  # the image starts right away
+            r.pending = tok.boi_id
+    cur = max_len
+    progress = None
+    if opts.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=budget, desc=f"generate ({opts.mode})", unit="tok")
+    for _ in range(budget):
+        next_tokens = torch.full((n_rows,), tok.pad_id, dtype=torch.long, device=device)
+        visible = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        for i, r in enumerate(rows):
+            if r.done:
+                continue
+            t = _choose(r, i, logits, n_prompts, guided, opts, tok, n_codes, image_ids, not_text, text_seen, total - cur)
+            if r.done:
+                continue
+            next_tokens[i] = t
+            visible[i] = True
+            if guided and (r.codes_left > 0 or t in (tok.boi_id, tok.eoi_id)):
+                # Image tokens (and their brackets) condition all three rows.
+                next_tokens[i + n_prompts] = next_tokens[i + 2 * n_prompts] = t
+                visible[i + n_prompts] = visible[i + 2 * n_prompts] = True
+        if not visible.any():
+            break
+        cache.valid[:, cur] = visible
+        pos = next_pos.clone()
+        next_pos += visible.long()
+        logits = step_fn(next_tokens[:, None], cur, pos[:, None], cache)
+        cur += 1
+        if progress is not None:
+            progress.update(1)
+    if progress is not None:
+        progress.close()
+    return [r.out for r in rows]
+
+
+def _choose(r: _Row, i, logits, n_prompts, guided, opts, tok, n_codes, image_ids, not_text, text_seen, slots_left) -> int | None:
+    """Pick row i's next token from the last logits, update its state, and return it."""
+    if r.pending is not None:
+        t, r.pending = r.pending, None
+    elif r.codes_left > 0:
+        row_logits = logits[i]
+        if guided:
+            row_logits = cfg_mix(logits[i], logits[i + n_prompts], logits[i + 2 * n_prompts], opts.cfg_text_scale, opts.cfg_image_scale)
+        row_logits = row_logits.masked_fill(~image_ids, float("-inf"))
+        t = sample(row_logits, opts.image_temperature, 0, opts.image_top_p, r.generator)
+    else:
+        row_logits = logits[i].masked_fill(not_text, float("-inf"))
+        may_start_image = opts.mode == "interleaved" and slots_left >= n_codes + 2 and opts.max_new_tokens - len(r.out) >= n_codes + 2
+        if may_start_image:
+            row_logits[tok.boi_id] = logits[i, tok.boi_id]
+        row_logits = apply_repetition_penalty(row_logits, text_seen[i], opts.repetition_penalty)
+        t = sample(row_logits, opts.temperature, opts.top_k, opts.top_p, r.generator)
+
+    if t == tok.boi_id:
+        r.codes_left = n_codes
+        r.text_run = []
+        r.out.append(t)
+        return t
+    if r.codes_left > 0:
+        r.codes_left -= 1
+        r.out.append(t)
+        if r.codes_left == 0:
+            r.pending = tok.eoi_id  # exactly N codes, then end-of-image
+        return t
+    if t == tok.eoi_id:
+        r.out.append(t)
+        if opts.mode == "image":
+            r.done = True  # the image is complete; nothing follows in image mode
+        return t
+    # text token
+    if t in (tok.eos_id, tok.eot_id) or t in opts.stop_ids_set:
+        r.done = True
+        return None
+    r.out.append(t)
+    r.text_run.append(t)
+    text_seen[i, t] = True
+    if len(r.out) >= opts.max_new_tokens:
+        r.done = True
+    elif opts.stop_strings:
+        tail = tok.decode_text(r.text_run[-64:])
+        if any(s in tail for s in opts.stop_strings):
+            r.done = True
+    return t
+
+
+def _decode_step(model, opts: GenerationOptions):
+    """One-token forward for every row. Compiled on CUDA (static shapes: reads the whole cache)."""
+    use_compile = opts.compile if opts.compile is not None else model.device.type == "cuda"
+    transformer = model.transformer
+
+    def eager(tokens, cur, positions, cache):
+        return transformer(tokens, cache=cache, input_pos=cur, positions=positions, kv_len=cur + 1)[:, -1]
+
+    if not use_compile:
+        return eager
+    compiled = _compiled_step(transformer)
+
+    def step(tokens, cur, positions, cache):
+        input_pos = torch.tensor([cur], device=tokens.device)
+        return compiled(tokens, cache, input_pos, positions)
+
+    return step
+
+
+_COMPILED: dict[int, object] = {}
+
+
+def _compiled_step(transformer):
+    key = id(transformer)
+    if key not in _COMPILED:
+
+        def full_cache_step(tokens, cache, input_pos, positions):
+            return transformer(tokens, cache=cache, input_pos=input_pos, positions=positions, kv_len=None)[:, -1]
+
+        _COMPILED[key] = torch.compile(full_cache_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    return _COMPILED[key]

@@ -1,0 +1,93 @@
+"""Tiny Chameleon models the project builds itself, for tests, benchmarks and the demo.
+
+The tokenizer is a byte-level BPE trained on a small real corpus shipped with the package, with the
+real model's special and image token names in the real order (`<s>`, `<pad>`, `</s>`, `<unk>`,
+image codes, `<eoss>`, `<racm3:break>`, `<reserved08706>`, `<image>`); the weights are random.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from chameleon.chameleon import Chameleon, save_checkpoint
+from chameleon.checkpoint import Checkpoint
+from chameleon.config import ModelArgs, VQGANConfig, preset
+from chameleon.tokenizer import ChameleonTokenizer, image_token_name
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_VQ = VQGANConfig(embed_dim=32, n_embed=1024, z_channels=32, resolution=128, ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1)
+
+
+def build_tokenizer(n_image_codes: int, vocab_size: int, corpus: Path = ASSETS / "tiny_corpus.txt") -> Tokenizer:
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    specials += [image_token_name(c) for c in range(n_image_codes)]
+    specials += ["<eoss>", "<racm3:break>", "<reserved08706>", "<image>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(corpus)], trainer)
+    return tok
+
+
+def randomize_(model: Chameleon, seed: int) -> None:
+    """Random weights that exercise every parameter, norms included (their permutations matter).
+
+    Heads within one model-parallel shard share their q/k-norm, so Meta's format can hold them.
+    """
+    g = torch.Generator().manual_seed(seed)
+    args = model.config
+    with torch.no_grad():
+        for name, p in model.transformer.named_parameters():
+            if name.endswith(("q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias")):
+                base = 1.0 if name.endswith("weight") else 0.0
+                shards = args.model_parallel_size
+                per_shard = torch.randn(shards, 1, p.shape[1], generator=g) * 0.2 + base
+                p.copy_(per_shard.expand(shards, p.shape[0] // shards, p.shape[1]).reshape(p.shape))
+            elif p.ndim == 1:  # RMSNorm
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g) * (4.0 if "tok_embeddings" in name else 1.0))
+        for name, p in model.vqgan.named_parameters():
+            if p.ndim > 1:  # conv kernels and the codebook: unit-variance outputs
+                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
+            else:  # GroupNorm scales near 1, biases near 0
+                p.copy_(0.05 * torch.randn(p.shape, generator=g) + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    format: str = "hf",
+    seed: int = 0,
+    args: ModelArgs | None = None,
+    vq: VQGANConfig | None = None,
+    text_vocab: int = 3000,
+    shards: int = 1,
+) -> Path:
+    """Write a loadable checkpoint directory of a tiny random Chameleon and return its path."""
+    out = Path(out_dir)
+    vq = vq or TINY_VQ
+    args = args or dataclasses.replace(preset("tiny"), model_parallel_size=2)
+    tok = build_tokenizer(vq.n_embed, text_vocab)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_file = out / "_tokenizer_build.json"
+    tok.save(str(tok_file))
+    tokenizer = ChameleonTokenizer(tok, str(tok_file))
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, more than vocab_size {args.vocab_size}")
+    torch.manual_seed(seed)
+    model = Chameleon(args, vq, tokenizer)
+    randomize_(model, seed)
+    model.tokenizer_file = tok_file
+    save_checkpoint(model.to_checkpoint(), out, format, tokenizer, shards)
+    tok_file.unlink()
+    return out
