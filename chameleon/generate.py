@@ -35,6 +35,7 @@ class GenerationOptions:
     image_top_p: float = 0.9
     cfg_text_scale: float = 3.0
     cfg_image_scale: float = 1.2
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to text-phase logits
     compile: bool | None = None  # compile the decode step; default: on CUDA only
     progress: bool = False
     stop_ids_set: frozenset = field(init=False, repr=False, default=frozenset())
@@ -240,10 +241,15 @@ def _choose(r: _Row, i, logits, n_prompts, guided, opts, tok, n_codes, image_ids
         row_logits = row_logits.masked_fill(~image_ids, float("-inf"))
         t = sample(row_logits, opts.image_temperature, 0, opts.image_top_p, r.generator)
     else:
-        row_logits = logits[i].masked_fill(not_text, float("-inf"))
+        row_logits = logits[i]
+        if opts.logit_bias:
+            row_logits = row_logits.clone()
+            for tid, bias in opts.logit_bias.items():
+                row_logits[tid] += bias
+        row_logits = row_logits.masked_fill(not_text, float("-inf"))
         may_start_image = opts.mode == "interleaved" and slots_left >= n_codes + 2 and opts.max_new_tokens - len(r.out) >= n_codes + 2
         if may_start_image:
-            row_logits[tok.boi_id] = logits[i, tok.boi_id]
+            row_logits[tok.boi_id] = logits[i, tok.boi_id] + opts.logit_bias.get(tok.boi_id, 0.0)
         row_logits = apply_repetition_penalty(row_logits, text_seen[i], opts.repetition_penalty)
         t = sample(row_logits, opts.temperature, opts.top_k, opts.top_p, r.generator)
 

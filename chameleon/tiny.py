@@ -70,14 +70,14 @@ def build_tiny_model(
     seed: int = 0,
     args: ModelArgs | None = None,
     vq: VQGANConfig | None = None,
-    text_vocab: int = 3000,
+    text_vocab: int | None = None,
     shards: int = 1,
 ) -> Path:
     """Write a loadable checkpoint directory of a tiny random Chameleon and return its path."""
     out = Path(out_dir)
     vq = vq or TINY_VQ
     args = args or dataclasses.replace(preset("tiny"), model_parallel_size=2)
-    tok = build_tokenizer(vq.n_embed, text_vocab)
+    tok = build_tokenizer(vq.n_embed, text_vocab or args.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     tok_file = out / "_tokenizer_build.json"
     tok.save(str(tok_file))

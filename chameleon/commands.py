@@ -1,0 +1,220 @@
+"""CLI subcommands of the model stack: `generate`, `convert`, `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from chameleon.errors import InputError
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16}
+IMAGE_MARKER = "<image>"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise InputError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def register(sub) -> None:
+    g = sub.add_parser(
+        "generate",
+        help="generate text, images or both from a text (+ image) prompt",
+        description=(
+            "Generate from a prompt with a Chameleon checkpoint (HF or Meta format, auto-detected). "
+            "Writes output.txt, PNG images, generation.json and index.html (prompt and output side by side) into --out. "
+            f"Images given with --image go before the text, or where the prompt has '{IMAGE_MARKER}' markers, in order."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g.add_argument("--model", required=True, help="checkpoint directory")
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--image", action="append", default=[], metavar="FILE", help="prompt image (repeatable)")
+    g.add_argument("--mode", choices=["text", "image", "interleaved"], default="text", help="what may be generated")
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="token budget (image mode always makes one image)")
+    g.add_argument("--temperature", type=float, default=0.7, help="text sampling temperature (0 = greedy)")
+    g.add_argument("--top-p", type=float, default=0.9, help="text nucleus sampling")
+    g.add_argument("--top-k", type=int, default=0, help="text top-k sampling (0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.2, help="penalty for repeated text tokens")
+    g.add_argument("--image-temperature", type=float, default=0.7, help="image-code sampling temperature")
+    g.add_argument("--image-top-p", type=float, default=0.9, help="image-code nucleus sampling")
+    g.add_argument("--cfg-text-scale", type=float, default=3.0, help="classifier-free guidance: text scale")
+    g.add_argument("--cfg-image-scale", type=float, default=1.2, help="classifier-free guidance: image scale")
+    g.add_argument("--stop", action="append", default=[], metavar="STRING", help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=default_device())
+    g.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", help="fp32 | bf16 | fp16")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser(
+        "convert",
+        help="convert a checkpoint between Meta's and Hugging Face's formats",
+        description=(
+            "Convert SRC (HF or Meta format, auto-detected) to DST in the --to format: renames, the q/k and q/k-norm "
+            "permutation between Meta's interleaved and HF's half-split RoPE layouts, and merging or splitting of "
+            "Meta's model-parallel shards. HF output keeps the VQGAN decoder in vqgan_decoder.safetensors so that "
+            "images can still be generated. DST must not exist or be empty."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    c.add_argument("src", help="source checkpoint directory")
+    c.add_argument("dst", help="destination directory")
+    c.add_argument("--to", choices=["hf", "meta"], required=True, help="target format")
+    c.add_argument("--shards", type=int, default=1, help="Meta output: 1 file, or model_parallel_size files")
+    c.add_argument("--max-shard-size", default=None, help="HF output: split safetensors above this size, e.g. 5GB")
+    c.add_argument("--dtype", default=None, help="cast decoder weights (fp32 | bf16 | fp16); default: keep")
+    c.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser(
+        "demo",
+        help="build the tiny model and run the demo (what `make demo` runs)",
+        description="Builds the project's tiny random Chameleon (if missing) and runs an interleaved generation on a real photo, writing an HTML page.",
+    )
+    d.add_argument("--out", default="demo_out", help="output directory")
+    d.set_defaults(func=cmd_demo)
+
+
+def _split_prompt(prompt: str, images: list) -> list:
+    if IMAGE_MARKER not in prompt:
+        return [*images, prompt] if prompt else list(images)
+    parts = prompt.split(IMAGE_MARKER)
+    if len(parts) - 1 != len(images):
+        raise InputError(f"--prompt has {len(parts) - 1} '{IMAGE_MARKER}' markers but {len(images)} --image files were given")
+    segments: list = []
+    for i, text in enumerate(parts):
+        if text:
+            segments.append(text)
+        if i < len(images):
+            segments.append(images[i])
+    return segments
+
+
+def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | None = None) -> dict:
+    from chameleon.generate import generate
+    from reports.generation import write_generation_page
+
+    prompt_ids = model.encode_prompt(segments)
+    start = time.perf_counter()
+    new_ids = generate(model, [prompt_ids], opts)[0]
+    seconds = time.perf_counter() - start
+    output = model.decode_output(new_ids)
+    out.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(s for s in output if isinstance(s, str))
+    (out / "output.txt").write_text(text)
+    record = {
+        "mode": opts.mode,
+        "prompt_tokens": len(prompt_ids),
+        "new_tokens": len(new_ids),
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(len(new_ids) / seconds, 1) if seconds else None,
+        "images": sum(1 for s in output if not isinstance(s, str)),
+        "model_fingerprint": model.fingerprint,
+        **(extra_meta or {}),
+    }
+    page = write_generation_page(out, segments, output, opts.mode, record)
+    record["page"] = str(page)
+    (out / "generation.json").write_text(json.dumps({**record, "new_ids": new_ids}, indent=2))
+    return record
+
+
+def cmd_generate(args) -> int:
+    import chameleon
+    from chameleon.generate import GenerationOptions
+    from chameleon.vqgan import open_image
+
+    images = [open_image(p) for p in args.image]
+    segments = _split_prompt(args.prompt, images)
+    opts = GenerationOptions(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        image_temperature=args.image_temperature,
+        image_top_p=args.image_top_p,
+        cfg_text_scale=args.cfg_text_scale,
+        cfg_image_scale=args.cfg_image_scale,
+        stop_strings=tuple(args.stop),
+        seed=args.seed,
+        mode=args.mode,
+        progress=True,
+    )
+    model = chameleon.load(args.model, device=args.device, dtype=parse_dtype(args.dtype))
+    record = run_generation(model, segments, opts, Path(args.out), {"model": str(args.model), "seed": args.seed})
+    print(json.dumps({k: v for k, v in record.items()}, indent=2))
+    return 0
+
+
+def _parse_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    raise InputError(f"--max-shard-size {text!r}: expected a size like 500MB or 5GB")
+
+
+def cmd_convert(args) -> int:
+    from chameleon.chameleon import save_checkpoint
+    from chameleon.checkpoint import read_checkpoint
+    from chameleon.tokenizer import ChameleonTokenizer
+
+    dst = Path(args.dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise InputError(f"{dst}: destination exists and is not empty; choose a new directory")
+    max_shard = _parse_size(args.max_shard_size)
+    if args.shards < 1:
+        raise InputError(f"--shards {args.shards}: expected a positive integer")
+    ckpt = read_checkpoint(args.src)
+    if args.dtype:
+        dtype = parse_dtype(args.dtype)
+        ckpt.weights = {k: v.to(dtype) for k, v in ckpt.weights.items()}
+    tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
+    try:
+        save_checkpoint(ckpt, dst, args.to, tokenizer, args.shards, max_shard)
+    except InputError:
+        shutil.rmtree(dst, ignore_errors=True)  # no half-written checkpoint left behind
+        raise
+    print(f"converted {args.src} ({ckpt.format}) -> {dst} ({args.to})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import chameleon
+    from chameleon.generate import GenerationOptions
+    from chameleon.tiny import build_tiny_model
+    from chameleon.vqgan import open_image
+
+    out = Path(args.out)
+    model_dir = out / "tiny-chameleon"
+    if not (model_dir / "config.json").is_file():
+        print(f"building the tiny random Chameleon in {model_dir}")
+        build_tiny_model(model_dir, "hf", seed=0)
+    model = chameleon.load(model_dir)
+    photo = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "images" / "skimage" / "chelsea.png"
+    segments = [open_image(photo), "Describe this cat, then draw another one."]
+    # A random model rarely opens an image by itself: a logit bias on begin-of-image makes the
+    # page show text, an image, and text again.
+    opts = GenerationOptions(
+        mode="interleaved", max_new_tokens=model.image_seq_len + 96, temperature=0.8, seed=0, progress=True,
+        logit_bias={model.tokenizer.boi_id: 4.0},
+    )
+    record = run_generation(model, segments, opts, out / "generation", {"model": "tiny random Chameleon (demo)"})
+    print(f"interleaved generation: {record['new_tokens']} tokens, {record['images']} image(s), {record['tokens_per_second']} tok/s")
+    print(f"open {record['page']}")
+    return 0
