@@ -68,10 +68,17 @@ def request_hash(kind: str, args: tuple) -> str:
     return hash_args(kind, args)
 
 
-def sample_seed(settings: GenSettings, req_hash: str, sample_index: int) -> int:
-    """Seed of one sampled generation: a function of the request alone, never of batch or shard."""
-    h = hashlib.sha256(f"{settings.seed}:{req_hash}:{sample_index}".encode()).digest()
+def sample_seed(settings: GenSettings, sample_index: int) -> int:
+    """Seed of the sample_index-th sampled generation; backends mix in the prompt per row."""
+    h = hashlib.sha256(f"{settings.seed}:{sample_index}".encode()).digest()
     return int.from_bytes(h[:4], "little")
+
+
+def row_seed(seed: int, prompt: list[int]) -> int:
+    """Per-prompt seed: sampled outputs independent of batch composition (as chameleon.generate)."""
+    from chameleon.generate import row_seed as _row_seed
+
+    return _row_seed(seed, prompt)
 
 
 def sample_indices(requests: list) -> list[int]:

@@ -1,5 +1,8 @@
 """The reference Chameleon (`chameleon.load`) as an lm-eval model: "chameleon".
 
+Text is scored in text mode: image-code logits are masked before the softmax, as transformers'
+ChameleonForConditionalGeneration and Meta's text-mode decoding do.
+
 Loglikelihood shares prefixes: requests are grouped by context, each context is run once and all
 its continuations are scored from it. Single-token continuations (MMLU's " A".." D") need nothing
 more than the context's last logits; longer ones continue from the context's KV cache, copied
@@ -69,7 +72,7 @@ class ChameleonBackend(TokenLM):
         for start in range(0, len(short), self.batch_size):
             ctxs = short[start:start + self.batch_size]
             tokens = self._pad([list(c) for c in ctxs])
-            logp = F.log_softmax(self.model(tokens).float(), -1)
+            logp = self._logprobs(self.model(tokens))
             for r, c in enumerate(ctxs):
                 last = logp[r, len(c) - 1]
                 for i in groups[c]:
@@ -80,7 +83,7 @@ class ChameleonBackend(TokenLM):
             idx = groups[c]
             longest = max(len(pairs[i][1]) for i in idx)
             prefix = self.model.new_cache(1, len(c) + longest)
-            last = F.log_softmax(self.model(torch.tensor([c]), cache=prefix, start_pos=0)[0, -1].float(), -1)
+            last = self._logprobs(self.model(torch.tensor([c]), cache=prefix, start_pos=0)[0, -1])
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start:start + self.batch_size]
                 conts = [pairs[i][1] for i in chunk]
@@ -90,13 +93,18 @@ class ChameleonBackend(TokenLM):
                 logp = None
                 if width > 0:
                     tokens = self._pad([k[:-1] or [k[0]] for k in conts], width)
-                    logp = F.log_softmax(self.model(tokens, cache=cache, start_pos=len(c)).float(), -1)
+                    logp = self._logprobs(self.model(tokens, cache=cache, start_pos=len(c)))
                 for r, i in enumerate(chunk):
                     rows = last[None] if logp is None else torch.cat([last[None], logp[r, : len(conts[r]) - 1]])
                     out[i] = self._result(rows, conts[r])
                 bar.update(len(chunk))
         bar.close()
         return out  # type: ignore[return-value]
+
+    def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        logits[..., self.tok.image_token_ids.to(logits.device)] = float("-inf")
+        return F.log_softmax(logits, -1)
 
     def _pad(self, seqs: list[list[int]], width: int | None = None) -> torch.Tensor:
         # right padding: causal attention keeps real positions independent of the pad

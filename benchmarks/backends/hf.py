@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from benchmarks.backends.base import GenSettings, Segment
+from benchmarks.backends.base import GenSettings, Segment, row_seed
 from benchmarks.backends.token_lm import TokenLM, TokenPair
 from chameleon.errors import InputError
 
@@ -56,8 +56,11 @@ class HFBackend(TokenLM):
             self.processor = transformers.AutoProcessor.from_pretrained(path)
         self.max_length = int(max_length or getattr(config, "max_position_embeddings", None)
                               or getattr(getattr(config, "text_config", None), "max_position_embeddings", 2048))
-        self.eot_token_id = self.tokenizer.eos_token_id
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
+        # special ids: the tokenizer's, else the model config's (Chameleon checkpoints set them there)
+        first = lambda *xs: next((x for x in xs if x is not None), None)  # noqa: E731
+        self.eot_token_id = first(self.tokenizer.eos_token_id, getattr(config, "eos_token_id", None))
+        self.bos_id = first(self.tokenizer.bos_token_id, getattr(config, "bos_token_id", None))
+        self.pad_id = first(self.tokenizer.pad_token_id, getattr(config, "pad_token_id", None), self.eot_token_id, 0)
         self._fingerprint = hash_checkpoint(path)
 
     @property
@@ -76,7 +79,7 @@ class HFBackend(TokenLM):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def encode_prompt(self, segments: list[Segment]) -> list[int]:
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        bos = [self.bos_id] if self.bos_id is not None else []
         ids = list(bos)
         for seg in segments:
             ids += self.encode_text(seg) if isinstance(seg, str) else self._image_ids(seg)
@@ -96,7 +99,7 @@ class HFBackend(TokenLM):
             if t == image_tok:
                 out.append(codes[k])
                 k += 1
-            elif t != self.tokenizer.bos_token_id:
+            elif t != self.bos_id:
                 out.append(t)
         return out
 
@@ -129,6 +132,11 @@ class HFBackend(TokenLM):
 
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]], settings: GenSettings, seed: int | None) -> list[list[int]]:
+        if seed is not None:  # one torch RNG stream per row, seeded by (seed, prompt)
+            return [self._hf_generate([p], settings, row_seed(seed, p))[0] for p in prompts]
+        return self._hf_generate(prompts, settings, None)
+
+    def _hf_generate(self, prompts: list[list[int]], settings: GenSettings, seed: int | None) -> list[list[int]]:
         width = max(map(len, prompts))
         tokens = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(tokens)

@@ -14,8 +14,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from benchmarks.backends.base import (
-    GenSettings, MixedModalLM, Segment, parse_gen_kwargs, request_hash, sample_indices,
-    sample_seed, to_segments, truncate_at_stops,
+    GenSettings, MixedModalLM, Segment, parse_gen_kwargs, sample_indices, sample_seed, to_segments,
+    truncate_at_stops,
 )
 
 TokenPair = tuple[list[int], list[int]]  # (context ids incl. bos, continuation ids)
@@ -44,7 +44,8 @@ class TokenLM(MixedModalLM):
         raise NotImplementedError
 
     def _generate(self, prompts: list[list[int]], settings: GenSettings, seed: int | None) -> list[list[int]]:
-        """New token ids per prompt; greedy when seed is None."""
+        """New token ids per prompt; greedy when seed is None, else each row sampled from a stream
+        seeded by (seed, its prompt), as `chameleon.generate` does."""
         raise NotImplementedError
 
     # --- lm-eval interface --------------------------------------------------------------------
@@ -106,7 +107,9 @@ class TokenLM(MixedModalLM):
                        sample_index: list[int] | None = None) -> list[str]:
         sample_index = sample_index if sample_index is not None else sample_indices(requests)
         out: list[str | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = defaultdict(list)  # same settings (+ seed) -> one batch
+        # one batch per (settings, sample index): the k samples of one prompt need k seeds, and
+        # backends derive each row's stream from (seed, prompt), so batching never changes output
+        groups: dict[tuple, list[int]] = defaultdict(list)
         parsed = []
         for i, req in enumerate(requests):
             context, gen_kwargs, *aux = req.args
@@ -114,8 +117,7 @@ class TokenLM(MixedModalLM):
             ids = self.encode_prompt(to_segments(context, aux[0] if aux else None))
             budget = self.max_length - settings.max_gen_toks
             ids = ids[-budget:] if len(ids) > budget else ids
-            seed = None if settings.greedy else sample_seed(
-                settings, request_hash("generate_until", req.args), sample_index[i])
+            seed = None if settings.greedy else sample_seed(settings, sample_index[i])
             parsed.append((ids, settings))
             groups[(settings, seed)].append(i)
         bar = tqdm(total=len(requests), desc=f"{self.backend_name} generate", disable=disable_tqdm)

@@ -1,5 +1,74 @@
-"""Subcommands of this package (filled in by its feature)."""
+"""`chameleon-bench run SUITE --model MODEL --out RUN_DIR`: a suite on one backend, resumable."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from chameleon.errors import InputError
 
 
-def register(subparsers) -> None:  # noqa: ARG001
-    return None
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="run a benchmark suite (resumable; shards under torchrun)",
+        description="Run a suite (a shipped name: paper, smoke; or a YAML path) on one model. Rerun the same "
+                    "command after an interruption to finish it; under `torchrun --nproc-per-node N` items are "
+                    "sharded across processes.")
+    p.add_argument("suite", help="shipped suite name (paper, smoke) or a suite YAML file")
+    p.add_argument("--model", required=True, help="checkpoint directory (chameleon, hf) or responses JSONL (responses)")
+    p.add_argument("--out", required=True, type=Path, help="run directory (results.json, samples/, cache/)")
+    p.add_argument("--backend", choices=["chameleon", "hf", "responses"], help="default: the suite's backend")
+    p.add_argument("--batch-size", type=int, help="default: the suite's batch_size")
+    p.add_argument("--limit", type=int, help="at most N items per benchmark (smaller of this and the suite's)")
+    p.add_argument("--images-dir", action="append", default=[], metavar="DATASET=DIR",
+                   help="images of a captioning dataset, e.g. coco=/data/coco/val2014 (repeatable); "
+                        "default: the shipped photos")
+    p.add_argument("--data-dir", help="directory with full text benchmark files (layout of benchmarks/data)")
+    p.add_argument("--chunk-size", type=int, help="requests per saved chunk (resume granularity); default 4 x batch size")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=run_command)
+
+
+def parse_images_dirs(values: list[str]) -> dict[str, Path]:
+    from benchmarks.runner.suite import CAPTIONING
+
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or name not in CAPTIONING:
+            raise InputError(f"--images-dir {v!r}: expected DATASET=DIR with DATASET one of {', '.join(CAPTIONING)}")
+        if not Path(path).is_dir():
+            raise InputError(f"--images-dir {v!r}: {path} is not a directory")
+        out[name] = Path(path)
+    return out
+
+
+def run_command(args) -> int:
+    from benchmarks.backends import load_backend
+    from benchmarks.runner.dist import init_dist
+    from benchmarks.runner.results import format_results_table
+    from benchmarks.runner.run import run_suite
+    from benchmarks.runner.suite import load_suite
+
+    suite = load_suite(args.suite)
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise InputError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    images_dirs = parse_images_dirs(args.images_dir)
+    dist = init_dist()
+    kind = args.backend or suite.backend
+    kwargs = {} if kind == "responses" else {"batch_size": args.batch_size or suite.batch_size,
+                                             "device": args.device, "dtype": args.dtype}
+    if kind != "responses" and not Path(args.model).is_dir():
+        raise InputError(f"--model {args.model}: expected a checkpoint directory for backend {kind}")
+    backend = load_backend(kind, args.model, **kwargs)
+    results = run_suite(suite, backend, args.out, limit=args.limit, images_dirs=images_dirs,
+                        data_dir=args.data_dir, dist=dist, chunk_size=args.chunk_size, command=sys.argv)
+    if dist.is_main:
+        print(format_results_table(results))
+        print(f"results: {args.out / 'results.json'}")
+    return 0

@@ -76,6 +76,27 @@ def write_jsonl_atomic(path: Path, records) -> str:
     return h.hexdigest()
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def display_path(path: str | Path) -> str:
+    """Repo-relative for shipped files (comparable across checkouts), absolute otherwise."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(p)
+
+
+def headline_metrics(bench: dict) -> dict:
+    """A benchmark's own metrics, without per-subtask rows (e.g. the 57 MMLU subjects)."""
+    primary = bench.get("primary_metric")
+    if not primary or "/" not in primary:
+        return bench.get("metrics", {})
+    task = primary.split("/", 1)[0] + "/"
+    return {k: v for k, v in bench.get("metrics", {}).items() if k.startswith(task)}
+
+
 def _fmt(x: float | None, pct: bool) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
@@ -83,12 +104,12 @@ def _fmt(x: float | None, pct: bool) -> str:
 
 
 def format_results_table(results: dict | str | Path) -> str:
-    """Plain-text table of a results.json (dict or path): one row per benchmark metric."""
+    """Plain-text table of a results.json (dict or path): one row per headline metric of each benchmark."""
     if not isinstance(results, dict):
         results = json.loads(Path(results).read_text())
     rows = [("benchmark", "metric", "value", "± 95% CI", "n", "failed")]
     for name, bench in results.get("benchmarks", {}).items():
-        for metric, m in bench.get("metrics", {}).items():
+        for metric, m in headline_metrics(bench).items():
             pct = metric.lower() not in {"cider", "bleu_4", "meteor", "rouge_l", "spice"} and abs(m["value"]) <= 1
             half = None if m.get("ci95") is None else (m["ci95"][1] - m["ci95"][0]) / 2
             rows.append((name, metric, _fmt(m["value"], pct), _fmt(half, pct), str(m["n"]),

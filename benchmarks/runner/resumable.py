@@ -1,7 +1,7 @@
 """The runner's view of a backend: cached, resumable and sharded request execution.
 
 `ResumableLM` is itself an lm-eval `LM`. For each list of requests it answers what the run's
-record store already holds, gives this process its share (round robin) of the rest, runs it in
+record store already holds, gives this process its contiguous share of the rest, runs it in
 chunks and appends each finished chunk to the store (fsynced) before starting the next, then
 gathers every process's answers. Keys hash the model fingerprint, the request (lm-eval's
 `hash_args`, which covers the context, continuation, generation settings and image content) and
@@ -58,7 +58,11 @@ class ResumableLM(LM):
         for i, k in enumerate(keys):
             if k not in self.store and k not in todo:
                 todo[k] = i
-        mine = list(todo.values())[self.dist.rank::self.dist.world_size]
+        # contiguous shards keep neighbouring requests (one item's choices) in one process, so
+        # the backend still shares their prefix
+        pending = list(todo.values())
+        n, w, r = len(pending), self.dist.world_size, self.dist.rank
+        mine = pending[n * r // w: n * (r + 1) // w]
         fresh: dict[str, object] = {}
         failed: dict[str, str] = {}
         bar = tqdm(total=len(mine), desc=f"{kind} ({len(requests) - len(todo)} cached)",

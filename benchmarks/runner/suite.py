@@ -11,6 +11,12 @@
         k: 1                    # samples per item: maj@k (k > 1 needs sampling settings)
         limit: 20               # first N items; null = all
         generation: {max_gen_toks: 256, temperature: 0.0}
+      - name: coco
+        benchmark: coco         # captioning (coco | flickr30k)
+        shots: 2
+        references: coco_karpathy_test   # shipped set name or a local JSON (default per dataset)
+        subset: with_images     # all (missing images reported as failures) | with_images
+        metrics: [CIDEr]
 
 Validation is strict: unknown keys are errors that name the key, the file, the allowed keys and
 the closest one.
@@ -31,7 +37,11 @@ SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 CAPTIONING = ("coco", "flickr30k")
 SUITE_KEYS = {"name": str, "description": str, "backend": str, "seed": int, "batch_size": int, "benchmarks": list}
 BENCH_KEYS = {"name": str, "benchmark": str, "shots": int, "k": int, "limit": (int, type(None)),
-              "generation": dict, "description": str}
+              "generation": dict, "description": str,
+              "maj_at": list,  # text, k > 1: report maj@j for each j (default [k])
+              # captioning only
+              "references": str, "subset": str, "metrics": list}
+SUBSETS = ("all", "with_images")  # captioning: every reference item, or those whose image is present
 GEN_KEYS = {"max_gen_toks": int, "temperature": (int, float), "top_p": (int, float), "top_k": int,
             "do_sample": bool, "until": list}
 
@@ -45,6 +55,10 @@ class BenchmarkSpec:
     limit: int | None = None
     generation: dict = field(default_factory=dict)
     description: str = ""
+    references: str | None = None  # captioning: shipped set name or JSON path (default per dataset)
+    subset: str = "all"
+    metrics: list = field(default_factory=lambda: ["CIDEr"])
+    maj_at: list | None = None
 
     @property
     def kind(self) -> str:
@@ -124,6 +138,10 @@ def load_suite(suite: str) -> Suite:
             raise InputError(f"{where}: expected k >= 1, shots >= 0, limit >= 1 or null")
         if spec.k > 1 and not (spec.generation.get("do_sample") and spec.generation.get("temperature", 1.0) > 0):
             raise InputError(f"{where}: k={spec.k} samples need generation.do_sample: true and temperature > 0")
+        if spec.kind == "text" and {"references", "subset", "metrics"} & b.keys():
+            raise InputError(f"{where}: 'references', 'subset' and 'metrics' apply to captioning ({', '.join(CAPTIONING)}) only")
+        if spec.subset not in SUBSETS:
+            raise InputError(f"{where}: subset must be one of {', '.join(SUBSETS)}, got {spec.subset!r}")
         specs.append(spec)
     top = {k: v for k, v in data.items() if k != "benchmarks"}
     return Suite(name=top.pop("name", path.stem), path=str(path), sha256=hashlib.sha256(raw).hexdigest(),

@@ -1,0 +1,107 @@
+"""Captioning benchmarks in the runner, on the captioning package's references, prompts and scorer.
+
+Each item is one lm-eval `generate_until` request with lm-eval's multimodal convention (context
+with `<image>` placeholders + `{"visual": [images]}`), so it goes through the same resumable,
+sharded path as the text benchmarks. Items whose image is not in the images directory are
+reported as failures, never guessed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from lm_eval.api.instance import Instance
+
+from benchmarks.backends.base import IMAGE_PLACEHOLDER, parse_gen_kwargs, request_hash
+from benchmarks.captioning.prompts import CaptionSettings, caption_prompt, postprocess_caption
+from benchmarks.captioning.references import SHIPPED, SHIPPED_COCO_IMAGES, load_references, resolve_images
+from benchmarks.captioning.scoring import score_captions
+from benchmarks.runner.results import display_path, mean_entry, metric_entry, sha256_file
+from benchmarks.runner.suite import BenchmarkSpec
+
+DEFAULT_REFERENCES = {"coco": "coco_karpathy_test", "flickr30k": "flickr30k_karpathy_test"}
+DEFAULT_IMAGES = {"coco": SHIPPED_COCO_IMAGES, "flickr30k": SHIPPED_COCO_IMAGES.parent / "flickr30k"}
+
+
+def _render(segments) -> tuple[str, list]:
+    text, images = "", []
+    for seg in segments:
+        if isinstance(seg, str):
+            text += seg
+        else:
+            text += IMAGE_PLACEHOLDER
+            images.append(seg)
+    return text, images
+
+
+def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: int | None, seed: int) -> tuple[dict, list[dict]]:
+    """Caption, score; return (benchmark entry for results.json, per-sample records)."""
+    ref_source = spec.references or DEFAULT_REFERENCES[spec.benchmark]
+    items = load_references(ref_source)
+    image_dir = Path(images_dir) if images_dir else DEFAULT_IMAGES[spec.benchmark]
+    found, _ = resolve_images(items, image_dir) if image_dir.is_dir() else ({}, None)
+    if spec.subset == "with_images":
+        items = [it for it in items if it.image_id in found]
+    limit = min(x for x in (limit, spec.limit, len(items)) if x is not None)
+    items = items[:limit]
+    gen_kwargs = {"until": [], "max_gen_toks": 30, "do_sample": False, **spec.generation}
+    settings = CaptionSettings(shots=spec.shots, max_new_tokens=int(gen_kwargs["max_gen_toks"]), seed=seed)
+    pool = [it for it in load_references(ref_source) if it.image_id in found]
+    gen_hash = parse_gen_kwargs(gen_kwargs).digest()
+
+    requests, records, present = [], [], []
+    for n, item in enumerate(items):
+        item_hash = hashlib.sha256(json.dumps([spec.benchmark, str(item.image_id), item.references]).encode()).hexdigest()
+        rec = {"benchmark": spec.name, "item_id": str(item.image_id), "item_hash": item_hash, "target": item.references,
+               "generation_hash": gen_hash, "failed": False}
+        if item.image_id not in found:
+            rec.update(failed=True, failure=f"image {item.image_file} not found under {image_dir}", prompt=None,
+                       images=[], output=None, prediction=None, score=None, request_hash=None)
+            records.append(rec)
+            continue
+        segments = caption_prompt(item, found, pool, settings)
+        context, images = _render(segments)
+        files = _shot_files(item, found, pool, settings) + [found[item.image_id]]  # prompt order
+        args = (context, gen_kwargs, {"visual": images})
+        requests.append(Instance("generate_until", {"image_id": item.image_id}, args, 0, (spec.name, n, 1)))
+        rec.update(prompt=context, request_hash=request_hash("generate_until", args),
+                   images=[{"file": display_path(f), "sha256": sha256_file(f)} for f in files])
+        records.append(rec)
+        present.append(rec)
+    outputs = lm.generate_until(requests) if requests else []
+    preds = {}
+    for rec, out in zip(present, outputs):
+        rec["output"] = out
+        rec["prediction"] = postprocess_caption(out)
+        if rec["request_hash"] in lm.failed:
+            rec.update(failed=True, failure=lm.failed[rec["request_hash"]])
+        preds[rec["item_id"]] = rec["prediction"]
+    metrics, skipped = {}, {}
+    if preds:
+        refs = {r["item_id"]: r["target"] for r in present}
+        scores = score_captions(refs, preds, metrics=spec.metrics)
+        skipped = scores.skipped
+        for rec in present:
+            rec["score"] = scores.per_item[rec["item_id"]]
+        for name, value in scores.corpus.items():
+            se = mean_entry([scores.per_item[k][name] for k in preds])["stderr"]
+            metrics[name] = metric_entry(value, se, len(preds))
+    entry = {
+        "benchmark": spec.benchmark, "kind": "captioning", "primary_metric": spec.metrics[0] if spec.metrics else None,
+        "references": display_path(SHIPPED.get(ref_source, ref_source)), "images_dir": display_path(image_dir), "n_items": len(records), "n_scored": len(preds),
+        "n_failed": sum(r["failed"] for r in records), "metrics": metrics, "skipped_metrics": skipped,
+        "generation": gen_kwargs, "generation_hash": gen_hash,
+        "prompt": {"shots": settings.shots, "shot_template": settings.shot_template, "query_cue": settings.query_cue,
+                   "exemplar_seed": settings.seed, "postprocess": "first line, first sentence"},
+    }
+    return entry, records
+
+
+def _shot_files(item, found, pool, settings) -> list[Path]:
+    from benchmarks.captioning.prompts import select_exemplars
+
+    usable = [p for p in pool if p.image_id in found]
+    return [found[p.image_id] for p, _ in select_exemplars(item.image_id, usable, settings)]
+

@@ -1,0 +1,153 @@
+"""`run_suite`: every benchmark of a suite on one backend, into a run directory.
+
+RUN_DIR/
+  run.json              the model this directory belongs to (fingerprint); another model -> InputError
+  cache/rank*.jsonl     every finished request, appended and fsynced (resume after any kill)
+  samples/<name>.jsonl  per-sample records of each benchmark
+  results.json          versioned results (SCHEMA.md), rewritten after each benchmark
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks.backends.base import MixedModalLM, parse_gen_kwargs, request_hash
+from benchmarks.runner.captioning import run_captioning
+from benchmarks.runner.dist import Dist
+from benchmarks.runner.resumable import ResumableLM
+from benchmarks.runner.results import (
+    SCHEMA_VERSION, display_path, metric_entry, package_versions, sha256_file, write_json_atomic, write_jsonl_atomic,
+)
+from benchmarks.runner.store import RecordStore
+from benchmarks.runner.suite import BenchmarkSpec, Suite
+from chameleon.errors import InputError
+
+KINDS = {"multiple_choice": "loglikelihood", "loglikelihood": "loglikelihood",
+         "loglikelihood_rolling": "loglikelihood_rolling", "generate_until": "generate_until"}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def claim_run_dir(out: Path, model: dict, dist: Dist) -> None:
+    """Make `out` this model's run directory, or refuse (InputError) without touching it."""
+    error = None
+    if dist.is_main:
+        manifest = out / "run.json"
+        if manifest.is_file():
+            try:
+                owner = json.loads(manifest.read_text())["model"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                owner = None
+            if owner is None:
+                error = f"--out {out}: {manifest} is not a chameleon-bench run manifest; nothing was written"
+            elif owner.get("fingerprint") != model["fingerprint"]:
+                error = (f"--out {out} holds a run of another model ({owner.get('backend')} {owner.get('path')}, "
+                         f"fingerprint {str(owner.get('fingerprint'))[:16]}), not of this one (fingerprint "
+                         f"{model['fingerprint'][:16]}); use another --out. Nothing was overwritten")
+        elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+            error = f"--out {out}: exists and is not an empty directory or a chameleon-bench run; nothing was written"
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(manifest, {"schema_version": SCHEMA_VERSION, "model": model, "created_at": _now()})
+    error = dist.broadcast(error)
+    if error:
+        raise InputError(error)
+
+
+def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: int | None = None,
+              images_dirs: dict[str, Path] | None = None, data_dir: str | Path | None = None,
+              dist: Dist = Dist(), chunk_size: int | None = None, command: list[str] | None = None) -> dict:
+    """Run `suite` with `backend`; return results.json's content (written on the main process)."""
+    out = Path(out)
+    model = backend.describe()
+    claim_run_dir(out, model, dist)
+    store = RecordStore(out / "cache", shard=f"rank{dist.rank}")
+    lm = ResumableLM(backend, store, dist, chunk_size=chunk_size or 4 * getattr(backend, "batch_size", 8))
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "complete": False,
+        "model": model,
+        "suite": suite.to_dict(),
+        "overrides": {"limit": limit, "images_dirs": {k: str(v) for k, v in (images_dirs or {}).items()},
+                      "data_dir": str(data_dir) if data_dir else None},
+        "seeds": {"suite": suite.seed},
+        "packages": package_versions(),
+        "run": {"started_at": _now(), "finished_at": None, "command": command, "world_size": dist.world_size},
+        "data_files": {},
+        "benchmarks": {},
+    }
+    if dist.is_main:
+        (out / "samples").mkdir(exist_ok=True)
+    for spec in suite.benchmarks:
+        started = time.perf_counter()
+        lm.failed.clear()
+        if spec.kind == "captioning":
+            entry, records = run_captioning(spec, lm, images_dir=(images_dirs or {}).get(spec.benchmark),
+                                            limit=limit, seed=suite.seed)
+            for r in records:
+                results["data_files"].update({i["file"]: i["sha256"] for i in r.get("images", [])})
+            ref = Path(entry["references"])
+            if ref.is_file():
+                results["data_files"][display_path(ref)] = sha256_file(ref)
+        else:
+            entry, records = _run_text(spec, lm, limit=limit, data_dir=data_dir, seed=suite.seed)
+            results["data_files"].update({display_path(k): v for k, v in entry.pop("data_files").items()})
+        entry["config"] = {k: v for k, v in spec.__dict__.items()}
+        entry["seconds"] = round(time.perf_counter() - started, 2)
+        entry["computed_requests"] = lm.computed
+        if dist.is_main:
+            entry["samples_file"] = f"samples/{spec.name}.jsonl"
+            entry["samples_sha256"] = write_jsonl_atomic(out / entry["samples_file"], records)
+            results["benchmarks"][spec.name] = entry
+            write_json_atomic(out / "results.json", results)
+    results["complete"] = True
+    results["run"]["finished_at"] = _now()
+    if dist.is_main:
+        write_json_atomic(out / "results.json", results)
+    store.close()
+    dist.barrier()
+    return results
+
+
+def _run_text(spec: BenchmarkSpec, lm: ResumableLM, *, limit, data_dir, seed) -> tuple[dict, list[dict]]:
+    from benchmarks.text.run import run_text_benchmark
+
+    maj_at = tuple(spec.maj_at) if spec.maj_at else None
+    limit = min([x for x in (limit, spec.limit) if x is not None], default=None)
+    res = run_text_benchmark(lm, spec.benchmark, data_dir=data_dir, num_fewshot=spec.shots, k=spec.k, maj_at=maj_at,
+                             limit=limit, gen_kwargs=spec.generation or None, seed=seed)
+    gen_hash = parse_gen_kwargs(spec.generation).digest() if spec.generation else None
+    records, items, failed_items = [], set(), set()
+    for s in res.samples:
+        task_type = (res.task_configs.get(s["task"]) or {}).get("output_type", "generate_until")
+        kind = KINDS.get(task_type, task_type)
+        hashes = sorted({request_hash(kind, tuple(a)) for a in s["arguments"]})
+        item_id = f"{s['task']}/{s['doc_id']}"
+        fails = [lm.failed[h] for h in hashes if h in lm.failed]
+        items.add(item_id)
+        if fails:
+            failed_items.add(item_id)
+        gen = (s["arguments"][0][1] if kind == "generate_until" and s["arguments"] else None)
+        records.append({
+            "benchmark": spec.name, "item_id": item_id, "filter": s["filter"],
+            "item_hash": hashlib.sha256(f"{s['task']}\n{s['doc_hash']}".encode()).hexdigest(),
+            "request_hashes": hashes, "prompt": s["prompt"], "images": [],
+            "output": s["resps"], "filtered_output": s["filtered_resps"], "target": s["target"],
+            "score": s["scores"], "doc": s["doc"],
+            "generation_hash": parse_gen_kwargs(gen).digest() if gen else None,
+            "failed": bool(fails), **({"failure": fails[0]} if fails else {}),
+        })
+    entry = {
+        "benchmark": spec.benchmark, "kind": "text", "primary_metric": res.primary,
+        "n_items": len(items), "n_failed": len(failed_items),
+        "metrics": {k: metric_entry(m["value"], m["stderr"], m["n"]) for k, m in res.metrics.items()},
+        "generation_hash": gen_hash, "lm_eval": res.lm_eval, "task_configs": res.task_configs,
+        "data_files": res.data_files,
+    }
+    return entry, records
