@@ -133,11 +133,11 @@ class Chameleon(nn.Module):
         vq = {k: v.detach().cpu() for k, v in self.vqgan.state_dict().items()}
         return Checkpoint(self.config, weights, self.vqgan.cfg, vq, self.tokenizer_file, "memory", Path("."))
 
-    def save(self, out: str | Path, format: str = "hf", shards: int = 1, max_shard_bytes: int | None = None) -> None:
+    def save(self, out: str | Path, format: str = "hf", shards: int | None = None, max_shard_bytes: int | None = None) -> None:
         save_checkpoint(self.to_checkpoint(), Path(out), format, self.tokenizer, shards, max_shard_bytes)
 
 
-def save_checkpoint(ckpt: Checkpoint, out: Path, format: str, tokenizer: ChameleonTokenizer, shards: int = 1, max_shard_bytes: int | None = None) -> None:
+def save_checkpoint(ckpt: Checkpoint, out: Path, format: str, tokenizer: ChameleonTokenizer, shards: int | None = None, max_shard_bytes: int | None = None) -> None:
     if format == "hf":
         write_hf(ckpt, out, tokenizer, max_shard_bytes)
     elif format == "meta":

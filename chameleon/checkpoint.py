@@ -201,7 +201,8 @@ def _read_meta(path: Path) -> Checkpoint:
     return Checkpoint(args, weights, vq_config, vq, tok_dir / "text_tokenizer.json", "meta", path)
 
 
-def write_meta(ckpt: Checkpoint, out: Path, num_shards: int = 1) -> None:
+def write_meta(ckpt: Checkpoint, out: Path, num_shards: int | None = None) -> None:
+    num_shards = num_shards or ckpt.args.model_parallel_size
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.json").write_text(json.dumps(ckpt.args.to_params(), indent=2))
     shards = to_meta_shards(ckpt.weights, ckpt.args, num_shards)

@@ -71,7 +71,7 @@ def register(sub) -> None:
     c.add_argument("src", help="source checkpoint directory")
     c.add_argument("dst", help="destination directory")
     c.add_argument("--to", choices=["hf", "meta"], required=True, help="target format")
-    c.add_argument("--shards", type=int, default=1, help="Meta output: 1 file, or model_parallel_size files")
+    c.add_argument("--shards", type=int, default=None, help="Meta output: number of consolidated.NN.pth files (1, or model_parallel_size; default: model_parallel_size)")
     c.add_argument("--max-shard-size", default=None, help="HF output: split safetensors above this size, e.g. 5GB")
     c.add_argument("--dtype", default=None, help="cast decoder weights (fp32 | bf16 | fp16); default: keep")
     c.set_defaults(func=cmd_convert)
@@ -178,7 +178,7 @@ def cmd_convert(args) -> int:
     if dst.exists() and any(dst.iterdir()):
         raise InputError(f"{dst}: destination exists and is not empty; choose a new directory")
     max_shard = _parse_size(args.max_shard_size)
-    if args.shards < 1:
+    if args.shards is not None and args.shards < 1:
         raise InputError(f"--shards {args.shards}: expected a positive integer")
     ckpt = read_checkpoint(args.src)
     if args.dtype:

@@ -71,7 +71,7 @@ def build_tiny_model(
     args: ModelArgs | None = None,
     vq: VQGANConfig | None = None,
     text_vocab: int | None = None,
-    shards: int = 1,
+    shards: int | None = None,
 ) -> Path:
     """Write a loadable checkpoint directory of a tiny random Chameleon and return its path."""
     out = Path(out_dir)

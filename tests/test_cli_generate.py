@@ -1,0 +1,38 @@
+"""End to end: `chameleon-bench generate` and `demo` write text, PNGs and an HTML page."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from benchmarks.cli import main
+from tests.conftest import PHOTO
+
+
+@pytest.mark.parametrize("mode", ["text", "image", "interleaved"])
+def test_generate_command(tiny_hf, tmp_path, mode):
+    out = tmp_path / mode
+    argv = ["generate", "--model", str(tiny_hf), "--prompt", "What is in this photo? <image>", "--image", str(PHOTO),
+            "--mode", mode, "--max-new-tokens", "300", "--out", str(out), "--seed", "1"]
+    assert main(argv) == 0
+    record = json.loads((out / "generation.json").read_text())
+    html = (out / "index.html").read_text()
+    assert "prompt_image_1.png" in html and (out / "prompt_image_1.png").is_file()
+    assert (out / "output.txt").is_file()
+    if mode == "image":
+        assert record["images"] == 1 and "output_image_1.png" in html
+        assert Image.open(out / "output_image_1.png").size == (128, 128)
+    if mode == "text":
+        assert record["images"] == 0 and record["new_tokens"] > 0
+
+
+def test_console_script_help_and_demo(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cli", "generate", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--cfg-text-scale" in proc.stdout
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    page = (tmp_path / "demo" / "generation" / "index.html").read_text()
+    assert "output_image_1.png" in page  # text, an image, then text

@@ -1,0 +1,122 @@
+"""Generation: KV cache equals recompute, batching, modes, guidance, sampling controls."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chameleon.generate import GenerationOptions, apply_repetition_penalty, cfg_mix, filter_top_k_top_p, generate
+
+PROMPTS = ["Natalia sold clips to 48 of her friends", "Weng earns", "A robe takes 2 bolts of blue fiber and half that much white fiber."]
+
+
+def test_kv_cache_decode_equals_full_recompute(tiny_model):
+    ids = torch.tensor([tiny_model.encode_prompt(PROMPTS[2])])
+    with torch.no_grad():
+        full = tiny_model(ids)
+        cache = tiny_model.new_cache(1, ids.shape[1])
+        prefix = 7
+        step_logits = [tiny_model(ids[:, :prefix], cache=cache, start_pos=0)]
+        for pos in range(prefix, ids.shape[1]):
+            step_logits.append(tiny_model(ids[:, pos : pos + 1], cache=cache, start_pos=pos))
+    torch.testing.assert_close(torch.cat(step_logits, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prefix_cache_rows(tiny_model):
+    prefix = torch.tensor([tiny_model.encode_prompt("Question: how many clips?")])
+    conts = [tiny_model.tokenizer.encode_text(t) for t in (" 72", " 48 clips", " none")]
+    width = max(map(len, conts))
+    with torch.no_grad():
+        one = tiny_model.new_cache(1, prefix.shape[1] + width)
+        tiny_model(prefix, cache=one)
+        many = tiny_model.new_cache(len(conts), prefix.shape[1] + width)
+        many.copy_rows_from(one)
+        batch = torch.tensor([c + [tiny_model.tokenizer.pad_id] * (width - len(c)) for c in conts])
+        got = tiny_model(batch, cache=many, start_pos=prefix.shape[1])
+        for i, c in enumerate(conts):
+            full = tiny_model(torch.cat([prefix, torch.tensor([c])], dim=1))[0, prefix.shape[1]:]
+            torch.testing.assert_close(got[i, : len(c)], full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_batched_generation_equals_one_by_one(tiny_model, temperature):
+    prompts = [tiny_model.encode_prompt(p) for p in PROMPTS]  # different lengths: left padding
+    opts = GenerationOptions(max_new_tokens=24, temperature=temperature, top_p=0.95, seed=3)
+    batched = generate(tiny_model, prompts, opts)
+    single = [generate(tiny_model, [p], opts)[0] for p in prompts]
+    assert batched == single
+    assert all(len(o) > 0 for o in batched)
+
+
+def test_seeded_sampling_is_deterministic(tiny_model):
+    prompt = [tiny_model.encode_prompt(PROMPTS[0])]
+    a = generate(tiny_model, prompt, GenerationOptions(max_new_tokens=20, temperature=1.0, seed=1))
+    b = generate(tiny_model, prompt, GenerationOptions(max_new_tokens=20, temperature=1.0, seed=1))
+    c = generate(tiny_model, prompt, GenerationOptions(max_new_tokens=20, temperature=1.0, seed=2))
+    assert a == b and a != c
+
+
+def test_text_mode_never_yields_image_tokens(tiny_model):
+    tok = tiny_model.tokenizer
+    # Push image codes and begin-of-image to the top of the distribution: text mode must still refuse them.
+    bias = {int(t): 50.0 for t in tok.code_to_id[:50]} | {tok.boi_id: 50.0}
+    outs = generate(tiny_model, [tiny_model.encode_prompt(p) for p in PROMPTS], GenerationOptions(max_new_tokens=40, temperature=1.0, logit_bias=bias))
+    for out in outs:
+        assert not any(tok.is_image_token(t) or t in (tok.boi_id, tok.eoi_id) for t in out)
+
+
+def test_image_mode_yields_exactly_one_image(tiny_model):
+    tok, n = tiny_model.tokenizer, tiny_model.image_seq_len
+    outs = generate(tiny_model, [tiny_model.encode_prompt(p) for p in PROMPTS[:2]], GenerationOptions(mode="image", max_new_tokens=5))
+    for out in outs:
+        assert len(out) == n + 2 and out[0] == tok.boi_id and out[-1] == tok.eoi_id
+        assert all(tok.is_image_token(t) for t in out[1:-1])
+    segments = tiny_model.decode_output(outs[0])
+    assert len(segments) == 1 and segments[0].size == (tiny_model.vqgan.cfg.resolution,) * 2
+
+
+def test_interleaved_text_image_text(tiny_model):
+    tok, n = tiny_model.tokenizer, tiny_model.image_seq_len
+    opts = GenerationOptions(mode="interleaved", max_new_tokens=n + 40, temperature=0.8, seed=0, logit_bias={tok.boi_id: 6.0})
+    out = generate(tiny_model, [tiny_model.encode_prompt("Draw a cat:")], opts)[0]
+    start = out.index(tok.boi_id)
+    assert out[start + n + 1] == tok.eoi_id
+    assert all(tok.is_image_token(t) for t in out[start + 1 : start + n + 1])
+    kinds = [type(s).__name__ for s in tiny_model.decode_output(out)]
+    assert "Image" in kinds
+    # No image may start without room for all of its codes.
+    short = generate(tiny_model, [tiny_model.encode_prompt("Draw:")], GenerationOptions(mode="interleaved", max_new_tokens=n, logit_bias={tok.boi_id: 50.0}))[0]
+    assert tok.boi_id not in short
+
+
+def test_stop_strings_and_ids(tiny_model):
+    prompt = [tiny_model.encode_prompt(PROMPTS[0])]
+    free = generate(tiny_model, prompt, GenerationOptions(max_new_tokens=30))[0]
+    stop_id = free[5]
+    cut = generate(tiny_model, prompt, GenerationOptions(max_new_tokens=30, stop_ids=(stop_id,)))[0]
+    assert cut == free[: free.index(stop_id)]
+    text = tiny_model.tokenizer.decode_text(free)
+    needle = text[len(text) // 2 : len(text) // 2 + 2]
+    stopped = generate(tiny_model, prompt, GenerationOptions(max_new_tokens=30, stop_strings=(needle,)))[0]
+    assert len(stopped) < len(free) and needle in tiny_model.tokenizer.decode_text(stopped)
+
+
+def test_cfg_mixing_formula():
+    full, img, unc = torch.tensor([3.0, 1.0]), torch.tensor([2.0, 2.0]), torch.tensor([1.0, 0.0])
+    got = cfg_mix(full, img, unc, s_txt=3.0, s_img=1.2)
+    expected = unc + 1.2 * (img - unc) + 3.0 * (full - img)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(cfg_mix(full, img, unc, 1.0, 1.0), full)  # no guidance: the full prompt
+    torch.testing.assert_close(cfg_mix(full, img, unc, 0.0, 0.0), unc)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    kept = filter_top_k_top_p(logits, top_k=2, top_p=1.0)
+    assert torch.isinf(kept[2:]).all() and torch.isfinite(kept[:2]).all()
+    probs = logits.softmax(-1)  # ~[0.64, 0.24, 0.09, 0.03]
+    kept = filter_top_k_top_p(logits, top_k=0, top_p=0.7)
+    assert torch.isfinite(kept[:2]).all() and torch.isinf(kept[2:]).all(), probs
+    seen = torch.tensor([True, False, True, False])
+    pen = apply_repetition_penalty(torch.tensor([2.0, 2.0, -2.0, -2.0]), seen, 2.0)
+    assert pen.tolist() == [1.0, 2.0, -4.0, -2.0]
