@@ -1,0 +1,192 @@
+"""Reference captions for MS-COCO and Flickr30k, from the shipped copies or user files.
+
+Formats understood (detected from the content):
+- Karpathy COCO test as shipped: `[{image: "val2014/COCO_val2014_%012d.jpg", caption: [..]}]`
+- Flickr30k Karpathy test as shipped: `[{split, image_name, captions: [..]}]`
+- COCO annotation files (`captions_val2014.json`): `{images: [{id, file_name}], annotations: [{image_id, caption}]}`
+- Karpathy's `dataset_coco.json` / `dataset_flickr30k.json`: `{images: [{filename, sentences, split, ..}]}`,
+  filtered to `split` ("test" by default; "restval" counts as train there).
+Hub dataset names are not loaded: everything here works offline from local files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from chameleon.errors import InputError
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+SHIPPED = {
+    "coco_karpathy_test": DATA_DIR / "coco_karpathy_test" / "coco_test.json",
+    "flickr30k_karpathy_test": DATA_DIR / "flickr30k_karpathy_test" / "flickr30k_test.json",
+    "coco_caption_demo": DATA_DIR / "coco_caption_demo" / "captions_val2014_fakecap1000_refs.derived.json",
+}
+SHIPPED_COCO_IMAGES = DATA_DIR / "images" / "coco"
+
+# COCO file names end in the 12-digit zero-padded id: COCO_val2014_000000391895.jpg, 000000039769.png
+_COCO_ID = re.compile(r"(?:^|_)(\d{12})\.(?:jpe?g|png)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class CaptionItem:
+    image_id: str | int
+    image_file: str  # relative name as the source gives it, e.g. "val2014/COCO_val2014_000000391895.jpg"
+    references: list[str]
+
+
+def coco_id_from_filename(name: str) -> int | None:
+    match = _COCO_ID.search(Path(name).name)
+    return int(match.group(1)) if match else None
+
+
+def load_references(source: str | Path = "coco_karpathy_test", split: str = "test") -> list[CaptionItem]:
+    """Items of a shipped set (by name) or of a local JSON file, in file order."""
+    path = SHIPPED.get(str(source), Path(source))
+    if not path.is_file():
+        raise InputError(
+            f"caption references {str(source)!r}: no such file; expected a local JSON file or one of "
+            f"{', '.join(SHIPPED)} (hub datasets are not downloaded: pass a local copy)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+    if isinstance(data, dict) and "annotations" in data:
+        items = _from_coco_annotations(path, data)
+    elif isinstance(data, dict) and isinstance(data.get("images"), list):
+        items = _from_karpathy_dataset(path, data["images"], split)
+    elif isinstance(data, list) and data and isinstance(data[0], dict) and "image_name" in data[0]:
+        items = [_flickr_row(path, i, row) for i, row in enumerate(data)]
+    elif isinstance(data, list) and data and isinstance(data[0], dict) and "image" in data[0]:
+        items = [_karpathy_coco_row(path, i, row) for i, row in enumerate(data)]
+    else:
+        raise InputError(
+            f"{path}: unknown caption reference format; expected a COCO annotation file "
+            "({images, annotations}), a Karpathy dataset_*.json ({images: [{filename, sentences}]}), "
+            "or a non-empty list of {image, caption} (COCO Karpathy test) or {image_name, captions} "
+            "(Flickr30k Karpathy test) rows"
+        )
+    _check_unique(path, items)
+    return items
+
+
+def _captions(path: Path, where: str, field: str, value) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) and c.strip() for c in value):
+        raise InputError(f"{path}: {where}: field {field!r} must be a non-empty list of non-empty strings, got {value!r:.80}")
+    return value
+
+
+def _field(path: Path, where: str, row, field: str, kind: type | tuple[type, ...]):
+    if not isinstance(row, dict):
+        raise InputError(f"{path}: {where}: expected an object, got {type(row).__name__}")
+    if field not in row:
+        raise InputError(f"{path}: {where}: missing field {field!r}")
+    value = row[field]
+    if not isinstance(value, kind) or isinstance(value, bool) or value == "":
+        raise InputError(f"{path}: {where}: field {field!r} has a bad value {value!r:.80}")
+    return value
+
+
+def _karpathy_coco_row(path: Path, i: int, row) -> CaptionItem:
+    image = _field(path, f"row {i}", row, "image", str)
+    coco_id = coco_id_from_filename(image)
+    if coco_id is None:
+        raise InputError(f"{path}: row {i}: field 'image' {image!r} is not a COCO file name like val2014/COCO_val2014_%012d.jpg")
+    return CaptionItem(coco_id, image, list(_captions(path, f"row {i}", "caption", row.get("caption"))))
+
+
+def _flickr_row(path: Path, i: int, row) -> CaptionItem:
+    name = _field(path, f"row {i}", row, "image_name", str)
+    stem = Path(name).stem
+    image_id = int(stem) if stem.isdigit() else stem  # results files use the numeric Flickr id
+    return CaptionItem(image_id, name, list(_captions(path, f"row {i}", "captions", row.get("captions"))))
+
+
+def _from_coco_annotations(path: Path, data: dict) -> list[CaptionItem]:
+    images, annotations = data.get("images"), data.get("annotations")
+    if not isinstance(images, list) or not isinstance(annotations, list):
+        raise InputError(f"{path}: fields 'images' and 'annotations' must both be lists")
+    files: dict = {}
+    for i, image in enumerate(images):
+        image_id = _field(path, f"images[{i}]", image, "id", (int, str))
+        files[image_id] = image.get("file_name") or str(image_id)
+    captions: dict = {image_id: [] for image_id in files}
+    for i, ann in enumerate(annotations):
+        image_id = _field(path, f"annotations[{i}]", ann, "image_id", (int, str))
+        caption = _field(path, f"annotations[{i}]", ann, "caption", str)
+        if image_id not in captions:
+            raise InputError(f"{path}: annotations[{i}]: image_id {image_id!r} is not in 'images'")
+        captions[image_id].append(caption)
+    bare = [k for k, v in captions.items() if not v]
+    if bare:
+        raise InputError(f"{path}: {len(bare)} images have no caption annotations (e.g. ids {bare[:5]})")
+    return [CaptionItem(k, files[k], v) for k, v in captions.items()]
+
+
+def _from_karpathy_dataset(path: Path, images: list, split: str) -> list[CaptionItem]:
+    items = []
+    for i, image in enumerate(images):
+        if _field(path, f"images[{i}]", image, "split", str) != split:
+            continue
+        name = _field(path, f"images[{i}]", image, "filename", str)
+        sentences = _field(path, f"images[{i}]", image, "sentences", list)
+        raws = [s.get("raw") if isinstance(s, dict) else None for s in sentences]
+        refs = _captions(path, f"images[{i}]", "sentences[].raw", raws)
+        image_id = image.get("cocoid", Path(name).stem)
+        image_id = int(image_id) if str(image_id).isdigit() else image_id
+        folder = image.get("filepath")
+        items.append(CaptionItem(image_id, f"{folder}/{name}" if folder else name, list(refs)))
+    if not items:
+        raise InputError(f"{path}: no images with split {split!r}")
+    return items
+
+
+def _check_unique(path: Path, items: list[CaptionItem]) -> None:
+    seen = set()
+    for i, item in enumerate(items):
+        if item.image_id in seen:
+            raise InputError(f"{path}: row {i}: image id {item.image_id!r} appears twice")
+        seen.add(item.image_id)
+
+
+def _shipped_index(image_dir: Path) -> dict[int, Path]:
+    """The shipped image folders' index.json maps COCO ids to files with any naming."""
+    index = image_dir / "index.json"
+    if not index.is_file():
+        return {}
+    try:
+        rows = json.loads(index.read_text(encoding="utf-8"))
+        return {int(r["coco_id"]): image_dir / r["file"] for r in rows if "coco_id" in r}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{index}: expected a list of {{file, coco_id}} objects ({err})") from None
+
+
+def resolve_images(items: Iterable[CaptionItem], image_dir: str | Path = SHIPPED_COCO_IMAGES) -> tuple[dict, list]:
+    """Map image ids to files under `image_dir`; return (found {id: Path}, missing [ids]).
+
+    Tried in order: the item's relative path, its base name, the folder's index.json, then any
+    file whose name ends in the same zero-padded COCO id (val2014 and 2017 naming). Nothing fuzzy.
+    """
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise InputError(f"image directory {str(image_dir)!r} does not exist or is not a directory")
+    by_id = _shipped_index(root)
+    for file in root.iterdir():
+        coco_id = coco_id_from_filename(file.name)
+        if coco_id is not None:
+            by_id.setdefault(coco_id, file)
+    found, missing = {}, []
+    for item in items:
+        candidates = [root / item.image_file, root / Path(item.image_file).name]
+        hit = next((c for c in candidates if c.is_file()), None)
+        if hit is None and isinstance(item.image_id, int):
+            hit = by_id.get(item.image_id)
+        if hit is None:
+            missing.append(item.image_id)
+        else:
+            found[item.image_id] = hit
+    return found, missing

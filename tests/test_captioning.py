@@ -1,0 +1,254 @@
+"""Captioning: references, prompts, pycocoevalcap scoring (real Java scorers) and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from benchmarks.captioning.commands import load_results
+from benchmarks.captioning.prompts import CaptionSettings, caption_prompt, exemplar_text, postprocess_caption, select_exemplars
+from benchmarks.captioning.references import CaptionItem, load_references, resolve_images
+from benchmarks.captioning.scoring import JavaMissingError, score_captions, spice_unavailable_reason
+from chameleon.errors import InputError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "benchmarks" / "data" / "coco_caption_demo"
+DEMO_REFS = DEMO / "captions_val2014_fakecap1000_refs.derived.json"
+DEMO_RESULTS = DEMO / "captions_val2014_fakecap_results.json"
+KARPATHY_TEST_IDS_SHIPPED = {199551, 199553, 199764, 199783}  # the shipped photos in the Karpathy test split
+NAMES = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
+
+
+class _SpiceNotRun(Exception):
+    pass
+
+
+class _NoSpice:
+    """Stands in for SPICE only: its CoreNLP models would be downloaded. Stops COCOEvalCap after CIDEr."""
+
+    def method(self):
+        return "SPICE"
+
+    def compute_score(self, gts, res):
+        raise _SpiceNotRun
+
+
+def coco_eval_cap(monkeypatch) -> tuple[dict, dict]:
+    """pycocoevalcap's own COCOEvalCap on the demo files, as in coco-caption's example."""
+    import pycocoevalcap.eval as coco_eval
+    from pycocotools.coco import COCO
+
+    monkeypatch.setattr(coco_eval, "Spice", _NoSpice)
+    coco = COCO(str(DEMO_REFS))
+    evaluator = coco_eval.COCOEvalCap(coco, coco.loadRes(str(DEMO_RESULTS)))
+    with pytest.raises(_SpiceNotRun):
+        evaluator.evaluate()  # every other metric is stored before SPICE's turn
+    return evaluator.eval, evaluator.imgToEval
+
+
+def test_demo_scores_equal_coco_eval_cap(monkeypatch):
+    items = load_references(DEMO_REFS)
+    ours = score_captions({i.image_id: i.references for i in items}, load_results(DEMO_RESULTS))
+    corpus, per_image = coco_eval_cap(monkeypatch)
+
+    assert list(ours.corpus) == NAMES
+    assert ours.corpus == pytest.approx({k: corpus[k] for k in NAMES}, rel=1e-12, abs=1e-12)
+    assert set(ours.per_item) == set(per_image) and len(per_image) == 1000
+    for image_id, scores in per_image.items():
+        assert ours.per_item[image_id] == pytest.approx({k: scores[k] for k in NAMES}, rel=1e-9, abs=1e-12)
+    if spice_unavailable_reason():  # the normal case here: no CoreNLP 3.6.0 models, no download
+        assert "SPICE" not in ours.corpus and "CoreNLP" in ours.skipped["SPICE"]
+    else:
+        assert "SPICE" in ours.corpus
+
+
+def test_edge_captions_score_without_misalignment():
+    refs = {1: ["A dog runs on grass.", "a brown dog"], 2: ["Two cats sleep on a bed.", "cats sleeping"],
+            3: ["A café with tables.", "a small cafe"]}
+    # empty, punctuation-only and a Unicode line separator (Java breaks lines at it) must not shift rows
+    scores = score_captions(refs, {1: "", 2: "...", 3: "A café\u2028with tables."}, metrics=["BLEU", "rouge", "CIDEr"])
+    assert scores.per_item[1]["ROUGE_L"] == 0.0 and scores.per_item[2]["Bleu_1"] == pytest.approx(0.0, abs=1e-6)
+    assert scores.per_item[3]["Bleu_1"] == pytest.approx(1.0) and scores.per_item[3]["ROUGE_L"] > 0.9
+    assert scores.skipped == {}
+
+
+def test_score_inputs_checked(monkeypatch, tmp_path):
+    with pytest.raises(InputError, match="1 predicted image ids have no references"):
+        score_captions({1: ["a cat"]}, {1: "a cat", 2: "a dog"})
+    with pytest.raises(InputError, match="1 reference images have no prediction"):
+        score_captions({1: ["a cat"], 2: ["a dog"]}, {1: "a cat"})
+    with pytest.raises(InputError, match="unknown caption metric 'BLEURT'"):
+        score_captions({1: ["a cat"]}, {1: "a cat"}, metrics=["BLEURT"])
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java on PATH
+    with pytest.raises(JavaMissingError, match="install a JDK"):
+        score_captions({1: ["a cat"]}, {1: "a cat"}, metrics=["CIDEr"])
+
+
+def test_shipped_references_load():
+    coco = load_references()
+    assert len(coco) == 5000 and sum(len(i.references) for i in coco) == 25010
+    assert coco[0] == CaptionItem(391895, "val2014/COCO_val2014_000000391895.jpg", coco[0].references)
+    flickr = load_references("flickr30k_karpathy_test")
+    assert len(flickr) == 1000 and all(len(i.references) == 5 for i in flickr)
+    assert flickr[0].image_id == 1007129816 and flickr[0].image_file == "1007129816.jpg"
+    demo = load_references("coco_caption_demo")
+    assert len(demo) == 1000 and sum(len(i.references) for i in demo) == 5005
+
+
+def test_karpathy_dataset_json(tmp_path):
+    path = tmp_path / "dataset_coco.json"
+    rows = [{"filepath": "val2014", "filename": "COCO_val2014_000000000042.jpg", "cocoid": 42, "split": "test",
+             "sentences": [{"raw": "A cat."}, {"raw": "A kitten."}]},
+            {"filepath": "train2014", "filename": "COCO_train2014_000000000007.jpg", "cocoid": 7, "split": "train",
+             "sentences": [{"raw": "A dog."}]}]
+    path.write_text(json.dumps({"images": rows, "dataset": "coco"}))
+    assert load_references(path) == [CaptionItem(42, "val2014/COCO_val2014_000000000042.jpg", ["A cat.", "A kitten."])]
+    assert [i.image_id for i in load_references(path, split="train")] == [7]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ([{"image": "val2014/COCO_val2014_000000000001.jpg", "caption": ["a"]}, {"image": "val2014/COCO_val2014_000000000002.jpg"}],
+         r"row 1: field 'caption' must be a non-empty list"),
+        ([{"image": "val2014/cat.jpg", "caption": ["a"]}], r"row 0: field 'image' 'val2014/cat.jpg' is not a COCO file name"),
+        ([{"split": "test", "image_name": "1.jpg", "captions": "a dog"}], r"row 0: field 'captions' must be a non-empty list"),
+        ([{"split": "test", "image_name": "1.jpg", "captions": ["a"]}, {"split": "test", "image_name": "1.jpg", "captions": ["b"]}],
+         r"row 1: image id 1 appears twice"),
+        ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 2, "caption": "x"}]},
+         r"annotations\[0\]: image_id 2 is not in 'images'"),
+        ({"images": [{"id": 1}], "annotations": [{"image_id": 1}]}, r"annotations\[0\]: missing field 'caption'"),
+        ({"images": [{"id": 1}, {"id": 2}], "annotations": [{"image_id": 1, "caption": "x"}]}, r"1 images have no caption annotations"),
+        ({"foo": 1}, r"unknown caption reference format"),
+    ],
+)
+def test_malformed_references(tmp_path, content, message):
+    path = tmp_path / "refs.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(InputError, match=message) as err:
+        load_references(path)
+    assert str(path) in str(err.value)
+
+
+def test_unreadable_references(tmp_path):
+    with pytest.raises(InputError, match="coco_karpathy_tset.*coco_karpathy_test"):
+        load_references("coco_karpathy_tset")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(InputError, match="bad.json: not valid JSON"):
+        load_references(bad)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"image_id": 1, "caption": "x"}, "expected a non-empty JSON list"),
+        ([{"image_id": 1, "caption": "x"}, {"caption": "y"}], "row 1: expected an object with fields 'image_id' and 'caption'"),
+        ([{"image_id": 1, "caption": ["x"]}], "row 0: field 'caption' must be a string"),
+        ([{"image_id": 1.5, "caption": "x"}], "row 0: field 'image_id' must be an integer or string"),
+        ([{"image_id": 1, "caption": "x"}, {"image_id": 1, "caption": "y"}], "row 1: image_id 1 has a second caption"),
+    ],
+)
+def test_malformed_results(tmp_path, content, message):
+    path = tmp_path / "preds.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(InputError, match=message):
+        load_results(path)
+
+
+def test_missing_images_reported(tmp_path):
+    found, missing = resolve_images(load_references("coco_karpathy_test"))
+    assert set(found) == KARPATHY_TEST_IDS_SHIPPED and all(p.is_file() for p in found.values())
+    assert len(missing) == 4996 and not KARPATHY_TEST_IDS_SHIPPED & set(missing)
+    # 2017-style names (zero-padded id only) resolve by COCO id; nothing else is guessed
+    Image.new("RGB", (4, 4)).save(tmp_path / "000000391895.jpg")
+    Image.new("RGB", (4, 4)).save(tmp_path / "391896.jpg")
+    items = [CaptionItem(391895, "val2014/COCO_val2014_000000391895.jpg", ["a"]),
+             CaptionItem(391896, "val2014/COCO_val2014_000000391896.jpg", ["b"])]
+    found, missing = resolve_images(items, tmp_path)
+    assert found == {391895: tmp_path / "000000391895.jpg"} and missing == [391896]
+    with pytest.raises(InputError, match="image directory"):
+        resolve_images(items, tmp_path / "nope")
+
+
+def test_two_shot_prompt_structure():
+    items = load_references("coco_karpathy_test")
+    images, _ = resolve_images(items)
+    pool = [i for i in items if i.image_id in images]
+    query = pool[0]
+    settings = CaptionSettings()
+    assert (settings.shots, settings.max_new_tokens) == (2, 30)
+    segments = caption_prompt(query, images, pool, settings)
+    assert [type(s) for s in segments[::2]] == [Image.Image] * 3 and all(isinstance(s, str) for s in segments[1::2])
+    assert all(s.startswith("A photo of ") and s.endswith(".\n") for s in segments[1:4:2]) and segments[-1] == "A photo of"
+    shots = select_exemplars(query.image_id, pool, settings)
+    assert query.image_id not in [item.image_id for item, _ in shots]
+    assert shots == select_exemplars(query.image_id, pool, settings)  # seeded, repeatable
+    assert all(caption in item.references for item, caption in shots)
+    assert segments[1] == f"A photo of {exemplar_text(shots[0][1])}\n"
+    zero = caption_prompt(query, images, pool, CaptionSettings(shots=0, query_cue="Caption:"))
+    assert len(zero) == 2 and zero[1] == "Caption:"
+    with pytest.raises(InputError, match="needs 4 exemplars besides the query; the pool has 3"):
+        caption_prompt(query, images, pool, CaptionSettings(shots=4))
+    with pytest.raises(InputError, match="shot_template must contain"):
+        CaptionSettings(shot_template="Photo:")
+
+
+def test_postprocess_caption():
+    assert postprocess_caption(" a cat on a bed. A photo of a dog") == "a cat on a bed."
+    assert postprocess_caption("a man holding a 3.5 m pole\nA photo of") == "a man holding a 3.5 m pole"
+    assert postprocess_caption("two dogs playing!") == "two dogs playing!"
+    assert postprocess_caption("\n\n") == ""
+    assert exemplar_text("A man riding a horse .") == "a man riding a horse."
+    assert exemplar_text("NYC skyline at night") == "NYC skyline at night."
+
+
+def cli_main(argv):
+    from benchmarks.cli import main
+
+    return main(argv)
+
+
+def test_cli_score_captions(tmp_path, capsys):
+    out, per_item = tmp_path / "m" / "metrics.json", tmp_path / "items.jsonl"
+    argv = ["score-captions", "--annotations", str(DEMO_REFS), "--results", str(DEMO_RESULTS),
+            "--out", str(out), "--per-item", str(per_item), "--metrics", "BLEU", "CIDEr"]
+    assert cli_main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    expected = score_captions({i.image_id: i.references for i in load_references(DEMO_REFS)},
+                              load_results(DEMO_RESULTS), metrics=["BLEU", "CIDEr"])
+    assert printed == json.loads(out.read_text()) == expected.corpus
+    rows = [json.loads(line) for line in per_item.read_text().splitlines()]
+    assert len(rows) == 1000 and rows[0] == {"image_id": 404464, **expected.per_item[404464]}
+
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(json.loads(DEMO_RESULTS.read_text())[:10]))
+    assert cli_main(argv[:4] + [str(partial), "--metrics", "CIDEr"]) == 2
+    assert "990 reference images have no prediction" in capsys.readouterr().err
+    assert cli_main(argv[:4] + [str(partial), "--metrics", "CIDEr", "--subset", "--quiet"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"CIDEr"}
+    assert cli_main(["score-captions", "--annotations", "coco_karpathy_test", "--results", str(DEMO_RESULTS)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(DEMO_RESULTS) in err and "not in the references" in err
+
+
+def test_cli_subprocess_exit_codes(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "benchmarks.cli", "score-captions", "--annotations", "coco_caption_demo", "--quiet"]
+    ok = subprocess.run(cmd + ["--results", str(DEMO_RESULTS), "--metrics", "ROUGE_L"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    expected = score_captions({i.image_id: i.references for i in load_references(DEMO_REFS)},
+                              load_results(DEMO_RESULTS), metrics=["ROUGE_L"])
+    assert json.loads(ok.stdout) == expected.corpus
+    bad = tmp_path / "preds.json"
+    bad.write_text('[{"image_id": 404464}]')
+    failed = subprocess.run(cmd + ["--results", str(bad)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert f"error: {bad}: row 0: expected an object with fields 'image_id' and 'caption'" in failed.stderr
