@@ -84,17 +84,22 @@ def _by_item(samples: list[dict], rename=lambda task: task) -> dict:
     return {(rename(s["task"]), s["doc_id"], s["filter"]): {k: s[k] for k in COMPARED} for s in samples}
 
 
-def test_gsm8k_matches_lm_eval_gsm8k_cot(lm, builtin_tm, tmp_path):
-    ours = run_text_benchmark(lm, "gsm8k", limit=20, gen_kwargs=GEN, bootstrap_iters=0)
-    ref = _run_builtin(lm, builtin_tm, [_builtin(
-        builtin_tm, "gsm8k_cot",
-        dataset_kwargs={"data_files": {"test": str(SHIPPED_DATA_DIR / "gsm8k/test.jsonl")}, "cache_dir": str(tmp_path)},
+def _crosscheck_20(lm, tm, tmp_path, benchmark: str, builtin: str, data_file: str, prefix: str):
+    """20 items of `benchmark` against lm-eval's `builtin` task on the same file; returns both runs."""
+    ours = run_text_benchmark(lm, benchmark, limit=20, gen_kwargs=GEN, bootstrap_iters=0)
+    ref = _run_builtin(lm, tm, [_builtin(
+        tm, builtin, dataset_kwargs={"data_files": {"test": str(SHIPPED_DATA_DIR / data_file)}, "cache_dir": str(tmp_path)},
     )], limit=20)
-    got = _by_item(ours.samples, lambda t: t.replace("chameleon_", ""))
     want = _by_item(collect_samples(ref))
-    assert len(want) == 40 and got == want  # 20 items x (strict-match, flexible-extract)
+    assert len(want) == 20 * len({key[2] for key in want})
+    assert _by_item(ours.samples, lambda t: t.replace("chameleon_", prefix)) == want
+    return ours, ref["results"][builtin]
+
+
+def test_gsm8k_matches_lm_eval_gsm8k_cot(lm, builtin_tm, tmp_path):
+    ours, ref = _crosscheck_20(lm, builtin_tm, tmp_path, "gsm8k", "gsm8k_cot", "gsm8k/test.jsonl", "")
     for flt in ("strict-match", "flexible-extract"):
-        assert ours.metrics[f"chameleon_gsm8k_cot/exact_match,{flt}"]["value"] == ref["results"]["gsm8k_cot"][f"exact_match,{flt}"]
+        assert ours.metrics[f"chameleon_gsm8k_cot/exact_match,{flt}"]["value"] == ref[f"exact_match,{flt}"]
         assert ours.metrics[f"chameleon_gsm8k_cot/exact_match,{flt}"]["n"] == 20
     assert ours.primary == "chameleon_gsm8k_cot/exact_match,strict-match"
     assert list(ours.data_files) == [str(SHIPPED_DATA_DIR / "gsm8k/test.jsonl")]
@@ -102,14 +107,9 @@ def test_gsm8k_matches_lm_eval_gsm8k_cot(lm, builtin_tm, tmp_path):
 
 
 def test_math500_matches_lm_eval_minerva_math500(lm, builtin_tm, tmp_path):
-    ours = run_text_benchmark(lm, "math500", limit=20, gen_kwargs=GEN, bootstrap_iters=0)
-    ref = _run_builtin(lm, builtin_tm, [_builtin(
-        builtin_tm, "minerva_math500",
-        dataset_kwargs={"data_files": {"test": str(SHIPPED_DATA_DIR / "math/math500_test.jsonl")}, "cache_dir": str(tmp_path)},
-    )], limit=20)
-    assert _by_item(ours.samples, lambda t: t.replace("chameleon_", "minerva_")) == _by_item(collect_samples(ref))
+    ours, ref = _crosscheck_20(lm, builtin_tm, tmp_path, "math500", "minerva_math500", "math/math500_test.jsonl", "minerva_")
     for metric in ("exact_match", "math_verify"):
-        assert ours.metrics[f"chameleon_math500/{metric},none"]["value"] == ref["results"]["minerva_math500"][f"{metric},none"]
+        assert ours.metrics[f"chameleon_math500/{metric},none"]["value"] == ref[f"{metric},none"]
     assert ours.samples[0]["prompt"].startswith("Problem:\nFind the domain of the expression")
 
 
