@@ -1,0 +1,169 @@
+"""Prefill and decode speed: this stack vs transformers' generate, same random weights, one run.
+
+    python benchmarks/perf/decode.py                       # CPU: ~100M params, full 65,536 vocabulary
+    python benchmarks/perf/decode.py --preset 7B --device cuda --dtype bf16 --image   # GPU
+
+Competitors: transformers `generate` with its default dynamic cache, and with a static cache
+(compiled on CUDA). On CUDA the script also measures copy bandwidth and reports decode speed as a
+fraction of the memory-bandwidth roofline (weight bytes / bandwidth), and times one image
+(`--image`: N codes with 3-way classifier-free guidance, then VQGAN decoding at 512x512).
+Targets (see issue): CPU decode >= 2x transformers' default at batch 1; GPU decode >= 75% of roofline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from chameleon.chameleon import Chameleon
+from chameleon.config import VQGANConfig, preset
+from chameleon.convert import HF_VQ_PREFIX, to_hf
+from chameleon.generate import GenerationOptions, generate
+from chameleon.tiny import TINY_VQ, build_tokenizer, randomize_
+from chameleon.tokenizer import ChameleonTokenizer
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats=1):
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        out = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def build_pair(args, vq: VQGANConfig, device, dtype, with_hf=True):
+    tok = build_tokenizer(vq.n_embed, min(args.vocab_size, 8000))
+    tokenizer = ChameleonTokenizer(tok, "benchmark tokenizer")
+    with torch.device(device):
+        ours = Chameleon(args, vq, tokenizer)
+    randomize_(ours, seed=0)
+    ours.transformer.to(dtype)
+    ours.transformer.rope_cos, ours.transformer.rope_sin = (t.float() for t in (ours.transformer.rope_cos, ours.transformer.rope_sin))
+    ours.eval()
+    hf = None
+    if with_hf:
+        from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+        special = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
+        cfg = args.to_hf(vq, tokenizer.vocab, special)
+        cfg.pop("chameleon_bench")
+        with torch.device(device):
+            hf = ChameleonForConditionalGeneration(ChameleonConfig(**cfg)).to(dtype).eval()
+        state = to_hf(ours.transformer.state_dict(), args)
+        state.update({HF_VQ_PREFIX + k: v for k, v in ours.vqgan.state_dict().items() if not k.startswith("decoder.")})
+        missing, unexpected = hf.load_state_dict(state, strict=False)
+        assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    return ours, hf
+
+
+def no_eos_bias(tok):
+    return {tok.eos_id: -1e9, tok.eot_id: -1e9}
+
+
+def bench_ours(model, batch, prompt_len, new_tokens, device, compile_):
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(100, model.tokenizer.vocab_size - 1, (batch, prompt_len), generator=g)
+    prompts[:, 0] = model.tokenizer.bos_id
+    prompts = prompts.tolist()
+    opts = dict(temperature=0.0, logit_bias=no_eos_bias(model.tokenizer), compile=compile_)
+    generate(model, prompts, GenerationOptions(max_new_tokens=8, **opts))  # warm-up (and compile)
+    t1, _ = timed(lambda: generate(model, prompts, GenerationOptions(max_new_tokens=1, **opts)), device, 3)
+    tn, out = timed(lambda: generate(model, prompts, GenerationOptions(max_new_tokens=new_tokens, **opts)), device, 2)
+    assert all(len(o) == new_tokens for o in out)
+    return {"prefill_tok_s": batch * prompt_len / t1, "decode_tok_s": batch * (new_tokens - 1) / (tn - t1)}, prompts, out
+
+
+def bench_hf(hf, prompts, new_tokens, device, cache_impl, tok):
+    ids = torch.tensor(prompts, device=device)
+    banned = tok.non_text_ids.clone()
+    banned[[tok.eos_id]] = True
+    kw = dict(do_sample=False, pad_token_id=tok.pad_id, eos_token_id=None, suppress_tokens=banned.nonzero().flatten().tolist())
+    if cache_impl == "static":
+        kw["cache_implementation"] = "static"
+        if device.type == "cuda":
+            kw["compile_config"] = None
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
+        t1, _ = timed(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw), device, 3)
+        tn, out = timed(lambda: hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw), device, 2)
+    return {"prefill_tok_s": ids.numel() / t1, "decode_tok_s": ids.shape[0] * (new_tokens - 1) / (tn - t1)}, out[:, ids.shape[1]:].tolist()
+
+
+def copy_bandwidth(device) -> float:
+    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    t, _ = timed(lambda: y.copy_(x), device, 10)
+    return 2 * x.numel() * x.element_size() / t  # bytes read + written per second
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="100M", help="model shape: 100M (CPU default), 7B, 30B, tiny")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="fp32 | bf16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--image", action="store_true", help="also time one image with 3-way CFG + VQGAN decode (512x512)")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers competitor")
+    p.add_argument("--json", default=None, help="write the results here too")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    torch.manual_seed(0)
+    args = dataclasses.replace(preset(a.preset), max_seq_len=4096 if a.image else 1024, model_parallel_size=1)
+    vq = VQGANConfig() if a.image else TINY_VQ  # the real VQGAN shape when timing images
+    ours, hf = build_pair(args, vq, device, dtype, with_hf=not a.no_hf)
+    n_params = sum(p.numel() for p in ours.transformer.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.transformer.parameters())
+    compile_ = device.type == "cuda"
+    report = {"machine": platform.processor() or platform.machine(), "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
+              "preset": a.preset, "params": n_params, "dtype": str(dtype), "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "rows": []}
+    for batch in [int(b) for b in a.batches.split(",")]:
+        row = {"batch": batch}
+        row["ours"], prompts, our_out = bench_ours(ours, batch, a.prompt_len, a.new_tokens, device, compile_)
+        if hf is not None:
+            row["hf_default"], hf_out = bench_hf(hf, prompts, a.new_tokens, device, "dynamic", ours.tokenizer)
+            row["hf_static"], _ = bench_hf(hf, prompts, a.new_tokens, device, "static", ours.tokenizer)
+            row["same_tokens_as_hf"] = hf_out == our_out if dtype == torch.float32 else None
+            row["decode_ratio_vs_hf_default"] = row["ours"]["decode_tok_s"] / row["hf_default"]["decode_tok_s"]
+            row["decode_ratio_vs_hf_static"] = row["ours"]["decode_tok_s"] / row["hf_static"]["decode_tok_s"]
+        report["rows"].append(row)
+        print(json.dumps(row, indent=1), flush=True)
+    if device.type == "cuda":
+        bw = copy_bandwidth(device)
+        roofline = bw / weight_bytes
+        report["copy_bandwidth_GBps"] = bw / 1e9
+        report["roofline_tok_s"] = roofline
+        report["decode_fraction_of_roofline_b1"] = report["rows"][0]["ours"]["decode_tok_s"] / roofline
+    if a.image:
+        tok = ours.tokenizer
+        prompt = [[tok.bos_id] + tok.encode_text("A watercolor painting of a red fox in the snow.")]
+        opts = GenerationOptions(mode="image", seed=0, compile=compile_)
+        generate(ours, prompt, opts)  # warm-up
+        t_gen, out = timed(lambda: generate(ours, prompt, opts), device)
+        t_dec, _ = timed(lambda: ours.decode_output(out[0]), device)
+        report["image_512"] = {"codes": ours.image_seq_len, "generate_s": t_gen, "vq_decode_s": t_dec, "total_s": t_gen + t_dec}
+    print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
