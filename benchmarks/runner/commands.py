@@ -62,7 +62,7 @@ def run_command(args) -> int:
     dist = init_dist()
     kind = args.backend or suite.backend
     kwargs = {} if kind == "responses" else {"batch_size": args.batch_size or suite.batch_size,
-                                             "device": args.device, "dtype": args.dtype}
+                                             "device": dist.device(args.device), "dtype": args.dtype}
     if kind != "responses" and not Path(args.model).is_dir():
         raise InputError(f"--model {args.model}: expected a checkpoint directory for backend {kind}")
     backend = load_backend(kind, args.model, **kwargs)

@@ -6,6 +6,7 @@ Without torchrun (no WORLD_SIZE, or 1) everything here is a no-op for a single p
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -13,6 +14,11 @@ from dataclasses import dataclass
 class Dist:
     rank: int = 0
     world_size: int = 1
+    local_rank: int = 0
+
+    def device(self, device: str) -> str:
+        """A bare "cuda" means this process's GPU under torchrun."""
+        return f"cuda:{self.local_rank}" if device == "cuda" and self.world_size > 1 else device
 
     @property
     def is_main(self) -> bool:
@@ -46,4 +52,20 @@ def init_dist() -> Dist:
 
     if not tdist.is_initialized():
         tdist.init_process_group("gloo")  # CPU collectives; the payloads are small Python objects
-    return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size())
+    return Dist(rank=tdist.get_rank(), world_size=tdist.get_world_size(),
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextmanager
+def as_single_process():
+    """lm-eval returns results only where LOCAL_RANK is 0. Our sharding sits below lm-eval (in
+    ResumableLM), so every process runs lm-eval as a whole, single-process evaluation."""
+    saved = os.environ.get("LOCAL_RANK")
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LOCAL_RANK", None)
+        else:
+            os.environ["LOCAL_RANK"] = saved

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.backends.base import MixedModalLM, parse_gen_kwargs, request_hash
 from benchmarks.runner.captioning import run_captioning
-from benchmarks.runner.dist import Dist
+from benchmarks.runner.dist import Dist, as_single_process
 from benchmarks.runner.resumable import ResumableLM
 from benchmarks.runner.results import (
     SCHEMA_VERSION, display_path, metric_entry, package_versions, sha256_file, write_json_atomic, write_jsonl_atomic,
@@ -85,7 +85,7 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
     if dist.is_main:
         (out / "samples").mkdir(exist_ok=True)
     for spec in suite.benchmarks:
-        started = time.perf_counter()
+        started, computed = time.perf_counter(), lm.computed
         lm.failed.clear()
         if spec.kind == "captioning":
             entry, records = run_captioning(spec, lm, images_dir=(images_dirs or {}).get(spec.benchmark),
@@ -100,7 +100,7 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
             results["data_files"].update({display_path(k): v for k, v in entry.pop("data_files").items()})
         entry["config"] = {k: v for k, v in spec.__dict__.items()}
         entry["seconds"] = round(time.perf_counter() - started, 2)
-        entry["computed_requests"] = lm.computed
+        entry["computed_requests"] = lm.computed - computed  # not answered from the cache
         if dist.is_main:
             entry["samples_file"] = f"samples/{spec.name}.jsonl"
             entry["samples_sha256"] = write_jsonl_atomic(out / entry["samples_file"], records)
@@ -120,8 +120,9 @@ def _run_text(spec: BenchmarkSpec, lm: ResumableLM, *, limit, data_dir, seed) ->
 
     maj_at = tuple(spec.maj_at) if spec.maj_at else None
     limit = min([x for x in (limit, spec.limit) if x is not None], default=None)
-    res = run_text_benchmark(lm, spec.benchmark, data_dir=data_dir, num_fewshot=spec.shots, k=spec.k, maj_at=maj_at,
-                             limit=limit, gen_kwargs=spec.generation or None, seed=seed)
+    with as_single_process():
+        res = run_text_benchmark(lm, spec.benchmark, data_dir=data_dir, num_fewshot=spec.shots, k=spec.k,
+                                 maj_at=maj_at, limit=limit, gen_kwargs=spec.generation or None, seed=seed)
     gen_hash = parse_gen_kwargs(spec.generation).digest() if spec.generation else None
     records, items, failed_items = [], set(), set()
     for s in res.samples:
