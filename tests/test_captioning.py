@@ -83,6 +83,10 @@ def test_score_inputs_checked(monkeypatch, tmp_path):
         score_captions({1: ["a cat"]}, {1: "a cat", 2: "a dog"})
     with pytest.raises(InputError, match="1 reference images have no prediction"):
         score_captions({1: ["a cat"], 2: ["a dog"]}, {1: "a cat"})
+    with pytest.raises(InputError, match="1 images lack a non-empty list of reference strings"):
+        score_captions({1: "a cat"}, {1: "a cat"})
+    with pytest.raises(InputError, match="1 predictions are not strings"):
+        score_captions({1: ["a cat"]}, {1: None})
     with pytest.raises(InputError, match="unknown caption metric 'BLEURT'"):
         score_captions({1: ["a cat"]}, {1: "a cat"}, metrics=["BLEURT"])
     monkeypatch.setenv("PATH", str(tmp_path))  # no java on PATH

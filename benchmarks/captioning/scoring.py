@@ -193,9 +193,13 @@ def check_ids(references: Mapping, predictions: Mapping) -> None:
         if missing:
             parts.append(f"{len(missing)} reference images have no prediction (e.g. {missing[:5]})")
         raise InputError("; ".join(parts))
-    empty = [k for k, refs in references.items() if not refs]
-    if empty:
-        raise InputError(f"{len(empty)} images have no reference captions (e.g. {empty[:5]})")
+    bad_refs = [k for k, refs in references.items()
+                if isinstance(refs, str) or not refs or not all(isinstance(r, str) for r in refs)]
+    if bad_refs:
+        raise InputError(f"{len(bad_refs)} images lack a non-empty list of reference strings (e.g. {bad_refs[:5]})")
+    bad_preds = [k for k, pred in predictions.items() if not isinstance(pred, str)]
+    if bad_preds:
+        raise InputError(f"{len(bad_preds)} predictions are not strings (e.g. {bad_preds[:5]})")
 
 
 def score_captions(
