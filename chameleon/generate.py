@@ -17,6 +17,7 @@ import torch
 from chameleon.errors import InputError
 
 MODES = ("text", "image", "interleaved")
+CACHE_BUCKET = 256
 
 
 @dataclass
@@ -165,6 +166,9 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
     n_rows, n_prompts = len(streams), len(rows)
     max_len = max(len(s) for s in streams)
     total = max_len + budget
+    use_compile = opts.compile if opts.compile is not None else device.type == "cuda"
+    if use_compile:  # a compiled step has static shapes: round the cache up so calls share graphs
+        total = min(args.max_seq_len, -(-total // CACHE_BUCKET) * CACHE_BUCKET)
     cache = model.new_cache(n_rows, total)
 
     # Masks over the vocabulary.
@@ -191,7 +195,7 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
     next_pos = torch.tensor([len(s) for s in streams], device=device)
     logits = model.transformer(tokens, cache=cache, input_pos=0, positions=positions, kv_len=max_len, last_only=True)[:, -1]
 
-    step_fn = _decode_step(model, opts)
+    step_fn = _decode_step(model, use_compile)
     for r in rows:
         if opts.mode == "image":  # the image starts right away
             r.pending = tok.boi_id
@@ -285,9 +289,8 @@ def _choose(r: _Row, i, logits, n_prompts, guided, opts, tok, n_codes, image_ids
     return t
 
 
-def _decode_step(model, opts: GenerationOptions):
+def _decode_step(model, use_compile: bool):
     """One-token forward for every row. Compiled on CUDA (static shapes: reads the whole cache)."""
-    use_compile = opts.compile if opts.compile is not None else model.device.type == "cuda"
     transformer = model.transformer
 
     def eager(tokens, cur, positions, cache):
@@ -296,8 +299,14 @@ def _decode_step(model, opts: GenerationOptions):
     if not use_compile:
         return eager
     compiled = _compiled_step(transformer)
+    marked: set[int] = set()
 
     def step(tokens, cur, positions, cache):
+        if id(cache) not in marked:
+            # The cache is mutated in place by the graph: static addresses let CUDA graphs replay it.
+            for t in (cache.k, cache.v, cache.valid):
+                torch._dynamo.mark_static_address(t)
+            marked.add(id(cache))
         input_pos = torch.tensor([cur], device=tokens.device)
         return compiled(tokens, cache, input_pos, positions)
 
@@ -314,5 +323,6 @@ def _compiled_step(transformer):
         def full_cache_step(tokens, cache, input_pos, positions):
             return transformer(tokens, cache=cache, input_pos=input_pos, positions=positions, kv_len=None)[:, -1]
 
-        _COMPILED[key] = torch.compile(full_cache_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        mode = "reduce-overhead" if transformer.output.weight.is_cuda else "default"
+        _COMPILED[key] = torch.compile(full_cache_step, mode=mode, fullgraph=True, dynamic=False)
     return _COMPILED[key]

@@ -120,3 +120,11 @@ def test_sampling_filters():
     seen = torch.tensor([True, False, True, False])
     pen = apply_repetition_penalty(torch.tensor([2.0, 2.0, -2.0, -2.0]), seen, 2.0)
     assert pen.tolist() == [1.0, 2.0, -4.0, -2.0]
+
+
+def test_compiled_decode_step_matches_eager(tiny_model):
+    """The torch.compile path (default on CUDA) gives the same tokens; here compiled for CPU."""
+    prompts = [tiny_model.encode_prompt(p) for p in PROMPTS[:2]]
+    eager = generate(tiny_model, prompts, GenerationOptions(max_new_tokens=12))
+    compiled = generate(tiny_model, prompts, GenerationOptions(max_new_tokens=12, compile=True))
+    assert compiled == eager
