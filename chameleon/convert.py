@@ -56,6 +56,15 @@ def _heads_of(suffix: str, args: ModelArgs) -> int:
     return args.n_heads if ".wq." in suffix or ".q_norm." in suffix else args.kv_heads
 
 
+def _relayout(suffix: str, w: torch.Tensor, args: ModelArgs, fn) -> torch.Tensor:
+    """Apply a RoPE-layout permutation to the tensors it concerns: q/k rows and q/k-norms."""
+    if suffix in ("attention.wq.weight", "attention.wk.weight"):
+        return fn(w, _heads_of(suffix, args))
+    if suffix.startswith(("attention.q_norm", "attention.k_norm")):
+        return _permute_norm(w, fn)
+    return w
+
+
 def to_hf(sd: Tensors, args: ModelArgs) -> Tensors:
     out: Tensors = {}
     for name, w in sd.items():
@@ -63,11 +72,7 @@ def to_hf(sd: Tensors, args: ModelArgs) -> Tensors:
             out[_TOP_NAMES[name]] = w
             continue
         _, idx, suffix = name.split(".", 2)
-        if suffix in ("attention.wq.weight", "attention.wk.weight"):
-            w = interleaved_to_halves(w, _heads_of(suffix, args))
-        elif suffix.startswith(("attention.q_norm", "attention.k_norm")):
-            w = _permute_norm(w, interleaved_to_halves)
-        out[f"model.layers.{idx}.{_LAYER_NAMES[suffix]}"] = w
+        out[f"model.layers.{idx}.{_LAYER_NAMES[suffix]}"] = _relayout(suffix, w, args, interleaved_to_halves)
     return out
 
 
@@ -83,11 +88,7 @@ def from_hf(sd: Tensors, args: ModelArgs, source: str) -> Tensors:
         if len(parts) != 4 or parts[:2] != ["model", "layers"] or parts[3] not in inverse_layer:
             raise InputError(f"{source}: unexpected weight {name!r} for a Chameleon decoder")
         suffix = inverse_layer[parts[3]]
-        if suffix in ("attention.wq.weight", "attention.wk.weight"):
-            w = halves_to_interleaved(w, _heads_of(suffix, args))
-        elif suffix.startswith(("attention.q_norm", "attention.k_norm")):
-            w = _permute_norm(w, halves_to_interleaved)
-        out[f"layers.{parts[2]}.{suffix}"] = w
+        out[f"layers.{parts[2]}.{suffix}"] = _relayout(suffix, w, args, halves_to_interleaved)
     return out
 
 
