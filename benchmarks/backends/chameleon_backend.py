@@ -3,10 +3,10 @@
 Text is scored in text mode: image-code logits are masked before the softmax, as transformers'
 ChameleonForConditionalGeneration and Meta's text-mode decoding do.
 
-Loglikelihood shares prefixes: requests are grouped by context, each context is run once and all
-its continuations are scored from it. Single-token continuations (MMLU's " A".." D") need nothing
-more than the context's last logits; longer ones continue from the context's KV cache, copied
-to one row per continuation.
+Loglikelihood shares prefixes at two levels: requests with the same context and a one-token
+continuation (MMLU's " A".." D") are one row whose last logits score them all, and rows sharing a
+prefix (the k-shot exemplars of one prompt) prefill it once into a KV cache that is copied to
+every row, which then runs only its own suffix.
 """
 
 from __future__ import annotations
@@ -58,61 +58,103 @@ class ChameleonBackend(TokenLM):
         return self.tok.decode_text(ids)
 
     # --- loglikelihood with shared prefixes ---------------------------------------------------
+    LOGITS_BUDGET = 1 << 27  # floats of full-sequence logits per forward (512 MiB in float32)
+
     @torch.no_grad()
     def _score(self, pairs: list[TokenPair]) -> list[tuple[float, bool]]:
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for i, (ctx, _) in enumerate(pairs):
-            groups[tuple(ctx)].append(i)
+        # One row per distinct token sequence (context + continuation minus its last token): the
+        # four MMLU choices " A".." D" share one row. Rows sorted lexicographically put the items
+        # of one few-shot prompt side by side; each batch runs their longest common prefix once
+        # (kept while the next batches share it) and only the rows' own suffixes after it.
+        rows: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, (ctx, cont) in enumerate(pairs):
+            rows[tuple(ctx + cont[:-1])].append(i)
+        order = sorted(rows)
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
-        short = [c for c, idx in groups.items() if all(len(pairs[i][1]) == 1 for i in idx)]
-        long = [c for c, idx in groups.items() if any(len(pairs[i][1]) > 1 for i in idx)]
+        shared: tuple[int, ...] = ()
+        shared_cache = None
         bar = tqdm(total=len(pairs), desc="chameleon loglikelihood", leave=False)
-        # 1) contexts whose continuations are all one token: a batched forward of the contexts
-        short.sort(key=len, reverse=True)
-        for start in range(0, len(short), self.batch_size):
-            ctxs = short[start:start + self.batch_size]
-            tokens = self._pad([list(c) for c in ctxs])
-            logp = self._logprobs(self.model(tokens))
-            for r, c in enumerate(ctxs):
-                last = logp[r, len(c) - 1]
-                for i in groups[c]:
-                    out[i] = self._result(last[None], pairs[i][1])
-                bar.update(len(groups[c]))
-        # 2) the rest: prefill the context once, continue every continuation from its KV cache
-        for c in long:
-            idx = groups[c]
-            longest = max(len(pairs[i][1]) for i in idx)
-            prefix = self.model.new_cache(1, len(c) + longest)
-            last = self._logprobs(self.model(torch.tensor([c]), cache=prefix, start_pos=0)[0, -1])
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start:start + self.batch_size]
-                conts = [pairs[i][1] for i in chunk]
-                cache = self.model.new_cache(len(chunk), len(c) + longest)
-                cache.copy_rows_from(prefix, src_row=0)
-                width = max(map(len, conts)) - 1
-                logp = None
-                if width > 0:
-                    tokens = self._pad([k[:-1] or [k[0]] for k in conts], width)
-                    logp = self._logprobs(self.model(tokens, cache=cache, start_pos=len(c)))
-                for r, i in enumerate(chunk):
-                    rows = last[None] if logp is None else torch.cat([last[None], logp[r, : len(conts[r]) - 1]])
-                    out[i] = self._result(rows, conts[r])
-                bar.update(len(chunk))
+        for batch in self._batches(order):
+            first_read = min(len(pairs[i][0]) - 1 for seq in batch for i in rows[seq])
+            p = min(_common_prefix(batch[0], batch[-1]), first_read)
+            keep = shared and len(shared) <= p and 2 * len(shared) >= p and batch[0][:len(shared)] == shared
+            if not keep:
+                shared, shared_cache = batch[0][:p], (self._prefill(batch[0][:p]) if p else None)
+            p = len(shared)
+            last_only = all(len(pairs[i][1]) == 1 for seq in batch for i in rows[seq])
+            for sub in self._split(batch, p, last_only):
+                logp, pads = self._run_suffixes(sub, p, shared_cache, last_only)
+                for r, seq in enumerate(sub):
+                    for i in rows[seq]:
+                        ctx, cont = pairs[i]
+                        if last_only:
+                            lp = logp[r][None]
+                        else:
+                            lp = logp[r, [q - p + pads[r] for q in range(len(ctx) - 1, len(ctx) - 1 + len(cont))]]
+                        out[i] = self._result(lp, cont)
+                    bar.update(len(rows[seq]))
         bar.close()
         return out  # type: ignore[return-value]
+
+    def _batches(self, order: list[tuple[int, ...]]) -> list[list[tuple[int, ...]]]:
+        """Consecutive sorted rows, batch_size at most; a row that would cut a batch's shared
+        prefix (>= 32 tokens) by more than half starts a new batch (e.g. the next MMLU subject)."""
+        batches: list[list[tuple[int, ...]]] = []
+        cur: list[tuple[int, ...]] = []
+        shared = 0
+        for seq in order:
+            q = _common_prefix(cur[0], seq) if cur else 0
+            if cur and (len(cur) == self.batch_size or (len(cur) > 1 and shared >= 32 and 2 * q < shared)):
+                batches.append(cur)
+                cur = []
+            shared = q if len(cur) == 1 else min(shared, q) if cur else 0
+            cur.append(seq)
+        return batches + [cur] if cur else batches
+
+    def _split(self, batch: list[tuple[int, ...]], p: int, last_only: bool) -> list[list[tuple[int, ...]]]:
+        """Sub-batches whose full-sequence logits fit LOGITS_BUDGET (last-only logits always fit)."""
+        if last_only:
+            return [batch]
+        width = max(len(s) for s in batch) - p
+        n = max(1, self.LOGITS_BUDGET // (width * self.model.config.vocab_size))
+        return [batch[i:i + n] for i in range(0, len(batch), n)]
+
+    def _prefill(self, tokens: tuple[int, ...]):
+        cache = self.model.new_cache(1, len(tokens))
+        cache.valid[:, : len(tokens)] = True
+        x = torch.tensor([tokens], device=self.model.device)
+        self.model.transformer(x, cache=cache, input_pos=0, kv_len=len(tokens), last_only=True)
+        return cache
+
+    def _run_suffixes(self, seqs: list[tuple[int, ...]], p: int, prefix_cache, last_only: bool):
+        """Log-probs for each sequence's tokens after the first p (already in `prefix_cache`).
+
+        Suffixes are left-padded; pad slots stay invalid in the cache and RoPE positions continue
+        from p in every row, so each row is computed as if alone. Returns (B, V) log-probs after
+        the last token if `last_only`, else (B, W, V), and each row's left padding.
+        """
+        width = max(len(s) for s in seqs) - p
+        cache = self.model.new_cache(len(seqs), p + width)
+        if p:
+            cache.copy_rows_from(prefix_cache, src_row=0, length=p)
+        tokens = torch.full((len(seqs), width), self.tok.pad_id, dtype=torch.long)
+        positions = torch.full((len(seqs), width), p, dtype=torch.long)
+        pads = []
+        for r, s in enumerate(seqs):
+            pad = width - (len(s) - p)
+            pads.append(pad)
+            tokens[r, pad:] = torch.tensor(s[p:])
+            positions[r, pad:] = torch.arange(p, len(s))
+            cache.valid[r, p + pad:] = True
+        dev = self.model.device
+        logits = self.model.transformer(tokens.to(dev), cache=cache, input_pos=p, positions=positions.to(dev),
+                                        kv_len=p + width, last_only=last_only)
+        return self._logprobs(logits[:, -1] if last_only else logits), pads
 
     def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         logits[..., self.tok.image_token_ids.to(logits.device)] = float("-inf")
         return F.log_softmax(logits, -1)
-
-    def _pad(self, seqs: list[list[int]], width: int | None = None) -> torch.Tensor:
-        # right padding: causal attention keeps real positions independent of the pad
-        width = width or max(map(len, seqs))
-        tokens = torch.full((len(seqs), width), self.tok.pad_id, dtype=torch.long)
-        for r, s in enumerate(seqs):
-            tokens[r, : len(s)] = torch.tensor(s[:width])
-        return tokens
 
     @staticmethod
     def _result(rows: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
@@ -144,3 +186,12 @@ class ChameleonBackend(TokenLM):
         seed = None if settings.greedy else settings.seed
         new = generate(self.model, [self.encode_prompt(p) for p in prompts], self._options(settings, seed, mode))
         return [self.model.decode_output(ids) for ids in new]
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
