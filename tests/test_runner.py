@@ -162,3 +162,23 @@ def test_responses_backend_scored_like_ours(baseline, tmp_path):
     failed = [json.loads(x) for x in (tmp_path / "r2/samples/gsm8k.jsonl").read_text().splitlines()
               if json.loads(x)["failed"]]
     assert failed and "no 'output' response" in failed[0]["failure"]
+
+
+def test_missing_images_are_reported_not_guessed(tiny_hf, tmp_path):
+    from benchmarks.backends import load_backend
+    from benchmarks.runner import format_results_table, load_suite, run_suite
+
+    path = tmp_path / "cap.yaml"
+    path.write_text("name: cap\nbenchmarks:\n  - {name: coco, benchmark: coco, shots: 0, limit: 6,"
+                    " generation: {max_gen_toks: 4}}\n")  # subset: all -> the first 6 Karpathy test items
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "COCO_val2014_000000199551.jpg").write_bytes((REPO / "benchmarks/data/images/coco/COCO_val2014_000000199551.jpg").read_bytes())
+    res = run_suite(load_suite(str(path)), load_backend("chameleon", str(tiny_hf)), tmp_path / "run",
+                    images_dirs={"coco": images})
+    coco = res["benchmarks"]["coco"]
+    assert coco["n_items"] == 6 and coco["n_failed"] == 6 and coco["metrics"] == {}
+    recs = [json.loads(x) for x in (tmp_path / "run/samples/coco.jsonl").read_text().splitlines()]
+    assert all(r["failed"] and "not found under" in r["failure"] and r["output"] is None for r in recs)
+    row = next(line for line in format_results_table(res).splitlines() if line.startswith("coco"))
+    assert row.split() == ["coco", "-", "-", "-", "6", "6"]  # nothing scored, 6 failures shown

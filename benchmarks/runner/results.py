@@ -109,6 +109,8 @@ def format_results_table(results: dict | str | Path) -> str:
         results = json.loads(Path(results).read_text())
     rows = [("benchmark", "metric", "value", "± 95% CI", "n", "failed")]
     for name, bench in results.get("benchmarks", {}).items():
+        if not headline_metrics(bench):  # nothing scored: still show the benchmark and its failures
+            rows.append((name, "-", "-", "-", str(bench.get("n_items", 0)), str(bench.get("n_failed", 0))))
         for metric, m in headline_metrics(bench).items():
             pct = metric.lower() not in {"cider", "bleu_4", "meteor", "rouge_l", "spice"} and abs(m["value"]) <= 1
             half = None if m.get("ci95") is None else (m["ci95"][1] - m["ci95"][0]) / 2
