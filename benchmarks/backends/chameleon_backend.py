@@ -61,7 +61,7 @@ class ChameleonBackend(TokenLM):
     LOGITS_BUDGET = 1 << 27  # floats of full-sequence logits per forward (512 MiB in float32)
 
     @torch.no_grad()
-    def _score(self, pairs: list[TokenPair]) -> list[tuple[float, bool]]:
+    def _score(self, pairs: list[TokenPair], on_result=None) -> list[tuple[float, bool]]:
         # One row per distinct token sequence (context + continuation minus its last token): the
         # four MMLU choices " A".." D" share one row. Rows sorted lexicographically put the items
         # of one few-shot prompt side by side; each batch runs their longest common prefix once
@@ -92,6 +92,8 @@ class ChameleonBackend(TokenLM):
                         else:
                             lp = logp[r, [q - p + pads[r] for q in range(len(ctx) - 1, len(ctx) - 1 + len(cont))]]
                         out[i] = self._result(lp, cont)
+                        if on_result:
+                            on_result(i, out[i])
                     bar.update(len(rows[seq]))
         bar.close()
         return out  # type: ignore[return-value]
@@ -158,7 +160,7 @@ class ChameleonBackend(TokenLM):
 
     @staticmethod
     def _result(rows: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
-        target = torch.tensor(cont)
+        target = torch.tensor(cont, device=rows.device)
         lp = rows.gather(-1, target[:, None]).sum().item()
         return lp, bool((rows.argmax(-1) == target).all())
 

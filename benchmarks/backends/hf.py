@@ -108,7 +108,7 @@ class HFBackend(TokenLM):
         return self.model(input_ids=tokens, attention_mask=mask).logits
 
     @torch.no_grad()
-    def _score(self, pairs: list[TokenPair]) -> list[tuple[float, bool]]:
+    def _score(self, pairs: list[TokenPair], on_result=None) -> list[tuple[float, bool]]:
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         for start in tqdm(range(0, len(order), self.batch_size), desc="hf loglikelihood", leave=False):
@@ -128,6 +128,8 @@ class HFBackend(TokenLM):
                 target = torch.tensor(cont, device=rows.device)
                 lp = rows.gather(-1, target[:, None]).sum().item()
                 out[i] = (lp, bool((rows.argmax(-1) == target).all()))
+                if on_result:
+                    on_result(i, out[i])
         return out  # type: ignore[return-value]
 
     @torch.no_grad()

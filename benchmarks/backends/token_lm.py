@@ -40,7 +40,8 @@ class TokenLM(MixedModalLM):
     def decode_text(self, ids: list[int]) -> str:
         raise NotImplementedError
 
-    def _score(self, pairs: list[TokenPair]) -> list[tuple[float, bool]]:
+    def _score(self, pairs: list[TokenPair], on_result=None) -> list[tuple[float, bool]]:
+        """(logprob, is_greedy) per pair; calls on_result(i, result) as each one is computed."""
         raise NotImplementedError
 
     def _generate(self, prompts: list[list[int]], settings: GenSettings, seed: int | None) -> list[list[int]]:
@@ -78,10 +79,8 @@ class TokenLM(MixedModalLM):
         for req in requests:
             context, continuation, *aux = req.args
             pairs.append(self._truncate(self.encode_pair(to_segments(context, aux[0] if aux else None), continuation)))
-        results = self._score(pairs)
-        for req, res in zip(requests, results):
-            self.cache_hook.add_partial("loglikelihood", req.args, res)
-        return results
+        # lm-eval's CachingLM stores each result as soon as it exists
+        return self._score(pairs, lambda i, res: self.cache_hook.add_partial("loglikelihood", requests[i].args, res))
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         pairs, owner = [], []
