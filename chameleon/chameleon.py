@@ -155,15 +155,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         model = Chameleon(ckpt.args, ckpt.vq_config, tokenizer, with_decoder=has_decoder)
     model.transformer.load_state_dict(ckpt.weights, strict=False, assign=True)
     model.vqgan.load_state_dict(ckpt.vq_weights, strict=True, assign=True)
-    # Buffers (RoPE tables) are not in checkpoints: rebuild them on the real device.
-    from chameleon.model import rope_tables
-
-    cos, sin = rope_tables(ckpt.args)
-    model.transformer.rope_cos, model.transformer.rope_sin = cos, sin
     model.tokenizer_file = ckpt.tokenizer_file
     # The VQGAN stays fp32: its argmin over distances must not flip codes under bf16.
     model.transformer.to(device=device, dtype=dtype)
-    model.transformer.rope_cos = cos.to(device)
-    model.transformer.rope_sin = sin.to(device)
     model.vqgan.to(device=device, dtype=torch.float32)
     return model.eval()

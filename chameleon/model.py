@@ -22,9 +22,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 for bf16 stability, like Meta's and HF's implementations.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class HeadNorm(nn.Module):
@@ -41,21 +39,18 @@ class HeadNorm(nn.Module):
         return x * self.weight + self.bias
 
 
-def rope_tables(args: ModelArgs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables, (max_seq_len, head_dim/2), fp32."""
+def rope_tables(args: ModelArgs, device=None) -> torch.Tensor:
+    """Rotations e^(i * pos * theta_j) as complex64, (max_seq_len, head_dim/2)."""
     hd = args.head_dim
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=device) / hd))
     angles = torch.arange(args.max_seq_len, dtype=torch.float, device=device)[:, None] * inv_freq[None, :]
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]). x: (B, T, H, hd); cos/sin: (B, T, hd/2)."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) as complex numbers. x: (B, T, H, hd); freqs: (B, T, hd/2)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs[:, :, None, :]).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -103,18 +98,20 @@ class Attention(nn.Module):
             self.k_norm = HeadNorm(args.kv_heads, args.head_dim)
         self.dropout = args.dropout
 
-    def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None, input_pos, kv_len: int | None):
+    def forward(self, x, freqs, mask, layer: int, cache: KVCache | None, input_pos, kv_len: int | None):
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.kv_heads, self.head_dim)
         if self.qk_normalization:  # before RoPE, as in Meta's and HF's code
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if cache is not None:
-            cache.k[layer, :, :, input_pos] = k
-            cache.v[layer, :, :, input_pos] = v
+            # An int start writes a slice (cheap, eager); a tensor of slots keeps compiled shapes static.
+            slots = slice(input_pos, input_pos + seqlen) if isinstance(input_pos, int) else input_pos
+            cache.k[layer, :, :, slots] = k
+            cache.v[layer, :, :, slots] = v
             k, v = cache.k[layer], cache.v[layer]
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
@@ -123,7 +120,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p, enable_gqa=self.kv_heads != self.n_heads
         )
         out = self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
-        return F.dropout(out, p, self.training)
+        return F.dropout(out, p, True) if p else out
 
 
 class FeedForward(nn.Module):
@@ -136,7 +133,8 @@ class FeedForward(nn.Module):
         self.dropout = args.dropout
 
     def forward(self, x):
-        return F.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.dropout, self.training)
+        out = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return F.dropout(out, self.dropout, True) if self.dropout and self.training else out
 
 
 class TransformerBlock(nn.Module):
@@ -148,11 +146,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.swin_norm = args.swin_norm
 
-    def forward(self, x, cos, sin, mask, layer, cache, input_pos, kv_len):
+    def forward(self, x, freqs, mask, layer, cache, input_pos, kv_len):
         if self.swin_norm:  # 34B: normalise the branch outputs instead of the inputs
-            h = x + self.attention_norm(self.attention(x, cos, sin, mask, layer, cache, input_pos, kv_len))
+            h = x + self.attention_norm(self.attention(x, freqs, mask, layer, cache, input_pos, kv_len))
             return h + self.ffn_norm(self.feed_forward(h))
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, layer, cache, input_pos, kv_len)
+        h = x + self.attention(self.attention_norm(x), freqs, mask, layer, cache, input_pos, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -164,9 +162,13 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        cos, sin = rope_tables(args)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # Not a buffer: `.to(bf16)` must not touch the complex64 rotations.
+        self._rope: dict[torch.device, torch.Tensor] = {}
+
+    def rope_freqs(self, device: torch.device) -> torch.Tensor:
+        if device not in self._rope:
+            self._rope[device] = rope_tables(self.args, device=device)
+        return self._rope[device]
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         max_seq_len = max_seq_len or self.args.max_seq_len
@@ -194,23 +196,22 @@ class Transformer(nn.Module):
         device = tokens.device
         if input_pos is None:
             input_pos = 0
-        if isinstance(input_pos, int):
-            input_pos = torch.arange(input_pos, input_pos + seqlen, device=device)
+        slots = torch.arange(input_pos, input_pos + seqlen, device=device) if isinstance(input_pos, int) else input_pos
         if positions is None:
-            positions = input_pos[None, :].expand(bsz, seqlen)
+            positions = slots[None, :].expand(bsz, seqlen)
         mask = None
         if cache is not None:
             n_keys = kv_len if kv_len is not None else cache.max_seq_len
             keys = torch.arange(n_keys, device=device)[None, None, :]
-            q = input_pos[None, :, None]
+            q = slots[None, :, None]
             # (B, 1, T, K). A query always sees its own slot so that no softmax row is empty
             # (an empty row gives NaN, which would poison the cache through V).
             mask = ((keys <= q) & cache.valid[:, None, :n_keys]) | (keys == q)
             mask = mask[:, None]
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        freqs = self.rope_freqs(device)[positions]
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, i, cache, input_pos, kv_len)
+            h = layer(h, freqs, mask, i, cache, input_pos, kv_len)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()

@@ -53,7 +53,6 @@ def build_pair(args, vq: VQGANConfig, device, dtype, with_hf=True):
         ours = Chameleon(args, vq, tokenizer)
     randomize_(ours, seed=0)
     ours.transformer.to(dtype)
-    ours.transformer.rope_cos, ours.transformer.rope_sin = (t.float() for t in (ours.transformer.rope_cos, ours.transformer.rope_sin))
     ours.eval()
     hf = None
     if with_hf:
