@@ -13,7 +13,8 @@ import sys
 from chameleon.errors import InputError
 
 COMMAND_MODULES = [
-    "chameleon.commands",  # generate, convert, demo
+    "chameleon.commands",  # generate, convert
+    "benchmarks.demo",  # demo (make demo)
     "benchmarks.captioning.commands",  # score-captions
     "benchmarks.runner.commands",  # run
 ]

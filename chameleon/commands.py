@@ -1,4 +1,4 @@
-"""CLI subcommands of the model stack: `generate`, `convert`, `demo`."""
+"""CLI subcommands of the model stack: `generate` and `convert`."""
 
 from __future__ import annotations
 
@@ -75,14 +75,6 @@ def register(sub) -> None:
     c.add_argument("--max-shard-size", default=None, help="HF output: split safetensors above this size, e.g. 5GB")
     c.add_argument("--dtype", default=None, help="cast decoder weights (fp32 | bf16 | fp16); default: keep")
     c.set_defaults(func=cmd_convert)
-
-    d = sub.add_parser(
-        "demo",
-        help="build the tiny model and run the demo (what `make demo` runs)",
-        description="Builds the project's tiny random Chameleon (if missing) and runs an interleaved generation on a real photo, writing an HTML page.",
-    )
-    d.add_argument("--out", default="demo_out", help="output directory")
-    d.set_defaults(func=cmd_demo)
 
 
 def _split_prompt(prompt: str, images: list) -> list:
@@ -191,30 +183,4 @@ def cmd_convert(args) -> int:
         shutil.rmtree(dst, ignore_errors=True)  # no half-written checkpoint left behind
         raise
     print(f"converted {args.src} ({ckpt.format}) -> {dst} ({args.to})")
-    return 0
-
-
-def cmd_demo(args) -> int:
-    import chameleon
-    from chameleon.generate import GenerationOptions
-    from chameleon.tiny import build_tiny_model
-    from chameleon.vqgan import open_image
-
-    out = Path(args.out)
-    model_dir = out / "tiny-chameleon"
-    if not (model_dir / "config.json").is_file():
-        print(f"building the tiny random Chameleon in {model_dir}")
-        build_tiny_model(model_dir, "hf", seed=0)
-    model = chameleon.load(model_dir)
-    photo = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "images" / "skimage" / "chelsea.png"
-    segments = [open_image(photo), "Describe this cat, then draw another one."]
-    # A random model rarely opens an image by itself: a logit bias on begin-of-image makes the
-    # page show text, an image, and text again.
-    opts = GenerationOptions(
-        mode="interleaved", max_new_tokens=model.image_seq_len + 96, temperature=0.8, seed=0, progress=True,
-        logit_bias={model.tokenizer.boi_id: 4.0},
-    )
-    record = run_generation(model, segments, opts, out / "generation", {"model": "tiny random Chameleon (demo)"})
-    print(f"interleaved generation: {record['new_tokens']} tokens, {record['images']} image(s), {record['tokens_per_second']} tok/s")
-    print(f"open {record['page']}")
     return 0

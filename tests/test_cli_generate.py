@@ -33,6 +33,6 @@ def test_generate_command(tiny_hf, tmp_path, mode):
 def test_console_script_help_and_demo(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.cli", "generate", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--cfg-text-scale" in proc.stdout
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--skip-suite"]) == 0
     page = (tmp_path / "demo" / "generation" / "index.html").read_text()
     assert "output_image_1.png" in page  # text, an image, then text
