@@ -127,6 +127,12 @@ def write_hf(ckpt: Checkpoint, out: Path, tokenizer: ChameleonTokenizer, max_sha
     if decoder:
         save_file({k: v.contiguous() for k, v in decoder.items()}, str(out / HF_DECODER_FILE))
     shutil.copyfile(ckpt.tokenizer_file, out / "tokenizer.json")
+    # Special tokens by name, so that transformers' AutoTokenizer knows them too.
+    names = {v: k for k, v in tokenizer.vocab.items()}
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ckpt.args.max_seq_len}
+    for key, tid in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id)):
+        tok_cfg[key] = names[tid]
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
 
 
 def _write_safetensors_sharded(tensors: Tensors, out: Path, max_shard_bytes: int | None) -> None:

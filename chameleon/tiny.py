@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from chameleon.chameleon import Chameleon, save_checkpoint
 from chameleon.checkpoint import Checkpoint
@@ -36,6 +36,8 @@ def build_tokenizer(n_image_codes: int, vocab_size: int, corpus: Path = ASSETS /
         show_progress=False,
     )
     tok.train([str(corpus)], trainer)
+    # As in HF's Chameleon tokenizer.json: encoding with special tokens prepends <s>.
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
     return tok
 
 
