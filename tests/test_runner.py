@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,7 +73,42 @@ def baseline(suite, tiny_hf, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "baseline"
     proc = cli("run", suite, "--model", tiny_hf, "--out", out)
     assert "gsm8k_maj" in proc.stdout and "CIDEr" in proc.stdout  # the results table
+    (out.parent / "baseline.stderr").write_text(proc.stderr)
     return out
+
+
+def console_lines(text: str) -> list[str]:
+    """What a terminal would have printed, one entry per redraw of a progress bar."""
+    return [line for line in re.split(r"[\r\n]", text) if line.strip()]
+
+
+def summary_lines(stderr: str, name: str) -> list[str]:
+    return [line for line in console_lines(stderr) if re.match(rf"{name}\s+\S+ .* \| n=\d+, \d+ failed \| ", line)]
+
+
+def test_console_output_one_bar_and_summary_per_benchmark(baseline):
+    stderr = (baseline.parent / "baseline.stderr").read_text()
+    lines = console_lines(stderr)
+    for noise in ("Overwriting default num_fewshot", "specified through cli", "Map:", "\x1b[A", "generate_until (",
+                  "chameleon loglikelihood", "chameleon generate"):
+        assert noise not in stderr, noise
+    for name, n_requests in (("gsm8k", 3), ("gsm8k_maj", 6), ("mmlu", 57 * 4), ("coco", 3)):
+        bars = [line for line in lines if re.match(rf"{name}\s+\d+%\|.*\| \d+/{n_requests} \[", line)]
+        assert bars and f"{n_requests}/{n_requests}" in bars[-1], (name, lines)
+        assert len(summary_lines(stderr, name)) == 1, (name, lines)
+    mmlu = summary_lines(stderr, "mmlu")[0]
+    assert "acc,none" in mmlu and "n=57, 0 failed" in mmlu and "228 requests computed" in mmlu
+    assert "benchmark  metric" not in stderr  # the table is on stdout, the bars are not
+    assert not [line for line in lines if not re.match(r"(gsm8k|gsm8k_maj|mmlu|coco)\s", line)], lines
+
+
+def test_verbose_restores_lm_eval_logging(tiny_hf, tmp_path):
+    suite = tmp_path / "one.yaml"
+    suite.write_text("name: one\nbenchmarks:\n  - {name: gsm8k, benchmark: gsm8k, shots: 1, limit: 1,"
+                     " generation: {max_gen_toks: 2}}\n")
+    proc = cli("run", suite, "--model", tiny_hf, "--out", tmp_path / "run", "--verbose")
+    assert "Overwriting default num_fewshot of chameleon_gsm8k_cot from 8 to 1" in proc.stderr
+    assert len(summary_lines(proc.stderr, "gsm8k")) == 1
 
 
 def test_results_and_samples_schema(baseline):
@@ -124,8 +160,10 @@ def test_results_independent_of_batch_size(suite, tiny_hf, baseline, tmp_path):
 def test_torchrun_two_processes_equal_single(suite, tiny_hf, baseline, tmp_path):
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).with_name("torchrun")
-    cli("--standalone", "--nproc-per-node", "2", "-m", "benchmarks.cli", "run", suite, "--model", tiny_hf,
-        "--out", out, prefix=(str(torchrun),))
+    proc = cli("--standalone", "--nproc-per-node", "2", "-m", "benchmarks.cli", "run", suite, "--model", tiny_hf,
+               "--out", out, prefix=(str(torchrun),))
+    assert len(summary_lines(proc.stderr, "mmlu")) == 1  # only rank 0 reports progress
+    assert "chameleon loglikelihood" not in proc.stderr
     assert sorted(p.name for p in (out / "cache").iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
     assert all(p.stat().st_size > 0 for p in (out / "cache").iterdir())  # both processes did work
     assert comparable(out) == comparable(baseline)

@@ -130,6 +130,19 @@ class MixedModalLM(LM):
 
     MULTIMODAL = True  # lm-eval: may run multimodal tasks
     backend_name = "base"
+    # Set by a caller that shows progress itself (the suite runner: one bar per benchmark): called
+    # with the number of requests just finished; while it is set the backend draws no bars.
+    progress_hook = None
+
+    def progress_bar(self, total: int, desc: str, disable: bool = False, leave: bool = True):
+        """The backend's own tqdm bar, off while a progress_hook reports to the caller."""
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, leave=leave, disable=disable or self.progress_hook is not None)
+
+    def report_progress(self, n: int) -> None:
+        if self.progress_hook is not None and n:
+            self.progress_hook(n)
 
     def __init__(self) -> None:
         super().__init__()

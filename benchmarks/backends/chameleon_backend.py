@@ -16,7 +16,6 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
-from tqdm import tqdm
 
 from benchmarks.backends.base import GenSettings, Segment
 from benchmarks.backends.token_lm import TokenLM, TokenPair
@@ -73,7 +72,7 @@ class ChameleonBackend(TokenLM):
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         shared: tuple[int, ...] = ()
         shared_cache = None
-        bar = tqdm(total=len(pairs), desc="chameleon loglikelihood", leave=False)
+        bar = self.progress_bar(len(pairs), "chameleon loglikelihood", leave=False)
         for batch in self._batches(order):
             first_read = min(len(pairs[i][0]) - 1 for seq in batch for i in rows[seq])
             p = min(_common_prefix(batch[0], batch[-1]), first_read)
@@ -95,6 +94,7 @@ class ChameleonBackend(TokenLM):
                         if on_result:
                             on_result(i, out[i])
                     bar.update(len(rows[seq]))
+                    self.report_progress(len(rows[seq]))
         bar.close()
         return out  # type: ignore[return-value]
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
-from tqdm import tqdm
 
 from benchmarks.backends.base import GenSettings, Segment, row_seed
 from benchmarks.backends.token_lm import TokenLM, TokenPair
@@ -111,7 +110,8 @@ class HFBackend(TokenLM):
     def _score(self, pairs: list[TokenPair], on_result=None) -> list[tuple[float, bool]]:
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-        for start in tqdm(range(0, len(order), self.batch_size), desc="hf loglikelihood", leave=False):
+        bar = self.progress_bar(len(pairs), "hf loglikelihood", leave=False)
+        for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             seqs = [(pairs[i][0] + pairs[i][1])[:-1] for i in chunk]
             width = max(map(len, seqs))
@@ -130,6 +130,9 @@ class HFBackend(TokenLM):
                 out[i] = (lp, bool((rows.argmax(-1) == target).all()))
                 if on_result:
                     on_result(i, out[i])
+            bar.update(len(chunk))
+            self.report_progress(len(chunk))
+        bar.close()
         return out  # type: ignore[return-value]
 
     @torch.no_grad()

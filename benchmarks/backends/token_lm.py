@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tqdm import tqdm
 
 from benchmarks.backends.base import (
     GenSettings, MixedModalLM, Segment, parse_gen_kwargs, sample_indices, sample_seed, to_segments,
@@ -119,7 +118,7 @@ class TokenLM(MixedModalLM):
             seed = None if settings.greedy else sample_seed(settings, sample_index[i])
             parsed.append((ids, settings))
             groups[(settings, seed)].append(i)
-        bar = tqdm(total=len(requests), desc=f"{self.backend_name} generate", disable=disable_tqdm)
+        bar = self.progress_bar(len(requests), f"{self.backend_name} generate", disable=disable_tqdm)
         for (settings, seed), idxs in groups.items():
             # longest first so the first batch fails fast on memory
             idxs = sorted(idxs, key=lambda i: -len(parsed[i][0]))
@@ -131,5 +130,6 @@ class TokenLM(MixedModalLM):
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
                 bar.update(len(chunk))
+                self.report_progress(len(chunk))
         bar.close()
         return out  # type: ignore[return-value]

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--chunk-size", type=int, help="requests per saved chunk (resume granularity); default 4 x batch size")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--verbose", action="store_true",
+                   help="lm-eval's own logging and progress bars, datasets' and transformers' messages "
+                        "(default: one progress bar and one summary line per benchmark, library errors only)")
     p.set_defaults(func=run_command)
 
 
@@ -47,6 +50,7 @@ def parse_images_dirs(values: list[str]) -> dict[str, Path]:
 def run_command(args) -> int:
     from benchmarks.backends import load_backend
     from benchmarks.runner.dist import init_dist
+    from benchmarks.runner.progress import configure_console
     from benchmarks.runner.results import format_results_table
     from benchmarks.runner.run import run_suite
     from benchmarks.runner.suite import load_suite
@@ -59,6 +63,8 @@ def run_command(args) -> int:
     if args.chunk_size is not None and args.chunk_size < 1:
         raise InputError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     images_dirs = parse_images_dirs(args.images_dir)
+    verbose = getattr(args, "verbose", False)  # the demo builds its own Namespace
+    configure_console(verbose)
     dist = init_dist()
     kind = args.backend or suite.backend
     kwargs = {} if kind == "responses" else {"batch_size": args.batch_size or suite.batch_size,
@@ -67,7 +73,8 @@ def run_command(args) -> int:
         raise InputError(f"--model {args.model}: expected a checkpoint directory for backend {kind}")
     backend = load_backend(kind, args.model, **kwargs)
     results = run_suite(suite, backend, args.out, limit=args.limit, images_dirs=images_dirs,
-                        data_dir=args.data_dir, dist=dist, chunk_size=args.chunk_size, command=sys.argv)
+                        data_dir=args.data_dir, dist=dist, chunk_size=args.chunk_size, command=sys.argv,
+                        verbose=verbose)
     if dist.is_main:
         print(format_results_table(results))
         print(f"results: {args.out / 'results.json'}")

@@ -103,6 +103,13 @@ def _fmt(x: float | None, pct: bool) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.3f}"
 
 
+def format_metric(metric: str, m: dict) -> tuple[str, str]:
+    """(value, half-width of the 95% CI) as the table shows them: accuracies in %, caption scores as is."""
+    pct = metric.lower() not in {"cider", "bleu_4", "meteor", "rouge_l", "spice"} and abs(m["value"]) <= 1
+    half = None if m.get("ci95") is None else (m["ci95"][1] - m["ci95"][0]) / 2
+    return _fmt(m["value"], pct), _fmt(half, pct)
+
+
 def format_results_table(results: dict | str | Path) -> str:
     """Plain-text table of a results.json (dict or path): one row per headline metric of each benchmark."""
     if not isinstance(results, dict):
@@ -112,10 +119,7 @@ def format_results_table(results: dict | str | Path) -> str:
         if not headline_metrics(bench):  # nothing scored: still show the benchmark and its failures
             rows.append((name, "-", "-", "-", str(bench.get("n_items", 0)), str(bench.get("n_failed", 0))))
         for metric, m in headline_metrics(bench).items():
-            pct = metric.lower() not in {"cider", "bleu_4", "meteor", "rouge_l", "spice"} and abs(m["value"]) <= 1
-            half = None if m.get("ci95") is None else (m["ci95"][1] - m["ci95"][0]) / 2
-            rows.append((name, metric, _fmt(m["value"], pct), _fmt(half, pct), str(m["n"]),
-                         str(bench.get("n_failed", 0))))
+            rows.append((name, metric, *format_metric(metric, m), str(m["n"]), str(bench.get("n_failed", 0))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 
+from contextlib import nullcontext
+
 from lm_eval.api.model import LM
-from tqdm import tqdm
 
 from benchmarks.backends.base import MixedModalLM, parse_gen_kwargs, request_hash, sample_indices
 from benchmarks.runner.dist import Dist
@@ -33,6 +34,7 @@ class ResumableLM(LM):
         self.chunk_size = max(1, int(chunk_size))
         self.failed: dict[str, str] = {}  # request hash -> reason
         self.computed = 0  # requests this process actually ran (not from the store)
+        self.progress = None  # the current benchmark's BenchmarkProgress (runner/progress.py), if any
 
     def key(self, kind: str, req_hash: str, sample: int) -> str:
         raw = f"{self.backend.fingerprint}\n{kind}\n{req_hash}\n{sample}"
@@ -65,16 +67,21 @@ class ResumableLM(LM):
         mine = pending[n * r // w: n * (r + 1) // w]
         fresh: dict[str, object] = {}
         failed: dict[str, str] = {}
-        bar = tqdm(total=len(mine), desc=f"{kind} ({len(requests) - len(todo)} cached)",
-                   disable=not self.dist.is_main or not mine)
+        if self.progress is not None:
+            self.progress.add(len(requests) - n + len(mine), cached=len(requests) - n)
         for start in range(0, len(mine), self.chunk_size):
             chunk = mine[start:start + self.chunk_size]
             reqs = [requests[i] for i in chunk]
             self.backend.failures.clear()
-            if kind == "generate_until":
-                values = self.backend.generate_until(reqs, sample_index=[samples[i] for i in chunk])
-            else:
-                values = getattr(self.backend, kind)(reqs)
+            with self.progress.chunk(len(chunk)) if self.progress is not None else nullcontext() as hook:
+                self.backend.progress_hook = hook  # backends report per batch and draw no bars of their own
+                try:
+                    if kind == "generate_until":
+                        values = self.backend.generate_until(reqs, sample_index=[samples[i] for i in chunk])
+                    else:
+                        values = getattr(self.backend, kind)(reqs)
+                finally:
+                    self.backend.progress_hook = None
             ok = []
             for i, v in zip(chunk, values):
                 if hashes[i] in self.backend.failures:
@@ -84,8 +91,6 @@ class ResumableLM(LM):
                 fresh[keys[i]] = list(v) if isinstance(v, tuple) else v
             self.store.put_many(ok)
             self.computed += len(chunk)
-            bar.update(len(chunk))
-        bar.close()
         for part in self.dist.all_gather((fresh, failed)):
             fresh.update(part[0])
             failed.update(part[1])

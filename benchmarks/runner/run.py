@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 from benchmarks.backends.base import MixedModalLM, parse_gen_kwargs, request_hash
 from benchmarks.runner.captioning import run_captioning
 from benchmarks.runner.dist import Dist, as_single_process
+from benchmarks.runner.progress import BenchmarkProgress, summary_line
 from benchmarks.runner.resumable import ResumableLM
 from benchmarks.runner.results import (
     SCHEMA_VERSION, display_path, metric_entry, package_versions, sha256_file, write_json_atomic, write_jsonl_atomic,
@@ -62,8 +64,13 @@ def claim_run_dir(out: Path, model: dict, dist: Dist) -> None:
 
 def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: int | None = None,
               images_dirs: dict[str, Path] | None = None, data_dir: str | Path | None = None,
-              dist: Dist = Dist(), chunk_size: int | None = None, command: list[str] | None = None) -> dict:
-    """Run `suite` with `backend`; return results.json's content (written on the main process)."""
+              dist: Dist = Dist(), chunk_size: int | None = None, command: list[str] | None = None,
+              progress: bool = True, verbose: bool = False) -> dict:
+    """Run `suite` with `backend`; return results.json's content (written on the main process).
+
+    `progress`: one bar per benchmark and a summary line when it ends, on stderr of the main process.
+    `verbose`: lm-eval's own progress bars too (its logging is commands.py's `--verbose`).
+    """
     out = Path(out)
     model = backend.describe()
     claim_run_dir(out, model, dist)
@@ -84,28 +91,36 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
     }
     if dist.is_main:
         (out / "samples").mkdir(exist_ok=True)
+    width = max(len(spec.name) for spec in suite.benchmarks)
     for spec in suite.benchmarks:
         started, computed = time.perf_counter(), lm.computed
         lm.failed.clear()
-        if spec.kind == "captioning":
-            entry, records = run_captioning(spec, lm, images_dir=(images_dirs or {}).get(spec.benchmark),
-                                            limit=limit, seed=suite.seed)
-            for r in records:
-                results["data_files"].update({i["file"]: i["sha256"] for i in r.get("images", [])})
-            ref = Path(entry["references"])
-            if ref.is_file():
-                results["data_files"][display_path(ref)] = sha256_file(ref)
-        else:
-            entry, records = _run_text(spec, lm, limit=limit, data_dir=data_dir, seed=suite.seed)
-            results["data_files"].update({display_path(k): v for k, v in entry.pop("data_files").items()})
-        entry["config"] = {k: v for k, v in spec.__dict__.items()}
-        entry["seconds"] = round(time.perf_counter() - started, 2)
-        entry["computed_requests"] = lm.computed - computed  # not answered from the cache
+        with BenchmarkProgress(spec.name, enabled=progress and dist.is_main, width=width,
+                               placeholder=not verbose) as bar:
+            lm.progress = bar
+            if spec.kind == "captioning":
+                entry, records = run_captioning(spec, lm, images_dir=(images_dirs or {}).get(spec.benchmark),
+                                                limit=limit, seed=suite.seed)
+                for r in records:
+                    results["data_files"].update({i["file"]: i["sha256"] for i in r.get("images", [])})
+                ref = Path(entry["references"])
+                if ref.is_file():
+                    results["data_files"][display_path(ref)] = sha256_file(ref)
+            else:
+                entry, records = _run_text(spec, lm, limit=limit, data_dir=data_dir, seed=suite.seed,
+                                           lm_eval_bars=verbose and dist.is_main)
+                results["data_files"].update({display_path(k): v for k, v in entry.pop("data_files").items()})
+            entry["config"] = {k: v for k, v in spec.__dict__.items()}
+            entry["seconds"] = round(time.perf_counter() - started, 2)
+            entry["computed_requests"] = lm.computed - computed  # not answered from the cache
+            lm.progress = None
         if dist.is_main:
             entry["samples_file"] = f"samples/{spec.name}.jsonl"
             entry["samples_sha256"] = write_jsonl_atomic(out / entry["samples_file"], records)
             results["benchmarks"][spec.name] = entry
             write_json_atomic(out / "results.json", results)
+            if progress:
+                print(summary_line(spec.name, entry, cached=bar.cached, width=width), file=sys.stderr, flush=True)
     results["complete"] = True
     results["run"]["finished_at"] = _now()
     if dist.is_main:
@@ -115,14 +130,16 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
     return results
 
 
-def _run_text(spec: BenchmarkSpec, lm: ResumableLM, *, limit, data_dir, seed) -> tuple[dict, list[dict]]:
+def _run_text(spec: BenchmarkSpec, lm: ResumableLM, *, limit, data_dir, seed,
+              lm_eval_bars: bool = False) -> tuple[dict, list[dict]]:
     from benchmarks.text.run import run_text_benchmark
 
     maj_at = tuple(spec.maj_at) if spec.maj_at else None
     limit = min([x for x in (limit, spec.limit) if x is not None], default=None)
     with as_single_process():
         res = run_text_benchmark(lm, spec.benchmark, data_dir=data_dir, num_fewshot=spec.shots, k=spec.k,
-                                 maj_at=maj_at, limit=limit, gen_kwargs=spec.generation or None, seed=seed)
+                                 maj_at=maj_at, limit=limit, gen_kwargs=spec.generation or None, seed=seed,
+                                 lm_eval_bars=lm_eval_bars)
     gen_hash = parse_gen_kwargs(spec.generation).digest() if spec.generation else None
     records, items, failed_items = [], set(), set()
     for s in res.samples:

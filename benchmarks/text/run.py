@@ -6,10 +6,12 @@ with `lm_eval.simple_evaluate`, so prompts, filters and metrics are lm-eval's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,23 @@ class _DropCustomDatasetHint(logging.Filter):
 
 
 logging.getLogger("lm_eval.api.task").addFilter(_DropCustomDatasetHint())
+
+
+@contextmanager
+def _request_building_bars(enabled: bool):
+    """lm-eval draws one tqdm bar per task while it builds requests (57 for MMLU) and has no option
+    to turn them off; without `enabled` its module's `tqdm` is a disabled one for the duration."""
+    if enabled:
+        yield
+        return
+    import lm_eval.api.task as task_module
+
+    saved = task_module.tqdm
+    task_module.tqdm = functools.partial(saved, disable=True)
+    try:
+        yield
+    finally:
+        task_module.tqdm = saved
 
 
 def text_task_manager(data_dir: str | Path | None = None, include_defaults: bool = False) -> TaskManager:
@@ -131,13 +150,15 @@ def run_text_benchmark(
     log_samples: bool = True,
     use_cache: str | None = None,
     bootstrap_iters: int = 100000,
+    lm_eval_bars: bool = True,
 ) -> TextBenchmarkResult:
     """Evaluate `lm` on `benchmark` ('gsm8k' | 'math' | 'math500' | 'mmlu').
 
     k=1 is greedy maj@1; k>1 samples k solutions per item and reports maj@j for j in `maj_at`
     (always k; default also the paper's smaller values) from the first j samples. `use_cache` is lm-eval's CachingLM sqlite path
     prefix (responses are reused on a rerun). `gen_kwargs` updates the tasks' generation
-    settings (e.g. max_gen_toks, temperature).
+    settings (e.g. max_gen_toks, temperature). `lm_eval_bars` False hides lm-eval's per-task
+    request-building progress bars (the suite runner draws its own, one per benchmark).
     """
     spec = _benchmark(benchmark)
     if num_fewshot is not None and not 0 <= num_fewshot <= spec.max_fewshot:
@@ -146,21 +167,22 @@ def run_text_benchmark(
         raise InputError(f"limit must be a positive integer, got {limit!r}")
     tm = text_task_manager(data_dir)
     task = task_spec(tm, benchmark, k, maj_at)
-    out = simple_evaluate(
-        model=lm,
-        tasks=[task],
-        task_manager=tm,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        gen_kwargs=gen_kwargs or None,
-        log_samples=log_samples,
-        use_cache=use_cache,
-        bootstrap_iters=bootstrap_iters,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    with _request_building_bars(lm_eval_bars):
+        out = simple_evaluate(
+            model=lm,
+            tasks=[task],
+            task_manager=tm,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            gen_kwargs=gen_kwargs or None,
+            log_samples=log_samples,
+            use_cache=use_cache,
+            bootstrap_iters=bootstrap_iters,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     top = spec.greedy if k == 1 else spec.sampled
     metrics = collect_metrics(out)
     if benchmark == "mmlu":
