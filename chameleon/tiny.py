@@ -45,25 +45,31 @@ def randomize_(model: Chameleon, seed: int) -> None:
     """Random weights that exercise every parameter, norms included (their permutations matter).
 
     Heads within one model-parallel shard share their q/k-norm, so Meta's format can hold them.
+    Numbers are drawn on the parameters' device (a 7B-shaped model on a GPU takes seconds).
     """
-    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
     args = model.config
+
+    def randn(shape):
+        return torch.randn(shape, generator=g, device=device)
+
     with torch.no_grad():
         for name, p in model.transformer.named_parameters():
             if name.endswith(("q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias")):
                 base = 1.0 if name.endswith("weight") else 0.0
                 shards = args.model_parallel_size
-                per_shard = torch.randn(shards, 1, p.shape[1], generator=g) * 0.2 + base
+                per_shard = randn((shards, 1, p.shape[1])) * 0.2 + base
                 p.copy_(per_shard.expand(shards, p.shape[0] // shards, p.shape[1]).reshape(p.shape))
             elif p.ndim == 1:  # RMSNorm
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                p.copy_(1.0 + 0.1 * randn(p.shape))
             else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g) * (4.0 if "tok_embeddings" in name else 1.0))
+                p.copy_(0.02 * randn(p.shape) * (4.0 if "tok_embeddings" in name else 1.0))
         for name, p in model.vqgan.named_parameters():
             if p.ndim > 1:  # conv kernels and the codebook: unit-variance outputs
-                p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel()) ** 0.5)
+                p.copy_(randn(p.shape) / max(1, p[0].numel()) ** 0.5)
             else:  # GroupNorm scales near 1, biases near 0
-                p.copy_(0.05 * torch.randn(p.shape, generator=g) + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+                p.copy_(0.05 * randn(p.shape) + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
 
 
 def build_tiny_model(

@@ -47,7 +47,7 @@ def timed(fn, device, repeats=1):
 
 
 def build_pair(args, vq: VQGANConfig, device, dtype, with_hf=True):
-    tok = build_tokenizer(vq.n_embed, min(args.vocab_size, 8000))
+    tok = build_tokenizer(vq.n_embed, min(args.vocab_size, vq.n_embed + 4000))
     tokenizer = ChameleonTokenizer(tok, "benchmark tokenizer")
     with torch.device(device):
         ours = Chameleon(args, vq, tokenizer)
@@ -88,14 +88,14 @@ def bench_ours(model, batch, prompt_len, new_tokens, device, compile_):
 
 
 def bench_hf(hf, prompts, new_tokens, device, cache_impl, tok):
+    """transformers' generate, greedy, over the same candidates as our text mode (eos kept out)."""
     ids = torch.tensor(prompts, device=device)
-    banned = tok.non_text_ids.clone()
-    banned[[tok.eos_id]] = True
+    banned = torch.ones(hf.config.vocab_size, dtype=torch.bool)
+    banned[: tok.vocab_size] = tok.non_text_ids
+    banned[[tok.eos_id, tok.eot_id]] = True
     kw = dict(do_sample=False, pad_token_id=tok.pad_id, eos_token_id=None, suppress_tokens=banned.nonzero().flatten().tolist())
-    if cache_impl == "static":
+    if cache_impl == "static":  # on CUDA, transformers compiles the forward for a static cache
         kw["cache_implementation"] = "static"
-        if device.type == "cuda":
-            kw["compile_config"] = None
     with torch.inference_mode():
         hf.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
         t1, _ = timed(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw), device, 3)
@@ -127,6 +127,8 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     torch.manual_seed(0)
     args = dataclasses.replace(preset(a.preset), max_seq_len=4096 if a.image else 1024, model_parallel_size=1)
+    if a.image:  # the real VQGAN's 8192 codes need the real vocabulary size
+        args.vocab_size = max(args.vocab_size, 65536)
     vq = VQGANConfig() if a.image else TINY_VQ  # the real VQGAN shape when timing images
     ours, hf = build_pair(args, vq, device, dtype, with_hf=not a.no_hf)
     n_params = sum(p.numel() for p in ours.transformer.parameters())
