@@ -173,8 +173,7 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
 
     # Masks over the vocabulary.
     vocab = args.vocab_size
-    image_ids = torch.zeros(vocab, dtype=torch.bool, device=device)
-    image_ids[tok.code_to_id.to(device)] = True
+    image_ids = tok.code_to_id.to(device)  # code -> token id
     not_text = torch.zeros(vocab, dtype=torch.bool, device=device)
     not_text[: tok.vocab_size] = tok.non_text_ids.to(device)
     not_text[tok.vocab_size :] = True  # ids the tokenizer does not know
@@ -208,10 +207,12 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
     for _ in range(budget):
         next_tokens = torch.full((n_rows,), tok.pad_id, dtype=torch.long, device=device)
         visible = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        # Image-code logits of every row, when some row is inside an image.
+        codes = logits.index_select(1, image_ids) if any(r.codes_left > 0 for r in rows) else None
         for i, r in enumerate(rows):
             if r.done:
                 continue
-            t = _choose(r, i, logits, n_prompts, guided, opts, tok, n_codes, image_ids, not_text, text_seen, total - cur)
+            t = _choose(r, i, logits, codes, n_prompts, guided, opts, tok, n_codes, image_ids, not_text, text_seen, total - cur)
             if r.done:
                 continue
             next_tokens[i] = t
@@ -234,16 +235,16 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
     return [r.out for r in rows]
 
 
-def _choose(r: _Row, i, logits, n_prompts, guided, opts, tok, n_codes, image_ids, not_text, text_seen, slots_left) -> int | None:
+def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, image_ids, not_text, text_seen, slots_left) -> int | None:
     """Pick row i's next token from the last logits, update its state, and return it."""
     if r.pending is not None:
         t, r.pending = r.pending, None
     elif r.codes_left > 0:
-        row_logits = logits[i]
+        # Only image codes may follow: sample among their logits alone (8192 of 65,536).
+        code_logits = codes[i]
         if guided:
-            row_logits = cfg_mix(logits[i], logits[i + n_prompts], logits[i + 2 * n_prompts], opts.cfg_text_scale, opts.cfg_image_scale)
-        row_logits = row_logits.masked_fill(~image_ids, float("-inf"))
-        t = sample(row_logits, opts.image_temperature, 0, opts.image_top_p, r.generator)
+            code_logits = cfg_mix(codes[i], codes[i + n_prompts], codes[i + 2 * n_prompts], opts.cfg_text_scale, opts.cfg_image_scale)
+        t = int(image_ids[sample(code_logits, opts.image_temperature, 0, opts.image_top_p, r.generator)])
     else:
         row_logits = logits[i]
         if opts.logit_bias:
