@@ -20,6 +20,23 @@ from chameleon.tokenizer import ChameleonTokenizer
 from chameleon.vqgan import VQGAN
 
 Segment = Union[str, Image.Image]
+IMAGE_MARKER = "<image>"  # where an image goes in a text prompt (lm-eval's placeholder too)
+
+
+def interleave(text: str, images: list, source: str = "prompt") -> list[Segment]:
+    """Text with `<image>` markers + images -> segments. Without markers, images go first."""
+    parts = text.split(IMAGE_MARKER)
+    if len(parts) == 1:
+        return [*images, text] if text else list(images)
+    if len(parts) - 1 != len(images):
+        raise InputError(f"{source} has {len(parts) - 1} '{IMAGE_MARKER}' placeholder(s) but {len(images)} image(s)")
+    segments: list[Segment] = []
+    for i, part in enumerate(parts):
+        if part:
+            segments.append(part)
+        if i < len(images):
+            segments.append(images[i])
+    return segments
 
 
 class Chameleon(nn.Module):

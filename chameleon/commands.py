@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from chameleon.chameleon import IMAGE_MARKER
 from chameleon.errors import InputError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16}
-IMAGE_MARKER = "<image>"
 
 
 def default_device() -> str:
@@ -77,21 +77,6 @@ def register(sub) -> None:
     c.set_defaults(func=cmd_convert)
 
 
-def _split_prompt(prompt: str, images: list) -> list:
-    if IMAGE_MARKER not in prompt:
-        return [*images, prompt] if prompt else list(images)
-    parts = prompt.split(IMAGE_MARKER)
-    if len(parts) - 1 != len(images):
-        raise InputError(f"--prompt has {len(parts) - 1} '{IMAGE_MARKER}' markers but {len(images)} --image files were given")
-    segments: list = []
-    for i, text in enumerate(parts):
-        if text:
-            segments.append(text)
-        if i < len(images):
-            segments.append(images[i])
-    return segments
-
-
 def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | None = None) -> dict:
     from chameleon.generate import generate
     from reports.generation import write_generation_page
@@ -122,11 +107,12 @@ def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | No
 
 def cmd_generate(args) -> int:
     import chameleon
+    from chameleon.chameleon import interleave
     from chameleon.generate import GenerationOptions
     from chameleon.vqgan import open_image
 
     images = [open_image(p) for p in args.image]
-    segments = _split_prompt(args.prompt, images)
+    segments = interleave(args.prompt, images, source="--prompt")
     opts = GenerationOptions(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

@@ -14,7 +14,6 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from chameleon.chameleon import Chameleon, save_checkpoint
-from chameleon.checkpoint import Checkpoint
 from chameleon.config import ModelArgs, VQGANConfig, preset
 from chameleon.tokenizer import ChameleonTokenizer, image_token_name
 

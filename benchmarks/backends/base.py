@@ -15,9 +15,9 @@ from typing import Any
 
 from lm_eval.api.model import LM, hash_args
 
+from chameleon.chameleon import IMAGE_MARKER as IMAGE_PLACEHOLDER  # noqa: F401  (lm-eval's DEFAULT_IMAGE_PLACEHOLDER too)
+from chameleon.chameleon import interleave
 from chameleon.errors import InputError
-
-IMAGE_PLACEHOLDER = "<image>"  # lm-eval's DEFAULT_IMAGE_PLACEHOLDER for multimodal tasks
 
 Segment = Any  # str | PIL.Image.Image
 
@@ -97,21 +97,7 @@ def to_segments(context: str, aux: dict | None) -> list[Segment]:
     images = list((aux or {}).get("visual") or [])
     if not images:
         return [context] if context else []
-    parts = context.split(IMAGE_PLACEHOLDER)
-    if len(parts) - 1 != len(images):
-        # lm-eval tasks without placeholders put images first
-        if len(parts) == 1:
-            return [*images, context] if context else list(images)
-        raise InputError(
-            f"request has {len(images)} image(s) but {len(parts) - 1} '{IMAGE_PLACEHOLDER}' placeholder(s)"
-        )
-    segs: list[Segment] = []
-    for i, part in enumerate(parts):
-        if part:
-            segs.append(part)
-        if i < len(images):
-            segs.append(images[i])
-    return segs
+    return interleave(context, images, source="request")
 
 
 def truncate_at_stops(text: str, until: tuple[str, ...]) -> str:

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import platform
-import tempfile
 import time
 from pathlib import Path
 
