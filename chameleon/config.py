@@ -153,7 +153,8 @@ class ModelArgs:
                 dim=cfg["hidden_size"],
                 n_layers=cfg["num_hidden_layers"],
                 n_heads=cfg["num_attention_heads"],
-                n_kv_heads=cfg.get("num_key_value_heads"),
+                # Meta writes no n_kv_heads for multi-head attention: keep that spelling.
+                n_kv_heads=None if cfg.get("num_key_value_heads") in (None, cfg["num_attention_heads"]) else cfg["num_key_value_heads"],
                 vocab_size=cfg["vocab_size"],
                 norm_eps=cfg.get("rms_norm_eps", 1e-5),
                 rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
