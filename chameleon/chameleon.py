@@ -54,7 +54,21 @@ class Chameleon(nn.Module):
         self.tokenizer_file: Path | None = None
 
     # --- forward ----------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0, **kw) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        valid: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, vocab) float32 logits (or (B, 1, vocab) with `last_only`).
+
+        With a cache, the tokens fill slots start_pos..start_pos+T-1 of every row and attend to the
+        row's valid slots before them. `valid` (B, T) marks slots that later tokens must not see
+        (left padding), `positions` (B, T) gives RoPE positions when they differ from the slots.
+        """
         if tokens.shape[1] + start_pos > self.config.max_seq_len:
             raise InputError(f"sequence of {tokens.shape[1] + start_pos} tokens is longer than the model's context ({self.config.max_seq_len})")
         kv_len = None
@@ -62,8 +76,8 @@ class Chameleon(nn.Module):
             kv_len = start_pos + tokens.shape[1]
             if kv_len > cache.max_seq_len:
                 raise InputError(f"{kv_len} tokens do not fit the KV cache ({cache.max_seq_len} slots)")
-            cache.valid[:, start_pos:kv_len] = True
-        return self.transformer(tokens, cache=cache, input_pos=start_pos, kv_len=kv_len, **kw)
+            cache.valid[:, start_pos:kv_len] = True if valid is None else valid
+        return self.transformer(tokens, cache=cache, input_pos=start_pos, positions=positions, kv_len=kv_len, last_only=last_only)
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
         return self.transformer.new_cache(batch_size, max_seq_len)

@@ -123,9 +123,7 @@ class ChameleonBackend(TokenLM):
 
     def _prefill(self, tokens: tuple[int, ...]):
         cache = self.model.new_cache(1, len(tokens))
-        cache.valid[:, : len(tokens)] = True
-        x = torch.tensor([tokens], device=self.model.device)
-        self.model.transformer(x, cache=cache, input_pos=0, kv_len=len(tokens), last_only=True)
+        self.model(torch.tensor([tokens], device=self.model.device), cache=cache, last_only=True)
         return cache
 
     def _run_suffixes(self, seqs: list[tuple[int, ...]], p: int, prefix_cache, last_only: bool):
@@ -141,16 +139,17 @@ class ChameleonBackend(TokenLM):
             cache.copy_rows_from(prefix_cache, src_row=0, length=p)
         tokens = torch.full((len(seqs), width), self.tok.pad_id, dtype=torch.long)
         positions = torch.full((len(seqs), width), p, dtype=torch.long)
+        valid = torch.zeros((len(seqs), width), dtype=torch.bool)
         pads = []
         for r, s in enumerate(seqs):
             pad = width - (len(s) - p)
             pads.append(pad)
             tokens[r, pad:] = torch.tensor(s[p:])
             positions[r, pad:] = torch.arange(p, len(s))
-            cache.valid[r, p + pad:] = True
+            valid[r, pad:] = True
         dev = self.model.device
-        logits = self.model.transformer(tokens.to(dev), cache=cache, input_pos=p, positions=positions.to(dev),
-                                        kv_len=p + width, last_only=last_only)
+        logits = self.model(tokens.to(dev), cache=cache, start_pos=p, valid=valid.to(dev), positions=positions.to(dev),
+                            last_only=last_only)
         return self._logprobs(logits[:, -1] if last_only else logits), pads
 
     def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
