@@ -190,4 +190,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     # The VQGAN stays fp32: its argmin over distances must not flip codes under bf16.
     model.transformer.to(device=device, dtype=dtype)
     model.vqgan.to(device=device, dtype=torch.float32)
+    if torch.device(device).type == "cpu":
+        model.transformer.use_input_major_weights_()
     return model.eval()

@@ -205,8 +205,9 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
 
         progress = tqdm(total=budget, desc=f"generate ({opts.mode})", unit="tok")
     for _ in range(budget):
-        next_tokens = torch.full((n_rows,), tok.pad_id, dtype=torch.long, device=device)
-        visible = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        # Plain lists while choosing (cheaper than per-element tensor writes), one tensor each after.
+        next_tokens = [tok.pad_id] * n_rows
+        visible = [False] * n_rows
         # Image-code logits of every row, when some row is inside an image.
         codes = logits.index_select(1, image_ids) if any(r.codes_left > 0 for r in rows) else None
         for i, r in enumerate(rows):
@@ -221,12 +222,13 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
                 # Image tokens (and their brackets) condition all three rows.
                 next_tokens[i + n_prompts] = next_tokens[i + 2 * n_prompts] = t
                 visible[i + n_prompts] = visible[i + 2 * n_prompts] = True
-        if not visible.any():
+        if not any(visible):
             break
-        cache.valid[:, cur] = visible
+        visible_t = torch.tensor(visible, device=device)
+        cache.valid[:, cur] = visible_t
         pos = next_pos.clone()
-        next_pos += visible.long()
-        logits = step_fn(next_tokens[:, None], cur, pos[:, None], cache)
+        next_pos += visible_t.long()
+        logits = step_fn(torch.tensor(next_tokens, device=device)[:, None], cur, pos[:, None], cache)
         cur += 1
         if progress is not None:
             progress.update(1)

@@ -170,6 +170,17 @@ class Transformer(nn.Module):
             self._rope[device] = rope_tables(self.args, device=device)
         return self._rope[device]
 
+    def use_input_major_weights_(self) -> None:
+        """Store each Linear weight input-major (a transposed view of a contiguous copy).
+
+        Same values, same state-dict shapes; on CPU the one-token matrix-vector products of decoding
+        read that layout measurably faster (~10% of a decode step at 100M parameters).
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.weight.is_contiguous():
+                w = module.weight
+                module.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+
     def new_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         max_seq_len = max_seq_len or self.args.max_seq_len
         dtype = dtype or self.output.weight.dtype

@@ -52,6 +52,8 @@ def build_pair(args, vq: VQGANConfig, device, dtype, with_hf=True):
         ours = Chameleon(args, vq, tokenizer)
     randomize_(ours, seed=0)
     ours.transformer.to(dtype)
+    if device.type == "cpu":  # as chameleon.load does
+        ours.transformer.use_input_major_weights_()
     ours.eval()
     hf = None
     if with_hf:
@@ -89,10 +91,15 @@ def bench_ours(model, batch, prompt_len, new_tokens, device, compile_):
 def bench_hf(hf, prompts, new_tokens, device, cache_impl, tok):
     """transformers' generate, greedy, over the same candidates as our text mode (eos kept out)."""
     ids = torch.tensor(prompts, device=device)
+    from transformers.generation import LogitsProcessorList
+
     banned = torch.ones(hf.config.vocab_size, dtype=torch.bool)
     banned[: tok.vocab_size] = tok.non_text_ids
     banned[[tok.eos_id, tok.eot_id]] = True
-    kw = dict(do_sample=False, pad_token_id=tok.pad_id, eos_token_id=None, suppress_tokens=banned.nonzero().flatten().tolist())
+    banned = banned.to(device)
+    # One precomputed mask, as our text mode applies: cheaper for HF than `suppress_tokens`.
+    kw = dict(do_sample=False, pad_token_id=tok.pad_id, eos_token_id=None,
+              logits_processor=LogitsProcessorList([lambda input_ids, scores: scores.masked_fill(banned, float("-inf"))]))
     if cache_impl == "static":  # on CUDA, transformers compiles the forward for a static cache
         kw["cache_implementation"] = "static"
     with torch.inference_mode():
