@@ -146,7 +146,8 @@ class Chameleon(nn.Module):
     # --- identity and saving ----------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
-        """sha256 of the config, tokenizer vocabulary and every weight: any change gives a new one."""
+        """sha256 of the config, tokenizer vocabulary and every weight, computed once (on first use):
+        it identifies the checkpoint as loaded; call `refresh_fingerprint()` after changing weights."""
         if self._fingerprint is None:
             h = hashlib.sha256()
             h.update(json.dumps(asdict(self.config), sort_keys=True).encode())
@@ -156,6 +157,10 @@ class Chameleon(nn.Module):
                 h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
+
+    def refresh_fingerprint(self) -> str:
+        self._fingerprint = None
+        return self.fingerprint
 
     def to_checkpoint(self) -> Checkpoint:
         if self.tokenizer_file is None:

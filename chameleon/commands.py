@@ -130,7 +130,7 @@ def cmd_generate(args) -> int:
     )
     model = chameleon.load(args.model, device=args.device, dtype=parse_dtype(args.dtype))
     record = run_generation(model, segments, opts, Path(args.out), {"model": str(args.model), "seed": args.seed})
-    print(json.dumps({k: v for k, v in record.items()}, indent=2))
+    print(json.dumps(record, indent=2))
     return 0
 
 

@@ -11,6 +11,7 @@ import torch
 
 from chameleon.config import ModelArgs
 from chameleon.errors import InputError
+from chameleon.model import rope_inv_freq
 
 Tensors = dict[str, torch.Tensor]
 
@@ -142,12 +143,11 @@ def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> list[Tensor
                     f"weight {name}: heads within a model-parallel shard have different q/k-norm parameters; "
                     "Meta's format stores one per shard, so this model can only be saved in HF format"
                 )
+            # A single file of a model-parallel model keeps shard 0's norm: lossless only if all agree.
+            if num_shards == 1 and mp > 1 and not torch.equal(groups[:, 0], groups[:1, 0].expand_as(groups[:, 0])):
+                raise InputError(f"weight {name}: shards have different q/k-norms; save with --shards {mp}")
             meta_name = name.replace("q_norm", "q_normalization").replace("k_norm", "k_normalization")
             for s in range(num_shards):
-                # A single-file checkpoint of a model-parallel model keeps shard 0's norm; this is
-                # lossless only when all shards agree, which we check.
-                if num_shards == 1 and mp > 1 and not torch.equal(groups[:, 0], groups[:1, 0].expand_as(groups[:, 0])):
-                    raise InputError(f"weight {name}: shards have different q/k-norms; save with --shards {mp}")
                 shards[s][meta_name] = groups[s, 0].clone()
             continue
         dim = _split_dim(name)
@@ -157,8 +157,7 @@ def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> list[Tensor
         else:
             for s, piece in enumerate(torch.chunk(w, num_shards, dim=dim)):
                 shards[s][name] = piece.clone()
-    hd = args.head_dim
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2).float() / hd))
+    freqs = rope_inv_freq(args)
     for shard in shards:
         shard["rope.freqs"] = freqs  # Meta's loader expects this (unused) buffer
     return shards

@@ -39,7 +39,6 @@ class GenerationOptions:
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to text-phase logits
     compile: bool | None = None  # compile the decode step; default: on CUDA only
     progress: bool = False
-    stop_ids_set: frozenset = field(init=False, repr=False, default=frozenset())
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -54,7 +53,6 @@ class GenerationOptions:
             raise InputError("repetition_penalty must be > 0")
         self.stop_ids = tuple(self.stop_ids)
         self.stop_strings = tuple(self.stop_strings)
-        self.stop_ids_set = frozenset(self.stop_ids)
 
     @property
     def guided(self) -> bool:
@@ -178,11 +176,12 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
     not_text[: tok.vocab_size] = tok.non_text_ids.to(device)
     not_text[tok.vocab_size :] = True  # ids the tokenizer does not know
     not_text[[tok.eos_id, tok.eot_id]] = False  # both end a text answer
-    text_seen = torch.zeros(n_prompts, vocab, dtype=torch.bool, device=device)
-    for i, r in enumerate(rows):
-        ids = torch.tensor(r.prompt, device=device)
-        text_seen[i, ids] = True
-    text_seen &= ~not_text
+    text_seen = None  # text tokens seen per prompt, kept only when a repetition penalty needs them
+    if opts.repetition_penalty != 1.0:
+        text_seen = torch.zeros(n_prompts, vocab, dtype=torch.bool, device=device)
+        for i, r in enumerate(rows):
+            text_seen[i, torch.tensor(r.prompt, device=device)] = True
+        text_seen &= ~not_text
 
     # Prefill, left-padded: every stream ends at slot max_len - 1.
     pads = [max_len - len(s) for s in streams]
@@ -257,7 +256,8 @@ def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, im
         may_start_image = opts.mode == "interleaved" and slots_left >= n_codes + 2 and opts.max_new_tokens - len(r.out) >= n_codes + 2
         if may_start_image:
             row_logits[tok.boi_id] = logits[i, tok.boi_id] + opts.logit_bias.get(tok.boi_id, 0.0)
-        row_logits = apply_repetition_penalty(row_logits, text_seen[i], opts.repetition_penalty)
+        if text_seen is not None:
+            row_logits = apply_repetition_penalty(row_logits, text_seen[i], opts.repetition_penalty)
         t = sample(row_logits, opts.temperature, opts.top_k, opts.top_p, r.generator)
 
     if t == tok.boi_id:
@@ -277,12 +277,13 @@ def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, im
             r.done = True  # the image is complete; nothing follows in image mode
         return t
     # text token
-    if t in (tok.eos_id, tok.eot_id) or t in opts.stop_ids_set:
+    if t in (tok.eos_id, tok.eot_id) or t in opts.stop_ids:
         r.done = True
         return None
     r.out.append(t)
     r.text_run.append(t)
-    text_seen[i, t] = True
+    if text_seen is not None:
+        text_seen[i, t] = True
     if len(r.out) >= opts.max_new_tokens:
         r.done = True
     elif opts.stop_strings:
@@ -316,16 +317,13 @@ def _decode_step(model, use_compile: bool):
     return step
 
 
-_COMPILED: dict[int, object] = {}
-
-
 def _compiled_step(transformer):
-    key = id(transformer)
-    if key not in _COMPILED:
+    """One compiled step per model, kept on the model (a global keyed by id() could outlive it)."""
+    if getattr(transformer, "_compiled_step", None) is None:
 
         def full_cache_step(tokens, cache, input_pos, positions):
             return transformer(tokens, cache=cache, input_pos=input_pos, positions=positions, kv_len=None)[:, -1]
 
         mode = "reduce-overhead" if transformer.output.weight.is_cuda else "default"
-        _COMPILED[key] = torch.compile(full_cache_step, mode=mode, fullgraph=True, dynamic=False)
-    return _COMPILED[key]
+        transformer._compiled_step = torch.compile(full_cache_step, mode=mode, fullgraph=True, dynamic=False)
+    return transformer._compiled_step

@@ -39,10 +39,15 @@ class HeadNorm(nn.Module):
         return x * self.weight + self.bias
 
 
+def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
+    """theta_j = rope_theta^(-2j/head_dim), (head_dim/2,); also Meta's `rope.freqs` buffer."""
+    hd = args.head_dim
+    return 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=device) / hd))
+
+
 def rope_tables(args: ModelArgs, device=None) -> torch.Tensor:
     """Rotations e^(i * pos * theta_j) as complex64, (max_seq_len, head_dim/2)."""
-    hd = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=device) / hd))
+    inv_freq = rope_inv_freq(args, device)
     angles = torch.arange(args.max_seq_len, dtype=torch.float, device=device)[:, None] * inv_freq[None, :]
     return torch.polar(torch.ones_like(angles), angles)
 

@@ -71,6 +71,15 @@ def randomize_(model: Chameleon, seed: int) -> None:
                 p.copy_(0.05 * randn(p.shape) + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
 
 
+def random_model(args: ModelArgs, vq: VQGANConfig, seed: int = 0, text_vocab: int | None = None, device="cpu") -> Chameleon:
+    """An in-memory Chameleon with the tiny tokenizer and random weights (see `randomize_`)."""
+    tok = build_tokenizer(vq.n_embed, text_vocab or args.vocab_size)
+    with torch.device(device):
+        model = Chameleon(args, vq, ChameleonTokenizer(tok, "tiny tokenizer"))
+    randomize_(model, seed)
+    return model
+
+
 def build_tiny_model(
     out_dir: str | Path,
     format: str = "hf",
@@ -82,19 +91,11 @@ def build_tiny_model(
 ) -> Path:
     """Write a loadable checkpoint directory of a tiny random Chameleon and return its path."""
     out = Path(out_dir)
-    vq = vq or TINY_VQ
     args = args or dataclasses.replace(preset("tiny"), model_parallel_size=2)
-    tok = build_tokenizer(vq.n_embed, text_vocab or args.vocab_size)
+    model = random_model(args, vq or TINY_VQ, seed, text_vocab)
     out.mkdir(parents=True, exist_ok=True)
-    tok_file = out / "_tokenizer_build.json"
-    tok.save(str(tok_file))
-    tokenizer = ChameleonTokenizer(tok, str(tok_file))
-    if tokenizer.vocab_size > args.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, more than vocab_size {args.vocab_size}")
-    torch.manual_seed(seed)
-    model = Chameleon(args, vq, tokenizer)
-    randomize_(model, seed)
-    model.tokenizer_file = tok_file
-    save_checkpoint(model.to_checkpoint(), out, format, tokenizer, shards)
-    tok_file.unlink()
+    model.tokenizer_file = out / "_tokenizer_build.json"
+    model.tokenizer.tokenizer.save(str(model.tokenizer_file))
+    save_checkpoint(model.to_checkpoint(), out, format, model.tokenizer, shards)
+    model.tokenizer_file.unlink()
     return out

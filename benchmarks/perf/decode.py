@@ -21,12 +21,10 @@ from pathlib import Path
 
 import torch
 
-from chameleon.chameleon import Chameleon
 from chameleon.config import VQGANConfig, preset
 from chameleon.convert import HF_VQ_PREFIX, to_hf
 from chameleon.generate import GenerationOptions, generate
-from chameleon.tiny import TINY_VQ, build_tokenizer, randomize_
-from chameleon.tokenizer import ChameleonTokenizer
+from chameleon.tiny import TINY_VQ, random_model
 
 
 def sync(device):
@@ -46,11 +44,8 @@ def timed(fn, device, repeats=1):
 
 
 def build_pair(args, vq: VQGANConfig, device, dtype, with_hf=True):
-    tok = build_tokenizer(vq.n_embed, min(args.vocab_size, vq.n_embed + 4000))
-    tokenizer = ChameleonTokenizer(tok, "benchmark tokenizer")
-    with torch.device(device):
-        ours = Chameleon(args, vq, tokenizer)
-    randomize_(ours, seed=0)
+    ours = random_model(args, vq, seed=0, text_vocab=min(args.vocab_size, vq.n_embed + 4000), device=device)
+    tokenizer = ours.tokenizer
     ours.transformer.to(dtype)
     if device.type == "cpu":  # as chameleon.load does
         ours.transformer.use_input_major_weights_()
