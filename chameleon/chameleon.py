@@ -48,6 +48,10 @@ class Chameleon(nn.Module):
             raise InputError(f"{tokenizer.source}: tokenizer has {tokenizer.n_image_codes} image tokens but the VQGAN codebook has {vq_config.n_embed} entries")
         self.config = args
         self.transformer = Transformer(args)
+        # Image codes, text, and ids the tokenizer does not know: generation computes only the
+        # output rows a step can sample from.
+        codes = tokenizer.code_to_id
+        self.transformer.set_vocab_spans([int(codes.min()), int(codes.max()) + 1, tokenizer.vocab_size])
         self.vqgan = VQGAN(vq_config, with_decoder=with_decoder)
         self.tokenizer = tokenizer
         self._fingerprint: str | None = None
@@ -196,5 +200,5 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     model.transformer.to(device=device, dtype=dtype)
     model.vqgan.to(device=device, dtype=torch.float32)
     if torch.device(device).type == "cpu":
-        model.transformer.use_input_major_weights_()
+        model.transformer.optimize_for_cpu_()
     return model.eval()

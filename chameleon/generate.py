@@ -88,8 +88,8 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
     """One token from a (V,) logit vector."""
-    if temperature == 0:
-        return int(torch.argmax(logits))
+    if temperature == 0:  # max(dim) finds the first maximum, as argmax does, ~3x faster on CPU
+        return int(logits.max(dim=-1).indices)
     logits = filter_top_k_top_p(logits / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
@@ -191,12 +191,19 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
     cache.valid[:, :max_len] = slots[None, :] >= pad_t[:, None]
     positions = (slots[None, :] - pad_t[:, None]).clamp(min=0)
     next_pos = torch.tensor([len(s) for s in streams], device=device)
-    logits = model.transformer(tokens, cache=cache, input_pos=0, positions=positions, kv_len=max_len, last_only=True)[:, -1]
-
-    step_fn = _decode_step(model, use_compile)
     for r in rows:
         if opts.mode == "image":  # the image starts right away
             r.pending = tok.boi_id
+    # Logits only for the vocabulary spans that can hold a next token (text rows skip image codes).
+    may_sample = ~not_text
+    if opts.mode == "interleaved":
+        may_sample[tok.boi_id] = True
+    spans_of = _spans_holding(model.transformer.vocab_spans, {"text": may_sample, "image": image_ids})
+    logits = model.transformer(
+        tokens, cache=cache, input_pos=0, positions=positions, kv_len=max_len, last_only=True, spans=spans_of(rows)
+    )[:, -1]
+
+    step_fn = _decode_step(model, use_compile)
     cur = max_len
     progress = None
     if opts.progress:
@@ -227,7 +234,7 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
         cache.valid[:, cur] = visible_t
         pos = next_pos.clone()
         next_pos += visible_t.long()
-        logits = step_fn(torch.tensor(next_tokens, device=device)[:, None], cur, pos[:, None], cache)
+        logits = step_fn(torch.tensor(next_tokens, device=device)[:, None], cur, pos[:, None], cache, spans_of(rows))
         cur += 1
         if progress is not None:
             progress.update(1)
@@ -293,19 +300,39 @@ def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, im
     return t
 
 
+def _spans_holding(spans: list[tuple[int, int]], ids: dict[str, torch.Tensor]):
+    """A function rows -> the indices of the vocabulary spans their next tokens may come from
+    (None: all of them). `ids` gives, per phase, a boolean mask or a list of the ids it may sample."""
+    per_phase = {}
+    for phase, sel in ids.items():
+        sel = sel.nonzero().flatten() if sel.dtype == torch.bool else sel
+        per_phase[phase] = {i for i, (a, b) in enumerate(spans) if bool(((sel >= a) & (sel < b)).any())}
+    everything = set(range(len(spans)))
+
+    def spans_of(rows) -> tuple[int, ...] | None:
+        need: set[int] = set()
+        for r in rows:
+            if not r.done and r.pending is None:
+                need |= per_phase["image" if r.codes_left > 0 else "text"]
+        return None if need == everything else tuple(sorted(need))
+
+    return spans_of
+
+
 def _decode_step(model, use_compile: bool):
-    """One-token forward for every row. Compiled on CUDA (static shapes: reads the whole cache)."""
+    """One-token forward for every row. Compiled on CUDA (static shapes: reads the whole cache and
+    computes every logit); eager elsewhere, computing only the vocabulary spans asked for."""
     transformer = model.transformer
 
-    def eager(tokens, cur, positions, cache):
-        return transformer(tokens, cache=cache, input_pos=cur, positions=positions, kv_len=cur + 1)[:, -1]
+    def eager(tokens, cur, positions, cache, spans):
+        return transformer(tokens, cache=cache, input_pos=cur, positions=positions, kv_len=cur + 1, spans=spans)[:, -1]
 
     if not use_compile:
         return eager
     compiled = _compiled_step(transformer)
     marked: set[int] = set()
 
-    def step(tokens, cur, positions, cache):
+    def step(tokens, cur, positions, cache, spans):
         if id(cache) not in marked:
             # The cache is mutated in place by the graph: static addresses let CUDA graphs replay it.
             for t in (cache.k, cache.v, cache.valid):

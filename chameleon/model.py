@@ -14,6 +14,69 @@ from torch import nn
 from chameleon.config import ModelArgs
 
 
+def _packing_active(w: torch.Tensor) -> bool:
+    """oneDNN-packed bf16 weights pay off for CPU inference; never under autograd or compilation."""
+    return (
+        w.dtype == torch.bfloat16
+        and w.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, packed: dict, key) -> torch.Tensor:
+    """x @ w.T. For bf16 on CPU through a oneDNN-packed copy of w, kept in `packed[key]`.
+
+    PyTorch's plain bf16 matrix-vector product on CPU reorders the weight on every call; the packed
+    copy halves a decode step's time. It is rebuilt whenever w changes (another tensor, or an
+    in-place update, which bumps the version counter). The cost: a second copy of the weight.
+    """
+    if not _packing_active(w):
+        return F.linear(x, w)
+    stamp = (w.data_ptr(), w._version, w.shape)
+    entry = packed.get(key)
+    if entry is None or entry[0] != stamp:
+        entry = packed[key] = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1))
+    return torch.ops.mkldnn._linear_pointwise(x, entry[1], None, "none", [], "")
+
+
+class Fused:
+    """One tensor behind several parameters stacked along dim 0 (q/k/v weights, w1/w3, q/k-norms).
+
+    The parameters become row-slice views of it, so state dicts, optimisers and load_state_dict see
+    the usual names and every in-place update reaches the fused tensor; inference then runs one
+    matrix product (or one norm) where there were two or three. Once a parameter is replaced
+    (`.to()`, `load_state_dict(assign=True)`) the fused tensor is stale and `usable()` says so.
+    """
+
+    def __init__(self, owners: list[tuple[nn.Module, str]], input_major: bool = False):
+        parts = [getattr(module, name) for module, name in owners]
+        dense = torch.cat([p.detach() for p in parts])
+        if input_major:
+            dense = dense.t().contiguous().t()
+        start = 0
+        for (module, name), p in zip(owners, parts):
+            setattr(module, name, nn.Parameter(dense[start : start + len(p)], requires_grad=p.requires_grad))
+            start += len(p)
+        self.owners = owners
+        self.tensor = dense
+        self.ptrs = [getattr(module, name).data_ptr() for module, name in owners]
+
+    def current(self) -> bool:
+        return all(getattr(module, name).data_ptr() == p for (module, name), p in zip(self.owners, self.ptrs))
+
+
+def inference_fast_path(fused: list[Fused] | None) -> bool:
+    """Fused tensors serve inference only: autograd must reach the separate parameters."""
+    return (
+        fused is not None
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and all(f.current() for f in fused)
+    )
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -35,8 +98,7 @@ class HeadNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(heads, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., heads, head_dim)
-        x = F.layer_norm(x, (x.shape[-1],), eps=self.eps)
-        return x * self.weight + self.bias
+        return torch.addcmul(self.bias, F.layer_norm(x, (x.shape[-1],), eps=self.eps), self.weight)
 
 
 def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
@@ -102,15 +164,34 @@ class Attention(nn.Module):
             self.q_norm = HeadNorm(args.n_heads, args.head_dim)
             self.k_norm = HeadNorm(args.kv_heads, args.head_dim)
         self.dropout = args.dropout
+        # Set by Transformer.optimize_for_cpu_(): q/k/v weights, q/k-norm weights and biases.
+        self.fused: list[Fused] | None = None
+        self.packed: dict = {}
+
+    def fuse_(self) -> None:
+        self.fused = [Fused([(self.wq, "weight"), (self.wk, "weight"), (self.wv, "weight")], input_major=True)]
+        if self.qk_normalization:
+            self.fused += [Fused([(self.q_norm, p), (self.k_norm, p)]) for p in ("weight", "bias")]
 
     def forward(self, x, freqs, mask, layer: int, cache: KVCache | None, input_pos, kv_len: int | None):
         bsz, seqlen, _ = x.shape
-        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bsz, seqlen, self.kv_heads, self.head_dim)
-        v = self.wv(x).view(bsz, seqlen, self.kv_heads, self.head_dim)
-        if self.qk_normalization:  # before RoPE, as in Meta's and HF's code
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        heads, kv_heads, hd = self.n_heads, self.kv_heads, self.head_dim
+        if inference_fast_path(self.fused):
+            # q and k are adjacent in the fused output: normalise and rotate them as one tensor.
+            qkv = linear(x, self.fused[0].tensor, self.packed, "qkv")
+            qk = qkv[..., : (heads + kv_heads) * hd].view(bsz, seqlen, heads + kv_heads, hd)
+            v = qkv[..., (heads + kv_heads) * hd :].view(bsz, seqlen, kv_heads, hd)
+            if self.qk_normalization:
+                norm_w, norm_b = self.fused[1].tensor, self.fused[2].tensor
+                qk = torch.addcmul(norm_b, F.layer_norm(qk, (hd,), eps=self.q_norm.eps), norm_w)
+            q, k = apply_rope(qk, freqs).split([heads, kv_heads], dim=2)
+        else:
+            q = self.wq(x).view(bsz, seqlen, heads, hd)
+            k = self.wk(x).view(bsz, seqlen, kv_heads, hd)
+            v = self.wv(x).view(bsz, seqlen, kv_heads, hd)
+            if self.qk_normalization:  # before RoPE, as in Meta's and HF's code
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if cache is not None:
             # An int start writes a slice (cheap, eager); a tensor of slots keeps compiled shapes static.
@@ -124,7 +205,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p, enable_gqa=self.kv_heads != self.n_heads
         )
-        out = self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        out = linear(out.transpose(1, 2).reshape(bsz, seqlen, -1), self.wo.weight, self.packed, "wo")
         return F.dropout(out, p, True) if p else out
 
 
@@ -136,9 +217,18 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, hidden, bias=False)
         self.dropout = args.dropout
+        self.fused: list[Fused] | None = None  # w1/w3, set by Transformer.optimize_for_cpu_()
+        self.packed: dict = {}
+
+    def fuse_(self) -> None:
+        self.fused = [Fused([(self.w1, "weight"), (self.w3, "weight")], input_major=True)]
 
     def forward(self, x):
-        out = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if inference_fast_path(self.fused):
+            gate, up = linear(x, self.fused[0].tensor, self.packed, "w13").chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        out = linear(F.silu(gate) * up, self.w2.weight, self.packed, "w2")
         return F.dropout(out, self.dropout, True) if self.dropout and self.training else out
 
 
@@ -169,22 +259,57 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Not a buffer: `.to(bf16)` must not touch the complex64 rotations.
         self._rope: dict[torch.device, torch.Tensor] = {}
+        self.vocab_spans = [(0, args.vocab_size)]
+        self.packed: dict = {}
 
     def rope_freqs(self, device: torch.device) -> torch.Tensor:
         if device not in self._rope:
             self._rope[device] = rope_tables(self.args, device=device)
         return self._rope[device]
 
-    def use_input_major_weights_(self) -> None:
-        """Store each Linear weight input-major (a transposed view of a contiguous copy).
+    def optimize_for_cpu_(self) -> None:
+        """Lay the weights out for fast CPU inference; same values, same state dict.
 
-        Same values, same state-dict shapes; on CPU the one-token matrix-vector products of decoding
-        read that layout measurably faster (~10% of a decode step at 100M parameters).
+        q/k/v, w1/w3 and the q/k-norms become one fused tensor each (see `Fused`), and
+        every matrix is stored input-major (a transposed view of a contiguous copy): the one-token
+        matrix-vector products of decoding read that layout measurably faster. bf16 weights are
+        also packed for oneDNN on first use (see `linear`).
         """
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.weight.is_contiguous():
-                w = module.weight
+        for block in self.layers:
+            block.attention.fuse_()
+            block.feed_forward.fuse_()
+        for module in (*(b.attention.wo for b in self.layers), *(b.feed_forward.w2 for b in self.layers), self.output):
+            w = module.weight
+            if w.is_contiguous():
                 module.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+
+    def set_vocab_spans(self, boundaries: list[int]) -> None:
+        """Split the output layer's rows at these ids (e.g. around the image codes).
+
+        Generation then computes logits only for the spans that can hold the next token: text
+        steps skip the 8,192 image-code rows, image steps compute only those.
+        """
+        cuts = sorted({0, self.args.vocab_size, *(b for b in boundaries if 0 < b < self.args.vocab_size)})
+        self.vocab_spans = list(zip(cuts[:-1], cuts[1:]))
+
+    def head(self, h: torch.Tensor, spans: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Float32 logits over the vocabulary; with `spans` (indices into `vocab_spans`) only those
+        rows are computed and every other logit is -inf."""
+        w = self.output.weight
+        if spans is None:
+            if not _packing_active(w):
+                return self.output(h).float()
+            spans = range(len(self.vocab_spans))  # packed blocks, concatenated: the full logits
+            return torch.cat([self._span_logits(h, i) for i in spans], dim=-1).float()
+        out = torch.full((*h.shape[:-1], self.args.vocab_size), float("-inf"), device=h.device)
+        for i in spans:
+            start, stop = self.vocab_spans[i]
+            out[..., start:stop] = self._span_logits(h, i)
+        return out
+
+    def _span_logits(self, h: torch.Tensor, i: int) -> torch.Tensor:
+        start, stop = self.vocab_spans[i]
+        return linear(h, self.output.weight[start:stop], self.packed, ("output", i))
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         max_seq_len = max_seq_len or self.args.max_seq_len
@@ -199,8 +324,9 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         kv_len: int | None = None,
         last_only: bool = False,
+        spans: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
-        """Logits for `tokens` (B, T), float32.
+        """Logits for `tokens` (B, T), float32 (only the `spans` of the vocabulary if given; see `head`).
 
         Without a cache: plain causal attention. With a cache: K/V are written at slots `input_pos`
         (an int start or a (T,) tensor); each token attends to earlier slots its row marks valid
@@ -223,11 +349,13 @@ class Transformer(nn.Module):
             # (B, 1, T, K). A query always sees its own slot so that no softmax row is empty
             # (an empty row gives NaN, which would poison the cache through V).
             mask = ((keys <= q) & cache.valid[:, None, :n_keys]) | (keys == q)
-            mask = mask[:, None]
+            # Additive, in the activations' dtype: SDPA would convert a boolean mask in every layer.
+            zero = torch.zeros((), dtype=self.output.weight.dtype, device=device)
+            mask = torch.where(mask, zero, float("-inf"))[:, None]
         freqs = self.rope_freqs(device)[positions]
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             h = layer(h, freqs, mask, i, cache, input_pos, kv_len)
         if last_only:
             h = h[:, -1:]
-        return self.output(self.norm(h)).float()
+        return self.head(self.norm(h), spans)

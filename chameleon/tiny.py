@@ -21,7 +21,10 @@ ASSETS = Path(__file__).parent / "assets"
 TINY_VQ = VQGANConfig(embed_dim=32, n_embed=1024, z_channels=32, resolution=128, ch=32, ch_mult=[1, 1, 2, 2], num_res_blocks=1)
 
 
-def build_tokenizer(n_image_codes: int, vocab_size: int, corpus: Path = ASSETS / "tiny_corpus.txt") -> Tokenizer:
+def build_tokenizer(n_image_codes: int, vocab_size: int, corpus: Path = ASSETS / "tiny_corpus.txt", fill: bool = False) -> Tokenizer:
+    """Byte-level BPE over the corpus with the real special and image token names. The corpus yields
+    about 6,000 merges at most; `fill` pads the vocabulary to exactly `vocab_size` with reserved
+    tokens, as the real 65,536-token vocabulary is (they count as text)."""
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
     specials += [image_token_name(c) for c in range(n_image_codes)]
     specials += ["<eoss>", "<racm3:break>", "<reserved08706>", "<image>"]
@@ -35,6 +38,10 @@ def build_tokenizer(n_image_codes: int, vocab_size: int, corpus: Path = ASSETS /
         show_progress=False,
     )
     tok.train([str(corpus)], trainer)
+    if fill:
+        have = tok.get_vocab()
+        names = (f"<reserved{n:05d}>" for n in range(10000, 100000))
+        tok.add_special_tokens([n for n in names if n not in have][: vocab_size - tok.get_vocab_size()])
     # As in HF's Chameleon tokenizer.json: encoding with special tokens prepends <s>.
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
     return tok
@@ -71,9 +78,12 @@ def randomize_(model: Chameleon, seed: int) -> None:
                 p.copy_(0.05 * randn(p.shape) + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
 
 
-def random_model(args: ModelArgs, vq: VQGANConfig, seed: int = 0, text_vocab: int | None = None, device="cpu") -> Chameleon:
-    """An in-memory Chameleon with the tiny tokenizer and random weights (see `randomize_`)."""
-    tok = build_tokenizer(vq.n_embed, text_vocab or args.vocab_size)
+def random_model(
+    args: ModelArgs, vq: VQGANConfig, seed: int = 0, text_vocab: int | None = None, device="cpu", fill_vocab: bool = False
+) -> Chameleon:
+    """An in-memory Chameleon with the tiny tokenizer and random weights (see `randomize_`);
+    `fill_vocab`: a tokenizer that knows every id of the model's vocabulary, as real ones do."""
+    tok = build_tokenizer(vq.n_embed, args.vocab_size if fill_vocab else text_vocab or args.vocab_size, fill=fill_vocab)
     with torch.device(device):
         model = Chameleon(args, vq, ChameleonTokenizer(tok, "tiny tokenizer"))
     randomize_(model, seed)

@@ -1,0 +1,115 @@
+"""The CPU inference layout (fused q/k/v, w1/w3 and q/k-norms; input-major and oneDNN-packed weights;
+logits computed per vocabulary span) changes speed only: same values, same state dict, and
+autograd and weight updates still reach the parameters."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import chameleon
+from chameleon.generate import GenerationOptions, generate
+from chameleon.model import linear
+
+
+@pytest.fixture()
+def pair(tiny_hf):
+    """(plain, optimized): the same tiny checkpoint, one without the CPU layout."""
+    optimized = chameleon.load(tiny_hf)
+    plain = copy.deepcopy(optimized)  # deep copies own their storage: the fused tensors go stale
+    plain.transformer.vocab_spans = [(0, plain.config.vocab_size)]
+    for block in plain.transformer.layers:
+        block.attention.fused = block.feed_forward.fused = None
+    return plain, optimized
+
+
+def tokens(model, n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, model.tokenizer.vocab_size, (2, n), generator=g)
+
+
+def test_same_logits_and_state_dict(pair):
+    plain, optimized = pair
+    x = tokens(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), plain(x), atol=1e-5, rtol=1e-5)
+    a, b = plain.transformer.state_dict(), optimized.transformer.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert optimized.transformer.layers[0].attention.fused[0].current()
+
+
+def test_weight_updates_reach_the_fused_tensors(pair, tiny_hf):
+    plain, optimized = pair
+    x = tokens(plain)
+    state = {k: v + 0.01 * torch.randn_like(v) for k, v in plain.transformer.state_dict().items()}
+    plain.transformer.load_state_dict(state)
+    optimized.transformer.load_state_dict(state)  # in place: copy_ into the views
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), plain(x), atol=1e-5, rtol=1e-5)
+        # A replaced parameter makes the fused tensor stale: the separate weights are used again.
+        optimized.transformer.load_state_dict(plain.transformer.state_dict(), assign=True)
+        assert not optimized.transformer.layers[0].attention.fused[0].current()
+        torch.testing.assert_close(optimized(x), plain(x), atol=1e-5, rtol=1e-5)
+
+
+def test_autograd_reaches_the_parameters(pair):
+    _, optimized = pair
+    optimized.train()
+    loss = optimized(tokens(optimized)).logsumexp(-1).mean()
+    loss.backward()
+    attn, ffn = optimized.transformer.layers[0].attention, optimized.transformer.layers[0].feed_forward
+    for p in (attn.wq.weight, attn.wk.weight, attn.wv.weight, attn.q_norm.weight, ffn.w1.weight, ffn.w3.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_vocab_spans_compute_only_what_is_asked(pair):
+    plain, optimized = pair
+    tr = optimized.transformer
+    assert len(tr.vocab_spans) >= 3  # below the image codes, the codes, above them
+    image_span = next(i for i, (a, b) in enumerate(tr.vocab_spans) if a == int(optimized.tokenizer.code_to_id.min()))
+    h = torch.randn(2, 1, optimized.config.dim)
+    with torch.no_grad():
+        full = plain.transformer.head(h)
+        part = tr.head(h, (image_span,))
+    a, b = tr.vocab_spans[image_span]
+    torch.testing.assert_close(part[..., a:b], full[..., a:b], atol=1e-5, rtol=1e-5)
+    assert torch.isneginf(part[..., :a]).all() and torch.isneginf(part[..., b:]).all()
+
+
+@pytest.mark.parametrize("mode", ["text", "image", "interleaved"])
+def test_generation_unchanged(pair, mode):
+    plain, optimized = pair
+    prompts = [optimized.encode_prompt("Natalia sold clips to 48 of her friends"), optimized.encode_prompt("Weng earns")]
+    opts = GenerationOptions(mode=mode, max_new_tokens=300 if mode == "interleaved" else 24, temperature=0.9, seed=3)
+    if mode == "interleaved":
+        opts.logit_bias = {optimized.tokenizer.boi_id: 8.0}
+    assert generate(optimized, prompts, opts) == generate(plain, prompts, opts)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16 kernels")
+def test_packed_bf16_linear_tracks_the_weight():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g).bfloat16()
+    x = torch.randn(1, 3, 64, generator=g).bfloat16()
+    cache: dict = {}
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, w, cache, "w").float(), F.linear(x, w).float(), atol=0.05, rtol=0.02)
+        assert "w" in cache
+        w.mul_(-1)  # in place: the version counter moves, the packed copy is rebuilt
+        torch.testing.assert_close(linear(x, w, cache, "w").float(), F.linear(x, w).float(), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16 kernels")
+def test_bf16_optimized_model_matches_plain_bf16(tiny_hf):
+    optimized = chameleon.load(tiny_hf, dtype=torch.bfloat16)
+    plain = copy.deepcopy(optimized)
+    for block in plain.transformer.layers:
+        block.attention.fused = block.feed_forward.fused = None
+    x = tokens(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), plain(x), atol=0.05, rtol=0.05)
