@@ -1,10 +1,11 @@
 """Prefill and decode speed: this stack vs transformers' generate, same random weights, one run.
 
-    python benchmarks/perf/decode.py                       # CPU: ~100M params, full 65,536 vocabulary
-    python benchmarks/perf/decode.py --preset 7B --device cuda --dtype bf16 --image   # GPU
+    python benchmarks/perf/decode.py                       # CPU: ~100M params, full 65,536 vocabulary, fp32 and bf16
+    python benchmarks/perf/decode.py --preset 7B --device cuda --dtypes bf16 --image   # GPU
 
 Competitors: transformers `generate` with its default dynamic cache, and with a static cache
-(compiled on CUDA). On CUDA the script also measures copy bandwidth and reports decode speed as a
+(compiled on CUDA), in the same dtype. Both sides sample text from the same candidates: a
+tokenizer that knows all 65,536 ids, with the 8,192 image codes at ids 4..8195 as in the real one. On CUDA the script also measures copy bandwidth and reports decode speed as a
 fraction of the memory-bandwidth roofline (weight bytes / bandwidth), and times one image
 (`--image`: N codes with 3-way classifier-free guidance, then VQGAN decoding at 512x512).
 Targets (see issue): CPU decode >= 2x transformers' default at batch 1; GPU decode >= 75% of roofline.

@@ -10,5 +10,5 @@ OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-python3 benchmarks/perf/decode.py --preset 7B --device cuda --dtype bf16 --batches 1,4 --new-tokens 128 \
+python3 benchmarks/perf/decode.py --preset 7B --device cuda --dtypes bf16 --batches 1,4 --new-tokens 128 \
     --image --json "$OUT/decode_7b.json" 2>&1 | tee "$OUT/decode_7b.log"
