@@ -107,6 +107,19 @@ def bench_hf(hf, prompts, new_tokens, device, cache_impl, tok):
     return {"prefill_tok_s": ids.numel() / t1, "decode_tok_s": ids.shape[0] * (new_tokens - 1) / (tn - t1)}, out[:, ids.shape[1]:].tolist()
 
 
+def text_logits(ours, hf, prompt_len, device):
+    """Both stacks' float32 logits over the text ids after one fixed prompt."""
+    g = torch.Generator().manual_seed(1)
+    tok = ours.tokenizer
+    ids = torch.randint(100, tok.vocab_size - 1, (1, prompt_len), generator=g).to(device)
+    ids[:, 0] = tok.bos_id
+    keep = ~tok.non_text_ids.to(device)
+    with torch.no_grad():
+        mine = ours(ids)[0, -1].float()[keep]
+        theirs = hf(ids).logits[0, -1].float()[keep] if hf is not None else None
+    return mine, theirs
+
+
 def copy_bandwidth(device) -> float:
     x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device=device)
     y = torch.empty_like(x)
@@ -138,9 +151,11 @@ def main() -> None:
     compile_ = device.type == "cuda"
     report = {"machine": platform.processor() or platform.machine(), "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
               "preset": a.preset, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "rows": []}
+    last_logits = {}  # per dtype: each stack's text logits after one prompt, to compare precision
     for dtype_name in dtypes:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
         ours, hf = build_pair(args, vq, device, dtype, with_hf=not a.no_hf)
+        last_logits[dtype_name] = text_logits(ours, hf, a.prompt_len, device)
         report["params"] = sum(p.numel() for p in ours.transformer.parameters())
         weight_bytes = sum(p.numel() * p.element_size() for p in ours.transformer.parameters())
         for batch in [int(b) for b in a.batches.split(",")]:
@@ -158,6 +173,14 @@ def main() -> None:
             report["rows"].append(row)
             print(json.dumps(row, indent=1), flush=True)
         del hf
+    if "fp32" in last_logits and "bf16" in last_logits:
+        # bf16 greedy tokens of two stacks part at near-ties; what matters is that neither is less
+        # precise: the error of each stack's bf16 logits against the fp32 ones.
+        ref = last_logits["fp32"][0]
+        report["bf16_logit_error_vs_fp32"] = {
+            name: {"mean_abs": (t - ref).abs().mean().item(), "max_abs": (t - ref).abs().max().item()}
+            for name, t in zip(("ours", "hf"), last_logits["bf16"]) if t is not None
+        }
     if device.type == "cuda":
         bw = copy_bandwidth(device)
         roofline = bw / weight_bytes
