@@ -220,3 +220,40 @@ def test_missing_images_are_reported_not_guessed(tiny_hf, tmp_path):
     assert all(r["failed"] and "not found under" in r["failure"] and r["output"] is None for r in recs)
     row = next(line for line in format_results_table(res).splitlines() if line.startswith("coco"))
     assert row.split() == ["coco", "-", "-", "-", "6", "6"]  # nothing scored, 6 failures shown
+
+
+def test_caption_exemplars_from_a_separate_pool(tiny_hf, tmp_path):
+    """Few-shot exemplars from a Karpathy-format train split with its own images directory."""
+    from benchmarks.backends import load_backend
+    from chameleon.errors import InputError
+    from benchmarks.runner import load_suite, run_suite
+
+    captions = {"astronaut.png": "An astronaut in a white spacesuit poses with a helmet.",
+                "coffee.png": "A cup of coffee sits on a saucer.",
+                "rocket.jpg": "A rocket lifts off from its launch pad."}
+    pool = {"images": [{"filename": f, "split": "train", "sentences": [{"raw": c}]} for f, c in captions.items()]
+            + [{"filename": "chelsea.png", "split": "test", "sentences": [{"raw": "A cat."}]}]}
+    (tmp_path / "dataset_pool.json").write_text(json.dumps(pool))
+    skimage = REPO / "benchmarks/data/images/skimage"
+
+    def suite(shots):
+        path = tmp_path / f"cap{shots}.yaml"
+        path.write_text(f"name: cap\nbenchmarks:\n  - {{name: coco, benchmark: coco, shots: {shots}, subset: with_images, limit: 2,"
+                        f" generation: {{max_gen_toks: 4}}, exemplars: {tmp_path / 'dataset_pool.json'},"
+                        f" exemplar_images: {skimage}}}\n")
+        return load_suite(str(path))
+
+    lm = load_backend("chameleon", str(tiny_hf))
+    res = run_suite(suite(2), lm, tmp_path / "run")
+    coco = res["benchmarks"]["coco"]
+    assert coco["n_scored"] == 2 and "dataset_pool.json (train split" in coco["prompt"]["exemplar_pool"]
+    for rec in (json.loads(x) for x in (tmp_path / "run/samples/coco.jsonl").read_text().splitlines()):
+        shots, query = rec["images"][:2], rec["images"][2]
+        assert all(Path(s["file"]).name in captions for s in shots) and "coco" in query["file"]
+        assert sum(c[1:].rstrip(".") in rec["prompt"] for c in captions.values()) == 2 and "a cat" not in rec["prompt"]
+    with pytest.raises(InputError, match=r"dataset_pool.json \(train split\) have 3 item.*4-shot"):
+        run_suite(suite(4), lm, tmp_path / "run4")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nbenchmarks:\n  - {name: g, benchmark: gsm8k, exemplars: x.json}\n")
+    with pytest.raises(InputError, match="exemplars apply to captioning"):
+        load_suite(str(bad))

@@ -20,6 +20,7 @@ from benchmarks.captioning.references import SHIPPED, SHIPPED_COCO_IMAGES, load_
 from benchmarks.captioning.scoring import score_captions
 from benchmarks.runner.results import display_path, mean_entry, metric_entry, sha256_file
 from benchmarks.runner.suite import BenchmarkSpec
+from chameleon.errors import InputError
 
 DEFAULT_REFERENCES = {"coco": "coco_karpathy_test", "flickr30k": "flickr30k_karpathy_test"}
 DEFAULT_IMAGES = {"coco": SHIPPED_COCO_IMAGES, "flickr30k": SHIPPED_COCO_IMAGES.parent / "flickr30k"}
@@ -48,7 +49,8 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
     items = items[:limit]
     gen_kwargs = {"until": [], "max_gen_toks": 30, "do_sample": False, **spec.generation}
     settings = CaptionSettings(shots=spec.shots, max_new_tokens=int(gen_kwargs["max_gen_toks"]), seed=seed)
-    pool = [it for it in load_references(ref_source) if it.image_id in found]
+    pool, pool_images = _exemplar_pool(spec, items_source=ref_source, found=found, image_dir=image_dir)
+    found_or_shot = {**pool_images, **found}  # scored items win where ids coincide
     gen_hash = parse_gen_kwargs(gen_kwargs).digest()
 
     requests, records, present = [], [], []
@@ -61,9 +63,9 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
                        images=[], output=None, prediction=None, score=None, request_hash=None)
             records.append(rec)
             continue
-        segments = caption_prompt(item, found, pool, settings)
+        segments = caption_prompt(item, found_or_shot, pool, settings)
         context, images = _render(segments)
-        files = _shot_files(item, found, pool, settings) + [found[item.image_id]]  # prompt order
+        files = _shot_files(item, found_or_shot, pool, settings) + [found[item.image_id]]  # prompt order
         args = (context, gen_kwargs, {"visual": images})
         requests.append(Instance("generate_until", {"image_id": item.image_id}, args, 0, (spec.name, n, 1)))
         rec.update(prompt=context, request_hash=request_hash("generate_until", args),
@@ -94,9 +96,30 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
         "n_failed": sum(r["failed"] for r in records), "metrics": metrics, "skipped_metrics": skipped,
         "generation": gen_kwargs, "generation_hash": gen_hash,
         "prompt": {"shots": settings.shots, "shot_template": settings.shot_template, "query_cue": settings.query_cue,
-                   "exemplar_seed": settings.seed, "postprocess": "first line, first sentence"},
+                   "exemplar_seed": settings.seed, "postprocess": "first line, first sentence",
+                   "exemplar_pool": (f"{display_path(SHIPPED.get(spec.exemplars, spec.exemplars))} ({spec.exemplar_split} split where the file has splits)"
+                                     if spec.exemplars else "the scored split, query excluded")},
     }
     return entry, records
+
+
+def _exemplar_pool(spec: BenchmarkSpec, *, items_source, found: dict, image_dir: Path) -> tuple[list, dict]:
+    """The few-shot pool and its images: the suite's `exemplars` (e.g. Karpathy train, as the paper's
+    protocol implies), or else the scored split itself (each query excluded from its own shots)."""
+    if not spec.exemplars:
+        return [it for it in load_references(items_source) if it.image_id in found], {}
+    if spec.shots == 0:
+        return [], {}
+    pool_dir = Path(spec.exemplar_images) if spec.exemplar_images else image_dir
+    items = load_references(spec.exemplars, split=spec.exemplar_split)
+    pool_found, _ = resolve_images(items, pool_dir)
+    pool = [it for it in items if it.image_id in pool_found]
+    if len(pool) < spec.shots:
+        raise InputError(
+            f"benchmark '{spec.name}': exemplars {spec.exemplars} ({spec.exemplar_split} split) have {len(pool)} "
+            f"item(s) with an image under {pool_dir}; {spec.shots}-shot prompts need at least {spec.shots}"
+        )
+    return pool, pool_found
 
 
 def _shot_files(item, found, pool, settings) -> list[Path]:

@@ -17,6 +17,9 @@
         references: coco_karpathy_test   # shipped set name or a local JSON (default per dataset)
         subset: with_images     # all (missing images reported as failures) | with_images
         metrics: [CIDEr]
+        exemplars: /data/karpathy/dataset_coco.json   # few-shot pool (default: the scored split,
+        exemplar_split: train   # query excluded); split of a Karpathy dataset_*.json (train)
+        exemplar_images: /data/coco/train2014         # its images (default: the run's images dir)
 
 Validation is strict: unknown keys are errors that name the key, the file, the allowed keys and
 the closest one.
@@ -40,7 +43,8 @@ BENCH_KEYS = {"name": str, "benchmark": str, "shots": int, "k": int, "limit": (i
               "generation": dict, "description": str,
               "maj_at": list,  # text, k > 1: report maj@j for each j (default [k])
               # captioning only
-              "references": str, "subset": str, "metrics": list}
+              "references": str, "subset": str, "metrics": list,
+              "exemplars": str, "exemplar_split": str, "exemplar_images": str}
 SUBSETS = ("all", "with_images")  # captioning: every reference item, or those whose image is present
 GEN_KEYS = {"max_gen_toks": int, "temperature": (int, float), "top_p": (int, float), "top_k": int,
             "do_sample": bool, "until": list}
@@ -59,6 +63,9 @@ class BenchmarkSpec:
     subset: str = "all"
     metrics: list = field(default_factory=lambda: ["CIDEr"])
     maj_at: list | None = None
+    exemplars: str | None = None  # captioning: few-shot pool (shipped set name or JSON path)
+    exemplar_split: str = "train"  # the pool's split when it is a Karpathy dataset_*.json
+    exemplar_images: str | None = None  # the pool's images (default: the scored images' directory)
 
     @property
     def kind(self) -> str:
@@ -138,8 +145,9 @@ def load_suite(suite: str) -> Suite:
             raise InputError(f"{where}: expected k >= 1, shots >= 0, limit >= 1 or null")
         if spec.k > 1 and not (spec.generation.get("do_sample") and spec.generation.get("temperature", 1.0) > 0):
             raise InputError(f"{where}: k={spec.k} samples need generation.do_sample: true and temperature > 0")
-        if spec.kind == "text" and {"references", "subset", "metrics"} & b.keys():
-            raise InputError(f"{where}: 'references', 'subset' and 'metrics' apply to captioning ({', '.join(CAPTIONING)}) only")
+        captioning_only = {"references", "subset", "metrics", "exemplars", "exemplar_split", "exemplar_images"}
+        if spec.kind == "text" and captioning_only & b.keys():
+            raise InputError(f"{where}: {', '.join(sorted(captioning_only & b.keys()))} apply to captioning ({', '.join(CAPTIONING)}) only")
         if spec.subset not in SUBSETS:
             raise InputError(f"{where}: subset must be one of {', '.join(SUBSETS)}, got {spec.subset!r}")
         specs.append(spec)
