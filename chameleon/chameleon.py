@@ -186,8 +186,12 @@ def save_checkpoint(ckpt: Checkpoint, out: Path, format: str, tokenizer: Chamele
         raise InputError(f"unknown checkpoint format {format!r}; expected 'hf' or 'meta'")
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Chameleon:
-    """Load a HF- or Meta-format checkpoint directory (auto-detected) with its tokenizers."""
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, pack_bf16: bool = True) -> Chameleon:
+    """Load a HF- or Meta-format checkpoint directory (auto-detected) with its tokenizers.
+
+    On CPU the weights are laid out for decoding (`Transformer.optimize_for_cpu_`); in bf16 that
+    includes a packed copy of every matrix (2x faster decoding, 2x the weight memory) unless
+    `pack_bf16=False`."""
     ckpt = read_checkpoint(path)
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
     has_decoder = any(k.startswith("decoder.") for k in ckpt.vq_weights)
@@ -200,5 +204,5 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     model.transformer.to(device=device, dtype=dtype)
     model.vqgan.to(device=device, dtype=torch.float32)
     if torch.device(device).type == "cpu":
-        model.transformer.optimize_for_cpu_()
+        model.transformer.optimize_for_cpu_(pack_bf16=pack_bf16)
     return model.eval()

@@ -25,14 +25,14 @@ def _packing_active(w: torch.Tensor) -> bool:
     )
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, packed: dict, key) -> torch.Tensor:
-    """x @ w.T. For bf16 on CPU through a oneDNN-packed copy of w, kept in `packed[key]`.
+def linear(x: torch.Tensor, w: torch.Tensor, packed: dict | None, key) -> torch.Tensor:
+    """x @ w.T. For bf16 on CPU through a oneDNN-packed copy of w kept in `packed[key]` (None: never).
 
     PyTorch's plain bf16 matrix-vector product on CPU reorders the weight on every call; the packed
     copy halves a decode step's time. It is rebuilt whenever w changes (another tensor, or an
     in-place update, which bumps the version counter). The cost: a second copy of the weight.
     """
-    if not _packing_active(w):
+    if packed is None or not _packing_active(w):
         return F.linear(x, w)
     stamp = (w.data_ptr(), w._version, w.shape)
     entry = packed.get(key)
@@ -166,7 +166,7 @@ class Attention(nn.Module):
         self.dropout = args.dropout
         # Set by Transformer.optimize_for_cpu_(): q/k/v weights, q/k-norm weights and biases.
         self.fused: list[Fused] | None = None
-        self.packed: dict = {}
+        self.packed: dict | None = None  # oneDNN-packed bf16 weights, see optimize_for_cpu_()
 
     def fuse_(self) -> None:
         self.fused = [Fused([(self.wq, "weight"), (self.wk, "weight"), (self.wv, "weight")], input_major=True)]
@@ -218,7 +218,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(args.dim, hidden, bias=False)
         self.dropout = args.dropout
         self.fused: list[Fused] | None = None  # w1/w3, set by Transformer.optimize_for_cpu_()
-        self.packed: dict = {}
+        self.packed: dict | None = None  # oneDNN-packed bf16 weights, see optimize_for_cpu_()
 
     def fuse_(self) -> None:
         self.fused = [Fused([(self.w1, "weight"), (self.w3, "weight")], input_major=True)]
@@ -260,24 +260,27 @@ class Transformer(nn.Module):
         # Not a buffer: `.to(bf16)` must not touch the complex64 rotations.
         self._rope: dict[torch.device, torch.Tensor] = {}
         self.vocab_spans = [(0, args.vocab_size)]
-        self.packed: dict = {}
+        self.packed: dict | None = None  # oneDNN-packed bf16 weights, see optimize_for_cpu_()
 
     def rope_freqs(self, device: torch.device) -> torch.Tensor:
         if device not in self._rope:
             self._rope[device] = rope_tables(self.args, device=device)
         return self._rope[device]
 
-    def optimize_for_cpu_(self) -> None:
+    def optimize_for_cpu_(self, pack_bf16: bool = True) -> None:
         """Lay the weights out for fast CPU inference; same values, same state dict.
 
         q/k/v, w1/w3 and the q/k-norms become one fused tensor each (see `Fused`), and
         every matrix is stored input-major (a transposed view of a contiguous copy): the one-token
         matrix-vector products of decoding read that layout measurably faster. bf16 weights are
-        also packed for oneDNN on first use (see `linear`).
+        also packed for oneDNN on first use (see `linear`) unless `pack_bf16` is False, which saves
+        the packed copy's memory (as much again as the weights) at about half the decode speed.
         """
         for block in self.layers:
             block.attention.fuse_()
             block.feed_forward.fuse_()
+        for module in (self, *(b.attention for b in self.layers), *(b.feed_forward for b in self.layers)):
+            module.packed = {} if pack_bf16 else None
         for module in (*(b.attention.wo for b in self.layers), *(b.feed_forward.w2 for b in self.layers), self.output):
             w = module.weight
             if w.is_contiguous():
@@ -297,7 +300,7 @@ class Transformer(nn.Module):
         rows are computed and every other logit is -inf."""
         w = self.output.weight
         if spans is None:
-            if not _packing_active(w):
+            if self.packed is None or not _packing_active(w):
                 return self.output(h).float()
             spans = range(len(self.vocab_spans))  # packed blocks, concatenated: the full logits
             return torch.cat([self._span_logits(h, i) for i in spans], dim=-1).float()

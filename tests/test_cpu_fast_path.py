@@ -110,6 +110,9 @@ def test_bf16_optimized_model_matches_plain_bf16(tiny_hf):
     plain = copy.deepcopy(optimized)
     for block in plain.transformer.layers:
         block.attention.fused = block.feed_forward.fused = None
+    unpacked = chameleon.load(tiny_hf, dtype=torch.bfloat16, pack_bf16=False)
     x = tokens(plain)
     with torch.no_grad():
         torch.testing.assert_close(optimized(x), plain(x), atol=0.05, rtol=0.05)
+        torch.testing.assert_close(unpacked(x), plain(x), atol=0.05, rtol=0.05)
+    assert optimized.transformer.packed and unpacked.transformer.packed is None
