@@ -28,8 +28,8 @@ def _packing_active(w: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, w: torch.Tensor, packed: dict | None, key) -> torch.Tensor:
     """x @ w.T. For bf16 on CPU through a oneDNN-packed copy of w kept in `packed[key]` (None: never).
 
-    PyTorch's plain bf16 matrix-vector product on CPU reorders the weight on every call; the packed
-    copy halves a decode step's time. It is rebuilt whenever w changes (another tensor, or an
+    PyTorch's plain bf16 matrix-vector product on CPU reorders the weight on every call; with packed
+    copies a 100M-parameter bf16 decode step is about 1.6x faster. A copy is rebuilt whenever w changes (another tensor, or an
     in-place update, which bumps the version counter). The cost: a second copy of the weight.
     """
     if packed is None or not _packing_active(w):
@@ -47,7 +47,7 @@ class Fused:
     The parameters become row-slice views of it, so state dicts, optimisers and load_state_dict see
     the usual names and every in-place update reaches the fused tensor; inference then runs one
     matrix product (or one norm) where there were two or three. Once a parameter is replaced
-    (`.to()`, `load_state_dict(assign=True)`) the fused tensor is stale and `usable()` says so.
+    (`.to()`, `load_state_dict(assign=True)`) the fused tensor is stale and `current()` says so.
     """
 
     def __init__(self, owners: list[tuple[nn.Module, str]], input_major: bool = False):

@@ -43,6 +43,17 @@ def test_same_logits_and_state_dict(pair):
     assert optimized.transformer.layers[0].attention.fused[0].current()
 
 
+@pytest.mark.parametrize("fmt", ["hf", "meta"])
+def test_optimized_model_saves_and_reloads(pair, tmp_path, fmt):
+    _, optimized = pair
+    optimized.save(tmp_path / fmt, format=fmt)
+    again = chameleon.load(tmp_path / fmt)
+    assert again.fingerprint == optimized.fingerprint
+    x = tokens(optimized)
+    with torch.no_grad():
+        assert torch.equal(again(x), optimized(x))
+
+
 def test_weight_updates_reach_the_fused_tensors(pair, tiny_hf):
     plain, optimized = pair
     x = tokens(plain)
