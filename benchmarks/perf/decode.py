@@ -131,6 +131,7 @@ def copy_bandwidth(device) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="100M", help="model shape: 100M (CPU default), 7B, 30B, tiny")
+    p.add_argument("--shape", default=None, help="override the preset's shape, e.g. dim=384,n_layers=26,n_heads=6 (params.json names)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", default=None, help="comma list of fp32, bf16 (default: bf16 on CUDA; fp32,bf16 on CPU)."
                    " bf16 is the released checkpoints' dtype, which transformers loads them in by default")
@@ -145,12 +146,17 @@ def main() -> None:
     dtypes = (a.dtypes or ("bf16" if device.type == "cuda" else "fp32,bf16")).split(",")
     torch.manual_seed(0)
     args = dataclasses.replace(preset(a.preset), max_seq_len=4096 if a.image else 1024, model_parallel_size=1)
+    for item in filter(None, (a.shape or "").split(",")):
+        key, _, value = item.partition("=")
+        if not hasattr(args, key):
+            raise SystemExit(f"--shape: unknown field {key!r}")
+        setattr(args, key, int(value))
     args.vocab_size = max(args.vocab_size, 65536)  # the real vocabulary (the tiny preset has 4,096)
     # The real VQGAN shape when timing images; otherwise a small one with the real 8,192 codes.
     vq = VQGANConfig() if a.image else dataclasses.replace(TINY_VQ, n_embed=8192)
     compile_ = device.type == "cuda"
     report = {"machine": platform.processor() or platform.machine(), "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
-              "preset": a.preset, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "rows": []}
+              "preset": a.preset, "shape": a.shape, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "rows": []}
     last_logits = {}  # per dtype: each stack's text logits after one prompt, to compare precision
     for dtype_name in dtypes:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
