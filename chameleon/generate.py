@@ -335,7 +335,7 @@ def _decode_step(model, use_compile: bool):
     def step(tokens, cur, positions, cache, spans):
         if id(cache) not in marked:
             # The cache is mutated in place by the graph: static addresses let CUDA graphs replay it.
-            for t in (cache.k, cache.v, cache.valid):
+            for t in cache.tensors():
                 torch._dynamo.mark_static_address(t)
             marked.add(id(cache))
         input_pos = torch.tensor([cur], device=tokens.device)

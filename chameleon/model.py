@@ -121,32 +121,37 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values for every layer: (layers, batch, kv_heads, max_seq_len, head_dim).
+    """Preallocated keys/values, one (batch, kv_heads, max_seq_len, head_dim) tensor per layer.
 
+    Separate tensors per layer (not one stacked tensor) let a compiled step write its new slot in
+    place: a write into a slice of one big input makes torch.compile copy the whole cache per layer.
     `valid[b, s]` says whether row b may attend to slot s. Left padding, and the guidance rows of
     interleaved generation that skip text tokens, are written into slots that stay invalid.
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, dtype: torch.dtype, device=None):
         super().__init__()
-        shape = (args.n_layers, batch_size, args.kv_heads, max_seq_len, args.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (batch_size, args.kv_heads, max_seq_len, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.register_buffer("valid", torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device), persistent=False)
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.valid.shape[0]
 
     @property
     def max_seq_len(self) -> int:
-        return self.k.shape[3]
+        return self.valid.shape[1]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.k, *self.v, self.valid]
 
     def copy_rows_from(self, src: "KVCache", src_row: int = 0, length: int | None = None) -> None:
         """Broadcast one row of `src` (e.g. a prefilled shared prefix) into every row of this cache."""
         n = min(src.max_seq_len, self.max_seq_len) if length is None else length
-        self.k[:, :, :, :n] = src.k[:, src_row : src_row + 1, :, :n]
-        self.v[:, :, :, :n] = src.v[:, src_row : src_row + 1, :, :n]
+        for dst, source in zip(self.k + self.v, src.k + src.v):
+            dst[:, :, :n] = source[src_row : src_row + 1, :, :n]
         self.valid[:, :n] = src.valid[src_row, :n]
         self.valid[:, n:] = False
 
@@ -196,8 +201,8 @@ class Attention(nn.Module):
         if cache is not None:
             # An int start writes a slice (cheap, eager); a tensor of slots keeps compiled shapes static.
             slots = slice(input_pos, input_pos + seqlen) if isinstance(input_pos, int) else input_pos
-            cache.k[layer, :, :, slots] = k
-            cache.v[layer, :, :, slots] = v
+            cache.k[layer][:, :, slots] = k
+            cache.v[layer][:, :, slots] = v
             k, v = cache.k[layer], cache.v[layer]
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
