@@ -176,6 +176,11 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
     not_text[: tok.vocab_size] = tok.non_text_ids.to(device)
     not_text[tok.vocab_size :] = True  # ids the tokenizer does not know
     not_text[[tok.eos_id, tok.eot_id]] = False  # both end a text answer
+    # Added to a row's logits in its text phase: the logit bias, and -inf on every non-text id.
+    text_bias = torch.zeros(vocab, device=device)
+    for tid, bias in opts.logit_bias.items():
+        text_bias[tid] += bias
+    text_bias.masked_fill_(not_text, float("-inf"))
     text_seen = None  # text tokens seen per prompt, kept only when a repetition penalty needs them
     if opts.repetition_penalty != 1.0:
         text_seen = torch.zeros(n_prompts, vocab, dtype=torch.bool, device=device)
@@ -190,7 +195,7 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
     slots = torch.arange(max_len, device=device)
     cache.valid[:, :max_len] = slots[None, :] >= pad_t[:, None]
     positions = (slots[None, :] - pad_t[:, None]).clamp(min=0)
-    next_pos = torch.tensor([len(s) for s in streams], device=device)
+    next_pos = [len(s) for s in streams]  # RoPE position of each row's next visible token
     for r in rows:
         if opts.mode == "image":  # the image starts right away
             r.pending = tok.boi_id
@@ -219,7 +224,7 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
         for i, r in enumerate(rows):
             if r.done:
                 continue
-            t = _choose(r, i, logits, codes, n_prompts, guided, opts, tok, n_codes, image_ids, not_text, text_seen, total - cur)
+            t = _choose(r, i, logits, codes, n_prompts, guided, opts, tok, n_codes, image_ids, text_bias, text_seen, total - cur)
             if r.done:
                 continue
             next_tokens[i] = t
@@ -232,9 +237,9 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
             break
         visible_t = torch.tensor(visible, device=device)
         cache.valid[:, cur] = visible_t
-        pos = next_pos.clone()
-        next_pos += visible_t.long()
-        logits = step_fn(torch.tensor(next_tokens, device=device)[:, None], cur, pos[:, None], cache, spans_of(rows))
+        pos = torch.tensor(next_pos, device=device)[:, None]
+        next_pos = [p + v for p, v in zip(next_pos, visible)]
+        logits = step_fn(torch.tensor(next_tokens, device=device)[:, None], cur, pos, cache, spans_of(rows))
         cur += 1
         if progress is not None:
             progress.update(1)
@@ -243,7 +248,7 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
     return [r.out for r in rows]
 
 
-def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, image_ids, not_text, text_seen, slots_left) -> int | None:
+def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, image_ids, text_bias, text_seen, slots_left) -> int | None:
     """Pick row i's next token from the last logits, update its state, and return it."""
     if r.pending is not None:
         t, r.pending = r.pending, None
@@ -254,12 +259,7 @@ def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, im
             code_logits = cfg_mix(codes[i], codes[i + n_prompts], codes[i + 2 * n_prompts], opts.cfg_text_scale, opts.cfg_image_scale)
         t = int(image_ids[sample(code_logits, opts.image_temperature, 0, opts.image_top_p, r.generator)])
     else:
-        row_logits = logits[i]
-        if opts.logit_bias:
-            row_logits = row_logits.clone()
-            for tid, bias in opts.logit_bias.items():
-                row_logits[tid] += bias
-        row_logits = row_logits.masked_fill(not_text, float("-inf"))
+        row_logits = logits[i] + text_bias
         may_start_image = opts.mode == "interleaved" and slots_left >= n_codes + 2 and opts.max_new_tokens - len(r.out) >= n_codes + 2
         if may_start_image:
             row_logits[tok.boi_id] = logits[i, tok.boi_id] + opts.logit_bias.get(tok.boi_id, 0.0)
