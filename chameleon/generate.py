@@ -215,6 +215,12 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
         from tqdm import tqdm
 
         progress = tqdm(total=budget, desc=f"generate ({opts.mode})", unit="tok")
+    if opts.mode == "text" and opts.temperature == 0 and not opts.stop_strings and text_seen is None:
+        stop_ids = {tok.eos_id, tok.eot_id, *opts.stop_ids}
+        outs = _greedy_text_loop(logits, text_bias, stop_ids, budget, cache, cur, next_pos, step_fn, spans_of(rows), tok.pad_id, progress)
+        for r, out in zip(rows, outs):
+            r.out = out
+        budget = 0  # the general loop below has nothing left to do
     for _ in range(budget):
         # Plain lists while choosing (cheaper than per-element tensor writes), one tensor each after.
         next_tokens = [tok.pad_id] * n_rows
@@ -300,6 +306,32 @@ def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, im
     return t
 
 
+def _greedy_text_loop(logits, text_bias, stop_ids, budget, cache, cur, next_pos, step_fn, spans, pad_id, progress) -> list[list[int]]:
+    """Greedy text for all rows without leaving the device: no per-token host sync, so a GPU runs
+    ahead of Python. The same tokens as the general loop (same bias, same first-maximum rule);
+    a row that ended keeps decoding into slots nobody reads until every row has ended."""
+    device = logits.device
+    n_rows = logits.shape[0]
+    out = torch.full((n_rows, budget), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    stops = torch.tensor(sorted(stop_ids), device=device)
+    pos = torch.tensor(next_pos, device=device)[:, None]
+    check_every = 1 if device.type == "cpu" else 16  # asking whether all rows ended costs a sync
+    for step in range(budget):
+        t = (logits + text_bias).max(dim=-1).indices
+        done |= torch.isin(t, stops)
+        out[:, step] = t.masked_fill(done, pad_id)  # pad is not text: never a greedy pick
+        if progress is not None:
+            progress.update(1)
+        if step == budget - 1 or ((step + 1) % check_every == 0 and bool(done.all())):
+            break
+        cache.valid[:, cur] = True
+        logits = step_fn(t[:, None], cur, pos, cache, spans)
+        pos = pos + 1
+        cur += 1
+    return [row[: row.index(pad_id)] if pad_id in row else row for row in out.tolist()]
+
+
 def _spans_holding(spans: list[tuple[int, int]], ids: dict[str, torch.Tensor]):
     """A function rows -> the indices of the vocabulary spans their next tokens may come from
     (None: all of them). `ids` gives, per phase, a boolean mask or a list of the ids it may sample."""
@@ -331,6 +363,7 @@ def _decode_step(model, use_compile: bool):
         return eager
     compiled = _compiled_step(transformer)
     marked: set[int] = set()
+    slot = torch.zeros(1, dtype=torch.long, device=model.device)
 
     def step(tokens, cur, positions, cache, spans):
         if id(cache) not in marked:
@@ -338,8 +371,8 @@ def _decode_step(model, use_compile: bool):
             for t in cache.tensors():
                 torch._dynamo.mark_static_address(t)
             marked.add(id(cache))
-        input_pos = torch.tensor([cur], device=tokens.device)
-        return compiled(tokens, cache, input_pos, positions)
+        slot.fill_(cur)  # a device-side fill: unlike torch.tensor([cur], device=...), no host sync
+        return compiled(tokens, cache, slot, positions)
 
     return step
 

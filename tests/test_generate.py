@@ -48,6 +48,20 @@ def test_batched_generation_equals_one_by_one(tiny_model, temperature):
     assert all(len(o) > 0 for o in batched)
 
 
+def test_greedy_device_loop_equals_general_loop(tiny_model):
+    """Greedy text runs in a loop that stays on the device; the general per-row loop (forced here by
+    a stop string that never occurs) must give the same tokens, stops and lengths included."""
+    prompts = [tiny_model.encode_prompt(p) for p in PROMPTS]
+    free = generate(tiny_model, prompts, GenerationOptions(max_new_tokens=20))
+    stop = free[1][3]  # ends row 1 after three tokens, maybe others too
+    base = dict(max_new_tokens=20, stop_ids=(stop,), logit_bias={free[0][0]: -5.0})
+    fast = generate(tiny_model, prompts, GenerationOptions(**base))
+    general = generate(tiny_model, prompts, GenerationOptions(**base, stop_strings=("\x00never",)))
+    assert fast == general
+    assert len(fast[1]) == 3 and stop not in sum(fast, []) and fast[0][0] != free[0][0]
+    assert generate(tiny_model, prompts, GenerationOptions(max_new_tokens=0)) == [[], [], []]
+
+
 def test_seeded_sampling_is_deterministic(tiny_model):
     prompt = [tiny_model.encode_prompt(PROMPTS[0])]
     a = generate(tiny_model, prompt, GenerationOptions(max_new_tokens=20, temperature=1.0, seed=1))
