@@ -203,7 +203,7 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
     may_sample = ~not_text
     if opts.mode == "interleaved":
         may_sample[tok.boi_id] = True
-    spans_of = _spans_holding(model.transformer.vocab_spans, {"text": may_sample, "image": image_ids})
+    spans_of = _spans_holding(model.transformer.vocab_spans, {"text": may_sample.nonzero().flatten(), "image": image_ids})
     logits = model.transformer(
         tokens, cache=cache, input_pos=0, positions=positions, kv_len=max_len, last_only=True, spans=spans_of(rows)
     )[:, -1]
@@ -218,9 +218,9 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
     if opts.mode == "text" and opts.temperature == 0 and not opts.stop_strings and text_seen is None:
         stop_ids = {tok.eos_id, tok.eot_id, *opts.stop_ids}
         outs = _greedy_text_loop(logits, text_bias, stop_ids, budget, cache, cur, next_pos, step_fn, spans_of(rows), tok.pad_id, progress)
-        for r, out in zip(rows, outs):
-            r.out = out
-        budget = 0  # the general loop below has nothing left to do
+        if progress is not None:
+            progress.close()
+        return outs
     for _ in range(budget):
         # Plain lists while choosing (cheaper than per-element tensor writes), one tensor each after.
         next_tokens = [tok.pad_id] * n_rows
@@ -334,11 +334,10 @@ def _greedy_text_loop(logits, text_bias, stop_ids, budget, cache, cur, next_pos,
 
 def _spans_holding(spans: list[tuple[int, int]], ids: dict[str, torch.Tensor]):
     """A function rows -> the indices of the vocabulary spans their next tokens may come from
-    (None: all of them). `ids` gives, per phase, a boolean mask or a list of the ids it may sample."""
-    per_phase = {}
-    for phase, sel in ids.items():
-        sel = sel.nonzero().flatten() if sel.dtype == torch.bool else sel
-        per_phase[phase] = {i for i, (a, b) in enumerate(spans) if bool(((sel >= a) & (sel < b)).any())}
+    (None: all of them). `ids` gives, per phase, the token ids it may sample."""
+    per_phase = {
+        phase: {i for i, (a, b) in enumerate(spans) if bool(((sel >= a) & (sel < b)).any())} for phase, sel in ids.items()
+    }
     everything = set(range(len(spans)))
 
     def spans_of(rows) -> tuple[int, ...] | None:

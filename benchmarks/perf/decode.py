@@ -5,8 +5,9 @@
 
 Competitors: transformers `generate` with its default dynamic cache, and with a static cache
 (compiled on CUDA), in the same dtype. Both sides sample text from the same candidates: a
-tokenizer that knows all 65,536 ids, with the 8,192 image codes at ids 4..8195 as in the real one. On CUDA the script also measures copy bandwidth and reports decode speed as a
-fraction of the memory-bandwidth roofline (weight bytes / bandwidth), and times one image
+tokenizer that knows all 65,536 ids, with the 8,192 image codes at ids 4..8195 as in the real one.
+On CUDA the script also measures copy bandwidth and reports decode speed as a fraction of the
+memory-bandwidth roofline (weight bytes / bandwidth), and times one image
 (`--image`: N codes with 3-way classifier-free guidance, then VQGAN decoding at 512x512).
 Targets (see issue): CPU decode >= 2x transformers' default at batch 1; GPU decode >= 75% of roofline.
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 from lm_eval.api.instance import Instance
 
 from benchmarks.backends.base import IMAGE_PLACEHOLDER, parse_gen_kwargs, request_hash
-from benchmarks.captioning.prompts import CaptionSettings, caption_prompt, postprocess_caption
+from benchmarks.captioning.prompts import CaptionSettings, build_prompt, postprocess_caption, select_exemplars
 from benchmarks.captioning.references import SHIPPED, SHIPPED_COCO_IMAGES, load_references, resolve_images
 from benchmarks.captioning.scoring import score_captions
 from benchmarks.runner.results import display_path, mean_entry, metric_entry, sha256_file
@@ -40,7 +40,8 @@ def _render(segments) -> tuple[str, list]:
 def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: int | None, seed: int) -> tuple[dict, list[dict]]:
     """Caption, score; return (benchmark entry for results.json, per-sample records)."""
     ref_source = spec.references or DEFAULT_REFERENCES[spec.benchmark]
-    items = load_references(ref_source)
+    references = load_references(ref_source)
+    items = references
     image_dir = Path(images_dir) if images_dir else DEFAULT_IMAGES[spec.benchmark]
     found, _ = resolve_images(items, image_dir) if image_dir.is_dir() else ({}, None)
     if spec.subset == "with_images":
@@ -49,8 +50,8 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
     items = items[:limit]
     gen_kwargs = {"until": [], "max_gen_toks": 30, "do_sample": False, **spec.generation}
     settings = CaptionSettings(shots=spec.shots, max_new_tokens=int(gen_kwargs["max_gen_toks"]), seed=seed)
-    pool, pool_images = _exemplar_pool(spec, items_source=ref_source, found=found, image_dir=image_dir)
-    found_or_shot = {**pool_images, **found}  # scored items win where ids coincide
+    pool, pool_images = _exemplar_pool(spec, references=references, found=found, image_dir=image_dir)
+    images_by_id = {**pool_images, **found}  # scored items win where ids coincide
     gen_hash = parse_gen_kwargs(gen_kwargs).digest()
 
     requests, records, present = [], [], []
@@ -63,9 +64,11 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
                        images=[], output=None, prediction=None, score=None, request_hash=None)
             records.append(rec)
             continue
-        segments = caption_prompt(item, found_or_shot, pool, settings)
+        shots = select_exemplars(item.image_id, pool, settings)
+        shot_files = [images_by_id[p.image_id] for p, _ in shots]
+        segments = build_prompt(found[item.image_id], [(f, cap) for f, (_, cap) in zip(shot_files, shots)], settings)
         context, images = _render(segments)
-        files = _shot_files(item, found_or_shot, pool, settings) + [found[item.image_id]]  # prompt order
+        files = shot_files + [found[item.image_id]]  # prompt order
         args = (context, gen_kwargs, {"visual": images})
         requests.append(Instance("generate_until", {"image_id": item.image_id}, args, 0, (spec.name, n, 1)))
         rec.update(prompt=context, request_hash=request_hash("generate_until", args),
@@ -103,11 +106,12 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
     return entry, records
 
 
-def _exemplar_pool(spec: BenchmarkSpec, *, items_source, found: dict, image_dir: Path) -> tuple[list, dict]:
-    """The few-shot pool and its images: the suite's `exemplars` (e.g. Karpathy train, as the paper's
-    protocol implies), or else the scored split itself (each query excluded from its own shots)."""
+def _exemplar_pool(spec: BenchmarkSpec, *, references: list, found: dict, image_dir: Path) -> tuple[list, dict]:
+    """The few-shot pool (items with an image) and its images: the suite's `exemplars` (e.g. Karpathy
+    train, as the paper's protocol implies), or else the scored split itself (each query excluded
+    from its own shots)."""
     if not spec.exemplars:
-        return [it for it in load_references(items_source) if it.image_id in found], {}
+        return [it for it in references if it.image_id in found], {}
     if spec.shots == 0:
         return [], {}
     pool_dir = Path(spec.exemplar_images) if spec.exemplar_images else image_dir
@@ -120,11 +124,3 @@ def _exemplar_pool(spec: BenchmarkSpec, *, items_source, found: dict, image_dir:
             f"item(s) with an image under {pool_dir}; {spec.shots}-shot prompts need at least {spec.shots}"
         )
     return pool, pool_found
-
-
-def _shot_files(item, found, pool, settings) -> list[Path]:
-    from benchmarks.captioning.prompts import select_exemplars
-
-    usable = [p for p in pool if p.image_id in found]
-    return [found[p.image_id] for p, _ in select_exemplars(item.image_id, usable, settings)]
-
