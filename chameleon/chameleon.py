@@ -189,9 +189,9 @@ def save_checkpoint(ckpt: Checkpoint, out: Path, format: str, tokenizer: Chamele
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, pack_bf16: bool = True) -> Chameleon:
     """Load a HF- or Meta-format checkpoint directory (auto-detected) with its tokenizers.
 
-    On CPU the weights are laid out for decoding (`Transformer.optimize_for_cpu_`); in bf16 that
-    includes a packed copy of every matrix (2x faster decoding, 2x the weight memory) unless
-    `pack_bf16=False`."""
+    q/k/v and w1/w3 are fused (`Transformer.fuse_`). On CPU the weights are also laid out for
+    decoding (`Transformer.optimize_for_cpu_`); in bf16 that includes a packed copy of every matrix
+    (2x faster decoding, 2x the weight memory) unless `pack_bf16=False`."""
     ckpt = read_checkpoint(path)
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
     has_decoder = any(k.startswith("decoder.") for k in ckpt.vq_weights)
@@ -205,4 +205,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     model.vqgan.to(device=device, dtype=torch.float32)
     if torch.device(device).type == "cpu":
         model.transformer.optimize_for_cpu_(pack_bf16=pack_bf16)
+    else:
+        model.transformer.fuse_()
     return model.eval()

@@ -361,6 +361,12 @@ def _decode_step(model, use_compile: bool):
     if not use_compile:
         return eager
     compiled = _compiled_step(transformer)
+    # The graph cannot check that fused weights are current (see inference_fast_path): check here,
+    # once per call (weights do not change while generating). Fused tensors are not parameters:
+    # mark them static, or CUDA graphs would copy them in at every replay.
+    transformer.check_fused()
+    for f in transformer.fused_tensors():
+        torch._dynamo.mark_static_address(f.tensor)
     marked: set[int] = set()
     slot = torch.zeros(1, dtype=torch.long, device=model.device)
 

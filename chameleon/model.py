@@ -70,19 +70,22 @@ class Fused:
         self.owners = owners
         self.tensor = dense
         self.ptrs = [getattr(module, name).data_ptr() for module, name in owners]
+        self.checked = False  # current() as last checked outside a compiled graph
+
 
     def current(self) -> bool:
         return all(getattr(module, name).data_ptr() == p for (module, name), p in zip(self.owners, self.ptrs))
 
 
 def inference_fast_path(fused: list[Fused] | None) -> bool:
-    """Fused tensors serve inference only: autograd must reach the separate parameters."""
-    return (
-        fused is not None
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and all(f.current() for f in fused)
-    )
+    """Fused tensors serve inference only: autograd must reach the separate parameters. A compiled
+    graph cannot check staleness itself (it cannot trace data pointers): its caller checks first
+    and sets `Transformer.fused_checked` (see `Transformer.check_fused`)."""
+    if fused is None or torch.is_grad_enabled():
+        return False
+    if torch.compiler.is_compiling():
+        return all(f.checked for f in fused)
+    return all(f.current() for f in fused)
 
 
 class RMSNorm(nn.Module):
@@ -116,16 +119,20 @@ def rope_inv_freq(args: ModelArgs, device=None) -> torch.Tensor:
 
 
 def rope_tables(args: ModelArgs, device=None) -> torch.Tensor:
-    """Rotations e^(i * pos * theta_j) as complex64, (max_seq_len, head_dim/2)."""
+    """cos and sin of pos * theta_j, float32 (max_seq_len, head_dim/2, 2)."""
     inv_freq = rope_inv_freq(args, device)
     angles = torch.arange(args.max_seq_len, dtype=torch.float, device=device)[:, None] * inv_freq[None, :]
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x[2i], x[2i+1]) as complex numbers. x: (B, T, H, hd); freqs: (B, T, hd/2)."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs[:, :, None, :]).flatten(-2).type_as(x)
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by the angles of `freqs`. x: (B, T, H, hd); freqs:
+    (B, T, hd/2, 2). Real arithmetic, not complex: torch.compile cannot fuse complex products (each
+    became a separate eager kernel, twice per layer), and fuses this one with the q/k-norms."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    re, im = pairs[..., 0], pairs[..., 1]
+    cos, sin = freqs[:, :, None, :, 0], freqs[:, :, None, :, 1]
+    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -181,8 +188,8 @@ class Attention(nn.Module):
         self.fused: list[Fused] | None = None
         self.packed: dict | None = None  # oneDNN-packed bf16 weights, see optimize_for_cpu_()
 
-    def fuse_(self) -> None:
-        self.fused = [Fused([(self.wq, "weight"), (self.wk, "weight"), (self.wv, "weight")], input_major=True)]
+    def fuse_(self, input_major: bool) -> None:
+        self.fused = [Fused([(self.wq, "weight"), (self.wk, "weight"), (self.wv, "weight")], input_major=input_major)]
         if self.qk_normalization:
             self.fused += [Fused([(self.q_norm, p), (self.k_norm, p)]) for p in ("weight", "bias")]
 
@@ -233,8 +240,8 @@ class FeedForward(nn.Module):
         self.fused: list[Fused] | None = None  # w1/w3, set by Transformer.optimize_for_cpu_()
         self.packed: dict | None = None  # oneDNN-packed bf16 weights, see optimize_for_cpu_()
 
-    def fuse_(self) -> None:
-        self.fused = [Fused([(self.w1, "weight"), (self.w3, "weight")], input_major=True)]
+    def fuse_(self, input_major: bool) -> None:
+        self.fused = [Fused([(self.w1, "weight"), (self.w3, "weight")], input_major=input_major)]
 
     def forward(self, x):
         if inference_fast_path(self.fused):
@@ -270,7 +277,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        # Not a buffer: `.to(bf16)` must not touch the complex64 rotations.
+        # Not a buffer: `.to(bf16)` must not touch the float32 rotation tables.
         self._rope: dict[torch.device, torch.Tensor] = {}
         self.vocab_spans = [(0, args.vocab_size)]
         self.packed: dict | None = None  # oneDNN-packed bf16 weights, see optimize_for_cpu_()
@@ -279,6 +286,21 @@ class Transformer(nn.Module):
         if device not in self._rope:
             self._rope[device] = rope_tables(self.args, device=device)
         return self._rope[device]
+
+    def fuse_(self, input_major: bool = False) -> None:
+        """Fuse q/k/v, w1/w3 and the q/k-norms into one tensor each (see `Fused`): fewer, larger
+        matrix products. Same values, same state dict; `load` does it on every device."""
+        for block in self.layers:
+            block.attention.fuse_(input_major)
+            block.feed_forward.fuse_(input_major)
+
+    def fused_tensors(self) -> list[Fused]:
+        return [f for b in self.layers for m in (b.attention, b.feed_forward) for f in (m.fused or [])]
+
+    def check_fused(self) -> None:
+        """Before running a compiled graph: record whether each fused tensor is still current."""
+        for f in self.fused_tensors():
+            f.checked = f.current()
 
     def optimize_for_cpu_(self, pack_bf16: bool = True) -> None:
         """Lay the weights out for fast CPU inference; same values, same state dict.
@@ -289,9 +311,7 @@ class Transformer(nn.Module):
         also packed for oneDNN on first use (see `linear`) unless `pack_bf16` is False, which saves
         the packed copy's memory (as much again as the weights) at about half the decode speed.
         """
-        for block in self.layers:
-            block.attention.fuse_()
-            block.feed_forward.fuse_()
+        self.fuse_(input_major=True)
         for module in (self, *(b.attention for b in self.layers), *(b.feed_forward for b in self.layers)):
             module.packed = {} if pack_bf16 else None
         for module in (*(b.attention.wo for b in self.layers), *(b.feed_forward.w2 for b in self.layers), self.output):

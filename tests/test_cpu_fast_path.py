@@ -68,6 +68,19 @@ def test_weight_updates_reach_the_fused_tensors(pair, tiny_hf):
         torch.testing.assert_close(optimized(x), plain(x), atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_step_follows_replaced_weights(pair):
+    """A compiled graph cannot check staleness itself (generate checks before running it): after a
+    parameter is replaced, compiled decoding must use the new weights, as eager decoding does."""
+    plain, optimized = pair
+    prompts = tokens(plain, n=6).tolist()
+    eager, compiled = GenerationOptions(max_new_tokens=8), GenerationOptions(max_new_tokens=8, compile=True)
+    assert generate(optimized, prompts, compiled) == generate(plain, prompts, eager)
+    state = {k: v + 0.05 * torch.randn_like(v) for k, v in plain.transformer.state_dict().items()}
+    plain.transformer.load_state_dict(state)
+    optimized.transformer.load_state_dict(state, assign=True)
+    assert generate(optimized, prompts, compiled) == generate(plain, prompts, eager)
+
+
 def test_autograd_reaches_the_parameters(pair):
     _, optimized = pair
     optimized.train()

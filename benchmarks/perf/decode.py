@@ -45,7 +45,7 @@ def timed(fn, device, repeats=1):
     return best, out
 
 
-def build_pair(args, vq: VQGANConfig, device, dtype, with_hf=True):
+def build_pair(args, vq: VQGANConfig, device, dtype, with_hf=True, fuse=True):
     # A tokenizer that knows all 65,536 ids (8,192 image codes at 4..8195, as in the real one), so
     # that text mode's candidates, and the output rows it computes, are those of a real checkpoint.
     ours = random_model(args, vq, seed=0, device=device, fill_vocab=True)
@@ -53,6 +53,8 @@ def build_pair(args, vq: VQGANConfig, device, dtype, with_hf=True):
     ours.transformer.to(dtype)
     if device.type == "cpu":  # as chameleon.load does
         ours.transformer.optimize_for_cpu_()
+    elif fuse:
+        ours.transformer.fuse_()
     ours.eval()
     hf = None
     if with_hf:
@@ -85,6 +87,19 @@ def bench_ours(model, batch, prompt_len, new_tokens, device, compile_):
     tn, out = timed(lambda: generate(model, prompts, GenerationOptions(max_new_tokens=new_tokens, **opts)), device, 2)
     assert all(len(o) == new_tokens for o in out)
     return {"prefill_tok_s": batch * prompt_len / t1, "decode_tok_s": batch * (new_tokens - 1) / (tn - t1)}, prompts, out
+
+
+def profile_ours(model, prompts, new_tokens, device) -> None:
+    """Print the kernels that take the device's time in a greedy decode (where the roofline is lost)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    opts = GenerationOptions(max_new_tokens=new_tokens, temperature=0.0, logit_bias=no_eos_bias(model.tokenizer), compile=device.type == "cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        generate(model, prompts, opts)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90), flush=True)
 
 
 def bench_hf(hf, prompts, new_tokens, device, cache_impl, tok):
@@ -141,6 +156,9 @@ def main() -> None:
     p.add_argument("--batches", default="1,4")
     p.add_argument("--image", action="store_true", help="also time one image with 3-way CFG + VQGAN decode (512x512)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers competitor")
+    p.add_argument("--hf-caches", default="dynamic,static", help="transformers' caches to time: dynamic (its default), static")
+    p.add_argument("--no-fuse", action="store_true", help="GPU: keep q/k/v and w1/w3 as separate matrices (ablation)")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="also profile our first row's decode of N tokens (kernel table)")
     p.add_argument("--json", default=None, help="write the results here too")
     a = p.parse_args()
     device = torch.device(a.device)
@@ -157,27 +175,43 @@ def main() -> None:
     vq = VQGANConfig() if a.image else dataclasses.replace(TINY_VQ, n_embed=8192)
     compile_ = device.type == "cuda"
     report = {"machine": platform.processor() or platform.machine(), "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
-              "preset": a.preset, "shape": a.shape, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "rows": []}
+              "preset": a.preset, "shape": a.shape, "fused": not a.no_fuse, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "rows": []}
+    def save(report):
+        if a.json:
+            Path(a.json).write_text(json.dumps(report, indent=2))
+
+    bw = None
+    if device.type == "cuda":  # measured first, on an empty GPU
+        bw = copy_bandwidth(device)
+        report["copy_bandwidth_GBps"] = bw / 1e9
     last_logits = {}  # per dtype: each stack's text logits after one prompt, to compare precision
     for dtype_name in dtypes:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-        ours, hf = build_pair(args, vq, device, dtype, with_hf=not a.no_hf)
+        ours, hf = build_pair(args, vq, device, dtype, with_hf=not a.no_hf, fuse=not a.no_fuse)
         last_logits[dtype_name] = text_logits(ours, hf, a.prompt_len, device)
         report["params"] = sum(p.numel() for p in ours.transformer.parameters())
         weight_bytes = sum(p.numel() * p.element_size() for p in ours.transformer.parameters())
         for batch in [int(b) for b in a.batches.split(",")]:
             row = {"dtype": dtype_name, "batch": batch}
+            report["rows"].append(row)  # filled in place; saved as it grows
             row["ours"], prompts, our_out = bench_ours(ours, batch, a.prompt_len, a.new_tokens, device, compile_)
+            if a.profile and len(report["rows"]) == 1:
+                profile_ours(ours, prompts, a.profile, device)
+            if bw is not None:  # a decode step can take no less than reading every weight once
+                row["fraction_of_roofline"] = (weight_bytes / bw) / (batch / row["ours"]["decode_tok_s"])
+            save(report)
             if hf is not None:
-                row["hf_default"], hf_out = bench_hf(hf, prompts, a.new_tokens, device, "dynamic", ours.tokenizer)
-                row["hf_static"], _ = bench_hf(hf, prompts, a.new_tokens, device, "static", ours.tokenizer)
-                # Greedy tokens agree exactly in fp32; in bf16 the two stacks round differently, so
-                # report how many leading tokens agree (random weights make near-ties common).
-                row["same_tokens_as_hf"] = hf_out == our_out
-                row["leading_tokens_agreeing"] = [next((i for i, (x, y) in enumerate(zip(o, h)) if x != y), len(o)) for o, h in zip(our_out, hf_out)]
-                row["decode_ratio_vs_hf_default"] = row["ours"]["decode_tok_s"] / row["hf_default"]["decode_tok_s"]
-                row["decode_ratio_vs_hf_static"] = row["ours"]["decode_tok_s"] / row["hf_static"]["decode_tok_s"]
-            report["rows"].append(row)
+                for cache_impl, name in (("dynamic", "default"), ("static", "static")):
+                    if cache_impl not in a.hf_caches.split(","):
+                        continue
+                    row[f"hf_{name}"], hf_out = bench_hf(hf, prompts, a.new_tokens, device, cache_impl, ours.tokenizer)
+                    row[f"decode_ratio_vs_hf_{name}"] = row["ours"]["decode_tok_s"] / row[f"hf_{name}"]["decode_tok_s"]
+                    # Greedy tokens agree exactly in fp32; in bf16 the two stacks round differently, so
+                    # report how many leading tokens agree (random weights make near-ties common).
+                    row["same_tokens_as_hf"] = hf_out == our_out
+                    row["leading_tokens_agreeing"] = [next((i for i, (x, y) in enumerate(zip(o, h)) if x != y), len(o)) for o, h in zip(our_out, hf_out)]
+                    save(report)  # a long GPU run keeps what it has measured if it is cut short
+            save(report)
             print(json.dumps(row, indent=1), flush=True)
         del hf
     if "fp32" in last_logits and "bf16" in last_logits:
@@ -188,12 +222,8 @@ def main() -> None:
             name: {"mean_abs": (t - ref).abs().mean().item(), "max_abs": (t - ref).abs().max().item()}
             for name, t in zip(("ours", "hf"), last_logits["bf16"]) if t is not None
         }
-    if device.type == "cuda":
-        bw = copy_bandwidth(device)
-        roofline = bw / weight_bytes
-        report["copy_bandwidth_GBps"] = bw / 1e9
-        report["roofline_tok_s"] = roofline
-        report["decode_fraction_of_roofline_b1"] = report["rows"][0]["ours"]["decode_tok_s"] / roofline
+    if bw is not None:
+        report["roofline_tok_s_b1"] = bw / weight_bytes
     if a.image:
         tok = ours.tokenizer
         prompt = [[tok.bos_id] + tok.encode_text("A watercolor painting of a red fox in the snow.")]
@@ -201,10 +231,10 @@ def main() -> None:
         generate(ours, prompt, opts)  # warm-up
         t_gen, out = timed(lambda: generate(ours, prompt, opts), device)
         t_dec, _ = timed(lambda: ours.decode_output(out[0]), device)
-        report["image_512"] = {"codes": ours.image_seq_len, "generate_s": t_gen, "vq_decode_s": t_dec, "total_s": t_gen + t_dec}
+        report["image_512"] = {"codes": ours.image_seq_len, "generate_s": t_gen, "ms_per_step": 1e3 * t_gen / (ours.image_seq_len + 2),
+                               "vq_decode_s": t_dec, "total_s": t_gen + t_dec}
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=2))
+    save(report)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,34 @@
 #!/usr/bin/env bash
-# The GPU check, sized for one device call (about 10 minutes on an H100/H200): 7B-shaped random
-# weights in bf16, this stack vs transformers' generate (default and static cache) at batch 1 and 4,
-# the memory-bandwidth roofline, and one 512x512 image with 3-way CFG + VQGAN decoding.
-# Run from the repository root on the device machine, e.g. with the device tool:
+# The GPU check, sized for one device call (at most 9m50s on an H100/H200). Stages, each in its
+# own process with its own time limit, most important first, so a slow stage costs only itself:
+#   cuda_tests   tests/test_cuda.py: GPU logits vs CPU, CUDA-graph step vs eager, sampled guided generation
+#   decode_7b    7B-shaped random weights in bf16, batch 1: decode speed as a fraction of the
+#                memory-bandwidth roofline, and one 512x512 image (3-way CFG + VQGAN decoding)
+#   vs_hf_7b     the same against transformers' generate (default and static cache) at batch 1 and 4
+#   unfused_7b   ablation: batch 1 with q/k/v and w1/w3 as separate matrices
+#   profile_7b   the kernels of 16 greedy decode steps
+# Run from the repository root on the device machine (the device tool sets OUT):
 #   bash benchmarks/perf/gpu_check.sh
-set -euo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT="${OUT:-gpu_out}"
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-python3 benchmarks/perf/decode.py --preset 7B --device cuda --dtypes bf16 --batches 1,4 --new-tokens 128 \
-    --image --json "$OUT/decode_7b.json" 2>&1 | tee "$OUT/decode_7b.log"
+# DECODE_ARGS: another shape or device, e.g. "--preset tiny --device cpu" to rehearse this script.
+DECODE="python3 benchmarks/perf/decode.py ${DECODE_ARGS:---preset 7B --device cuda} --dtypes bf16 --new-tokens 128"
+
+stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in $OUT/run.txt
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/run.txt"
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/run.txt"
+stage cuda_tests "${CUDA_TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+stage decode_7b "${DECODE_S:-200}" $DECODE --batches 1 --no-hf --image --json "$OUT/decode_7b.json"
+stage vs_hf_7b "${VS_HF_S:-150}" $DECODE --batches 1,4 --json "$OUT/vs_hf_7b.json"
+stage unfused_7b "${UNFUSED_S:-75}" $DECODE --batches 1 --no-hf --no-fuse
+stage profile_7b "${PROFILE_S:-60}" $DECODE --batches 1 --no-hf --new-tokens 32 --profile 16

@@ -1,0 +1,61 @@
+"""The CUDA path: logits on the GPU, the CUDA-graph decode step (torch.compile, reduce-overhead) and
+sampled generation there. CI has no GPU, so these are skipped there; `benchmarks/perf/gpu_check.sh`
+runs them first on a lent GPU machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import chameleon
+from chameleon.generate import GenerationOptions, generate
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/perf/gpu_check.sh)")
+
+PROMPTS = ["A photo of a cat sitting on a mat.", "Hi", "Describe the weather in three words, please."]
+
+
+@pytest.fixture(scope="module")
+def gpu_model(tiny_hf):
+    torch.backends.cuda.matmul.allow_tf32 = False  # compare against CPU float32 at float32 precision
+    return chameleon.load(tiny_hf, device="cuda", dtype=torch.float32)
+
+
+def test_gpu_logits_match_cpu(tiny_model, gpu_model):
+    ids = torch.tensor([tiny_model.encode_prompt(PROMPTS[0])])
+    with torch.no_grad():
+        torch.testing.assert_close(gpu_model(ids.cuda()).cpu(), tiny_model(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_graph_greedy_matches_eager(gpu_model, tiny_model):
+    """Batched prompts of different lengths: the CUDA-graph step gives the eager step's tokens, on
+    every replay, and the CPU's."""
+    prompts = [gpu_model.encode_prompt(p) for p in PROMPTS]
+    opts = dict(max_new_tokens=20, logit_bias={gpu_model.tokenizer.eos_id: -1e9})
+    eager = generate(gpu_model, prompts, GenerationOptions(compile=False, **opts))
+    graphed = generate(gpu_model, prompts, GenerationOptions(compile=True, **opts))
+    again = generate(gpu_model, prompts, GenerationOptions(compile=True, **opts))
+    assert graphed == eager == again
+    assert all(len(o) == 20 for o in graphed)
+    assert generate(tiny_model, prompts, GenerationOptions(**opts)) == eager
+
+
+@pytest.mark.parametrize("mode", ["image", "interleaved"])
+def test_sampled_guided_generation_on_gpu(gpu_model, mode):
+    """Sampling with 3-way guidance through the CUDA-graph step: well-formed images, seeded
+    (the same output twice), and each row as if alone in its batch."""
+    tok, n = gpu_model.tokenizer, gpu_model.image_seq_len
+    prompts = [gpu_model.encode_prompt(p) for p in PROMPTS[:2]]
+    opts = GenerationOptions(mode=mode, max_new_tokens=n + 20, temperature=0.8, seed=3, logit_bias={tok.boi_id: 3.0}, compile=True)
+    code_ids = set(tok.code_to_id.tolist())
+    batched = generate(gpu_model, prompts, opts)
+    assert batched == generate(gpu_model, prompts, opts)
+    assert batched == [generate(gpu_model, [p], opts)[0] for p in prompts]
+    for out in batched:
+        if mode == "image":
+            assert out[0] == tok.boi_id and out[-1] == tok.eoi_id and len(out) == n + 2
+        if tok.boi_id in out:
+            start = out.index(tok.boi_id)
+            codes = out[start + 1 : start + 1 + n]
+            assert set(codes) <= code_ids and out[start + 1 + n] == tok.eoi_id
+            assert any(not isinstance(seg, str) for seg in gpu_model.decode_output(out))  # VQGAN-decoded on the GPU
