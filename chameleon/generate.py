@@ -111,6 +111,7 @@ class _Row:
         self.codes_left = 0  # >0: inside an image
         self.pending: int | None = None  # a token the next step must emit (boi in image mode, eoi)
         self.done = False
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
 
@@ -167,7 +168,9 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
     use_compile = opts.compile if opts.compile is not None else device.type == "cuda"
     if use_compile:  # a compiled step has static shapes: round the cache up so calls share graphs
         total = min(args.max_seq_len, -(-total // CACHE_BUCKET) * CACHE_BUCKET)
-    cache = model.new_cache(n_rows, total)
+        cache = _reusable_cache(model.transformer, n_rows, total)
+    else:
+        cache = model.new_cache(n_rows, total)
 
     # Masks over the vocabulary.
     vocab = args.vocab_size
@@ -215,6 +218,11 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
         from tqdm import tqdm
 
         progress = tqdm(total=budget, desc=f"generate ({opts.mode})", unit="tok")
+    if opts.mode == "image":
+        outs = _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress)
+        if progress is not None:
+            progress.close()
+        return outs
     if opts.mode == "text" and opts.temperature == 0 and not opts.stop_strings and text_seen is None:
         stop_ids = {tok.eos_id, tok.eot_id, *opts.stop_ids}
         outs = _greedy_text_loop(logits, text_bias, stop_ids, budget, cache, cur, next_pos, step_fn, spans_of(rows), tok.pad_id, progress)
@@ -330,6 +338,61 @@ def _greedy_text_loop(logits, text_bias, stop_ids, budget, cache, cur, next_pos,
         pos = pos + 1
         cur += 1
     return [row[: row.index(pad_id)] if pad_id in row else row for row in out.tolist()]
+
+
+def _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress) -> list[list[int]]:
+    """Image mode: every row emits boi, N codes and eoi in lockstep, so all rows' codes are chosen
+    with tensor ops and nothing waits for the device until the end (on a GPU the general loop's
+    per-token host sync left it idle for part of every step). The same tokens as the general
+    loop on CPU: same guidance mix, same filters, and each row samples with its own seeded
+    generator (on the logits' device, so a GPU draws other numbers than the CPU)."""
+    device = logits.device
+    generators = [r.generator if device.type == "cpu" else torch.Generator(device).manual_seed(r.seed) for r in rows]
+    for r in rows:  # every row is inside its image from here on: logits of the image codes only
+        r.pending, r.codes_left = None, n_codes
+    spans = spans_of(rows)
+    repeat = 3 if guided else 1  # the guidance rows see the same image tokens
+    out = torch.empty(n_prompts, n_codes, dtype=torch.long, device=device)
+    pos = torch.tensor(next_pos, device=device)[:, None]
+    t = torch.full((n_prompts,), tok.boi_id, device=device)
+    for j in range(n_codes + 1):
+        if j > 0:  # choose code j-1 from the last step's logits
+            codes = logits.index_select(1, image_ids)
+            if guided:
+                codes = cfg_mix(codes[:n_prompts], codes[n_prompts : 2 * n_prompts], codes[2 * n_prompts :], opts.cfg_text_scale, opts.cfg_image_scale)
+            if opts.image_temperature == 0:
+                picks = codes.max(dim=-1).indices
+            else:
+                probs = torch.softmax(filter_top_k_top_p(codes / opts.image_temperature, 0, opts.image_top_p), dim=-1)
+                picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+            t = image_ids[picks]
+            out[:, j - 1] = t
+        if progress is not None:
+            progress.update(1)
+        if j == n_codes:
+            break  # eoi follows the last code: no step needed for it
+        cache.valid[:, cur] = True
+        logits = step_fn(t.repeat(repeat)[:, None], cur, pos, cache, spans)
+        pos = pos + 1
+        cur += 1
+    if progress is not None:
+        progress.update(1)
+    return [[tok.boi_id, *codes, tok.eoi_id] for codes in out.tolist()]
+
+
+def _reusable_cache(transformer, n_rows: int, total: int):
+    """The KV cache for compiled steps, kept on the model and reused while its shape fits. A CUDA
+    graph is recorded against its inputs' addresses: a fresh cache per call would make torch
+    re-record the graphs in every call (and stop using them past a limit). The price: the model
+    keeps its last cache, and one model runs one compiled generation at a time."""
+    cache = getattr(transformer, "_decode_cache", None)
+    dtype, device = transformer.output.weight.dtype, transformer.output.weight.device
+    if cache is not None and (cache.batch_size, cache.max_seq_len, cache.k[0].dtype, cache.k[0].device) == (n_rows, total, dtype, device):
+        cache.valid.zero_()
+        return cache
+    transformer._decode_cache = None  # free the old one before allocating
+    transformer._decode_cache = transformer.new_cache(n_rows, total)
+    return transformer._decode_cache
 
 
 def _spans_holding(spans: list[tuple[int, int]], ids: dict[str, torch.Tensor]):

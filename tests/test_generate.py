@@ -144,6 +144,17 @@ def test_compiled_decode_step_matches_eager(tiny_model):
     assert compiled == eager
 
 
+def test_compiled_generation_reuses_its_cache(tiny_model):
+    """CUDA graphs are recorded against the cache's addresses: calls of one shape share one cache,
+    and a reused cache gives the same tokens."""
+    prompts = [tiny_model.encode_prompt(p) for p in PROMPTS[:2]]
+    opts = GenerationOptions(max_new_tokens=6, compile=True)
+    first = generate(tiny_model, prompts, opts)
+    cache = tiny_model.transformer._decode_cache
+    assert generate(tiny_model, prompts[::-1], opts) == first[::-1]
+    assert tiny_model.transformer._decode_cache is cache
+
+
 @pytest.mark.parametrize("mode", ["image", "interleaved"])
 def test_guided_batches_equal_one_by_one(tiny_model, mode):
     """Rows of one batch may be in different phases (text, image, done): each is computed as if alone."""

@@ -16,9 +16,12 @@ mkdir -p "$OUT"
 # DECODE_ARGS: another shape or device, e.g. "--preset tiny --device cpu" to rehearse this script.
 DECODE="python3 benchmarks/perf/decode.py ${DECODE_ARGS:---preset 7B --device cuda} --dtypes bf16 --new-tokens 128"
 
+STAGES="${STAGES:-cuda_tests decode_7b vs_hf_7b unfused_7b profile_7b}"  # a subset reruns only those
+
 stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in $OUT/run.txt
     local name=$1 limit=$2 start=$SECONDS
     shift 2
+    [[ " $STAGES " == *" $name "* ]] || return 0
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/run.txt"
 }
@@ -29,6 +32,6 @@ stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in 
 } 2>&1 | tee "$OUT/run.txt"
 stage cuda_tests "${CUDA_TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 stage decode_7b "${DECODE_S:-200}" $DECODE --batches 1 --no-hf --image --json "$OUT/decode_7b.json"
-stage vs_hf_7b "${VS_HF_S:-150}" $DECODE --batches 1,4 --json "$OUT/vs_hf_7b.json"
+stage vs_hf_7b "${VS_HF_S:-150}" $DECODE --batches "${VS_HF_BATCHES:-1,4}" --json "$OUT/vs_hf_7b.json"
 stage unfused_7b "${UNFUSED_S:-75}" $DECODE --batches 1 --no-hf --no-fuse
 stage profile_7b "${PROFILE_S:-60}" $DECODE --batches 1 --no-hf --new-tokens 32 --profile 16
