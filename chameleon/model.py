@@ -72,7 +72,6 @@ class Fused:
         self.ptrs = [getattr(module, name).data_ptr() for module, name in owners]
         self.checked = False  # current() as last checked outside a compiled graph
 
-
     def current(self) -> bool:
         return all(getattr(module, name).data_ptr() == p for (module, name), p in zip(self.owners, self.ptrs))
 
@@ -80,7 +79,7 @@ class Fused:
 def inference_fast_path(fused: list[Fused] | None) -> bool:
     """Fused tensors serve inference only: autograd must reach the separate parameters. A compiled
     graph cannot check staleness itself (it cannot trace data pointers): its caller checks first
-    and sets `Transformer.fused_checked` (see `Transformer.check_fused`)."""
+    and records the answer in each `Fused.checked` (see `Transformer.check_fused`)."""
     if fused is None or torch.is_grad_enabled():
         return False
     if torch.compiler.is_compiling():
@@ -184,7 +183,7 @@ class Attention(nn.Module):
             self.q_norm = HeadNorm(args.n_heads, args.head_dim)
             self.k_norm = HeadNorm(args.kv_heads, args.head_dim)
         self.dropout = args.dropout
-        # Set by Transformer.optimize_for_cpu_(): q/k/v weights, q/k-norm weights and biases.
+        # Set by Transformer.fuse_(): q/k/v weights, q/k-norm weights and biases.
         self.fused: list[Fused] | None = None
         self.packed: dict | None = None  # oneDNN-packed bf16 weights, see optimize_for_cpu_()
 
@@ -237,7 +236,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, hidden, bias=False)
         self.dropout = args.dropout
-        self.fused: list[Fused] | None = None  # w1/w3, set by Transformer.optimize_for_cpu_()
+        self.fused: list[Fused] | None = None  # w1/w3, set by Transformer.fuse_()
         self.packed: dict | None = None  # oneDNN-packed bf16 weights, see optimize_for_cpu_()
 
     def fuse_(self, input_major: bool) -> None:
