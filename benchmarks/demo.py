@@ -53,11 +53,8 @@ def cmd_demo(args) -> int:
     print(f"page: {record['page']}")
     if args.skip_suite:
         return 0
-    from benchmarks.runner.commands import run_command
+    from benchmarks.cli import build_parser  # `run`'s own defaults, as if typed on the command line
 
     print("\nsmoke suite on the tiny model (random weights: expect scores near zero)")
-    suite_args = argparse.Namespace(
-        suite="smoke", model=str(model_dir), out=out / "smoke-run", backend=None, batch_size=None, limit=None,
-        images_dir=[], data_dir=None, chunk_size=None, device="cpu", dtype="float32",
-    )
-    return run_command(suite_args)
+    suite_args = build_parser().parse_args(["run", "smoke", "--model", str(model_dir), "--out", str(out / "smoke-run")])
+    return suite_args.func(suite_args)

@@ -158,7 +158,7 @@ class Chameleon(nn.Module):
             h.update(json.dumps(self.tokenizer.vocab, sort_keys=True).encode())
             for name, t in sorted(self.state_dict().items()):
                 h.update(name.encode())
-                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())  # hashlib reads the buffer: no copy
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
@@ -194,10 +194,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     (2x faster decoding, 2x the weight memory) unless `pack_bf16=False`."""
     ckpt = read_checkpoint(path)
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
-    has_decoder = any(k.startswith("decoder.") for k in ckpt.vq_weights)
     with torch.device("meta"):
-        model = Chameleon(ckpt.args, ckpt.vq_config, tokenizer, with_decoder=has_decoder)
-    model.transformer.load_state_dict(ckpt.weights, strict=False, assign=True)
+        model = Chameleon(ckpt.args, ckpt.vq_config, tokenizer, with_decoder=ckpt.has_decoder)
+    model.transformer.load_state_dict(ckpt.weights, strict=True, assign=True)
     model.vqgan.load_state_dict(ckpt.vq_weights, strict=True, assign=True)
     model.tokenizer_file = ckpt.tokenizer_file
     # The VQGAN stays fp32: its argmin over distances must not flip codes under bf16.

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from chameleon.config import ModelArgs, VQGANConfig, read_json
 from chameleon.convert import HF_VQ_PREFIX, Tensors, from_hf, from_meta_shards, to_hf, to_meta_shards
 from chameleon.errors import InputError
-from chameleon.tokenizer import ChameleonTokenizer
+from chameleon.tokenizer import SPECIAL_NAMES, ChameleonTokenizer
 
 HF_DECODER_FILE = "vqgan_decoder.safetensors"
 
@@ -39,6 +39,11 @@ class Checkpoint:
     tokenizer_file: Path
     format: str
     path: Path
+
+    @property
+    def has_decoder(self) -> bool:
+        """HF checkpoints ship the VQGAN encoder only; ours add the decoder."""
+        return any(k.startswith("decoder.") for k in self.vq_weights)
 
 
 def detect_format(path: Path) -> str:
@@ -128,10 +133,9 @@ def write_hf(ckpt: Checkpoint, out: Path, tokenizer: ChameleonTokenizer, max_sha
         save_file({k: v.contiguous() for k, v in decoder.items()}, str(out / HF_DECODER_FILE))
     shutil.copyfile(ckpt.tokenizer_file, out / "tokenizer.json")
     # Special tokens by name, so that transformers' AutoTokenizer knows them too.
-    names = {v: k for k, v in tokenizer.vocab.items()}
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ckpt.args.max_seq_len}
-    for key, tid in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id)):
-        tok_cfg[key] = names[tid]
+    for key in ("bos", "eos", "pad"):
+        tok_cfg[f"{key}_token"] = SPECIAL_NAMES[key]  # the tokenizer found its ids by these names
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
 
 
@@ -246,23 +250,23 @@ def _check_keys(found: set[str], expected: set[str], source: str) -> None:
         raise InputError(f"{source}: unknown weight(s): {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
 
 
+def _check_against(found: Tensors, ref: dict, source: str) -> None:
+    """Names, then shapes, of `found` against a reference state dict: a mismatch names the key."""
+    _check_keys(set(found), set(ref), source)
+    for name, w in found.items():
+        if tuple(w.shape) != tuple(ref[name].shape):
+            raise InputError(f"{source}: weight {name} has shape {tuple(w.shape)}, the config implies {tuple(ref[name].shape)}")
+
+
 def _check_weights(ckpt: Checkpoint) -> None:
-    """Shapes and names against a freshly built model: a config/weights mismatch names the key."""
+    """Shapes and names against a freshly built model (the VQGAN decoder may be absent)."""
     from chameleon.model import Transformer
     from chameleon.vqgan import VQGAN
 
     with torch.device("meta"):
         ref = Transformer(ckpt.args).state_dict()
         vq_ref = VQGAN(ckpt.vq_config).state_dict()
-    source = str(ckpt.path)
-    _check_keys(set(ckpt.weights), set(ref), source)
-    for name, w in ckpt.weights.items():
-        if tuple(w.shape) != tuple(ref[name].shape):
-            raise InputError(f"{source}: weight {name} has shape {tuple(w.shape)}, the config implies {tuple(ref[name].shape)}")
-    vq_expected = set(vq_ref)
-    if not any(k.startswith("decoder.") for k in ckpt.vq_weights):
-        vq_expected = {k for k in vq_expected if not k.startswith("decoder.")}
-    _check_keys(set(ckpt.vq_weights), vq_expected, f"{source} (VQGAN)")
-    for name, w in ckpt.vq_weights.items():
-        if tuple(w.shape) != tuple(vq_ref[name].shape):
-            raise InputError(f"{source} (VQGAN): weight {name} has shape {tuple(w.shape)}, the config implies {tuple(vq_ref[name].shape)}")
+    if not ckpt.has_decoder:
+        vq_ref = {k: v for k, v in vq_ref.items() if not k.startswith("decoder.")}
+    _check_against(ckpt.weights, ref, str(ckpt.path))
+    _check_against(ckpt.vq_weights, vq_ref, f"{ckpt.path} (VQGAN)")

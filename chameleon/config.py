@@ -12,6 +12,14 @@ from typing import Any
 from chameleon.errors import InputError
 
 
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Llama-2 rule: 2/3 of 4*dim, optionally scaled, rounded up to a multiple."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
 @dataclass
 class ModelArgs:
     """The decoder's shape. Field names are those of Meta's `params.json` ("model" dict)."""
@@ -44,11 +52,7 @@ class ModelArgs:
 
     @property
     def ffn_hidden_dim(self) -> int:
-        # Llama-2 rule: 2/3 of 4*dim, optionally scaled, rounded up to a multiple.
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     def validate(self, source: str = "model config") -> None:
         def bad(msg: str) -> InputError:
@@ -182,9 +186,7 @@ def _ffn_fields(dim: int, intermediate: int, extra: dict[str, Any]) -> dict[str,
         (1, intermediate / int(8 * dim / 3)),
     ]
     for multiple_of, mult in candidates:
-        probe = ModelArgs.__new__(ModelArgs)
-        probe.dim, probe.multiple_of, probe.ffn_dim_multiplier = dim, multiple_of, mult
-        if probe.ffn_hidden_dim == intermediate:
+        if ffn_hidden_dim(dim, multiple_of, mult) == intermediate:
             return {"multiple_of": multiple_of, "ffn_dim_multiplier": mult}
     raise InputError(f"config.json: intermediate_size {intermediate} cannot be expressed with Meta's FFN rule for dim {dim}")
 

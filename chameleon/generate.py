@@ -9,6 +9,7 @@ different phase (text, image, done) and one forward pass per step serves all of 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 
@@ -109,7 +110,7 @@ class _Row:
         self.out: list[int] = []
         self.text_run: list[int] = []  # text tokens since the last image, for stop strings
         self.codes_left = 0  # >0: inside an image
-        self.pending: int | None = None  # a token the next step must emit (boi in image mode, eoi)
+        self.pending: int | None = None  # a token the next step must emit (eoi after an image's codes)
         self.done = False
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
@@ -205,9 +206,6 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
     cache.valid[:, :max_len] = slots[None, :] >= pad_t[:, None]
     positions = (slots[None, :] - pad_t[:, None]).clamp(min=0)
     next_pos = [len(s) for s in streams]  # RoPE position of each row's next visible token
-    for r in rows:
-        if opts.mode == "image":  # the image starts right away
-            r.pending = tok.boi_id
     # Logits only for the vocabulary spans that can hold a next token (text rows skip image codes).
     may_sample = ~not_text
     if opts.mode == "interleaved":
@@ -219,53 +217,49 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
 
     step_fn = _decode_step(model, use_compile)
     cur = max_len
-    progress = None
-    if opts.progress:
-        from tqdm import tqdm
+    with _progress_bar(opts.progress, budget, opts.mode) as progress:
+        if opts.mode == "image":
+            return _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress)
+        if opts.mode == "text" and opts.temperature == 0 and not opts.stop_strings and text_seen is None:
+            stop_ids = {tok.eos_id, tok.eot_id, *opts.stop_ids}
+            return _greedy_text_loop(logits, text_bias, stop_ids, budget, cache, cur, next_pos, step_fn, spans_of(rows), tok.pad_id, progress)
+        for _ in range(budget):
+            # Plain lists while choosing (cheaper than per-element tensor writes), one tensor each after.
+            next_tokens = [tok.pad_id] * n_rows
+            visible = [False] * n_rows
+            # Image-code logits of every row, when some row is inside an image.
+            codes = logits.index_select(1, image_ids) if any(r.codes_left > 0 for r in rows) else None
+            for i, r in enumerate(rows):
+                if r.done:
+                    continue
+                t = _choose(r, i, logits, codes, n_prompts, guided, opts, tok, n_codes, image_ids, text_bias, text_seen, total - cur)
+                if r.done:
+                    continue
+                next_tokens[i] = t
+                visible[i] = True
+                if guided and (r.codes_left > 0 or t in (tok.boi_id, tok.eoi_id)):
+                    # Image tokens (and their brackets) condition all three rows.
+                    next_tokens[i + n_prompts] = next_tokens[i + 2 * n_prompts] = t
+                    visible[i + n_prompts] = visible[i + 2 * n_prompts] = True
+            if not any(visible):
+                break
+            visible_t = torch.tensor(visible, device=device)
+            cache.valid[:, cur] = visible_t
+            pos = torch.tensor(next_pos, device=device)[:, None]
+            next_pos = [p + v for p, v in zip(next_pos, visible)]
+            logits = step_fn(torch.tensor(next_tokens, device=device)[:, None], cur, pos, cache, spans_of(rows))
+            cur += 1
+            if progress is not None:
+                progress.update(1)
+        return [r.out for r in rows]
 
-        progress = tqdm(total=budget, desc=f"generate ({opts.mode})", unit="tok")
-    if opts.mode == "image":
-        outs = _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress)
-        if progress is not None:
-            progress.close()
-        return outs
-    if opts.mode == "text" and opts.temperature == 0 and not opts.stop_strings and text_seen is None:
-        stop_ids = {tok.eos_id, tok.eot_id, *opts.stop_ids}
-        outs = _greedy_text_loop(logits, text_bias, stop_ids, budget, cache, cur, next_pos, step_fn, spans_of(rows), tok.pad_id, progress)
-        if progress is not None:
-            progress.close()
-        return outs
-    for _ in range(budget):
-        # Plain lists while choosing (cheaper than per-element tensor writes), one tensor each after.
-        next_tokens = [tok.pad_id] * n_rows
-        visible = [False] * n_rows
-        # Image-code logits of every row, when some row is inside an image.
-        codes = logits.index_select(1, image_ids) if any(r.codes_left > 0 for r in rows) else None
-        for i, r in enumerate(rows):
-            if r.done:
-                continue
-            t = _choose(r, i, logits, codes, n_prompts, guided, opts, tok, n_codes, image_ids, text_bias, text_seen, total - cur)
-            if r.done:
-                continue
-            next_tokens[i] = t
-            visible[i] = True
-            if guided and (r.codes_left > 0 or t in (tok.boi_id, tok.eoi_id)):
-                # Image tokens (and their brackets) condition all three rows.
-                next_tokens[i + n_prompts] = next_tokens[i + 2 * n_prompts] = t
-                visible[i + n_prompts] = visible[i + 2 * n_prompts] = True
-        if not any(visible):
-            break
-        visible_t = torch.tensor(visible, device=device)
-        cache.valid[:, cur] = visible_t
-        pos = torch.tensor(next_pos, device=device)[:, None]
-        next_pos = [p + v for p, v in zip(next_pos, visible)]
-        logits = step_fn(torch.tensor(next_tokens, device=device)[:, None], cur, pos, cache, spans_of(rows))
-        cur += 1
-        if progress is not None:
-            progress.update(1)
-    if progress is not None:
-        progress.close()
-    return [r.out for r in rows]
+
+def _progress_bar(enabled: bool, total: int, mode: str):
+    if not enabled:
+        return contextlib.nullcontext()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"generate ({mode})", unit="tok")
 
 
 def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, image_ids, text_bias, text_seen, slots_left) -> int | None:
@@ -300,8 +294,6 @@ def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, im
         return t
     if t == tok.eoi_id:
         r.out.append(t)
-        if opts.mode == "image":
-            r.done = True  # the image is complete; nothing follows in image mode
         return t
     # text token
     if t in (tok.eos_id, tok.eot_id) or t in opts.stop_ids:
@@ -355,7 +347,7 @@ def _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, 
     device = logits.device
     generators = [r.generator if device.type == "cpu" else torch.Generator(device).manual_seed(r.seed) for r in rows]
     for r in rows:  # every row is inside its image from here on: logits of the image codes only
-        r.pending, r.codes_left = None, n_codes
+        r.codes_left = n_codes
     spans = spans_of(rows)
     repeat = 3 if guided else 1  # the guidance rows see the same image tokens
     out = torch.empty(n_prompts, n_codes, dtype=torch.long, device=device)

@@ -62,18 +62,19 @@ class ChameleonTokenizer:
         self.code_to_id = torch.tensor([code_to_id[c] for c in range(n_codes)], dtype=torch.long)
         self.id_to_code = torch.full((self.vocab_size,), -1, dtype=torch.long)
         self.id_to_code[self.code_to_id] = torch.arange(n_codes)
-        self.image_token_ids = self.code_to_id.clone()
 
         for key, name in SPECIAL_NAMES.items():
             if name not in vocab:
                 raise InputError(f"{source}: special token {name!r} ({key}) is missing from the vocabulary")
             setattr(self, f"{key}_id", vocab[name])
-        self.image_placeholder_id = vocab.get("<image>")
         # Ids that never render as text.
         specials = {self.bos_id, self.pad_id, self.eos_id, self.eoi_id, self.boi_id, self.eot_id}
         self.non_text_ids = torch.zeros(self.vocab_size, dtype=torch.bool)
         self.non_text_ids[self.code_to_id] = True
         self.non_text_ids[list(specials)] = True
+        # Plain lists for per-token lookups from Python (indexing a tensor per id is ~10x slower).
+        self._is_image = (self.id_to_code >= 0).tolist()
+        self._is_text = (~self.non_text_ids).tolist()
 
     bos_id: int
     pad_id: int
@@ -94,13 +95,13 @@ class ChameleonTokenizer:
         return cls(tok, str(path))
 
     def is_image_token(self, token_id: int) -> bool:
-        return 0 <= token_id < self.vocab_size and bool(self.id_to_code[token_id] >= 0)
+        return 0 <= token_id < self.vocab_size and self._is_image[token_id]
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode_text(self, ids: list[int]) -> str:
-        keep = [i for i in ids if 0 <= i < self.vocab_size and not self.non_text_ids[i]]
+        keep = [i for i in ids if 0 <= i < self.vocab_size and self._is_text[i]]
         return self.tokenizer.decode(keep, skip_special_tokens=False)
 
     def codes_to_ids(self, codes: torch.Tensor) -> list[int]:

@@ -74,19 +74,13 @@ def sample_seed(settings: GenSettings, sample_index: int) -> int:
     return int.from_bytes(h[:4], "little")
 
 
-def row_seed(seed: int, prompt: list[int]) -> int:
-    """Per-prompt seed: sampled outputs independent of batch composition (as chameleon.generate)."""
-    from chameleon.generate import row_seed as _row_seed
-
-    return _row_seed(seed, prompt)
-
-
-def sample_indices(requests: list) -> list[int]:
-    """Occurrence number of each request among identical ones (lm-eval repeats for maj@k)."""
+def sample_indices(requests: list, hashes: list[str] | None = None) -> list[int]:
+    """Occurrence number of each request among identical ones (lm-eval repeats for maj@k).
+    `hashes`: the requests' `request_hash`es when the caller has them (hashing encodes images)."""
     seen: dict[str, int] = {}
     out = []
-    for req in requests:
-        h = request_hash(req.request_type, req.args)
+    for i, req in enumerate(requests):
+        h = hashes[i] if hashes is not None else request_hash(req.request_type, req.args)
         out.append(seen.get(h, 0))
         seen[h] = out[-1] + 1
     return out

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 
 from benchmarks.backends.base import GenSettings, Segment
-from benchmarks.backends.token_lm import TokenLM, TokenPair
+from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score
+from chameleon.generate import GenerationOptions, generate
 
 
 @register_model("chameleon")
@@ -90,7 +91,7 @@ class ChameleonBackend(TokenLM):
                             lp = logp[r][None]
                         else:
                             lp = logp[r, [q - p + pads[r] for q in range(len(ctx) - 1, len(ctx) - 1 + len(cont))]]
-                        out[i] = self._result(lp, cont)
+                        out[i] = continuation_score(lp, cont)
                         if on_result:
                             on_result(i, out[i])
                     bar.update(len(rows[seq]))
@@ -154,19 +155,11 @@ class ChameleonBackend(TokenLM):
 
     def _logprobs(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
-        logits[..., self.tok.image_token_ids.to(logits.device)] = float("-inf")
+        logits[..., self.tok.code_to_id.to(logits.device)] = float("-inf")
         return F.log_softmax(logits, -1)
-
-    @staticmethod
-    def _result(rows: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
-        target = torch.tensor(cont, device=rows.device)
-        lp = rows.gather(-1, target[:, None]).sum().item()
-        return lp, bool((rows.argmax(-1) == target).all())
 
     # --- generation ---------------------------------------------------------------------------
     def _options(self, settings: GenSettings, seed: int | None, mode: str = "text"):
-        from chameleon.generate import GenerationOptions
-
         return GenerationOptions(
             max_new_tokens=settings.max_gen_toks, temperature=settings.temperature if seed is not None else 0.0,
             top_p=settings.top_p, top_k=settings.top_k, stop_strings=tuple(settings.until),
@@ -175,15 +168,11 @@ class ChameleonBackend(TokenLM):
 
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]], settings: GenSettings, seed: int | None) -> list[list[int]]:
-        from chameleon.generate import generate
-
         return generate(self.model, prompts, self._options(settings, seed))
 
     @torch.no_grad()
     def generate_interleaved(self, prompts: list[list[Segment]], settings: GenSettings,
                              mode: str = "interleaved") -> list[list[Segment]]:
-        from chameleon.generate import generate
-
         seed = None if settings.greedy else settings.seed
         new = generate(self.model, [self.encode_prompt(p) for p in prompts], self._options(settings, seed, mode))
         return [self.model.decode_output(ids) for ids in new]

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 
-from benchmarks.backends.base import GenSettings, Segment, row_seed
-from benchmarks.backends.token_lm import TokenLM, TokenPair
+from benchmarks.backends.base import GenSettings, Segment
+from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score
 from chameleon.errors import InputError
+from chameleon.generate import row_seed
 
 
 def hash_checkpoint(path: Path) -> str:
@@ -124,10 +125,7 @@ class HFBackend(TokenLM):
             for r, i in enumerate(chunk):
                 ctx, cont = pairs[i]
                 pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont))
-                rows = logp[r, pos]
-                target = torch.tensor(cont, device=rows.device)
-                lp = rows.gather(-1, target[:, None]).sum().item()
-                out[i] = (lp, bool((rows.argmax(-1) == target).all()))
+                out[i] = continuation_score(logp[r, pos], cont)
                 if on_result:
                     on_result(i, out[i])
             bar.update(len(chunk))

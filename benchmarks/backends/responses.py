@@ -60,42 +60,40 @@ class ResponsesBackend(MixedModalLM):
     def describe(self) -> dict:
         return {**super().describe(), "path": str(self.path)}
 
-    def _lookup(self, kind: str, req, sample: int, field: str):
-        h = request_hash(kind, req.args)
+    def _lookup(self, kind: str, req, sample: int, field: str, h: str | None = None) -> dict | None:
+        """The response record holding `field` for this request (by request hash, else by item)."""
+        h = h or request_hash(kind, req.args)
         rec = self.by_hash.get((h, sample)) or self.by_item.get((f"{req.task_name}/{req.doc_id}", sample))
         if rec is None or field not in rec:
             self.failures[h] = f"no '{field}' response for request {h[:12]} (item {req.task_name}/{req.doc_id})"
             return None
-        return rec[field]
+        return rec
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         out = []
         for req in requests:
-            lp = self._lookup("loglikelihood", req, 0, "loglikelihood")
-            rec = (float("-inf"), False) if lp is None else (float(lp), bool(self._greedy(req)))
+            found = self._lookup("loglikelihood", req, 0, "loglikelihood")
+            rec = (float("-inf"), False) if found is None else (float(found["loglikelihood"]), bool(found.get("is_greedy", False)))
             out.append(rec)
-            if lp is not None:
+            if found is not None:
                 self.cache_hook.add_partial("loglikelihood", req.args, rec)
         return out
-
-    def _greedy(self, req) -> bool:
-        rec = self.by_hash.get((request_hash("loglikelihood", req.args), 0)) or {}
-        return rec.get("is_greedy", False)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
         for req in requests:
-            lp = self._lookup("loglikelihood_rolling", req, 0, "loglikelihood")
-            out.append(float("-inf") if lp is None else float(lp))
+            found = self._lookup("loglikelihood_rolling", req, 0, "loglikelihood")
+            out.append(float("-inf") if found is None else float(found["loglikelihood"]))
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False,
                        sample_index: list[int] | None = None) -> list[str]:
-        sample_index = sample_index if sample_index is not None else sample_indices(requests)
+        hashes = [request_hash("generate_until", req.args) for req in requests]
+        sample_index = sample_index if sample_index is not None else sample_indices(requests, hashes)
         out = []
-        for req, k in zip(requests, sample_index):
-            text = self._lookup("generate_until", req, k, "output")
-            out.append("" if text is None else str(text))
-            if text is not None:
+        for req, k, h in zip(requests, sample_index, hashes):
+            found = self._lookup("generate_until", req, k, "output", h)
+            out.append("" if found is None else str(found["output"]))
+            if found is not None:
                 self.cache_hook.add_partial("generate_until", req.args, out[-1])
         return out

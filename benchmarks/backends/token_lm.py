@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import torch
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from benchmarks.backends.base import (
@@ -18,6 +19,13 @@ from benchmarks.backends.base import (
 )
 
 TokenPair = tuple[list[int], list[int]]  # (context ids incl. bos, continuation ids)
+
+
+def continuation_score(rows: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+    """(log-probability of `cont`, whether greedy decoding yields it) from the log-probabilities
+    at the continuation's positions, (len(cont), vocab)."""
+    target = torch.tensor(cont, device=rows.device)
+    return rows.gather(-1, target[:, None]).sum().item(), bool((rows.argmax(-1) == target).all())
 
 
 class TokenLM(MixedModalLM):

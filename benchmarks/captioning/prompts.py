@@ -87,8 +87,15 @@ def caption_prompt(item: CaptionItem, images: Mapping[Hashable, Path], pool: Seq
     if item.image_id not in images:
         raise InputError(f"no image for caption item {item.image_id!r}")
     usable = [p for p in pool if p.image_id in images]
-    shots = select_exemplars(item.image_id, usable, settings)
-    return build_prompt(images[item.image_id], [(images[p.image_id], cap) for p, cap in shots], settings)
+    return build_prompt(*prompt_images(item, images, usable, settings), settings)
+
+
+def prompt_images(item: CaptionItem, images: Mapping[Hashable, Path], pool: Sequence[CaptionItem],
+                  settings: CaptionSettings) -> tuple[Path, list[tuple[Path, str]]]:
+    """The query's image and the shots' (image, caption) pairs, in `build_prompt`'s arguments'
+    order; every item of `pool` must have its image in `images`."""
+    shots = select_exemplars(item.image_id, pool, settings)
+    return images[item.image_id], [(images[p.image_id], cap) for p, cap in shots]
 
 
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")

@@ -72,8 +72,9 @@ def build_pair(args, vq: VQGANConfig, device, dtype, with_hf=True, fuse=True):
     return ours, hf
 
 
-def no_eos_bias(tok):
-    return {tok.eos_id: -1e9, tok.eot_id: -1e9}
+def greedy(tok, new_tokens: int, compile_: bool) -> GenerationOptions:
+    """Greedy text with eos kept out, so that every run decodes exactly `new_tokens` tokens."""
+    return GenerationOptions(max_new_tokens=new_tokens, temperature=0.0, logit_bias={tok.eos_id: -1e9, tok.eot_id: -1e9}, compile=compile_)
 
 
 def bench_ours(model, batch, prompt_len, new_tokens, device, compile_):
@@ -81,22 +82,21 @@ def bench_ours(model, batch, prompt_len, new_tokens, device, compile_):
     prompts = torch.randint(100, model.tokenizer.vocab_size - 1, (batch, prompt_len), generator=g)
     prompts[:, 0] = model.tokenizer.bos_id
     prompts = prompts.tolist()
-    opts = dict(temperature=0.0, logit_bias=no_eos_bias(model.tokenizer), compile=compile_)
-    generate(model, prompts, GenerationOptions(max_new_tokens=8, **opts))  # warm-up (and compile)
-    t1, _ = timed(lambda: generate(model, prompts, GenerationOptions(max_new_tokens=1, **opts)), device, 3)
-    tn, out = timed(lambda: generate(model, prompts, GenerationOptions(max_new_tokens=new_tokens, **opts)), device, 2)
+    tok = model.tokenizer
+    generate(model, prompts, greedy(tok, 8, compile_))  # warm-up (and compile)
+    t1, _ = timed(lambda: generate(model, prompts, greedy(tok, 1, compile_)), device, 3)
+    tn, out = timed(lambda: generate(model, prompts, greedy(tok, new_tokens, compile_)), device, 2)
     assert all(len(o) == new_tokens for o in out)
     return {"prefill_tok_s": batch * prompt_len / t1, "decode_tok_s": batch * (new_tokens - 1) / (tn - t1)}, prompts, out
 
 
-def profile_ours(model, prompts, new_tokens, device) -> None:
+def profile_ours(model, prompts, new_tokens, device, compile_) -> None:
     """Print the kernels that take the device's time in a greedy decode (where the roofline is lost)."""
     from torch.profiler import ProfilerActivity, profile
 
-    opts = GenerationOptions(max_new_tokens=new_tokens, temperature=0.0, logit_bias=no_eos_bias(model.tokenizer), compile=device.type == "cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        generate(model, prompts, opts)
+        generate(model, prompts, greedy(model.tokenizer, new_tokens, compile_))
         sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90), flush=True)
@@ -176,6 +176,7 @@ def main() -> None:
     compile_ = device.type == "cuda"
     report = {"machine": platform.processor() or platform.machine(), "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
               "preset": a.preset, "shape": a.shape, "fused": not a.no_fuse, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "rows": []}
+
     def save(report):
         if a.json:
             Path(a.json).write_text(json.dumps(report, indent=2))
@@ -196,7 +197,7 @@ def main() -> None:
             report["rows"].append(row)  # filled in place; saved as it grows
             row["ours"], prompts, our_out = bench_ours(ours, batch, a.prompt_len, a.new_tokens, device, compile_)
             if a.profile and len(report["rows"]) == 1:
-                profile_ours(ours, prompts, a.profile, device)
+                profile_ours(ours, prompts, a.profile, device, compile_)
             if bw is not None:  # a decode step can take no less than reading every weight once
                 row["fraction_of_roofline"] = (weight_bytes / bw) / (batch / row["ours"]["decode_tok_s"])
             save(report)
@@ -211,7 +212,6 @@ def main() -> None:
                     row["same_tokens_as_hf"] = hf_out == our_out
                     row["leading_tokens_agreeing"] = [next((i for i, (x, y) in enumerate(zip(o, h)) if x != y), len(o)) for o, h in zip(our_out, hf_out)]
                     save(report)  # a long GPU run keeps what it has measured if it is cut short
-            save(report)
             print(json.dumps(row, indent=1), flush=True)
         del hf
     if "fp32" in last_logits and "bf16" in last_logits:

@@ -8,6 +8,7 @@ reported as failures, never guessed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from lm_eval.api.instance import Instance
 
 from benchmarks.backends.base import IMAGE_PLACEHOLDER, parse_gen_kwargs, request_hash
-from benchmarks.captioning.prompts import CaptionSettings, build_prompt, postprocess_caption, select_exemplars
+from benchmarks.captioning.prompts import CaptionSettings, build_prompt, postprocess_caption, prompt_images
 from benchmarks.captioning.references import SHIPPED, SHIPPED_COCO_IMAGES, load_references, resolve_images
 from benchmarks.captioning.scoring import score_captions
 from benchmarks.runner.results import display_path, mean_entry, metric_entry, sha256_file
@@ -53,6 +54,9 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
     pool, pool_images = _exemplar_pool(spec, references=references, found=found, image_dir=image_dir)
     images_by_id = {**pool_images, **found}  # scored items win where ids coincide
     gen_hash = parse_gen_kwargs(gen_kwargs).digest()
+    file_digest = functools.cache(sha256_file)  # shot images recur across items
+    ref_path = SHIPPED.get(str(ref_source), Path(ref_source))
+    data_files = {ref_path: file_digest(ref_path)}  # what the scores depend on, for results.json
 
     requests, records, present = [], [], []
     for n, item in enumerate(items):
@@ -64,15 +68,14 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
                        images=[], output=None, prediction=None, score=None, request_hash=None)
             records.append(rec)
             continue
-        shots = select_exemplars(item.image_id, pool, settings)
-        shot_files = [images_by_id[p.image_id] for p, _ in shots]
-        segments = build_prompt(found[item.image_id], [(f, cap) for f, (_, cap) in zip(shot_files, shots)], settings)
-        context, images = _render(segments)
-        files = shot_files + [found[item.image_id]]  # prompt order
+        query_file, shots = prompt_images(item, images_by_id, pool, settings)
+        context, images = _render(build_prompt(query_file, shots, settings))
+        files = [f for f, _ in shots] + [query_file]  # prompt order
         args = (context, gen_kwargs, {"visual": images})
         requests.append(Instance("generate_until", {"image_id": item.image_id}, args, 0, (spec.name, n, 1)))
         rec.update(prompt=context, request_hash=request_hash("generate_until", args),
-                   images=[{"file": display_path(f), "sha256": sha256_file(f)} for f in files])
+                   images=[{"file": display_path(f), "sha256": file_digest(f)} for f in files])
+        data_files.update((f, file_digest(f)) for f in files)
         records.append(rec)
         present.append(rec)
     outputs = lm.generate_until(requests) if requests else []
@@ -95,13 +98,14 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
             metrics[name] = metric_entry(value, se, len(preds))
     entry = {
         "benchmark": spec.benchmark, "kind": "captioning", "primary_metric": spec.metrics[0] if spec.metrics else None,
-        "references": display_path(SHIPPED.get(ref_source, ref_source)), "images_dir": display_path(image_dir), "n_items": len(records), "n_scored": len(preds),
+        "references": display_path(ref_path), "images_dir": display_path(image_dir), "n_items": len(records), "n_scored": len(preds),
         "n_failed": sum(r["failed"] for r in records), "metrics": metrics, "skipped_metrics": skipped,
         "generation": gen_kwargs, "generation_hash": gen_hash,
         "prompt": {"shots": settings.shots, "shot_template": settings.shot_template, "query_cue": settings.query_cue,
                    "exemplar_seed": settings.seed, "postprocess": "first line, first sentence",
                    "exemplar_pool": (f"{display_path(SHIPPED.get(spec.exemplars, spec.exemplars))} ({spec.exemplar_split} split where the file has splits)"
                                      if spec.exemplars else "the scored split, query excluded")},
+        "data_files": data_files,
     }
     return entry, records
 

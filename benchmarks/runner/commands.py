@@ -63,7 +63,7 @@ def run_command(args) -> int:
     if args.chunk_size is not None and args.chunk_size < 1:
         raise InputError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     images_dirs = parse_images_dirs(args.images_dir)
-    verbose = getattr(args, "verbose", False)  # the demo builds its own Namespace
+    verbose = args.verbose
     configure_console(verbose)
     dist = init_dist()
     kind = args.backend or suite.backend

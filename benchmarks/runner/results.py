@@ -116,9 +116,10 @@ def format_results_table(results: dict | str | Path) -> str:
         results = json.loads(Path(results).read_text())
     rows = [("benchmark", "metric", "value", "± 95% CI", "n", "failed")]
     for name, bench in results.get("benchmarks", {}).items():
-        if not headline_metrics(bench):  # nothing scored: still show the benchmark and its failures
+        headline = headline_metrics(bench)
+        if not headline:  # nothing scored: still show the benchmark and its failures
             rows.append((name, "-", "-", "-", str(bench.get("n_items", 0)), str(bench.get("n_failed", 0))))
-        for metric, m in headline_metrics(bench).items():
+        for metric, m in headline.items():
             rows.append((name, metric, *format_metric(metric, m), str(m["n"]), str(bench.get("n_failed", 0))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]

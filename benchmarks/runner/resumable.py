@@ -53,7 +53,7 @@ class ResumableLM(LM):
         hashes = [request_hash(kind, r.args) for r in requests]
         samples = [0] * len(requests)
         if kind == "generate_until":
-            for i, (r, k) in enumerate(zip(requests, sample_indices(requests))):
+            for i, (r, k) in enumerate(zip(requests, sample_indices(requests, hashes))):
                 samples[i] = 0 if parse_gen_kwargs(r.args[1]).greedy else k  # greedy repeats agree
         keys = [self.key(kind, h, k) for h, k in zip(hashes, samples)]
         todo: dict[str, int] = {}  # key -> first request index, for keys not yet stored
@@ -84,11 +84,12 @@ class ResumableLM(LM):
                     self.backend.progress_hook = None
             ok = []
             for i, v in zip(chunk, values):
+                v = list(v) if isinstance(v, tuple) else v  # as JSON will store it
                 if hashes[i] in self.backend.failures:
                     failed[hashes[i]] = self.backend.failures[hashes[i]]
                 else:
-                    ok.append((keys[i], list(v) if isinstance(v, tuple) else v))
-                fresh[keys[i]] = list(v) if isinstance(v, tuple) else v
+                    ok.append((keys[i], v))
+                fresh[keys[i]] = v
             self.store.put_many(ok)
             self.computed += len(chunk)
         for part in self.dist.all_gather((fresh, failed)):

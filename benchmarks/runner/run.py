@@ -22,7 +22,7 @@ from benchmarks.runner.dist import Dist, as_single_process
 from benchmarks.runner.progress import BenchmarkProgress, summary_line
 from benchmarks.runner.resumable import ResumableLM
 from benchmarks.runner.results import (
-    SCHEMA_VERSION, display_path, metric_entry, package_versions, sha256_file, write_json_atomic, write_jsonl_atomic,
+    SCHEMA_VERSION, display_path, metric_entry, package_versions, write_json_atomic, write_jsonl_atomic,
 )
 from benchmarks.runner.store import RecordStore
 from benchmarks.runner.suite import BenchmarkSpec, Suite
@@ -101,15 +101,10 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
             if spec.kind == "captioning":
                 entry, records = run_captioning(spec, lm, images_dir=(images_dirs or {}).get(spec.benchmark),
                                                 limit=limit, seed=suite.seed)
-                for r in records:
-                    results["data_files"].update({i["file"]: i["sha256"] for i in r.get("images", [])})
-                ref = Path(entry["references"])
-                if ref.is_file():
-                    results["data_files"][display_path(ref)] = sha256_file(ref)
             else:
                 entry, records = _run_text(spec, lm, limit=limit, data_dir=data_dir, seed=suite.seed,
                                            lm_eval_bars=verbose and dist.is_main)
-                results["data_files"].update({display_path(k): v for k, v in entry.pop("data_files").items()})
+            results["data_files"].update({display_path(k): v for k, v in entry.pop("data_files").items()})
             entry["config"] = {k: v for k, v in spec.__dict__.items()}
             entry["seconds"] = round(time.perf_counter() - started, 2)
             entry["computed_requests"] = lm.computed - computed  # not answered from the cache

@@ -43,10 +43,15 @@ class RecordStore:
         # drop a torn last line so the next append starts on a fresh line
         if not self.path.exists():
             return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(self.path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+        with open(self.path, "r+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return  # the usual case, seen from the last byte alone
+            f.seek(0)
+            f.truncate(f.read().rfind(b"\n") + 1)
 
     def __contains__(self, key: str) -> bool:
         return key in self.records

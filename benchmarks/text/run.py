@@ -236,12 +236,13 @@ def collect_metrics(out: dict) -> dict[str, dict[str, Any]]:
 
 def macro_mean(out: dict, group: str, key: str) -> dict[str, dict[str, Any]]:
     """Unweighted mean over the group's leaf tasks (e.g. the 57 MMLU subjects), beside lm-eval's micro mean."""
-    rows = [out["results"][leaf] for leaf in _leaves(out, group)]
+    leaves = _leaves(out, group)
+    rows = [out["results"][leaf] for leaf in leaves]
     metric, flt = key.split(",", 1)
     values = [float(row[key]) for row in rows]
     errors = [_stderr(row.get(f"{metric}_stderr,{flt}")) for row in rows]
     stderr = math.sqrt(sum(e * e for e in errors)) / len(errors) if None not in errors else None
-    n = sum(out["n-samples"][leaf]["effective"] for leaf in _leaves(out, group))
+    n = sum(out["n-samples"][leaf]["effective"] for leaf in leaves)
     return {f"{group}/{metric}_macro,{flt}": {"value": sum(values) / len(values), "stderr": stderr, "n": n}}
 
 
