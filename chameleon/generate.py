@@ -211,11 +211,12 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
     if opts.mode == "interleaved":
         may_sample[tok.boi_id] = True
     spans_of = _spans_holding(model.transformer.vocab_spans, {"text": may_sample.nonzero().flatten(), "image": image_ids})
+    weights = model.transformer.inference_weights()  # once: weights do not change while generating
     logits = model.transformer(
-        tokens, cache=cache, input_pos=0, positions=positions, kv_len=max_len, last_only=True, spans=spans_of(rows)
+        tokens, cache=cache, input_pos=0, positions=positions, kv_len=max_len, last_only=True, spans=spans_of(rows), weights=weights
     )[:, -1]
 
-    step_fn = _decode_step(model, use_compile)
+    step_fn = _decode_step(model, use_compile, weights)
     cur = max_len
     with _progress_bar(opts.progress, budget, opts.mode) as progress:
         if opts.mode == "image":
@@ -411,18 +412,19 @@ def _spans_holding(spans: list[tuple[int, int]], ids: dict[str, torch.Tensor]):
     return spans_of
 
 
-def _decode_step(model, use_compile: bool):
+def _decode_step(model, use_compile: bool, weights):
     """One-token forward for every row. Compiled on CUDA (static shapes: reads the whole cache and
-    computes every logit); eager elsewhere, computing only the vocabulary spans asked for."""
+    computes every logit); eager elsewhere, computing only the vocabulary spans asked for, with the
+    block weights looked up once per generation."""
     transformer = model.transformer
 
     def eager(tokens, cur, positions, cache, spans):
-        return transformer(tokens, cache=cache, input_pos=cur, positions=positions, kv_len=cur + 1, spans=spans)[:, -1]
+        return transformer(tokens, cache=cache, input_pos=cur, positions=positions, kv_len=cur + 1, spans=spans, weights=weights)[:, -1]
 
     if not use_compile:
         return eager
     compiled = _compiled_step(transformer)
-    # The graph cannot check that fused weights are current (see inference_fast_path): check here,
+    # The graph cannot check that fused weights are current (see inference_weights): check here,
     # once per call (weights do not change while generating). Fused tensors are not parameters:
     # mark them static, or CUDA graphs would copy them in at every replay.
     transformer.check_fused()

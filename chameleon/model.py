@@ -8,6 +8,7 @@ model-parallel shard and HF's per-head norms without loss.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,21 +33,39 @@ def _packing_active(w: torch.Tensor) -> bool:
     )
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, packed: dict | None, key) -> torch.Tensor:
-    """x @ w.T. For bf16 on CPU through a oneDNN-packed copy of w kept in `packed[key]` (None: never).
+SMALLEST_PACKED = 1 << 14  # elements; below, a oneDNN call's fixed cost exceeds what packing saves
+
+
+def packed_weight(w: torch.Tensor, packed: dict | None, key) -> torch.Tensor:
+    """w, or for bf16 on CPU a oneDNN-packed copy of it kept in `packed[key]` (None: never pack).
 
     PyTorch's plain bf16 matrix-vector product on CPU reorders the weight on every call; with packed
     copies a 100M-parameter bf16 decode step is about 1.6x faster. A copy is rebuilt whenever w
     changes (another tensor, or an in-place update, which bumps the version counter). The cost: a
     second copy of the weight.
     """
-    if packed is None or not _packing_active(w):
-        return F.linear(x, w)
+    if packed is None or not _packing_active(w) or w.numel() < SMALLEST_PACKED:
+        return w
     stamp = (w.data_ptr(), w._version, w.shape)
     entry = packed.get(key)
     if entry is None or entry[0] != stamp:
         entry = packed[key] = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1))
-    return torch.ops.mkldnn._linear_pointwise(x, entry[1], None, "none", [], "")
+    return entry[1]
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ add), for a weight from `packed_weight`. With a packed weight oneDNN adds `add`
+    to the fp32 accumulator: one kernel fewer, and one bf16 rounding fewer."""
+    if not torch.compiler.is_compiling() and w.is_mkldnn:  # (packing is off in compiled graphs)
+        if add is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, add, w, None, "add")
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    return F.linear(x, w) if add is None else add + F.linear(x, w)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, packed: dict | None, key) -> torch.Tensor:
+    """x @ w.T through a packed copy of w where that pays (see `packed_weight`)."""
+    return matmul(x, packed_weight(w, packed, key))
 
 
 class Fused:
@@ -76,11 +95,9 @@ class Fused:
         return all(getattr(module, name).data_ptr() == p for (module, name), p in zip(self.owners, self.ptrs))
 
 
-def inference_fast_path(fused: list[Fused] | None) -> bool:
-    """Fused tensors serve inference only: autograd must reach the separate parameters. A compiled
-    graph cannot check staleness itself (it cannot trace data pointers): its caller checks first
-    and records the answer in each `Fused.checked` (see `Transformer.check_fused`)."""
-    if fused is None or torch.is_grad_enabled():
+def fused_current(fused: list[Fused]) -> bool:
+    """Whether inference may use these fused tensors (see `Transformer.inference_weights`)."""
+    if torch.is_grad_enabled():
         return False
     if torch.compiler.is_compiling():
         return all(f.checked for f in fused)
@@ -94,14 +111,48 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 for bf16 stability, like Meta's and HF's implementations.
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalised in fp32 for bf16 stability and rounded before the weight is applied, like Meta's
+    and HF's implementations."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _cpu_eager(x: torch.Tensor) -> bool:
+    """Eager CPU inference runs kernel by kernel, and a decode step is bound by its many small
+    kernels; compiled graphs fuse them anyway, so they (and GPUs) keep the plain forms."""
+    return not torch.compiler.is_compiling() and x.is_cpu
+
+
+def rms_norm_inference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_norm` for the fused inference path, with a weight from `inference_norm_weight`.
+
+    On CPU, eager: the layer norm of [x, -x] has mean 0 and variance mean(x^2), so its first half
+    is the RMS norm of x. It is one fused kernel, computing in fp32 and applying the weight before
+    it rounds (PyTorch's CPU rms_norm is 5 kernels, plus 2 conversions and the weight's product),
+    and a decoded token makes 2 per layer. It rounds once where `rms_norm` rounds twice, so bf16
+    outputs may differ by one unit in the last place, closer to exact arithmetic.
+    """
+    if not _cpu_eager(x):
+        return rms_norm(x, weight, eps)
+    d = x.shape[-1]
+    return F.layer_norm(torch.cat([x, x.neg()], dim=-1), (2 * d,), weight, eps=eps).narrow(-1, 0, d)
+
+
+def inference_norm_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The RMSNorm weight as `rms_norm_inference` takes it: doubled for the layer norm of [x, -x]."""
+    return torch.cat([weight, weight]) if _cpu_eager(weight) else weight
+
+
+QK_NORM_EPS = 1e-5  # Meta's and HF's q/k LayerNorms use the default
 
 
 class HeadNorm(nn.Module):
     """LayerNorm over each head's features, with a separate weight and bias per head."""
 
-    def __init__(self, heads: int, head_dim: int, eps: float = 1e-5):
+    def __init__(self, heads: int, head_dim: int, eps: float = QK_NORM_EPS):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(heads, head_dim))
@@ -126,12 +177,16 @@ def rope_tables(args: ModelArgs, device=None) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) by the angles of `freqs`. x: (B, T, H, hd); freqs:
-    (B, T, hd/2, 2). Real arithmetic, not complex: torch.compile cannot fuse complex products (each
-    became a separate eager kernel, twice per layer), and fuses this one with the q/k-norms."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    re, im = pairs[..., 0], pairs[..., 1]
-    cos, sin = freqs[:, :, None, :, 0], freqs[:, :, None, :, 1]
-    return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2).type_as(x)
+    (B, T, hd/2, 2), cos and sin. Real arithmetic, which torch.compile fuses with the q/k-norms (it
+    cannot fuse complex products: each became an eager kernel). On CPU, eager, one complex product
+    instead: the same bits in 3 kernels, ~4x faster than the real form's 9."""
+    if not _cpu_eager(x):
+        pairs = x.float().unflatten(-1, (-1, 2))
+        re, im = pairs[..., 0], pairs[..., 1]
+        cos, sin = freqs[:, :, None, :, 0], freqs[:, :, None, :, 1]
+        return torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2).type_as(x)
+    rotated = torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * torch.view_as_complex(freqs)[:, :, None]
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -170,6 +225,24 @@ class KVCache(nn.Module):
         self.valid[:, n:] = False
 
 
+def attend(q, k, v, mask, layer: int, cache: KVCache | None, input_pos, kv_len: int | None, dropout_p: float = 0.0):
+    """Write k/v (B, kv_heads, T, hd) into the cache, then attend with q (B, heads, T, hd)."""
+    if cache is not None:
+        cache_k, cache_v = cache.k[layer], cache.v[layer]
+        if isinstance(input_pos, int):  # eager: write a slice
+            cache_k.narrow(2, input_pos, q.shape[2]).copy_(k)
+            cache_v.narrow(2, input_pos, q.shape[2]).copy_(v)
+        else:  # a tensor of slots keeps compiled shapes static
+            cache_k[:, :, input_pos] = k
+            cache_v[:, :, input_pos] = v
+        k, v = cache_k, cache_v
+        if kv_len is not None:
+            k, v = k.narrow(2, 0, kv_len), v.narrow(2, 0, kv_len)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -185,7 +258,6 @@ class Attention(nn.Module):
         self.dropout = args.dropout
         # Set by Transformer.fuse_(): q/k/v weights, q/k-norm weights and biases.
         self.fused: list[Fused] | None = None
-        self.packed: dict | None = None  # oneDNN-packed bf16 weights, see optimize_for_cpu_()
 
     def fuse_(self, input_major: bool) -> None:
         self.fused = [Fused([(self.wq, "weight"), (self.wk, "weight"), (self.wv, "weight")], input_major=input_major)]
@@ -194,37 +266,16 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs, mask, layer: int, cache: KVCache | None, input_pos, kv_len: int | None):
         bsz, seqlen, _ = x.shape
-        heads, kv_heads, hd = self.n_heads, self.kv_heads, self.head_dim
-        if inference_fast_path(self.fused):
-            # q and k are adjacent in the fused output: normalise and rotate them as one tensor.
-            qkv = linear(x, self.fused[0].tensor, self.packed, "qkv")
-            qk = qkv[..., : (heads + kv_heads) * hd].view(bsz, seqlen, heads + kv_heads, hd)
-            v = qkv[..., (heads + kv_heads) * hd :].view(bsz, seqlen, kv_heads, hd)
-            if self.qk_normalization:
-                norm_w, norm_b = self.fused[1].tensor, self.fused[2].tensor
-                qk = torch.addcmul(norm_b, F.layer_norm(qk, (hd,), eps=self.q_norm.eps), norm_w)
-            q, k = apply_rope(qk, freqs).split([heads, kv_heads], dim=2)
-        else:
-            q = self.wq(x).view(bsz, seqlen, heads, hd)
-            k = self.wk(x).view(bsz, seqlen, kv_heads, hd)
-            v = self.wv(x).view(bsz, seqlen, kv_heads, hd)
-            if self.qk_normalization:  # before RoPE, as in Meta's and HF's code
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-        if cache is not None:
-            # An int start writes a slice (cheap, eager); a tensor of slots keeps compiled shapes static.
-            slots = slice(input_pos, input_pos + seqlen) if isinstance(input_pos, int) else input_pos
-            cache.k[layer][:, :, slots] = k
-            cache.v[layer][:, :, slots] = v
-            k, v = cache.k[layer], cache.v[layer]
-            if kv_len is not None:
-                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+        q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, self.kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, self.kv_heads, self.head_dim)
+        if self.qk_normalization:  # before RoPE, as in Meta's and HF's code
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p, enable_gqa=self.kv_heads != self.n_heads
-        )
-        out = linear(out.transpose(1, 2).reshape(bsz, seqlen, -1), self.wo.weight, self.packed, "wo")
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        out = attend(q, k, v, mask, layer, cache, input_pos, kv_len, p)
+        out = self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
         return F.dropout(out, p, True) if p else out
 
 
@@ -237,17 +288,12 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(args.dim, hidden, bias=False)
         self.dropout = args.dropout
         self.fused: list[Fused] | None = None  # w1/w3, set by Transformer.fuse_()
-        self.packed: dict | None = None  # oneDNN-packed bf16 weights, see optimize_for_cpu_()
 
     def fuse_(self, input_major: bool) -> None:
         self.fused = [Fused([(self.w1, "weight"), (self.w3, "weight")], input_major=input_major)]
 
     def forward(self, x):
-        if inference_fast_path(self.fused):
-            gate, up = linear(x, self.fused[0].tensor, self.packed, "w13").chunk(2, dim=-1)
-        else:
-            gate, up = self.w1(x), self.w3(x)
-        out = linear(F.silu(gate) * up, self.w2.weight, self.packed, "w2")
+        out = self.w2(F.silu(self.w1(x)) * self.w3(x))
         return F.dropout(out, self.dropout, True) if self.dropout and self.training else out
 
 
@@ -266,6 +312,58 @@ class TransformerBlock(nn.Module):
             return h + self.ffn_norm(self.feed_forward(h))
         h = x + self.attention(self.attention_norm(x), freqs, mask, layer, cache, input_pos, kv_len)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+class BlockWeights(NamedTuple):
+    """One block's tensors for the fused inference path: fused q/k/v, w1/w3 and q/k-norms, the
+    matrices as `packed_weight` gives them, the norms' as `inference_norm_weight` does."""
+
+    attention_norm: torch.Tensor
+    qkv: torch.Tensor
+    qk_norm: tuple[torch.Tensor, torch.Tensor] | None  # weight, bias: (heads + kv_heads, head_dim)
+    wo: torch.Tensor
+    ffn_norm: torch.Tensor
+    w13: torch.Tensor
+    w2: torch.Tensor
+
+
+class InferenceWeights(NamedTuple):
+    """What `Transformer.inference_weights` gathers: every block's tensors and the final norm's."""
+
+    blocks: list[BlockWeights]
+    norm: torch.Tensor
+
+
+def fused_block(args: ModelArgs, w: BlockWeights, x, freqs, mask, layer: int, cache: KVCache | None, input_pos, kv_len):
+    """`TransformerBlock.forward` for inference, on fused tensors: one product for q/k/v and one for
+    w1/w3, q and k normalised and rotated as one tensor, and plain functions rather than modules
+    (a CPU decode step spends a good part of its time on Python overhead)."""
+
+    def attention(x, residual=None):
+        bsz, seqlen, _ = x.shape
+        heads, kv_heads, hd = args.n_heads, args.kv_heads, args.head_dim
+        qkv = matmul(x, w.qkv)
+        # q and k are adjacent in the fused output: normalise and rotate them as one tensor.
+        qk, v = qkv.split([(heads + kv_heads) * hd, kv_heads * hd], dim=-1)
+        qk, v = qk.view(bsz, seqlen, heads + kv_heads, hd), v.view(bsz, seqlen, kv_heads, hd)
+        if w.qk_norm is not None:
+            qk = torch.addcmul(w.qk_norm[1], F.layer_norm(qk, (hd,), eps=QK_NORM_EPS), w.qk_norm[0])
+        q, k = apply_rope(qk, freqs).split([heads, kv_heads], dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        out = attend(q, k, v, mask, layer, cache, input_pos, kv_len)
+        return matmul(out.transpose(1, 2).reshape(bsz, seqlen, -1), w.wo, residual)
+
+    def feed_forward(x, residual=None):
+        gate, up = matmul(x, w.w13).chunk(2, dim=-1)
+        return matmul(F.silu(gate) * up, w.w2, residual)
+
+    eps = args.norm_eps
+    if args.swin_norm:
+        h = x + rms_norm_inference(attention(x), w.attention_norm, eps)
+        return h + rms_norm_inference(feed_forward(h), w.ffn_norm, eps)
+    # The residual additions happen inside the output products (see `matmul`).
+    h = attention(rms_norm_inference(x, w.attention_norm, eps), residual=x)
+    return feed_forward(rms_norm_inference(h, w.ffn_norm, eps), residual=h)
 
 
 class Transformer(nn.Module):
@@ -301,18 +399,45 @@ class Transformer(nn.Module):
         for f in self.fused_tensors():
             f.checked = f.current()
 
+    def inference_weights(self) -> InferenceWeights | None:
+        """The tensors of the fused inference path (`fused_block`), or None where that path does
+        not apply: autograd on (it must reach the separate parameters), dropout active, blocks not
+        fused, or fused tensors stale since a parameter was replaced. A compiled graph cannot check
+        staleness itself (it cannot trace data pointers): its caller checks first and records the
+        answer in each `Fused.checked` (see `check_fused`)."""
+        if self.training and self.args.dropout:
+            return None
+        if any(m.fused is None for b in self.layers for m in (b.attention, b.feed_forward)):
+            return None
+        if not fused_current(self.fused_tensors()):
+            return None
+        blocks = []
+        for i, b in enumerate(self.layers):
+            attn, ffn = b.attention, b.feed_forward
+            blocks.append(
+                BlockWeights(
+                    attention_norm=inference_norm_weight(b.attention_norm.weight),
+                    qkv=packed_weight(attn.fused[0].tensor, self.packed, ("qkv", i)),
+                    qk_norm=(attn.fused[1].tensor, attn.fused[2].tensor) if attn.qk_normalization else None,
+                    wo=packed_weight(attn.wo.weight, self.packed, ("wo", i)),
+                    ffn_norm=inference_norm_weight(b.ffn_norm.weight),
+                    w13=packed_weight(ffn.fused[0].tensor, self.packed, ("w13", i)),
+                    w2=packed_weight(ffn.w2.weight, self.packed, ("w2", i)),
+                )
+            )
+        return InferenceWeights(blocks, inference_norm_weight(self.norm.weight))
+
     def optimize_for_cpu_(self, pack_bf16: bool = True) -> None:
         """Lay the weights out for fast CPU inference; same values, same state dict.
 
         q/k/v, w1/w3 and the q/k-norms become one fused tensor each (see `Fused`), and
         every matrix is stored input-major (a transposed view of a contiguous copy): the one-token
         matrix-vector products of decoding read that layout measurably faster. bf16 weights are
-        also packed for oneDNN on first use (see `linear`) unless `pack_bf16` is False, which saves
-        the packed copy's memory (as much again as the weights) at about half the decode speed.
+        also packed for oneDNN on first use (see `packed_weight`) unless `pack_bf16` is False, which
+        saves the packed copy's memory (as much again as the weights) at about half the decode speed.
         """
         self.fuse_(input_major=True)
-        for module in (self, *(b.attention for b in self.layers), *(b.feed_forward for b in self.layers)):
-            module.packed = {} if pack_bf16 else None
+        self.packed = {} if pack_bf16 else None
         for module in (*(b.attention.wo for b in self.layers), *(b.feed_forward.w2 for b in self.layers), self.output):
             w = module.weight
             if w.is_contiguous():
@@ -360,6 +485,7 @@ class Transformer(nn.Module):
         kv_len: int | None = None,
         last_only: bool = False,
         spans: tuple[int, ...] | None = None,
+        weights: InferenceWeights | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` (B, T), float32 (only the `spans` of the vocabulary if given; see `head`).
 
@@ -368,6 +494,8 @@ class Transformer(nn.Module):
         (the caller sets `cache.valid` for the new slots first). `positions` (B, T) are the RoPE
         positions, by default the slots. `kv_len` bounds the slots read: eager callers pass the
         filled length, a compiled decode step reads the whole cache to keep shapes static.
+        `weights`: `inference_weights()` computed once by a caller that runs many steps on
+        unchanged weights; by default each call gathers them.
         """
         bsz, seqlen = tokens.shape
         device = tokens.device
@@ -377,7 +505,12 @@ class Transformer(nn.Module):
         if positions is None:
             positions = slots[None, :].expand(bsz, seqlen)
         mask = None
-        if cache is not None:
+        if cache is not None and seqlen == 1 and kv_len is not None and isinstance(input_pos, int):
+            # An eager decode step: every key read is at or before the query, so the row's valid
+            # slots are the mask (each row has valid prompt slots: no softmax row is empty).
+            zero = torch.zeros((), dtype=self.output.weight.dtype, device=device)
+            mask = torch.where(cache.valid[:, None, None, :kv_len], zero, float("-inf"))
+        elif cache is not None:
             n_keys = kv_len if kv_len is not None else cache.max_seq_len
             keys = torch.arange(n_keys, device=device)[None, None, :]
             q = slots[None, :, None]
@@ -389,8 +522,12 @@ class Transformer(nn.Module):
             mask = torch.where(mask, zero, float("-inf"))[:, None]
         freqs = self.rope_freqs(device)[positions]
         h = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, freqs, mask, i, cache, input_pos, kv_len)
-        if last_only:
-            h = h[:, -1:]
-        return self.head(self.norm(h), spans)
+        if weights is None:
+            weights = self.inference_weights()
+        if weights is None:  # the modules: training, or weights not fused
+            for i, layer in enumerate(self.layers):
+                h = layer(h, freqs, mask, i, cache, input_pos, kv_len)
+            return self.head(self.norm(h[:, -1:] if last_only else h), spans)
+        for i, w in enumerate(weights.blocks):
+            h = fused_block(self.args, w, h, freqs, mask, i, cache, input_pos, kv_len)
+        return self.head(rms_norm_inference(h[:, -1:] if last_only else h, weights.norm, self.args.norm_eps), spans)

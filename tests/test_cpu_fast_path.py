@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import chameleon
 from chameleon.generate import GenerationOptions, generate
-from chameleon.model import linear
+from chameleon.model import apply_rope, inference_norm_weight, linear, rms_norm, rms_norm_inference
 
 
 @pytest.fixture()
@@ -118,10 +118,12 @@ def test_generation_unchanged(pair, mode):
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16 kernels")
 def test_packed_bf16_linear_tracks_the_weight():
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(96, 64, generator=g).bfloat16()
-    x = torch.randn(1, 3, 64, generator=g).bfloat16()
+    w = torch.randn(256, 128, generator=g).bfloat16()
+    x = torch.randn(1, 3, 128, generator=g).bfloat16()
     cache: dict = {}
     with torch.no_grad():
+        small = w[:8]  # too small to pay for a oneDNN call: plain F.linear
+        assert torch.equal(linear(x, small, cache, "small"), F.linear(x, small)) and not cache
         torch.testing.assert_close(linear(x, w, cache, "w").float(), F.linear(x, w).float(), atol=0.05, rtol=0.02)
         assert "w" in cache
         w.mul_(-1)  # in place: the version counter moves, the packed copy is rebuilt
@@ -140,3 +142,60 @@ def test_bf16_optimized_model_matches_plain_bf16(tiny_hf):
         torch.testing.assert_close(optimized(x), plain(x), atol=0.05, rtol=0.05)
         torch.testing.assert_close(unpacked(x), plain(x), atol=0.05, rtol=0.05)
     assert optimized.transformer.packed and unpacked.transformer.packed is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_rope_is_bit_identical_to_the_real_form(dtype):
+    """Eager CPU rotates with one complex product; graphs and GPUs with real arithmetic."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, 64, generator=g).to(dtype)
+    freqs = torch.randn(2, 5, 32, 2, generator=g)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    re, im = pairs[..., 0], pairs[..., 1]
+    cos, sin = freqs[:, :, None, :, 0], freqs[:, :, None, :, 1]
+    real_form = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2).type_as(x)
+    assert torch.equal(apply_rope(x, freqs), real_form)
+    wide = torch.randn(2, 5, 6, 128, generator=g).to(dtype)[..., :64]  # a non-contiguous slice
+    assert torch.equal(apply_rope(wide, freqs), apply_rope(wide.contiguous(), freqs))
+
+
+def test_cpu_rms_norm_is_the_rms_norm_rounded_once():
+    """The layer norm of [x, -x] with the weight inside: within one bf16 rounding of `rms_norm`,
+    and no farther from exact arithmetic."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4000, 256, generator=g) * torch.rand(4000, 1, generator=g) * 5).bfloat16()
+    weight = (1 + 0.1 * torch.randn(256, generator=g)).bfloat16()
+    with torch.no_grad():
+        fast = rms_norm_inference(x, inference_norm_weight(weight), 1e-5)
+        plain = rms_norm(x, weight, 1e-5)
+        torch.testing.assert_close(fast, plain, atol=0, rtol=2**-7)  # one bf16 unit
+        exact = weight.float() * x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)
+        assert (fast.float() - exact).abs().mean() <= (plain.float() - exact).abs().mean()
+        torch.testing.assert_close(rms_norm_inference(x.float(), inference_norm_weight(weight.float()), 1e-5),
+                                   rms_norm(x.float(), weight.float(), 1e-5), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16 kernels")
+def test_bf16_fast_path_is_no_less_precise(tiny_hf):
+    """The CPU inference path rounds less often than the modules (norm weights and residual sums
+    inside fused kernels): its bf16 logits are at least as close to the fp32 ones."""
+    reference = chameleon.load(tiny_hf)
+    fast = chameleon.load(tiny_hf, dtype=torch.bfloat16)
+    plain = copy.deepcopy(fast)
+    for block in plain.transformer.layers:
+        block.attention.fused = block.feed_forward.fused = None
+    x = tokens(reference, n=32)
+    with torch.no_grad():
+        exact = reference(x)
+        errors = [(m(x) - exact).abs().mean().item() for m in (fast, plain)]
+    assert errors[0] <= errors[1] * 1.05, errors
+
+
+def test_dropout_in_training_mode_uses_the_modules(tiny_hf):
+    model = chameleon.load(tiny_hf)
+    assert model.transformer.inference_weights() is None  # autograd on
+    with torch.no_grad():
+        assert model.transformer.inference_weights() is not None
+        model.transformer.args.dropout = 0.1
+        model.train()
+        assert model.transformer.inference_weights() is None
