@@ -77,15 +77,15 @@ def greedy(tok, new_tokens: int, compile_: bool) -> GenerationOptions:
     return GenerationOptions(max_new_tokens=new_tokens, temperature=0.0, logit_bias={tok.eos_id: -1e9, tok.eot_id: -1e9}, compile=compile_)
 
 
-def bench_ours(model, batch, prompt_len, new_tokens, device, compile_):
+def bench_ours(model, batch, prompt_len, new_tokens, device, compile_, repeats):
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, model.tokenizer.vocab_size - 1, (batch, prompt_len), generator=g)
     prompts[:, 0] = model.tokenizer.bos_id
     prompts = prompts.tolist()
     tok = model.tokenizer
     generate(model, prompts, greedy(tok, 8, compile_))  # warm-up (and compile)
-    t1, _ = timed(lambda: generate(model, prompts, greedy(tok, 1, compile_)), device, 3)
-    tn, out = timed(lambda: generate(model, prompts, greedy(tok, new_tokens, compile_)), device, 2)
+    t1, _ = timed(lambda: generate(model, prompts, greedy(tok, 1, compile_)), device, repeats + 1)
+    tn, out = timed(lambda: generate(model, prompts, greedy(tok, new_tokens, compile_)), device, repeats)
     assert all(len(o) == new_tokens for o in out)
     return {"prefill_tok_s": batch * prompt_len / t1, "decode_tok_s": batch * (new_tokens - 1) / (tn - t1)}, prompts, out
 
@@ -102,7 +102,7 @@ def profile_ours(model, prompts, new_tokens, device, compile_) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90), flush=True)
 
 
-def bench_hf(hf, prompts, new_tokens, device, cache_impl, tok):
+def bench_hf(hf, prompts, new_tokens, device, cache_impl, tok, repeats):
     """transformers' generate, greedy, over the same candidates as our text mode (eos kept out)."""
     ids = torch.tensor(prompts, device=device)
     from transformers.generation import LogitsProcessorList
@@ -118,8 +118,8 @@ def bench_hf(hf, prompts, new_tokens, device, cache_impl, tok):
         kw["cache_implementation"] = "static"
     with torch.inference_mode():
         hf.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
-        t1, _ = timed(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw), device, 3)
-        tn, out = timed(lambda: hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw), device, 2)
+        t1, _ = timed(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw), device, repeats + 1)
+        tn, out = timed(lambda: hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw), device, repeats)
     return {"prefill_tok_s": ids.numel() / t1, "decode_tok_s": ids.shape[0] * (new_tokens - 1) / (tn - t1)}, out[:, ids.shape[1]:].tolist()
 
 
@@ -154,6 +154,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batches", default="1,4")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per figure, the fastest kept, for both stacks"
+                   " (default: 5 on CPU, whose shared caches and memory make single runs noisy; 2 on CUDA)")
     p.add_argument("--image", action="store_true", help="also time one image with 3-way CFG + VQGAN decode (512x512)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers competitor")
     p.add_argument("--hf-caches", default="dynamic,static", help="transformers' caches to time: dynamic (its default), static")
@@ -174,8 +176,9 @@ def main() -> None:
     # The real VQGAN shape when timing images; otherwise a small one with the real 8,192 codes.
     vq = VQGANConfig() if a.image else dataclasses.replace(TINY_VQ, n_embed=8192)
     compile_ = device.type == "cuda"
+    repeats = a.repeats or (2 if device.type == "cuda" else 5)
     report = {"machine": platform.processor() or platform.machine(), "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
-              "preset": a.preset, "shape": a.shape, "fused": not a.no_fuse, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "rows": []}
+              "preset": a.preset, "shape": a.shape, "fused": not a.no_fuse, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "repeats": repeats, "rows": []}
 
     def save(report):
         if a.json:
@@ -195,7 +198,7 @@ def main() -> None:
         for batch in [int(b) for b in a.batches.split(",")]:
             row = {"dtype": dtype_name, "batch": batch}
             report["rows"].append(row)  # filled in place; saved as it grows
-            row["ours"], prompts, our_out = bench_ours(ours, batch, a.prompt_len, a.new_tokens, device, compile_)
+            row["ours"], prompts, our_out = bench_ours(ours, batch, a.prompt_len, a.new_tokens, device, compile_, repeats)
             if a.profile and len(report["rows"]) == 1:
                 profile_ours(ours, prompts, a.profile, device, compile_)
             if bw is not None:  # a decode step can take no less than reading every weight once
@@ -205,7 +208,7 @@ def main() -> None:
                 for cache_impl, name in (("dynamic", "default"), ("static", "static")):
                     if cache_impl not in a.hf_caches.split(","):
                         continue
-                    row[f"hf_{name}"], hf_out = bench_hf(hf, prompts, a.new_tokens, device, cache_impl, ours.tokenizer)
+                    row[f"hf_{name}"], hf_out = bench_hf(hf, prompts, a.new_tokens, device, cache_impl, ours.tokenizer, repeats)
                     row[f"decode_ratio_vs_hf_{name}"] = row["ours"]["decode_tok_s"] / row[f"hf_{name}"]["decode_tok_s"]
                     # Greedy tokens agree exactly in fp32; in bf16 the two stacks round differently, so
                     # report how many leading tokens agree (random weights make near-ties common).
