@@ -223,6 +223,8 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
             return _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress)
         if opts.mode == "text" and opts.temperature == 0 and not opts.stop_strings and text_seen is None:
             stop_ids = {tok.eos_id, tok.eot_id, *opts.stop_ids}
+            if use_compile:
+                return _compiled_greedy_text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, tok.pad_id, progress)
             return _greedy_text_loop(logits, text_bias, stop_ids, budget, cache, cur, next_pos, step_fn, spans_of(rows), tok.pad_id, progress)
         for _ in range(budget):
             # Plain lists while choosing (cheaper than per-element tensor writes), one tensor each after.
@@ -339,6 +341,76 @@ def _greedy_text_loop(logits, text_bias, stop_ids, budget, cache, cur, next_pos,
     return [row[: row.index(pad_id)] if pad_id in row else row for row in out.tolist()]
 
 
+class _GreedyState:
+    """The tensors a compiled greedy step reads and updates in place, kept on the model and reused
+    while the cache's shape holds (like the cache: CUDA graphs are recorded against addresses)."""
+
+    def __init__(self, n_rows: int, n_slots: int, vocab: int, device):
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.tokens, self.positions, self.slot = zeros(n_rows, 1), zeros(n_rows, 1), zeros(1)
+        self.text_bias, self.is_stop = zeros(vocab, dtype=torch.float), zeros(vocab, dtype=torch.bool)
+        self.done, self.out, self.pad = zeros(n_rows, dtype=torch.bool), zeros(n_rows, n_slots), zeros()
+        for t in vars(self).values():
+            torch._dynamo.mark_static_address(t)
+
+    def pick(self, logits: torch.Tensor, slot) -> torch.Tensor:
+        """The greedy token after `slot` for every row, recorded in `out` (pad once a row ended)."""
+        t = (logits + self.text_bias).max(dim=-1).indices
+        self.done |= self.is_stop[t]
+        self.out.index_copy_(1, slot + 1, t.masked_fill(self.done, self.pad)[:, None])
+        return t
+
+
+def _compiled_greedy_text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, pad_id, progress) -> list[list[int]]:
+    """`_greedy_text_loop` with the pick and its bookkeeping inside the compiled step, so that a
+    CUDA graph replay is all the per-token work. Around the logits-only graph they were ~10 eager
+    kernels and ~0.3 ms per token on an H200, against a 7B step of ~4.3 ms in the graph."""
+    transformer = model.transformer
+    n_rows, n_slots = cache.batch_size, cache.max_seq_len
+    state = getattr(transformer, "_greedy_state", None)
+    if state is None or state.out.shape != (n_rows, n_slots) or state.out.device != logits.device:
+        state = transformer._greedy_state = _GreedyState(n_rows, n_slots, logits.shape[-1], logits.device)
+    state.text_bias.copy_(text_bias)
+    state.is_stop.zero_()
+    state.is_stop[sorted(stop_ids)] = True
+    state.pad.fill_(pad_id)
+    state.done.zero_()
+    state.out.fill_(pad_id)
+    state.positions.copy_(torch.tensor(next_pos, device=logits.device)[:, None])
+    state.slot.fill_(cur - 1)
+    state.tokens.copy_(state.pick(logits, state.slot)[:, None])  # the first token, from the prefill
+    state.slot.fill_(cur)
+    step = _compiled_greedy_step(transformer, cache)
+    if progress is not None:
+        progress.update(1)
+    for i in range(1, budget):
+        if i % 16 == 0 and bool(state.done.all()):  # a host sync: not every token
+            break
+        step(cache, state)
+        if progress is not None:
+            progress.update(1)
+    return [row[: row.index(pad_id)] if pad_id in row else row for row in state.out[:, cur : cur + budget].tolist()]
+
+
+def _compiled_greedy_step(transformer, cache):
+    """The compiled greedy step for this model (see `_compiled_greedy_text_loop`): write the token
+    at `slot`, pick the next one, advance. Like `_decode_step`, it checks the fused tensors first."""
+    _prepare_compiled(transformer, cache)
+    if getattr(transformer, "_compiled_greedy", None) is None:
+
+        def greedy_step(cache, state):
+            cache.valid.index_fill_(1, state.slot, True)
+            logits = transformer(state.tokens, cache=cache, input_pos=state.slot, positions=state.positions, kv_len=None)[:, -1]
+            state.tokens.copy_(state.pick(logits, state.slot)[:, None])
+            state.positions.add_(1)
+            state.slot.add_(1)
+
+        transformer._compiled_greedy = torch.compile(greedy_step, mode=_compile_mode(transformer), fullgraph=True, dynamic=False)
+    return transformer._compiled_greedy
+
+
 def _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress) -> list[list[int]]:
     """Image mode: every row emits boi, N codes and eoi in lockstep, so all rows' codes are chosen
     with tensor ops and nothing waits for the device until the end (on a GPU the general loop's
@@ -424,25 +496,31 @@ def _decode_step(model, use_compile: bool, weights):
     if not use_compile:
         return eager
     compiled = _compiled_step(transformer)
-    # The graph cannot check that fused weights are current (see inference_weights): check here,
-    # once per call (weights do not change while generating). Fused tensors are not parameters:
-    # mark them static, or CUDA graphs would copy them in at every replay.
-    transformer.check_fused()
-    for f in transformer.fused_tensors():
-        torch._dynamo.mark_static_address(f.tensor)
-    marked: set[int] = set()
     slot = torch.zeros(1, dtype=torch.long, device=model.device)
+    prepared: set[int] = set()
 
     def step(tokens, cur, positions, cache, spans):
-        if id(cache) not in marked:
-            # The cache is mutated in place by the graph: static addresses let CUDA graphs replay it.
-            for t in cache.tensors():
-                torch._dynamo.mark_static_address(t)
-            marked.add(id(cache))
+        if id(cache) not in prepared:
+            _prepare_compiled(transformer, cache)
+            prepared.add(id(cache))
         slot.fill_(cur)  # a device-side fill: unlike torch.tensor([cur], device=...), no host sync
         return compiled(tokens, cache, slot, positions)
 
     return step
+
+
+def _prepare_compiled(transformer, cache) -> None:
+    """Before a compiled step runs in a generation: the graph cannot check that fused weights are
+    current (see inference_weights), so check here, once (weights do not change while
+    generating). Fused tensors are not parameters and the cache is mutated in place by the graph:
+    static addresses let CUDA graphs replay them instead of copying them in at every replay."""
+    transformer.check_fused()
+    for t in [f.tensor for f in transformer.fused_tensors()] + cache.tensors():
+        torch._dynamo.mark_static_address(t)
+
+
+def _compile_mode(transformer) -> str:
+    return "reduce-overhead" if transformer.output.weight.is_cuda else "default"
 
 
 def _compiled_step(transformer):
@@ -452,6 +530,5 @@ def _compiled_step(transformer):
         def full_cache_step(tokens, cache, input_pos, positions):
             return transformer(tokens, cache=cache, input_pos=input_pos, positions=positions, kv_len=None)[:, -1]
 
-        mode = "reduce-overhead" if transformer.output.weight.is_cuda else "default"
-        transformer._compiled_step = torch.compile(full_cache_step, mode=mode, fullgraph=True, dynamic=False)
+        transformer._compiled_step = torch.compile(full_cache_step, mode=_compile_mode(transformer), fullgraph=True, dynamic=False)
     return transformer._compiled_step

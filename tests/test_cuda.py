@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import chameleon
 from chameleon.generate import GenerationOptions, generate
@@ -33,9 +34,12 @@ def test_cuda_graph_greedy_matches_eager(gpu_model, tiny_model):
     prompts = [gpu_model.encode_prompt(p) for p in PROMPTS]
     opts = dict(max_new_tokens=20, logit_bias={gpu_model.tokenizer.eos_id: -1e9})
     eager = generate(gpu_model, prompts, GenerationOptions(compile=False, **opts))
+    skips = counters["inductor"]["cudagraph_skips"]
     graphed = generate(gpu_model, prompts, GenerationOptions(compile=True, **opts))
     again = generate(gpu_model, prompts, GenerationOptions(compile=True, **opts))
     assert graphed == eager == again
+    # The greedy step mutates its state and the cache in place: CUDA graphs must not give up on it.
+    assert counters["inductor"]["cudagraph_skips"] == skips
     assert all(len(o) == 20 for o in graphed)
     assert generate(tiny_model, prompts, GenerationOptions(**opts)) == eager
 

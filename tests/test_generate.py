@@ -144,6 +144,23 @@ def test_compiled_decode_step_matches_eager(tiny_model):
     assert compiled == eager
 
 
+def test_compiled_greedy_loop_stops_rows_like_eager(tiny_model):
+    """Compiled greedy text picks inside the graph: rows of different lengths that stop at
+    different steps (past the 16-step check of whether all ended), calls with another batch size
+    in between, and a repeated call all give the eager loop's tokens."""
+    prompts = [tiny_model.encode_prompt(p) for p in PROMPTS[:3]]
+    free = generate(tiny_model, prompts, GenerationOptions(max_new_tokens=40))
+    stop = free[1][20]  # ends row 1 at its 21st token; other rows wherever it occurs first
+    opts = dict(max_new_tokens=40, stop_ids=(stop,))
+    eager = generate(tiny_model, prompts, GenerationOptions(**opts))
+    assert any(len(o) < 40 for o in eager) and eager != free
+    compiled = GenerationOptions(compile=True, **opts)
+    assert generate(tiny_model, prompts, compiled) == eager
+    assert generate(tiny_model, prompts[:1], compiled) == eager[:1]
+    assert generate(tiny_model, prompts, compiled) == eager
+    assert generate(tiny_model, prompts, GenerationOptions(max_new_tokens=40, compile=True)) == free
+
+
 def test_compiled_generation_reuses_its_cache(tiny_model):
     """CUDA graphs are recorded against the cache's addresses: calls of one shape share one cache,
     and a reused cache gives the same tokens."""
