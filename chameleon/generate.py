@@ -216,15 +216,16 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
         tokens, cache=cache, input_pos=0, positions=positions, kv_len=max_len, last_only=True, spans=spans_of(rows), weights=weights
     )[:, -1]
 
-    step_fn = _decode_step(model, use_compile, weights)
     cur = max_len
+    greedy_text = opts.mode == "text" and opts.temperature == 0 and not opts.stop_strings and text_seen is None
+    stop_ids = {tok.eos_id, tok.eot_id, *opts.stop_ids}
     with _progress_bar(opts.progress, budget, opts.mode) as progress:
+        if greedy_text and use_compile:  # a graph of its own, not the logits step below
+            return _compiled_greedy_text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, tok.pad_id, progress)
+        step_fn = _decode_step(model, use_compile, weights)
         if opts.mode == "image":
             return _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress)
-        if opts.mode == "text" and opts.temperature == 0 and not opts.stop_strings and text_seen is None:
-            stop_ids = {tok.eos_id, tok.eot_id, *opts.stop_ids}
-            if use_compile:
-                return _compiled_greedy_text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, tok.pad_id, progress)
+        if greedy_text:
             return _greedy_text_loop(logits, text_bias, stop_ids, budget, cache, cur, next_pos, step_fn, spans_of(rows), tok.pad_id, progress)
         for _ in range(budget):
             # Plain lists while choosing (cheaper than per-element tensor writes), one tensor each after.
@@ -369,6 +370,8 @@ def _compiled_greedy_text_loop(model, logits, text_bias, stop_ids, budget, cache
     kernels and ~0.3 ms per token on an H200, against a 7B step of ~4.3 ms in the graph."""
     transformer = model.transformer
     n_rows, n_slots = cache.batch_size, cache.max_seq_len
+    if budget == 0:  # (the cache may hold no slot for a first token)
+        return [[] for _ in range(n_rows)]
     state = getattr(transformer, "_greedy_state", None)
     if state is None or state.out.shape != (n_rows, n_slots) or state.out.device != logits.device:
         state = transformer._greedy_state = _GreedyState(n_rows, n_slots, logits.shape[-1], logits.device)

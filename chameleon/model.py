@@ -8,6 +8,7 @@ model-parallel shard and HF's per-head norms without loss.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -46,7 +47,7 @@ def packed_weight(w: torch.Tensor, packed: dict | None, key) -> torch.Tensor:
     """
     if packed is None or not _packing_active(w) or w.numel() < SMALLEST_PACKED:
         return w
-    stamp = (w.data_ptr(), w._version, w.shape)
+    stamp = (w.data_ptr(), 0 if w.is_inference() else w._version, w.shape)  # inference tensors have no version
     entry = packed.get(key)
     if entry is None or entry[0] != stamp:
         entry = packed[key] = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1))
@@ -54,6 +55,7 @@ def packed_weight(w: torch.Tensor, packed: dict | None, key) -> torch.Tensor:
     return entry[1]
 
 
+HUGE_PAGES = True  # set False to keep packed weights on the allocator's pages (see `_use_huge_pages`)
 HUGE_PAGE = 2 << 20
 MADV_COLLAPSE = 25  # Linux 6.1+
 
@@ -74,16 +76,21 @@ def _use_huge_pages(packed: torch.Tensor) -> None:
     """Back a packed weight with 2 MB pages (best effort; Linux 6.1+, whatever the THP setting).
 
     A decode step streams every weight once; with 4 KB pages that is a TLB miss every 4 KB.
-    Collapsing the 2 MB regions around each packed copy
-    (its neighbours included, so small matrices are covered too) made a 100M bf16 CPU decode step
-    ~8% faster, for ~5% more resident memory. PyTorch does the like for its own large allocations
-    under THP_MEM_ALLOC_ENABLE=1, if set before it first allocates."""
-    madvise = _madvise()
+    Collapsing the 2 MB pages inside each large packed copy, and the ones around each small copy
+    (their neighbours' memory included, so up to 4 MB becomes resident), made a 100M bf16 CPU
+    decode step ~8% faster, for ~5% more resident memory. The collapse is synchronous: it runs
+    when a copy is (re)packed. PyTorch does the like for its own large allocations under
+    THP_MEM_ALLOC_ENABLE=1, if set before it first allocates. Off: `HUGE_PAGES = False`."""
+    madvise = _madvise() if HUGE_PAGES else None
     if madvise is None:
         return
     start, size = torch.ops.mkldnn.data_ptr(packed), torch.ops.mkldnn._nbytes(packed)
-    first, end = start // HUGE_PAGE * HUGE_PAGE, -(-(start + size) // HUGE_PAGE) * HUGE_PAGE
-    madvise(first, end - first, MADV_COLLAPSE)  # an error (old kernel, no THP) leaves 4 KB pages
+    if size >= HUGE_PAGE:  # the 2 MB pages inside the buffer
+        first, end = -(-start // HUGE_PAGE) * HUGE_PAGE, (start + size) // HUGE_PAGE * HUGE_PAGE
+    else:  # a small matrix: the page around it (and its neighbours), at most 4 MB
+        first, end = start // HUGE_PAGE * HUGE_PAGE, -(-(start + size) // HUGE_PAGE) * HUGE_PAGE
+    if end > first:
+        madvise(first, end - first, MADV_COLLAPSE)  # an error (old kernel, no THP) leaves 4 KB pages
 
 
 def matmul(x: torch.Tensor, w: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,13 +186,10 @@ def inference_norm_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([weight, weight]) if _cpu_eager(weight) else weight
 
 
-QK_NORM_EPS = 1e-5  # Meta's and HF's q/k LayerNorms use the default
-
-
 class HeadNorm(nn.Module):
     """LayerNorm over each head's features, with a separate weight and bias per head."""
 
-    def __init__(self, heads: int, head_dim: int, eps: float = QK_NORM_EPS):
+    def __init__(self, heads: int, head_dim: int, eps: float = 1e-5):  # Meta's and HF's: the default
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(heads, head_dim))
@@ -353,7 +357,7 @@ class BlockWeights(NamedTuple):
 
     attention_norm: torch.Tensor
     qkv: torch.Tensor
-    qk_norm: tuple[torch.Tensor, torch.Tensor] | None  # weight, bias: (heads + kv_heads, head_dim)
+    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None  # weight, bias (heads + kv_heads, head_dim), eps
     wo: torch.Tensor
     ffn_norm: torch.Tensor
     w13: torch.Tensor
@@ -380,7 +384,8 @@ def fused_block(args: ModelArgs, w: BlockWeights, x, freqs, mask, layer: int, ca
         qk, v = qkv.split([(heads + kv_heads) * hd, kv_heads * hd], dim=-1)
         qk, v = qk.view(bsz, seqlen, heads + kv_heads, hd), v.view(bsz, seqlen, kv_heads, hd)
         if w.qk_norm is not None:
-            qk = torch.addcmul(w.qk_norm[1], F.layer_norm(qk, (hd,), eps=QK_NORM_EPS), w.qk_norm[0])
+            weight, bias, eps = w.qk_norm
+            qk = torch.addcmul(bias, F.layer_norm(qk, (hd,), eps=eps), weight)
         q, k = apply_rope(qk, freqs).split([heads, kv_heads], dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         out = attend(q, k, v, mask, layer, cache, input_pos, kv_len)
@@ -443,6 +448,12 @@ class Transformer(nn.Module):
         if any(m.fused is None for b in self.layers for m in (b.attention, b.feed_forward)):
             return None
         if not fused_current(self.fused_tensors()):
+            if self.packed is not None and not torch.is_grad_enabled() and not getattr(self, "_warned_stale", False):
+                self._warned_stale = True
+                warnings.warn(
+                    "a parameter was replaced (e.g. load_state_dict(assign=True)), so inference runs the unfused, "
+                    "unpacked modules, several times slower on CPU; call optimize_for_cpu_() again to restore the fast path"
+                )
             return None
         blocks = []
         for i, b in enumerate(self.layers):
@@ -451,7 +462,7 @@ class Transformer(nn.Module):
                 BlockWeights(
                     attention_norm=inference_norm_weight(b.attention_norm.weight),
                     qkv=packed_weight(attn.fused[0].tensor, self.packed, ("qkv", i)),
-                    qk_norm=(attn.fused[1].tensor, attn.fused[2].tensor) if attn.qk_normalization else None,
+                    qk_norm=(attn.fused[1].tensor, attn.fused[2].tensor, attn.q_norm.eps) if attn.qk_normalization else None,
                     wo=packed_weight(attn.wo.weight, self.packed, ("wo", i)),
                     ffn_norm=inference_norm_weight(b.ffn_norm.weight),
                     w13=packed_weight(ffn.fused[0].tensor, self.packed, ("w13", i)),
@@ -538,11 +549,12 @@ class Transformer(nn.Module):
         if positions is None:
             positions = slots[None, :].expand(bsz, seqlen)
         mask = None
-        if cache is not None and seqlen == 1 and kv_len is not None and isinstance(input_pos, int):
-            # An eager decode step: every key read is at or before the query, so the row's valid
-            # slots are the mask (each row has valid prompt slots: no softmax row is empty).
+        if cache is not None and seqlen == 1 and isinstance(input_pos, int) and kv_len == input_pos + 1:
+            # An eager decode step reads the slots up to its own: the general mask below reduces
+            # to the valid slots plus its own, in 3 kernels instead of 9.
             zero = torch.zeros((), dtype=self.output.weight.dtype, device=device)
             mask = torch.where(cache.valid[:, None, None, :kv_len], zero, float("-inf"))
+            mask[..., input_pos] = 0.0
         elif cache is not None:
             n_keys = kv_len if kv_len is not None else cache.max_seq_len
             keys = torch.arange(n_keys, device=device)[None, None, :]
@@ -557,6 +569,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         if weights is None:
             weights = self.inference_weights()
+        elif torch.is_grad_enabled():
+            raise ValueError("weights= serves inference only: with autograd on, gradients must reach the parameters")
         if weights is None:  # the modules: training, or weights not fused
             for i, layer in enumerate(self.layers):
                 h = layer(h, freqs, mask, i, cache, input_pos, kv_len)

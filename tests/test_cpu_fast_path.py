@@ -5,6 +5,7 @@ autograd and weight updates still reach the parameters."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -199,3 +200,55 @@ def test_dropout_in_training_mode_uses_the_modules(tiny_hf):
         model.transformer.args.dropout = 0.1
         model.train()
         assert model.transformer.inference_weights() is None
+
+
+def test_decode_step_mask_equals_the_general_mask(tiny_model):
+    """An eager one-token step builds its mask from the valid slots plus its own; reading the
+    whole cache takes the general causal mask. Left padding and a row whose own slot is invalid
+    (guidance rows skip text tokens) give the same logits both ways."""
+    tr = tiny_model.transformer
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, tiny_model.tokenizer.vocab_size, (2, 9), generator=g)
+    with torch.no_grad():
+        cache = tr.new_cache(2, 16)
+        cache.valid[0, :8] = True
+        cache.valid[1, 3:8] = True  # row 1 left-padded by 3
+        positions = (torch.arange(8)[None] - torch.tensor([[0], [3]])).clamp(min=0)
+        tr(ids[:, :8], cache=cache, input_pos=0, positions=positions, kv_len=8)
+        cache.valid[:, 8] = torch.tensor([True, False])  # row 1 does not see its new token
+        step = dict(cache=cache, input_pos=8, positions=torch.tensor([[8], [5]]))
+        fast = tr(ids[:, 8:], kv_len=9, **step)
+        general = tr(ids[:, 8:], kv_len=None, **step)
+    torch.testing.assert_close(fast, general, atol=1e-5, rtol=1e-5)
+
+
+def test_weights_argument_refuses_autograd(tiny_model):
+    tr = tiny_model.transformer
+    with torch.no_grad():
+        weights = tr.inference_weights()
+    with pytest.raises(ValueError, match="inference only"):
+        tr(torch.tensor([[1, 5, 6]]), weights=weights)
+
+
+def test_replaced_parameters_warn_once_when_packing_is_lost(tiny_hf):
+    model = chameleon.load(tiny_hf, dtype=torch.bfloat16)
+    model.transformer.load_state_dict({k: v.clone() for k, v in model.transformer.state_dict().items()}, assign=True)
+    x = tokens(model)
+    with torch.no_grad(), pytest.warns(UserWarning, match="optimize_for_cpu_"):
+        model(x)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)  # once per model
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16 kernels")
+def test_packed_weights_on_huge_pages_keep_their_values():
+    """Packing collapses the packed copies onto 2 MB pages where the kernel allows: same products."""
+    g = torch.Generator().manual_seed(0)
+    big, small = torch.randn(4096, 512, generator=g).bfloat16(), torch.randn(256, 128, generator=g).bfloat16()
+    cache: dict = {}
+    with torch.no_grad():
+        for w in (big, small):
+            x = torch.randn(1, 1, w.shape[1], generator=g).bfloat16()
+            plain = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None, "none", [], "")
+            assert torch.equal(linear(x, w, cache, id(w)), plain)

@@ -184,3 +184,10 @@ def test_guided_batches_equal_one_by_one(tiny_model, mode):
     if mode == "interleaved":  # the case worth testing: rows opened their images at different steps
         starts = [out.index(tok.boi_id) for out in batched if tok.boi_id in out]
         assert len(set(starts)) >= 2, starts
+
+
+def test_compiled_greedy_with_no_new_tokens_at_a_cache_boundary(tiny_model):
+    """A prompt that fills a whole cache bucket leaves no slot for a first token: nothing to do."""
+    prompt = [tiny_model.tokenizer.bos_id] + [7] * 255
+    assert generate(tiny_model, [prompt], GenerationOptions(max_new_tokens=0, compile=True)) == [[]]
+    assert generate(tiny_model, [prompt], GenerationOptions(max_new_tokens=0)) == [[]]
