@@ -62,10 +62,11 @@ MADV_COLLAPSE = 25  # Linux 6.1+
 
 @functools.cache
 def _madvise():
+    """libc's madvise, where Linux and this torch (which exposes a packed tensor's address) allow."""
     import ctypes
     import sys
 
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or not all(hasattr(torch.ops.mkldnn, op) for op in ("data_ptr", "_nbytes")):
         return None
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
