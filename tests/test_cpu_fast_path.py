@@ -178,8 +178,8 @@ def test_cpu_rms_norm_is_the_rms_norm_rounded_once():
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16 kernels")
 def test_bf16_fast_path_is_no_less_precise(tiny_hf):
-    """The CPU inference path rounds less often than the modules (norm weights and residual sums
-    inside fused kernels): its bf16 logits are at least as close to the fp32 ones."""
+    """The CPU inference path rounds less often than the modules (the norm weight applied inside
+    the norm kernel): its bf16 logits are at least as close to the fp32 ones."""
     reference = chameleon.load(tiny_hf)
     fast = chameleon.load(tiny_hf, dtype=torch.bfloat16)
     plain = copy.deepcopy(fast)
