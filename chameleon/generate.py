@@ -221,12 +221,12 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
     stop_ids = {tok.eos_id, tok.eot_id, *opts.stop_ids}
     with _progress_bar(opts.progress, budget, opts.mode) as progress:
         if greedy_text and use_compile:  # a graph of its own, not the logits step below
-            return _compiled_greedy_text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, tok.pad_id, progress)
+            return _greedy_text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, tok.pad_id, progress)
         step_fn = _decode_step(model, use_compile, weights)
         if opts.mode == "image":
             return _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress)
         if greedy_text:
-            return _greedy_text_loop(logits, text_bias, stop_ids, budget, cache, cur, next_pos, step_fn, spans_of(rows), tok.pad_id, progress)
+            return _greedy_text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, tok.pad_id, progress, step_fn, spans_of(rows))
         for _ in range(budget):
             # Plain lists while choosing (cheaper than per-element tensor writes), one tensor each after.
             next_tokens = [tok.pad_id] * n_rows
@@ -316,35 +316,10 @@ def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, im
     return t
 
 
-def _greedy_text_loop(logits, text_bias, stop_ids, budget, cache, cur, next_pos, step_fn, spans, pad_id, progress) -> list[list[int]]:
-    """Greedy text for all rows without leaving the device: no per-token host sync, so a GPU runs
-    ahead of Python. The same tokens as the general loop (same bias, same first-maximum rule);
-    a row that ended keeps decoding into slots nobody reads until every row has ended."""
-    device = logits.device
-    n_rows = logits.shape[0]
-    out = torch.full((n_rows, budget), pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    stops = torch.tensor(sorted(stop_ids), device=device)
-    pos = torch.tensor(next_pos, device=device)[:, None]
-    check_every = 1 if device.type == "cpu" else 16  # asking whether all rows ended costs a sync
-    for step in range(budget):
-        t = (logits + text_bias).max(dim=-1).indices
-        done |= torch.isin(t, stops)
-        out[:, step] = t.masked_fill(done, pad_id)  # pad is not text: never a greedy pick
-        if progress is not None:
-            progress.update(1)
-        if step == budget - 1 or ((step + 1) % check_every == 0 and bool(done.all())):
-            break
-        cache.valid[:, cur] = True
-        logits = step_fn(t[:, None], cur, pos, cache, spans)
-        pos = pos + 1
-        cur += 1
-    return [row[: row.index(pad_id)] if pad_id in row else row for row in out.tolist()]
-
-
 class _GreedyState:
-    """The tensors a compiled greedy step reads and updates in place, kept on the model and reused
-    while the cache's shape holds (like the cache: CUDA graphs are recorded against addresses)."""
+    """What greedy text decoding reads and updates in place: each row's next input token, its RoPE
+    position and slot, whether it ended, and its tokens so far by slot (pad once it ended). A
+    compiled step keeps one on the model, like the cache: CUDA graphs are recorded against addresses."""
 
     def __init__(self, n_rows: int, n_slots: int, vocab: int, device):
         def zeros(*shape, dtype=torch.long):
@@ -353,62 +328,87 @@ class _GreedyState:
         self.tokens, self.positions, self.slot = zeros(n_rows, 1), zeros(n_rows, 1), zeros(1)
         self.text_bias, self.is_stop = zeros(vocab, dtype=torch.float), zeros(vocab, dtype=torch.bool)
         self.done, self.out, self.pad = zeros(n_rows, dtype=torch.bool), zeros(n_rows, n_slots), zeros()
-        for t in vars(self).values():
-            torch._dynamo.mark_static_address(t)
 
-    def pick(self, logits: torch.Tensor, slot) -> torch.Tensor:
-        """The greedy token after `slot` for every row, recorded in `out` (pad once a row ended)."""
+    def reset(self, text_bias, stop_ids, pad_id: int, next_pos: list[int], cur: int) -> None:
+        """Before the first `advance`, on the prefill's logits (which belong to slot cur - 1)."""
+        self.text_bias.copy_(text_bias)
+        self.is_stop.zero_()
+        self.is_stop[sorted(stop_ids)] = True
+        self.pad.fill_(pad_id)
+        self.done.zero_()
+        self.out.fill_(pad_id)
+        self.positions.copy_(torch.tensor(next_pos, device=self.positions.device)[:, None] - 1)
+        self.slot.fill_(cur - 1)
+
+    def advance(self, logits: torch.Tensor) -> None:
+        """Pick every row's token after `slot` (the same bias and first-maximum rule as the general
+        loop; pad is not text, so never a pick), record it, and make it the next step's input."""
         t = (logits + self.text_bias).max(dim=-1).indices
         self.done |= self.is_stop[t]
-        self.out.index_copy_(1, slot + 1, t.masked_fill(self.done, self.pad)[:, None])
-        return t
+        self.out.index_copy_(1, self.slot + 1, t.masked_fill(self.done, self.pad)[:, None])
+        self.tokens.copy_(t[:, None])
+        self.positions.add_(1)
+        self.slot.add_(1)
+
+    def texts(self, cur: int, budget: int, pad_id: int) -> list[list[int]]:
+        return [row[: row.index(pad_id)] if pad_id in row else row for row in self.out[:, cur : cur + budget].tolist()]
 
 
-def _compiled_greedy_text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, pad_id, progress) -> list[list[int]]:
-    """`_greedy_text_loop` with the pick and its bookkeeping inside the compiled step, so that a
-    CUDA graph replay is all the per-token work. Around the logits-only graph they were ~10 eager
-    kernels and ~0.3 ms per token on an H200, against a 7B step of ~4.3 ms in the graph."""
-    transformer = model.transformer
-    n_rows, n_slots = cache.batch_size, cache.max_seq_len
-    if budget == 0:  # (the cache may hold no slot for a first token)
+def _greedy_text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, pad_id, progress, step_fn=None, spans=None) -> list[list[int]]:
+    """Greedy text for all rows without leaving the device: no per-token host sync, so a GPU runs
+    ahead of Python; a row that ended keeps decoding into slots nobody reads until every row has
+    ended. Eager steps run `step_fn`; without one, the compiled greedy step runs, with the pick
+    inside the graph, so that a CUDA graph replay is all the per-token work (around a logits-only
+    graph the pick was ~10 eager kernels, ~0.3 ms per token on an H200 against a 7B step of
+    ~4.3 ms in the graph)."""
+    n_rows, device = logits.shape[0], logits.device
+    if budget == 0:  # (a compiled cache may hold no slot for a first token)
         return [[] for _ in range(n_rows)]
-    state = getattr(transformer, "_greedy_state", None)
-    if state is None or state.out.shape != (n_rows, n_slots) or state.out.device != logits.device:
-        state = transformer._greedy_state = _GreedyState(n_rows, n_slots, logits.shape[-1], logits.device)
-    state.text_bias.copy_(text_bias)
-    state.is_stop.zero_()
-    state.is_stop[sorted(stop_ids)] = True
-    state.pad.fill_(pad_id)
-    state.done.zero_()
-    state.out.fill_(pad_id)
-    state.positions.copy_(torch.tensor(next_pos, device=logits.device)[:, None])
-    state.slot.fill_(cur - 1)
-    state.tokens.copy_(state.pick(logits, state.slot)[:, None])  # the first token, from the prefill
-    state.slot.fill_(cur)
-    step = _compiled_greedy_step(transformer, cache)
+    if step_fn is None:
+        state = _compiled_greedy_state(model.transformer, cache, logits.shape[-1])
+        compiled = _compiled_greedy_step(model.transformer, cache)
+
+        def step(slot: int) -> None:
+            compiled(cache, state)
+    else:
+        state = _GreedyState(n_rows, cache.max_seq_len, logits.shape[-1], device)
+
+        def step(slot: int) -> None:
+            cache.valid[:, slot] = True
+            state.advance(step_fn(state.tokens, slot, state.positions, cache, spans))
+
+    state.reset(text_bias, stop_ids, pad_id, next_pos, cur)
+    state.advance(logits)  # the first token, from the prefill
+    check_every = 1 if device.type == "cpu" else 16  # asking whether all rows ended costs a sync
     if progress is not None:
         progress.update(1)
     for i in range(1, budget):
-        if i % 16 == 0 and bool(state.done.all()):  # a host sync: not every token
+        if i % check_every == 0 and bool(state.done.all()):
             break
-        step(cache, state)
+        step(cur + i - 1)
         if progress is not None:
             progress.update(1)
-    return [row[: row.index(pad_id)] if pad_id in row else row for row in state.out[:, cur : cur + budget].tolist()]
+    return state.texts(cur, budget, pad_id)
+
+
+def _compiled_greedy_state(transformer, cache, vocab: int) -> _GreedyState:
+    state = getattr(transformer, "_greedy_state", None)
+    if state is None or state.out.shape != (cache.batch_size, cache.max_seq_len) or state.out.device != cache.valid.device:
+        state = transformer._greedy_state = _GreedyState(cache.batch_size, cache.max_seq_len, vocab, cache.valid.device)
+        for t in vars(state).values():  # updated in place by the graph
+            torch._dynamo.mark_static_address(t)
+    return state
 
 
 def _compiled_greedy_step(transformer, cache):
-    """The compiled greedy step for this model (see `_compiled_greedy_text_loop`): write the token
-    at `slot`, pick the next one, advance. Like `_decode_step`, it checks the fused tensors first."""
+    """The compiled greedy step for this model (see `_greedy_text_loop`): mark the input's slot
+    valid, run it, advance. Like `_decode_step`, it checks the fused tensors first."""
     _prepare_compiled(transformer, cache)
     if getattr(transformer, "_compiled_greedy", None) is None:
 
         def greedy_step(cache, state):
             cache.valid.index_fill_(1, state.slot, True)
-            logits = transformer(state.tokens, cache=cache, input_pos=state.slot, positions=state.positions, kv_len=None)[:, -1]
-            state.tokens.copy_(state.pick(logits, state.slot)[:, None])
-            state.positions.add_(1)
-            state.slot.add_(1)
+            state.advance(transformer(state.tokens, cache=cache, input_pos=state.slot, positions=state.positions, kv_len=None)[:, -1])
 
         transformer._compiled_greedy = torch.compile(greedy_step, mode=_compile_mode(transformer), fullgraph=True, dynamic=False)
     return transformer._compiled_greedy

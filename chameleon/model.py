@@ -547,22 +547,21 @@ class Transformer(nn.Module):
         if positions is None:
             positions = slots[None, :].expand(bsz, seqlen)
         mask = None
-        if cache is not None and seqlen == 1 and isinstance(input_pos, int) and kv_len == input_pos + 1:
-            # An eager decode step reads the slots up to its own: the general mask below reduces
-            # to the valid slots plus its own, in 3 kernels instead of 9.
-            zero = torch.zeros((), dtype=self.output.weight.dtype, device=device)
-            mask = torch.where(cache.valid[:, None, None, :kv_len], zero, float("-inf"))
-            mask[..., input_pos] = 0.0
-        elif cache is not None:
-            n_keys = kv_len if kv_len is not None else cache.max_seq_len
-            keys = torch.arange(n_keys, device=device)[None, None, :]
-            q = slots[None, :, None]
+        if cache is not None:
             # (B, 1, T, K). A query always sees its own slot so that no softmax row is empty
             # (an empty row gives NaN, which would poison the cache through V).
-            mask = ((keys <= q) & cache.valid[:, None, :n_keys]) | (keys == q)
+            if seqlen == 1 and isinstance(input_pos, int) and kv_len == input_pos + 1:
+                # An eager decode step reads the slots up to its own: no causal term needed.
+                allowed = cache.valid[:, None, :kv_len].clone()
+                allowed[..., input_pos] = True
+            else:
+                n_keys = kv_len if kv_len is not None else cache.max_seq_len
+                keys = torch.arange(n_keys, device=device)[None, None, :]
+                q = slots[None, :, None]
+                allowed = ((keys <= q) & cache.valid[:, None, :n_keys]) | (keys == q)
             # Additive, in the activations' dtype: SDPA would convert a boolean mask in every layer.
             zero = torch.zeros((), dtype=self.output.weight.dtype, device=device)
-            mask = torch.where(mask, zero, float("-inf"))[:, None]
+            mask = torch.where(allowed, zero, float("-inf"))[:, None]
         freqs = self.rope_freqs(device)[positions]
         h = self.tok_embeddings(tokens)
         if weights is None:

@@ -74,13 +74,23 @@ def sample_seed(settings: GenSettings, sample_index: int) -> int:
     return int.from_bytes(h[:4], "little")
 
 
-def sample_indices(requests: list, hashes: list[str] | None = None) -> list[int]:
-    """Occurrence number of each request among identical ones (lm-eval repeats for maj@k).
-    `hashes`: the requests' `request_hash`es when the caller has them (hashing encodes images)."""
+def instance_hash(req, kind: str | None = None) -> str:
+    """`request_hash` of an lm-eval Instance (as a request of `kind`, by default its own type),
+    computed once per instance: the runner, its cache layer and the backends all ask, and hashing
+    encodes the request's images."""
+    kind = kind or req.request_type
+    known = req.__dict__.setdefault("_request_hashes", {})
+    if kind not in known:
+        known[kind] = request_hash(kind, req.args)
+    return known[kind]
+
+
+def sample_indices(requests: list) -> list[int]:
+    """Occurrence number of each request among identical ones (lm-eval repeats for maj@k)."""
     seen: dict[str, int] = {}
     out = []
-    for i, req in enumerate(requests):
-        h = hashes[i] if hashes is not None else request_hash(req.request_type, req.args)
+    for req in requests:
+        h = instance_hash(req)
         out.append(seen.get(h, 0))
         seen[h] = out[-1] + 1
     return out

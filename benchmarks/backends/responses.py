@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lm_eval.api.registry import register_model
 
-from benchmarks.backends.base import MixedModalLM, request_hash, sample_indices
+from benchmarks.backends.base import MixedModalLM, instance_hash, sample_indices
 from chameleon.errors import InputError
 
 
@@ -60,9 +60,9 @@ class ResponsesBackend(MixedModalLM):
     def describe(self) -> dict:
         return {**super().describe(), "path": str(self.path)}
 
-    def _lookup(self, kind: str, req, sample: int, field: str, h: str | None = None) -> dict | None:
+    def _lookup(self, kind: str, req, sample: int, field: str) -> dict | None:
         """The response record holding `field` for this request (by request hash, else by item)."""
-        h = h or request_hash(kind, req.args)
+        h = instance_hash(req, kind)
         rec = self.by_hash.get((h, sample)) or self.by_item.get((f"{req.task_name}/{req.doc_id}", sample))
         if rec is None or field not in rec:
             self.failures[h] = f"no '{field}' response for request {h[:12]} (item {req.task_name}/{req.doc_id})"
@@ -88,11 +88,10 @@ class ResponsesBackend(MixedModalLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False,
                        sample_index: list[int] | None = None) -> list[str]:
-        hashes = [request_hash("generate_until", req.args) for req in requests]
-        sample_index = sample_index if sample_index is not None else sample_indices(requests, hashes)
+        sample_index = sample_index if sample_index is not None else sample_indices(requests)
         out = []
-        for req, k, h in zip(requests, sample_index, hashes):
-            found = self._lookup("generate_until", req, k, "output", h)
+        for req, k in zip(requests, sample_index):
+            found = self._lookup("generate_until", req, k, "output")
             out.append("" if found is None else str(found["output"]))
             if found is not None:
                 self.cache_hook.add_partial("generate_until", req.args, out[-1])

@@ -43,9 +43,14 @@ def coco_id_from_filename(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def reference_path(source: str | Path) -> Path:
+    """The file of a shipped set (by name), or the local path given."""
+    return SHIPPED.get(str(source), Path(source))
+
+
 def load_references(source: str | Path = "coco_karpathy_test", split: str = "test") -> list[CaptionItem]:
     """Items of a shipped set (by name) or of a local JSON file, in file order."""
-    path = SHIPPED.get(str(source), Path(source))
+    path = reference_path(source)
     if not path.is_file():
         raise InputError(
             f"caption references {str(source)!r}: no such file; expected a local JSON file or one of "

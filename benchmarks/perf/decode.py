@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from chameleon.config import VQGANConfig, preset
+from chameleon.config import ModelArgs, VQGANConfig, preset
+from chameleon.errors import InputError
 from chameleon.convert import HF_VQ_PREFIX, to_hf
 from chameleon.generate import GenerationOptions, generate
 from chameleon.tiny import TINY_VQ, random_model
@@ -77,12 +78,16 @@ def greedy(tok, new_tokens: int, compile_: bool) -> GenerationOptions:
     return GenerationOptions(max_new_tokens=new_tokens, temperature=0.0, logit_bias={tok.eos_id: -1e9, tok.eot_id: -1e9}, compile=compile_)
 
 
+def random_prompts(tok, batch: int, length: int, seed: int) -> torch.Tensor:
+    """Seeded random token ids after bos (ids from 100 up: no special tokens)."""
+    ids = torch.randint(100, tok.vocab_size - 1, (batch, length), generator=torch.Generator().manual_seed(seed))
+    ids[:, 0] = tok.bos_id
+    return ids
+
+
 def bench_ours(model, batch, prompt_len, new_tokens, device, compile_, repeats):
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(100, model.tokenizer.vocab_size - 1, (batch, prompt_len), generator=g)
-    prompts[:, 0] = model.tokenizer.bos_id
-    prompts = prompts.tolist()
     tok = model.tokenizer
+    prompts = random_prompts(tok, batch, prompt_len, seed=0).tolist()
     generate(model, prompts, greedy(tok, 8, compile_))  # warm-up (and compile)
     t1, _ = timed(lambda: generate(model, prompts, greedy(tok, 1, compile_)), device, repeats + 1)
     tn, out = timed(lambda: generate(model, prompts, greedy(tok, new_tokens, compile_)), device, repeats)
@@ -125,10 +130,8 @@ def bench_hf(hf, prompts, new_tokens, device, cache_impl, tok, repeats):
 
 def text_logits(ours, hf, prompt_len, device):
     """Both stacks' float32 logits over the text ids after one fixed prompt."""
-    g = torch.Generator().manual_seed(1)
     tok = ours.tokenizer
-    ids = torch.randint(100, tok.vocab_size - 1, (1, prompt_len), generator=g).to(device)
-    ids[:, 0] = tok.bos_id
+    ids = random_prompts(tok, 1, prompt_len, seed=1).to(device)
     keep = ~tok.non_text_ids.to(device)
     with torch.no_grad():
         mine = ours(ids)[0, -1].float()[keep]
@@ -167,11 +170,12 @@ def main() -> None:
     dtypes = (a.dtypes or ("bf16" if device.type == "cuda" else "fp32,bf16")).split(",")
     torch.manual_seed(0)
     args = dataclasses.replace(preset(a.preset), max_seq_len=4096 if a.image else 1024, model_parallel_size=1)
-    for item in filter(None, (a.shape or "").split(",")):
-        key, _, value = item.partition("=")
-        if not hasattr(args, key):
-            raise SystemExit(f"--shape: unknown field {key!r}")
-        setattr(args, key, int(value))
+    if a.shape:
+        overrides = {key: int(value) for key, _, value in (item.partition("=") for item in a.shape.split(",") if item)}
+        try:  # ModelArgs checks the names and that the shape is consistent
+            args = ModelArgs.from_dict({**dataclasses.asdict(args), **overrides}, "--shape")
+        except InputError as err:
+            raise SystemExit(str(err)) from None
     args.vocab_size = max(args.vocab_size, 65536)  # the real vocabulary (the tiny preset has 4,096)
     # The real VQGAN shape when timing images; otherwise a small one with the real 8,192 codes.
     vq = VQGANConfig() if a.image else dataclasses.replace(TINY_VQ, n_embed=8192)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from lm_eval.api.instance import Instance
 
-from benchmarks.backends.base import IMAGE_PLACEHOLDER, parse_gen_kwargs, request_hash
+from benchmarks.backends.base import IMAGE_PLACEHOLDER, instance_hash, parse_gen_kwargs
 from benchmarks.captioning.prompts import CaptionSettings, build_prompt, postprocess_caption, prompt_images
-from benchmarks.captioning.references import SHIPPED, SHIPPED_COCO_IMAGES, load_references, resolve_images
+from benchmarks.captioning.references import SHIPPED_COCO_IMAGES, load_references, reference_path, resolve_images
 from benchmarks.captioning.scoring import score_captions
 from benchmarks.runner.results import display_path, mean_entry, metric_entry, sha256_file
 from benchmarks.runner.suite import BenchmarkSpec
@@ -55,7 +55,7 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
     images_by_id = {**pool_images, **found}  # scored items win where ids coincide
     gen_hash = parse_gen_kwargs(gen_kwargs).digest()
     file_digest = functools.cache(sha256_file)  # shot images recur across items
-    ref_path = SHIPPED.get(str(ref_source), Path(ref_source))
+    ref_path = reference_path(ref_source)
     data_files = {ref_path: file_digest(ref_path)}  # what the scores depend on, for results.json
 
     requests, records, present = [], [], []
@@ -71,9 +71,9 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
         query_file, shots = prompt_images(item, images_by_id, pool, settings)
         context, images = _render(build_prompt(query_file, shots, settings))
         files = [f for f, _ in shots] + [query_file]  # prompt order
-        args = (context, gen_kwargs, {"visual": images})
-        requests.append(Instance("generate_until", {"image_id": item.image_id}, args, 0, (spec.name, n, 1)))
-        rec.update(prompt=context, request_hash=request_hash("generate_until", args),
+        request = Instance("generate_until", {"image_id": item.image_id}, (context, gen_kwargs, {"visual": images}), 0, (spec.name, n, 1))
+        requests.append(request)
+        rec.update(prompt=context, request_hash=instance_hash(request),
                    images=[{"file": display_path(f), "sha256": file_digest(f)} for f in files])
         data_files.update((f, file_digest(f)) for f in files)
         records.append(rec)
@@ -103,7 +103,7 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
         "generation": gen_kwargs, "generation_hash": gen_hash,
         "prompt": {"shots": settings.shots, "shot_template": settings.shot_template, "query_cue": settings.query_cue,
                    "exemplar_seed": settings.seed, "postprocess": "first line, first sentence",
-                   "exemplar_pool": (f"{display_path(SHIPPED.get(spec.exemplars, spec.exemplars))} ({spec.exemplar_split} split where the file has splits)"
+                   "exemplar_pool": (f"{display_path(reference_path(spec.exemplars))} ({spec.exemplar_split} split where the file has splits)"
                                      if spec.exemplars else "the scored split, query excluded")},
         "data_files": data_files,
     }

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 from lm_eval.api.model import LM
 
-from benchmarks.backends.base import MixedModalLM, parse_gen_kwargs, request_hash, sample_indices
+from benchmarks.backends.base import MixedModalLM, instance_hash, parse_gen_kwargs, sample_indices
 from benchmarks.runner.dist import Dist
 from benchmarks.runner.store import RecordStore
 
@@ -50,10 +50,10 @@ class ResumableLM(LM):
         return self._run("generate_until", requests)
 
     def _run(self, kind: str, requests) -> list:
-        hashes = [request_hash(kind, r.args) for r in requests]
+        hashes = [instance_hash(r, kind) for r in requests]
         samples = [0] * len(requests)
         if kind == "generate_until":
-            for i, (r, k) in enumerate(zip(requests, sample_indices(requests, hashes))):
+            for i, (r, k) in enumerate(zip(requests, sample_indices(requests))):
                 samples[i] = 0 if parse_gen_kwargs(r.args[1]).greedy else k  # greedy repeats agree
         keys = [self.key(kind, h, k) for h, k in zip(hashes, samples)]
         todo: dict[str, int] = {}  # key -> first request index, for keys not yet stored

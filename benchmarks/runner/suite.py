@@ -39,12 +39,12 @@ from chameleon.errors import InputError
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 CAPTIONING = ("coco", "flickr30k")
 SUITE_KEYS = {"name": str, "description": str, "backend": str, "seed": int, "batch_size": int, "benchmarks": list}
+CAPTIONING_KEYS = {"references": str, "subset": str, "metrics": list,
+                   "exemplars": str, "exemplar_split": str, "exemplar_images": str}
 BENCH_KEYS = {"name": str, "benchmark": str, "shots": int, "k": int, "limit": (int, type(None)),
               "generation": dict, "description": str,
               "maj_at": list,  # text, k > 1: report maj@j for each j (default [k])
-              # captioning only
-              "references": str, "subset": str, "metrics": list,
-              "exemplars": str, "exemplar_split": str, "exemplar_images": str}
+              **CAPTIONING_KEYS}
 SUBSETS = ("all", "with_images")  # captioning: every reference item, or those whose image is present
 GEN_KEYS = {"max_gen_toks": int, "temperature": (int, float), "top_p": (int, float), "top_k": int,
             "do_sample": bool, "until": list}
@@ -145,9 +145,8 @@ def load_suite(suite: str) -> Suite:
             raise InputError(f"{where}: expected k >= 1, shots >= 0, limit >= 1 or null")
         if spec.k > 1 and not (spec.generation.get("do_sample") and spec.generation.get("temperature", 1.0) > 0):
             raise InputError(f"{where}: k={spec.k} samples need generation.do_sample: true and temperature > 0")
-        captioning_only = {"references", "subset", "metrics", "exemplars", "exemplar_split", "exemplar_images"}
-        if spec.kind == "text" and captioning_only & b.keys():
-            raise InputError(f"{where}: {', '.join(sorted(captioning_only & b.keys()))} apply to captioning ({', '.join(CAPTIONING)}) only")
+        if spec.kind == "text" and CAPTIONING_KEYS.keys() & b.keys():
+            raise InputError(f"{where}: {', '.join(sorted(CAPTIONING_KEYS.keys() & b.keys()))} apply to captioning ({', '.join(CAPTIONING)}) only")
         if spec.subset not in SUBSETS:
             raise InputError(f"{where}: subset must be one of {', '.join(SUBSETS)}, got {spec.subset!r}")
         specs.append(spec)
