@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -128,6 +129,13 @@ def test_packed_bf16_linear_tracks_the_weight():
         torch.testing.assert_close(linear(x, w, cache, "w").float(), F.linear(x, w).float(), atol=0.05, rtol=0.02)
         assert "w" in cache
         w.mul_(-1)  # in place: the version counter moves, the packed copy is rebuilt
+        torch.testing.assert_close(linear(x, w, cache, "w").float(), F.linear(x, w).float(), atol=0.05, rtol=0.02)
+        # A replacement allocated after the old weight is dropped must not land at its address (same
+        # pointer, shape and version would pass for the old weight): the cache keeps the old one alive.
+        old = weakref.ref(w)
+        del w, small
+        assert old() is not None
+        w = torch.randn(256, 128, generator=g).bfloat16()
         torch.testing.assert_close(linear(x, w, cache, "w").float(), F.linear(x, w).float(), atol=0.05, rtol=0.02)
 
 

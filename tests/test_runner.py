@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -247,6 +248,8 @@ def test_caption_exemplars_from_a_separate_pool(tiny_hf, tmp_path):
     res = run_suite(suite(2), lm, tmp_path / "run")
     coco = res["benchmarks"]["coco"]
     assert coco["n_scored"] == 2 and "dataset_pool.json (train split" in coco["prompt"]["exemplar_pool"]
+    pool_key = next(k for k in res["data_files"] if k.endswith("dataset_pool.json"))  # hashed like every file read
+    assert res["data_files"][pool_key] == hashlib.sha256((tmp_path / "dataset_pool.json").read_bytes()).hexdigest()
     for rec in (json.loads(x) for x in (tmp_path / "run/samples/coco.jsonl").read_text().splitlines()):
         shots, query = rec["images"][:2], rec["images"][2]
         assert all(Path(s["file"]).name in captions for s in shots) and "coco" in query["file"]

@@ -57,6 +57,8 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
     file_digest = functools.cache(sha256_file)  # shot images recur across items
     ref_path = reference_path(ref_source)
     data_files = {ref_path: file_digest(ref_path)}  # what the scores depend on, for results.json
+    if spec.exemplars:  # the few-shot pool's captions are in every prompt
+        data_files[reference_path(spec.exemplars)] = file_digest(reference_path(spec.exemplars))
 
     requests, records, present = [], [], []
     for n, item in enumerate(items):

@@ -1,0 +1,29 @@
+"""The speed benchmark runs end to end on a tiny shape (its figures are not checked: timings belong in
+benchmarks/perf/RESULTS.md, not in tests), writes its versioned fields, and in fp32 both stacks pick
+the same greedy tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_decode_benchmark_side_by_side(tmp_path):
+    out = tmp_path / "decode.json"
+    cmd = [sys.executable, "benchmarks/perf/decode.py", "--preset", "tiny", "--dtypes", "fp32", "--batches", "1,2",
+           "--new-tokens", "4", "--repeats", "2", "--hf-caches", "dynamic,static", "--json", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [(r["dtype"], r["batch"]) for r in report["rows"]] == [("fp32", 1), ("fp32", 2)]
+    for row in report["rows"]:
+        for name in ("hf_default", "hf_static"):
+            assert row[name]["decode_tok_s"] > 0 and row[f"decode_ratio_vs_{name}"] > 0
+            assert row[f"same_tokens_as_{name}"] is True, row
+            assert row[f"leading_tokens_agreeing_{name}"] == [4] * row["batch"]
