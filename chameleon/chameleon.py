@@ -191,7 +191,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
 
     q/k/v and w1/w3 are fused (`Transformer.fuse_`). On CPU the weights are also laid out for
     decoding (`Transformer.optimize_for_cpu_`); in bf16 that includes a packed copy of every matrix
-    (2x faster decoding, 2x the weight memory) unless `pack_bf16=False`."""
+    (2x faster decoding, 2x the weight memory; skipped, with a warning, where memory runs short)
+    unless `pack_bf16=False`."""
     ckpt = read_checkpoint(path)
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
     with torch.device("meta"):

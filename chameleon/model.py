@@ -51,9 +51,41 @@ def packed_weight(w: torch.Tensor, packed: dict | None, key) -> torch.Tensor:
     stamp = (w.data_ptr(), 0 if w.is_inference() else w._version, w.shape)  # inference tensors have no version
     entry = packed.get(key)
     if entry is None or entry[0] != stamp:
+        packed.pop(key, None)  # a stale copy's memory counts as free for its replacement
+        if not _room_to_pack(w.numel() * w.element_size()):
+            return w
         entry = packed[key] = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1), w)
         _use_huge_pages(entry[1])
     return entry[1]
+
+
+PACKING_HEADROOM = 1 << 30  # bytes of memory left free after a packed copy
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _room_to_pack(nbytes: int) -> bool:
+    """Whether a packed copy of nbytes fits with PACKING_HEADROOM to spare. Packing doubles the
+    weights' memory (14 GB more for a 7B bf16 model), which must not end in the OOM killer: where
+    memory runs short the remaining matrices stay unpacked (slower, same values), with a warning."""
+    free = _available_memory()
+    if free is None or free - nbytes >= PACKING_HEADROOM:
+        return True
+    warnings.warn(
+        f"only {free / 2**30:.1f} GiB of memory available: bf16 weights are left unpacked from here on "
+        "(decoding about half as fast; chameleon.load(..., pack_bf16=False) skips packing without this warning)"
+    )
+    return False
 
 
 HUGE_PAGES = True  # set False to keep packed weights on the allocator's pages (see `_use_huge_pages`)

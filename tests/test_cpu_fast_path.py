@@ -153,6 +153,24 @@ def test_bf16_optimized_model_matches_plain_bf16(tiny_hf):
     assert optimized.transformer.packed and unpacked.transformer.packed is None
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16 kernels")
+def test_packing_stops_where_memory_runs_short(tiny_hf, monkeypatch):
+    """Packed copies double the weights' memory: with too little left, matrices stay unpacked
+    (a warning says so), with the packed model's logits."""
+    import chameleon.model as model_module
+
+    packed = chameleon.load(tiny_hf, dtype=torch.bfloat16)
+    short = chameleon.load(tiny_hf, dtype=torch.bfloat16)
+    x = tokens(packed)
+    monkeypatch.setattr(model_module, "_available_memory", lambda: model_module.PACKING_HEADROOM + 1000)
+    with torch.no_grad(), pytest.warns(UserWarning, match="bf16 weights are left unpacked"):
+        got = short(x)
+    monkeypatch.undo()
+    with torch.no_grad():
+        torch.testing.assert_close(got, packed(x), atol=0.05, rtol=0.05)
+    assert short.transformer.packed == {} and packed.transformer.packed
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_rope_is_bit_identical_to_the_real_form(dtype):
     """Eager CPU rotates with one complex product; graphs and GPUs with real arithmetic."""

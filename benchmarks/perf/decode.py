@@ -121,27 +121,27 @@ def hf_competitor(hf, prompts, device, cache_impl, tok) -> Competitor:
 
 
 def time_side_by_side(competitors, batch, prompt_len, new_tokens, device, repeats):
-    """Prefill and decode speed of each competitor, timed in turns.
+    """Prefill and decode speed of each competitor, timed in turns; yields (speeds, outputs) so far
+    after each timed run, so that a run cut short keeps what it measured.
 
     A shared machine's speed drifts by 20-30% within minutes, so timing one stack's runs and then
     the other's can compare a fast phase with a slow one. Here every round times each competitor
     once (1 new token, then `new_tokens`), the order reversed every other round. Each keeps its
     fastest runs: prefill time = fastest 1-token run, decode time = fastest N-token run - that.
     """
-    for c in competitors:
-        c.run(8)  # warm-up (and compile)
-    best = {c.name: {"prefill_s": float("inf"), "total_s": float("inf")} for c in competitors}
-    outputs = {}
+    best, outputs = {}, {}
     for r in range(repeats):
         for c in (competitors if r % 2 == 0 else competitors[::-1]):
+            if c.name not in best:
+                c.run(8)  # warm-up (and compile), just before its first timed run
+                best[c.name] = {"prefill_s": float("inf"), "total_s": float("inf")}
             t1, _ = timed(lambda: c.run(1), device)
             tn, outputs[c.name] = timed(lambda: c.run(new_tokens), device)
             assert all(len(o) == new_tokens for o in outputs[c.name])
             best[c.name]["prefill_s"] = min(best[c.name]["prefill_s"], t1)
             best[c.name]["total_s"] = min(best[c.name]["total_s"], tn)
-    speeds = {name: {"prefill_tok_s": batch * prompt_len / b["prefill_s"], "decode_tok_s": batch * (new_tokens - 1) / (b["total_s"] - b["prefill_s"])}
-              for name, b in best.items()}
-    return speeds, outputs
+            yield {name: {"prefill_tok_s": batch * prompt_len / b["prefill_s"], "decode_tok_s": batch * (new_tokens - 1) / (b["total_s"] - b["prefill_s"])}
+                   for name, b in best.items()}, outputs
 
 
 def profile_ours(model, prompts, new_tokens, device, compile_) -> None:
@@ -234,19 +234,21 @@ def main() -> None:
             competitors = [ours_competitor(ours, prompts, compile_)]
             if hf is not None:
                 competitors += [hf_competitor(hf, prompts, device, cache, ours.tokenizer) for cache in ("dynamic", "static") if cache in a.hf_caches.split(",")]
-            speeds, outputs = time_side_by_side(competitors, batch, a.prompt_len, a.new_tokens, device, repeats)
-            row["ours"] = speeds.pop("ours")
-            our_out = outputs.pop("ours")
-            if bw is not None:  # a decode step can take no less than reading every weight once
-                row["fraction_of_roofline"] = (weight_bytes / bw) / (batch / row["ours"]["decode_tok_s"])
-            for name, speed in speeds.items():
-                row[name] = speed
-                row[f"decode_ratio_vs_{name}"] = row["ours"]["decode_tok_s"] / speed["decode_tok_s"]
-                # Greedy tokens agree exactly in fp32; in bf16 the two stacks round differently, so
-                # report how many leading tokens agree (random weights make near-ties common).
-                row[f"same_tokens_as_{name}"] = outputs[name] == our_out
-                row[f"leading_tokens_agreeing_{name}"] = [next((i for i, (x, y) in enumerate(zip(o, h)) if x != y), len(o)) for o, h in zip(our_out, outputs[name])]
-            save(report)  # a long GPU run keeps what it has measured if it is cut short
+            for speeds, outputs in time_side_by_side(competitors, batch, a.prompt_len, a.new_tokens, device, repeats):
+                row["ours"] = speeds["ours"]
+                our_out = outputs["ours"]
+                if bw is not None:  # a decode step can take no less than reading every weight once
+                    row["fraction_of_roofline"] = (weight_bytes / bw) / (batch / row["ours"]["decode_tok_s"])
+                for name, speed in speeds.items():
+                    if name == "ours":
+                        continue
+                    row[name] = speed
+                    row[f"decode_ratio_vs_{name}"] = row["ours"]["decode_tok_s"] / speed["decode_tok_s"]
+                    # Greedy tokens agree exactly in fp32; in bf16 the two stacks round differently, so
+                    # report how many leading tokens agree (random weights make near-ties common).
+                    row[f"same_tokens_as_{name}"] = outputs[name] == our_out
+                    row[f"leading_tokens_agreeing_{name}"] = [next((i for i, (x, y) in enumerate(zip(o, h)) if x != y), len(o)) for o, h in zip(our_out, outputs[name])]
+                save(report)  # a long GPU run keeps what it has measured if it is cut short
             print(json.dumps(row, indent=1), flush=True)
             if a.profile and len(report["rows"]) == 1:
                 profile_ours(ours, prompts, a.profile, device, compile_)

@@ -5,8 +5,11 @@
 #   decode_7b    7B-shaped random weights in bf16, batch 1: decode speed as a fraction of the
 #                memory-bandwidth roofline, and one 512x512 image (3-way CFG + VQGAN decoding)
 #   vs_hf_7b     the same against transformers' generate (default and static cache) at batch 1 and 4
-#   unfused_7b   ablation: batch 1 with q/k/v and w1/w3 as separate matrices
 #   profile_7b   the kernels of 16 greedy decode steps
+#   tuned_7b     experiment: decode_7b's batch-1 decode with inductor's coordinate-descent tuning of
+#                its generated kernels (as gpt-fast compiles), to compare with decode_7b's figure
+#   unfused_7b   ablation, not run by default (measured once: 62.9% vs 71.9% of roofline): batch 1
+#                with q/k/v and w1/w3 as separate matrices
 # Run from the repository root on the device machine (the device tool sets OUT):
 #   bash benchmarks/perf/gpu_check.sh
 set -uo pipefail
@@ -16,7 +19,7 @@ mkdir -p "$OUT"
 # DECODE_ARGS: another shape or device, e.g. "--preset tiny --device cpu" to rehearse this script.
 DECODE="python3 benchmarks/perf/decode.py ${DECODE_ARGS:---preset 7B --device cuda} --dtypes bf16 --new-tokens 128"
 
-STAGES="${STAGES:-cuda_tests decode_7b vs_hf_7b unfused_7b profile_7b}"  # a subset reruns only those
+STAGES="${STAGES:-cuda_tests decode_7b vs_hf_7b profile_7b tuned_7b}"  # a subset reruns only those
 
 stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in $OUT/run.txt
     local name=$1 limit=$2 start=$SECONDS
@@ -35,3 +38,4 @@ stage decode_7b "${DECODE_S:-200}" $DECODE --batches 1 --no-hf --image --json "$
 stage vs_hf_7b "${VS_HF_S:-150}" $DECODE --batches "${VS_HF_BATCHES:-1,4}" --json "$OUT/vs_hf_7b.json"
 stage unfused_7b "${UNFUSED_S:-75}" $DECODE --batches 1 --no-hf --no-fuse
 stage profile_7b "${PROFILE_S:-60}" $DECODE --batches 1 --no-hf --new-tokens 32 --profile 16
+stage tuned_7b "${TUNED_S:-80}" env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $DECODE --batches 1 --no-hf --json "$OUT/tuned_7b.json"
