@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -48,18 +50,51 @@ def test_batched_generation_equals_one_by_one(tiny_model, temperature):
     assert all(len(o) > 0 for o in batched)
 
 
+def general_loop(**opts) -> GenerationOptions:
+    """Options that run greedy text through the general per-row loop: interleaved mode with too few
+    new tokens for an image (boi + 1024 codes + eoi) is text mode by another loop."""
+    assert opts["max_new_tokens"] < 1026
+    return GenerationOptions(mode="interleaved", **opts)
+
+
 def test_greedy_device_loop_equals_general_loop(tiny_model):
-    """Greedy text runs in a loop that stays on the device; the general per-row loop (forced here by
-    a stop string that never occurs) must give the same tokens, stops and lengths included."""
+    """Greedy text runs in a loop that stays on the device; the general per-row loop must give the
+    same tokens, stops and lengths included."""
     prompts = [tiny_model.encode_prompt(p) for p in PROMPTS]
     free = generate(tiny_model, prompts, GenerationOptions(max_new_tokens=20))
     stop = free[1][3]  # ends row 1 after three tokens, maybe others too
     base = dict(max_new_tokens=20, stop_ids=(stop,), logit_bias={free[0][0]: -5.0})
     fast = generate(tiny_model, prompts, GenerationOptions(**base))
-    general = generate(tiny_model, prompts, GenerationOptions(**base, stop_strings=("\x00never",)))
-    assert fast == general
+    assert fast == generate(tiny_model, prompts, general_loop(**base))
     assert len(fast[1]) == 3 and stop not in sum(fast, []) and fast[0][0] != free[0][0]
     assert generate(tiny_model, prompts, GenerationOptions(max_new_tokens=0)) == [[], [], []]
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+@pytest.mark.parametrize("look_every", [1, 16])
+def test_greedy_stop_strings_on_the_device_loop(tiny_model, compile_, look_every, monkeypatch):
+    """Greedy text with stop strings stays on the device loop, which looks at the host only every
+    few steps (16 on a GPU, as forced here): each row must still end after the first token whose
+    last 64 tokens decode to a text holding a stop string, as in the general loop."""
+    generate_module = importlib.import_module("chameleon.generate")  # (chameleon.generate is also the function)
+    monkeypatch.setattr(generate_module, "_host_look_every", lambda device: look_every)
+    tok = tiny_model.tokenizer
+    prompts = [tiny_model.encode_prompt(p) for p in PROMPTS]
+    free = generate(tiny_model, prompts, GenerationOptions(max_new_tokens=40))
+    # Row 0 stops early, row 2 late (past a 16-step look), row 1 wherever these first occur.
+    stops = (tok.decode_text(free[0][2:4]), tok.decode_text(free[2][30:32]))
+
+    def expected(row):
+        for j in range(len(row)):
+            if any(s in tok.decode_text(row[max(0, j - 63) : j + 1]) for s in stops):
+                return row[: j + 1]
+        return row
+
+    want = [expected(row) for row in free]
+    assert len(want[0]) <= 4 and len(want[2]) <= 32 and want != free
+    opts = dict(max_new_tokens=40, stop_strings=stops)
+    assert generate(tiny_model, prompts, GenerationOptions(compile=compile_, **opts)) == want
+    assert generate(tiny_model, prompts, general_loop(**opts)) == want
 
 
 def test_seeded_sampling_is_deterministic(tiny_model):

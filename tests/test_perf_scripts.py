@@ -1,4 +1,4 @@
-"""The speed benchmark runs end to end on a tiny shape (its figures are not checked: timings belong in
+"""The speed benchmarks run end to end on a tiny shape (its figures are not checked: timings belong in
 benchmarks/perf/RESULTS.md, not in tests), writes its versioned fields, and in fp32 both stacks pick
 the same greedy tokens."""
 
@@ -27,3 +27,12 @@ def test_decode_benchmark_side_by_side(tmp_path):
             assert row[name]["decode_tok_s"] > 0 and row[f"decode_ratio_vs_{name}"] > 0
             assert row[f"same_tokens_as_{name}"] is True, row
             assert row[f"leading_tokens_agreeing_{name}"] == [4] * row["batch"]
+
+
+def test_stop_strings_benchmark(tmp_path):
+    cmd = [sys.executable, "benchmarks/perf/stop_strings.py", "--preset", "tiny", "--batches", "1,3", "--new-tokens", "6", "--repeats", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["batch"] for r in rows] == [1, 3] and all(r["speedup"] > 0 for r in rows)
