@@ -217,17 +217,21 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
     )[:, -1]
 
     cur = max_len
-    greedy_text = opts.mode == "text" and opts.temperature == 0 and text_seen is None
+    # Text mode without a repetition penalty (which needs each row's seen tokens) runs on the device
+    # text loop; greedy and compiled, with the pick inside the graph.
+    device_text = opts.mode == "text" and text_seen is None
     stop_ids = {tok.eos_id, tok.eot_id, *opts.stop_ids}
     with _progress_bar(opts.progress, budget, opts.mode) as progress:
         stop_strings = _StopStringScan(opts.stop_strings, tok.decode_text, tok.pad_id, n_rows) if opts.stop_strings else None
-        if greedy_text and use_compile:  # a graph of its own, not the logits step below
-            return _greedy_text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, tok.pad_id, progress, stop_strings)
+        text_loop_args = (model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, tok.pad_id, progress, stop_strings)
+        if device_text and opts.temperature == 0 and use_compile:  # a graph of its own, not the logits step below
+            return _text_loop(*text_loop_args)
         step_fn = _decode_step(model, use_compile, weights)
         if opts.mode == "image":
             return _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress)
-        if greedy_text:
-            return _greedy_text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, tok.pad_id, progress, stop_strings, step_fn, spans_of(rows))
+        if device_text:
+            pick = _sampler(opts, rows, device) if opts.temperature > 0 else None
+            return _text_loop(*text_loop_args, step_fn, spans_of(rows), pick)
         for _ in range(budget):
             # Plain lists while choosing (cheaper than per-element tensor writes), one tensor each after.
             next_tokens = [tok.pad_id] * n_rows
@@ -317,10 +321,11 @@ def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, im
     return t
 
 
-class _GreedyState:
-    """What greedy text decoding reads and updates in place: each row's next input token, its RoPE
-    position and slot, whether it ended, and its tokens so far by slot (pad once it ended). A
-    compiled step keeps one on the model, like the cache: CUDA graphs are recorded against addresses."""
+class _TextState:
+    """What the device text loop reads and updates in place: each row's next input token, its RoPE
+    position and slot, whether it ended, and its tokens so far by slot (pad once it ended). The
+    compiled greedy step keeps one on the model, like the cache: CUDA graphs are recorded against
+    addresses."""
 
     def __init__(self, n_rows: int, n_slots: int, vocab: int, device):
         def zeros(*shape, dtype=torch.long):
@@ -341,10 +346,12 @@ class _GreedyState:
         self.positions.copy_(torch.tensor(next_pos, device=self.positions.device)[:, None] - 1)
         self.slot.fill_(cur - 1)
 
-    def advance(self, logits: torch.Tensor) -> None:
+    def advance(self, logits: torch.Tensor, pick=None) -> None:
         """Pick every row's token after `slot` (the same bias and first-maximum rule as the general
-        loop; pad is not text, so never a pick), record it, and make it the next step's input."""
-        t = (logits + self.text_bias).max(dim=-1).indices
+        loop, or `pick` of the biased logits; pad is not text, so never a pick), record it, and make
+        it the next step's input."""
+        biased = logits + self.text_bias
+        t = biased.max(dim=-1).indices if pick is None else pick(biased)
         self.done |= self.is_stop[t]
         self.out.index_copy_(1, self.slot + 1, t.masked_fill(self.done, self.pad)[:, None])
         self.tokens.copy_(t[:, None])
@@ -356,7 +363,7 @@ class _GreedyState:
 
 
 class _StopStringScan:
-    """Stop strings for `_greedy_text_loop`, by the general loop's rule: a row ends after the first
+    """Stop strings for `_text_loop`, by the general loop's rule: a row ends after the first
     token whose last 64 tokens decode to a text holding a stop string. The device loop picks tokens
     without waiting for the host; this scans each row's picks on the host whenever the loop looks,
     marks the rows that hit a stop string as ended, and cuts their outputs there at the end (tokens
@@ -369,7 +376,7 @@ class _StopStringScan:
         self.stop_at: list[int | None] = [None] * n_rows
         self.read = 0  # picks copied from the device so far, per row
 
-    def catch_up(self, state: _GreedyState, cur: int, picked: int) -> None:
+    def catch_up(self, state: _TextState, cur: int, picked: int) -> None:
         """Scan the picks up to `picked` (slots cur .. cur + picked - 1); mark rows that stop."""
         newly = []
         for i, new in enumerate(state.out[:, cur + self.read : cur + picked].tolist()):
@@ -396,14 +403,28 @@ def _host_look_every(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 16
 
 
-def _greedy_text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, pad_id, progress, stop_strings=None, step_fn=None, spans=None) -> list[list[int]]:
-    """Greedy text for all rows without leaving the device: no per-token host sync, so a GPU runs
-    ahead of Python; a row that ended keeps decoding into slots nobody reads until every row has
-    ended. Stop strings are checked whenever the loop looks at the host (`_StopStringScan`). Eager
-    steps run `step_fn`; without one, the compiled greedy step runs, with the pick
-    inside the graph, so that a CUDA graph replay is all the per-token work (around a logits-only
-    graph the pick was ~10 eager kernels, ~0.3 ms per token on an H200 against a 7B step of
-    ~4.3 ms in the graph)."""
+def _sampler(opts: GenerationOptions, rows: list[_Row], device: torch.device):
+    """Sampled picks for `_text_loop`, drawn as `sample` draws them: temperature, top-k and top-p,
+    then one draw per row from its own seeded generator (on the logits' device, so that nothing
+    waits for the host; a GPU therefore draws other numbers than the CPU, whose tokens equal the
+    general loop's)."""
+    generators = [r.generator if device.type == "cpu" else torch.Generator(device).manual_seed(r.seed) for r in rows]
+
+    def pick(biased: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(filter_top_k_top_p(biased / opts.temperature, opts.top_k, opts.top_p), dim=-1)
+        return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+    return pick
+
+
+def _text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, pad_id, progress, stop_strings=None, step_fn=None, spans=None, pick=None) -> list[list[int]]:
+    """Text for all rows without leaving the device: no per-token host sync, so a GPU runs ahead
+    of Python; a row that ended keeps decoding into slots nobody reads until every row has ended.
+    Stop strings are checked whenever the loop looks at the host (`_StopStringScan`). Eager or
+    compiled logits steps run `step_fn`, and the pick is greedy or `pick` (`_sampler`); without a
+    `step_fn`, the compiled greedy step runs, with the greedy pick inside the graph, so that a CUDA
+    graph replay is all the per-token work (around a logits-only graph the pick was ~10 eager
+    kernels, ~0.3 ms per token on an H200 against a 7B step of ~4.3 ms in the graph)."""
     n_rows, device = logits.shape[0], logits.device
     if budget == 0:  # (a compiled cache may hold no slot for a first token)
         return [[] for _ in range(n_rows)]
@@ -414,14 +435,14 @@ def _greedy_text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, ne
         def step(slot: int) -> None:
             compiled(cache, state)
     else:
-        state = _GreedyState(n_rows, cache.max_seq_len, logits.shape[-1], device)
+        state = _TextState(n_rows, cache.max_seq_len, logits.shape[-1], device)
 
         def step(slot: int) -> None:
             cache.valid[:, slot] = True
-            state.advance(step_fn(state.tokens, slot, state.positions, cache, spans))
+            state.advance(step_fn(state.tokens, slot, state.positions, cache, spans), pick)
 
     state.reset(text_bias, stop_ids, pad_id, next_pos, cur)
-    state.advance(logits)  # the first token, from the prefill
+    state.advance(logits, pick)  # the first token, from the prefill
     check_every = _host_look_every(device)
     if progress is not None:
         progress.update(1)
@@ -443,17 +464,17 @@ def _greedy_text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, ne
     return stop_strings.cut(texts)
 
 
-def _compiled_greedy_state(transformer, cache, vocab: int) -> _GreedyState:
+def _compiled_greedy_state(transformer, cache, vocab: int) -> _TextState:
     state = getattr(transformer, "_greedy_state", None)
     if state is None or state.out.shape != (cache.batch_size, cache.max_seq_len) or state.out.device != cache.valid.device:
-        state = transformer._greedy_state = _GreedyState(cache.batch_size, cache.max_seq_len, vocab, cache.valid.device)
+        state = transformer._greedy_state = _TextState(cache.batch_size, cache.max_seq_len, vocab, cache.valid.device)
         for t in vars(state).values():  # updated in place by the graph
             torch._dynamo.mark_static_address(t)
     return state
 
 
 def _compiled_greedy_step(transformer, cache):
-    """The compiled greedy step for this model (see `_greedy_text_loop`): mark the input's slot
+    """The compiled greedy step for this model (see `_text_loop`): mark the input's slot
     valid, run it, advance. Like `_decode_step`, it checks the fused tensors first."""
     _prepare_compiled(transformer, cache)
     if getattr(transformer, "_compiled_greedy", None) is None:

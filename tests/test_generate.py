@@ -97,6 +97,19 @@ def test_greedy_stop_strings_on_the_device_loop(tiny_model, compile_, look_every
     assert generate(tiny_model, prompts, general_loop(**opts)) == want
 
 
+@pytest.mark.parametrize("compile_", [False, True])
+def test_sampled_text_on_the_device_loop_equals_general_loop(tiny_model, compile_):
+    """Sampled text runs on the device loop too (each row drawing from its own seeded generator);
+    on CPU it must draw the general loop's tokens, with top-k, top-p, stop ids and stop strings."""
+    prompts = [tiny_model.encode_prompt(p) for p in PROMPTS]
+    base = dict(max_new_tokens=30, temperature=0.9, top_k=50, top_p=0.9, seed=5)
+    free = generate(tiny_model, prompts, GenerationOptions(**base))
+    assert free == generate(tiny_model, prompts, general_loop(**base))
+    stops = dict(stop_ids=(free[1][6],), stop_strings=(tiny_model.tokenizer.decode_text(free[0][3:5]),))
+    want = generate(tiny_model, prompts, general_loop(**base, **stops))
+    assert want != free and generate(tiny_model, prompts, GenerationOptions(compile=compile_, **base, **stops)) == want
+
+
 def test_seeded_sampling_is_deterministic(tiny_model):
     prompt = [tiny_model.encode_prompt(PROMPTS[0])]
     a = generate(tiny_model, prompt, GenerationOptions(max_new_tokens=20, temperature=1.0, seed=1))

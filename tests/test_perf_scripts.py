@@ -29,10 +29,11 @@ def test_decode_benchmark_side_by_side(tmp_path):
             assert row[f"leading_tokens_agreeing_{name}"] == [4] * row["batch"]
 
 
-def test_stop_strings_benchmark(tmp_path):
-    cmd = [sys.executable, "benchmarks/perf/stop_strings.py", "--preset", "tiny", "--batches", "1,3", "--new-tokens", "6", "--repeats", "1"]
+def test_text_loop_benchmark(tmp_path):
+    cmd = [sys.executable, "benchmarks/perf/text_loop.py", "--preset", "tiny", "--batches", "1,3", "--new-tokens", "6", "--repeats", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert [r["batch"] for r in rows] == [1, 3] and all(r["speedup"] > 0 for r in rows)
+    assert [(r["workload"], r["batch"]) for r in rows] == [(w, b) for w in ("greedy_stop_strings", "sampled") for b in (1, 3)]
+    assert all(r["speedup"] > 0 for r in rows)

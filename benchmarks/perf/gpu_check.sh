@@ -9,7 +9,8 @@
 #                its generated kernels (as gpt-fast compiles), to compare with decode_7b's figure
 #   profile_7b   the kernels of 16 greedy decode steps
 # Not run by default (each needs about two minutes; STAGES="..." in a second call):
-#   stops_7b     greedy text with stop strings (lm-eval's generate_until): device loop vs per-row loop
+#   text_loop_7b greedy text with stop strings (lm-eval's generate_until) and sampled text:
+#                device loop vs per-row loop
 #   unfused_7b   ablation (measured once: 62.9% vs 71.9% of roofline): batch 1 with q/k/v and
 #                w1/w3 as separate matrices
 # Run from the repository root on the device machine (the device tool sets OUT):
@@ -40,5 +41,5 @@ stage decode_7b "${DECODE_S:-200}" $DECODE --batches 1 --no-hf --image --json "$
 stage vs_hf_7b "${VS_HF_S:-150}" $DECODE --batches "${VS_HF_BATCHES:-1,4}" --json "$OUT/vs_hf_7b.json"
 stage tuned_7b "${TUNED_S:-80}" env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $DECODE --batches 1 --no-hf --json "$OUT/tuned_7b.json"
 stage profile_7b "${PROFILE_S:-60}" $DECODE --batches 1 --no-hf --new-tokens 32 --profile 16
-stage stops_7b "${STOPS_S:-150}" python3 benchmarks/perf/stop_strings.py ${STOPS_ARGS:---preset 7B --device cuda} --batches 1,8 --repeats 2
+stage text_loop_7b "${TEXT_LOOP_S:-200}" python3 benchmarks/perf/text_loop.py ${TEXT_LOOP_ARGS:---preset 7B --device cuda} --batches 1,8 --repeats 2
 stage unfused_7b "${UNFUSED_S:-75}" $DECODE --batches 1 --no-hf --no-fuse

@@ -1,0 +1,67 @@
+"""Text decoding on the loop that stays on the device vs the general per-row loop that such requests
+ran before: greedy with stop strings (how lm-eval's generate_until tasks decode) and sampled text
+(temperature 0.9, top-p 0.9). Same model, same prompts, one run, rounds in turns; on CPU the tokens
+must be equal.
+
+    python benchmarks/perf/text_loop.py            # CPU: ~100M params, bf16, batch 1 and 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+from decode import build_pair, random_prompts  # benchmarks/perf/decode.py, beside this file
+from chameleon.config import preset
+from chameleon.generate import GenerationOptions, generate
+from chameleon.tiny import TINY_VQ
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="100M")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=4)
+    a = p.parse_args()
+    device = torch.device(a.device)
+    args = dataclasses.replace(preset(a.preset), max_seq_len=1024, model_parallel_size=1)
+    args.vocab_size = max(args.vocab_size, 65536)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    model, _ = build_pair(args, dataclasses.replace(TINY_VQ, n_embed=8192), device, dtype, with_hf=False)
+    tok = model.tokenizer
+    # eos kept out, so every row decodes all its tokens; the stop string never occurs.
+    base = dict(max_new_tokens=a.new_tokens, logit_bias={tok.eos_id: -1e9, tok.eot_id: -1e9}, seed=0)
+    workloads = {"greedy_stop_strings": dict(stop_strings=("\x00never",)), "sampled": dict(temperature=0.9, top_p=0.9)}
+    assert a.new_tokens < model.image_seq_len + 2
+    for workload, extra in workloads.items():
+        loops = {
+            "device_loop": GenerationOptions(**base, **extra),
+            # Interleaved mode with too few tokens for an image is text mode through the general loop.
+            "general_loop": GenerationOptions(**base, **extra, mode="interleaved"),
+        }
+        for batch in [int(b) for b in a.batches.split(",")]:
+            prompts = random_prompts(tok, batch, 128, seed=0).tolist()
+            outputs = {name: generate(model, prompts, o) for name, o in loops.items()}  # warm-up
+            if device.type == "cpu":  # a GPU's device loop samples from GPU generators: other draws
+                assert outputs["device_loop"] == outputs["general_loop"], workload
+            best = {name: float("inf") for name in loops}
+            for r in range(a.repeats):
+                for name in (list(loops) if r % 2 == 0 else list(loops)[::-1]):
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    generate(model, prompts, loops[name])
+                    best[name] = min(best[name], time.perf_counter() - t)
+            print(json.dumps({"workload": workload, "batch": batch, "dtype": a.dtype, "new_tokens": a.new_tokens, "seconds": best,
+                              "speedup": best["general_loop"] / best["device_loop"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
