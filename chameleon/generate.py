@@ -217,20 +217,18 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
     )[:, -1]
 
     cur = max_len
-    # Text mode without a repetition penalty (which needs each row's seen tokens) runs on the device
-    # text loop; greedy and compiled, with the pick inside the graph.
-    device_text = opts.mode == "text" and text_seen is None
     stop_ids = {tok.eos_id, tok.eot_id, *opts.stop_ids}
     with _progress_bar(opts.progress, budget, opts.mode) as progress:
         stop_strings = _StopStringScan(opts.stop_strings, tok.decode_text, tok.pad_id, n_rows) if opts.stop_strings else None
         text_loop_args = (model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, tok.pad_id, progress, stop_strings)
-        if device_text and opts.temperature == 0 and use_compile:  # a graph of its own, not the logits step below
+        # Text mode runs on the device text loop; plain greedy picks inside a compiled graph.
+        pick = _text_pick(opts, rows, device, text_seen) if opts.mode == "text" else None
+        if opts.mode == "text" and pick is None and use_compile:  # a graph of its own, not the logits step below
             return _text_loop(*text_loop_args)
         step_fn = _decode_step(model, use_compile, weights)
         if opts.mode == "image":
             return _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress)
-        if device_text:
-            pick = _sampler(opts, rows, device) if opts.temperature > 0 else None
+        if opts.mode == "text":
             return _text_loop(*text_loop_args, step_fn, spans_of(rows), pick)
         for _ in range(budget):
             # Plain lists while choosing (cheaper than per-element tensor writes), one tensor each after.
@@ -403,16 +401,27 @@ def _host_look_every(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 16
 
 
-def _sampler(opts: GenerationOptions, rows: list[_Row], device: torch.device):
-    """Sampled picks for `_text_loop`, drawn as `sample` draws them: temperature, top-k and top-p,
-    then one draw per row from its own seeded generator (on the logits' device, so that nothing
-    waits for the host; a GPU therefore draws other numbers than the CPU, whose tokens equal the
-    general loop's)."""
+def _text_pick(opts: GenerationOptions, rows: list[_Row], device: torch.device, text_seen: torch.Tensor | None):
+    """The pick of `_text_loop` where it is not plain greedy (None then): the repetition penalty
+    on the text tokens each row has seen, then the first maximum or a draw as `sample` draws:
+    temperature, top-k and top-p, one draw per row from its own seeded generator (on the logits'
+    device, so that nothing waits for the host; a GPU therefore draws other numbers than the CPU,
+    whose tokens equal the general loop's)."""
+    if opts.temperature == 0 and text_seen is None:
+        return None
     generators = [r.generator if device.type == "cpu" else torch.Generator(device).manual_seed(r.seed) for r in rows]
 
     def pick(biased: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(filter_top_k_top_p(biased / opts.temperature, opts.top_k, opts.top_p), dim=-1)
-        return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+        if text_seen is not None:
+            biased = apply_repetition_penalty(biased, text_seen, opts.repetition_penalty)
+        if opts.temperature == 0:
+            t = biased.max(dim=-1).indices
+        else:
+            probs = torch.softmax(filter_top_k_top_p(biased / opts.temperature, opts.top_k, opts.top_p), dim=-1)
+            t = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+        if text_seen is not None:  # (an end token is marked too, but it ends its row)
+            text_seen.scatter_(1, t[:, None], True)
+        return t
 
     return pick
 
@@ -421,7 +430,7 @@ def _text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos,
     """Text for all rows without leaving the device: no per-token host sync, so a GPU runs ahead
     of Python; a row that ended keeps decoding into slots nobody reads until every row has ended.
     Stop strings are checked whenever the loop looks at the host (`_StopStringScan`). Eager or
-    compiled logits steps run `step_fn`, and the pick is greedy or `pick` (`_sampler`); without a
+    compiled logits steps run `step_fn`, and the pick is greedy or `pick` (`_text_pick`); without a
     `step_fn`, the compiled greedy step runs, with the greedy pick inside the graph, so that a CUDA
     graph replay is all the per-token work (around a logits-only graph the pick was ~10 eager
     kernels, ~0.3 ms per token on an H200 against a 7B step of ~4.3 ms in the graph)."""

@@ -98,11 +98,14 @@ def test_greedy_stop_strings_on_the_device_loop(tiny_model, compile_, look_every
 
 
 @pytest.mark.parametrize("compile_", [False, True])
-def test_sampled_text_on_the_device_loop_equals_general_loop(tiny_model, compile_):
-    """Sampled text runs on the device loop too (each row drawing from its own seeded generator);
-    on CPU it must draw the general loop's tokens, with top-k, top-p, stop ids and stop strings."""
+@pytest.mark.parametrize("sampling", [dict(temperature=0.9, top_k=50, top_p=0.9), dict(repetition_penalty=1.5),
+                                      dict(temperature=0.9, top_p=0.9, repetition_penalty=1.3)], ids=["sampled", "penalty", "both"])
+def test_text_picks_on_the_device_loop_equal_general_loop(tiny_model, compile_, sampling):
+    """Sampled text and the repetition penalty run on the device loop too (each row drawing from
+    its own seeded generator, seen tokens kept on the device); on CPU they must give the general
+    loop's tokens, with top-k, top-p, stop ids and stop strings."""
     prompts = [tiny_model.encode_prompt(p) for p in PROMPTS]
-    base = dict(max_new_tokens=30, temperature=0.9, top_k=50, top_p=0.9, seed=5)
+    base = dict(max_new_tokens=30, seed=5, **sampling)
     free = generate(tiny_model, prompts, GenerationOptions(**base))
     assert free == generate(tiny_model, prompts, general_loop(**base))
     stops = dict(stop_ids=(free[1][6],), stop_strings=(tiny_model.tokenizer.decode_text(free[0][3:5]),))
