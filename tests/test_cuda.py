@@ -1,5 +1,5 @@
 """The CUDA path: logits on the GPU, the CUDA-graph decode step (torch.compile, reduce-overhead) and
-sampled generation there. CI has no GPU, so these are skipped there; `benchmarks/perf/gpu_check.sh`
+sampled generation there, the device text loop with stop strings. CI has no GPU, so these are skipped there; `benchmarks/perf/gpu_check.sh`
 runs them first on a lent GPU machine."""
 
 from __future__ import annotations
@@ -63,3 +63,24 @@ def test_sampled_guided_generation_on_gpu(gpu_model, mode):
             codes = out[start + 1 : start + 1 + n]
             assert set(codes) <= code_ids and out[start + 1 + n] == tok.eoi_id
             assert any(not isinstance(seg, str) for seg in gpu_model.decode_output(out))  # VQGAN-decoded on the GPU
+
+
+def test_text_loop_on_gpu_stop_strings_and_sampling(gpu_model):
+    """The device text loop on a GPU looks at the host every 16 steps: greedy rows with stop
+    strings still end after the token that completed one (checked against the rule applied to the
+    free output); sampled rows with a repetition penalty are seeded and independent of their batch."""
+    tok = gpu_model.tokenizer
+    prompts = [gpu_model.encode_prompt(p) for p in PROMPTS]
+    free = generate(gpu_model, prompts, GenerationOptions(max_new_tokens=40, compile=True))
+    stops = (tok.decode_text(free[0][2:4]), tok.decode_text(free[2][30:32]))
+
+    def expected(row):
+        for j in range(len(row)):
+            if any(s in tok.decode_text(row[max(0, j - 63) : j + 1]) for s in stops):
+                return row[: j + 1]
+        return row
+
+    assert generate(gpu_model, prompts, GenerationOptions(max_new_tokens=40, stop_strings=stops, compile=True)) == [expected(r) for r in free]
+    opts = GenerationOptions(max_new_tokens=30, temperature=0.9, top_p=0.9, repetition_penalty=1.3, seed=7, stop_strings=stops[:1], compile=True)
+    batched = generate(gpu_model, prompts, opts)
+    assert batched == generate(gpu_model, prompts, opts) == [generate(gpu_model, [p], opts)[0] for p in prompts]
