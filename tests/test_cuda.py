@@ -1,6 +1,6 @@
-"""The CUDA path: logits on the GPU, the CUDA-graph decode step (torch.compile, reduce-overhead) and
-sampled generation there, the device text loop with stop strings. CI has no GPU, so these are skipped there; `benchmarks/perf/gpu_check.sh`
-runs them first on a lent GPU machine."""
+"""The CUDA path: logits on the GPU, the CUDA-graph decode step (torch.compile, reduce-overhead),
+sampled generation there, and the device text loop with stop strings. CI has no GPU, so these are
+skipped there; `benchmarks/perf/gpu_check.sh` runs them first on a lent GPU machine."""
 
 from __future__ import annotations
 
