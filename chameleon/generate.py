@@ -230,7 +230,17 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
             return _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress)
         if opts.mode == "text":
             return _text_loop(*text_loop_args, step_fn, spans_of(rows), pick)
-        for _ in range(budget):
+        steps = 0
+        while steps < budget:
+            # Every row that is still going is inside an image: its codes run in lockstep on the device.
+            block = _image_block_length(rows, budget - steps)
+            if block:
+                logits, next_pos = _image_block(block, logits, rows, n_prompts, guided, opts, tok, image_ids, cache, cur, next_pos, step_fn, spans_of(rows))
+                cur, steps = cur + block, steps + block
+                if progress is not None:
+                    progress.update(block)
+                continue
+            steps += 1
             # Plain lists while choosing (cheaper than per-element tensor writes), one tensor each after.
             next_tokens = [tok.pad_id] * n_rows
             visible = [False] * n_rows
@@ -497,43 +507,84 @@ def _compiled_greedy_step(transformer, cache):
 
 
 def _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress) -> list[list[int]]:
-    """Image mode: every row emits boi, N codes and eoi in lockstep, so all rows' codes are chosen
-    with tensor ops and nothing waits for the device until the end (on a GPU the general loop's
-    per-token host sync left it idle for part of every step). The same tokens as the general
-    loop on CPU: same guidance mix, same filters, and each row samples with its own seeded
-    generator (on the logits' device, so a GPU draws other numbers than the CPU)."""
-    device = logits.device
-    generators = [r.generator if device.type == "cpu" else torch.Generator(device).manual_seed(r.seed) for r in rows]
-    for r in rows:  # every row is inside its image from here on: logits of the image codes only
+    """Image mode: every row emits boi, then its N codes in one lockstep block (`_image_block`: no
+    wait for the device until the end; on a GPU the general loop's per-token host sync left it idle
+    for part of every step), then eoi."""
+    for r in rows:
+        r.out.append(tok.boi_id)
         r.codes_left = n_codes
-    spans = spans_of(rows)
-    repeat = 3 if guided else 1  # the guidance rows see the same image tokens
-    out = torch.empty(n_prompts, n_codes, dtype=torch.long, device=device)
-    pos = torch.tensor(next_pos, device=device)[:, None]
-    t = torch.full((n_prompts,), tok.boi_id, device=device)
-    for j in range(n_codes + 1):
-        if j > 0:  # choose code j-1 from the last step's logits
-            codes = logits.index_select(1, image_ids)
-            if guided:
-                codes = cfg_mix(codes[:n_prompts], codes[n_prompts : 2 * n_prompts], codes[2 * n_prompts :], opts.cfg_text_scale, opts.cfg_image_scale)
-            if opts.image_temperature == 0:
-                picks = codes.max(dim=-1).indices
-            else:
-                probs = torch.softmax(filter_top_k_top_p(codes / opts.image_temperature, 0, opts.image_top_p), dim=-1)
-                picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
-            t = image_ids[picks]
-            out[:, j - 1] = t
-        if progress is not None:
-            progress.update(1)
-        if j == n_codes:
-            break  # eoi follows the last code: no step needed for it
-        cache.valid[:, cur] = True
-        logits = step_fn(t.repeat(repeat)[:, None], cur, pos, cache, spans)
-        pos = pos + 1
-        cur += 1
+    cache.valid[:, cur] = True  # every row, the guidance rows too, sees boi
+    boi = torch.full((cache.batch_size, 1), tok.boi_id, dtype=torch.long, device=logits.device)
+    logits = step_fn(boi, cur, torch.tensor(next_pos, device=logits.device)[:, None], cache, spans_of(rows))
     if progress is not None:
         progress.update(1)
-    return [[tok.boi_id, *codes, tok.eoi_id] for codes in out.tolist()]
+    _image_block(n_codes, logits, rows, n_prompts, guided, opts, tok, image_ids, cache, cur + 1, [p + 1 for p in next_pos],
+                 step_fn, spans_of(rows), feed_last=False)  # eoi ends the output: no step for the last code
+    if progress is not None:
+        progress.update(n_codes + 1)
+    return [r.out + [tok.eoi_id] for r in rows]
+
+
+LOCKSTEP_MIN_CODES = 2  # shorter runs of codes go through the per-row loop
+
+
+def _image_block_length(rows: list[_Row], steps_left: int) -> int:
+    """Steps the per-row loop may hand to `_image_block`: while every row still going is inside an
+    image with no token pending, as many as the row nearest its image's end has codes left."""
+    going = [r for r in rows if not r.done]
+    if not going or any(r.codes_left == 0 or r.pending is not None for r in going):
+        return 0
+    block = min(min(r.codes_left for r in going), steps_left)
+    return block if block >= LOCKSTEP_MIN_CODES else 0
+
+
+def _image_block(block, logits, rows, n_prompts, guided, opts, tok, image_ids, cache, cur, next_pos, step_fn, spans, feed_last=True):
+    """`block` image codes for every row still going, chosen with tensor ops and fed back without
+    waiting for the host, then handed back (to the per-row loop, or to `_image_loop`): the same
+    codes as choosing them one row at a time on CPU (same mix, same filters, each row's own
+    generator; a GPU draws from device generators seeded per row). Returns the last logits and
+    the rows' next RoPE positions."""
+    device = logits.device
+    going = [i for i, r in enumerate(rows) if not r.done]
+    if device.type != "cpu":
+        for i in going:
+            if getattr(rows[i], "device_generator", None) is None:
+                rows[i].device_generator = torch.Generator(device).manual_seed(rows[i].seed)
+    generators = [rows[i].generator if device.type == "cpu" else rows[i].device_generator for i in going]
+    # Rows fed: every row still going, and in guided generation its two guidance rows too.
+    fed = going + ([i + k * n_prompts for k in (1, 2) for i in going] if guided else [])
+    fed_t = torch.tensor(fed, device=device)
+    visible = torch.zeros(cache.batch_size, dtype=torch.bool, device=device)
+    visible[fed_t] = True
+    tokens = torch.full((cache.batch_size, 1), tok.pad_id, dtype=torch.long, device=device)
+    positions = torch.tensor(next_pos, device=device)[:, None]
+    going_t = torch.tensor(going, device=device)
+    picked = torch.empty(len(going), block, dtype=torch.long, device=device)
+    for j in range(block):
+        codes = logits.index_select(1, image_ids)
+        if guided:
+            codes = cfg_mix(codes[going_t], codes[going_t + n_prompts], codes[going_t + 2 * n_prompts], opts.cfg_text_scale, opts.cfg_image_scale)
+        else:
+            codes = codes[going_t]
+        if opts.image_temperature == 0:
+            choice = codes.max(dim=-1).indices
+        else:
+            probs = torch.softmax(filter_top_k_top_p(codes / opts.image_temperature, 0, opts.image_top_p), dim=-1)
+            choice = torch.cat([torch.multinomial(probs[k], 1, generator=g) for k, g in enumerate(generators)])
+        picked[:, j] = t = image_ids[choice]
+        tokens[fed_t, 0] = t.repeat(3 if guided else 1)
+        if j == block - 1 and not feed_last:
+            break
+        cache.valid[:, cur + j] = visible
+        logits = step_fn(tokens, cur + j, positions + j * visible[:, None], cache, spans)
+    for i, codes in zip(going, picked.tolist()):  # the one wait for the device
+        r = rows[i]
+        r.out.extend(codes)
+        r.codes_left -= block
+        if r.codes_left == 0:
+            r.pending = tok.eoi_id  # exactly N codes, then end-of-image
+    fed_set = set(fed)
+    return logits, [p + block * (i in fed_set) for i, p in enumerate(next_pos)]
 
 
 def _reusable_cache(transformer, n_rows: int, total: int):

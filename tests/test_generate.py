@@ -237,6 +237,32 @@ def test_guided_batches_equal_one_by_one(tiny_model, mode):
         assert len(set(starts)) >= 2, starts
 
 
+@pytest.mark.parametrize("compile_", [False, True])
+@pytest.mark.parametrize("image_temperature,guided", [(0.7, True), (0.0, True), (0.7, False)])
+def test_interleaved_image_codes_in_lockstep_equal_per_row(tiny_model, monkeypatch, compile_, image_temperature, guided):
+    """Interleaved generation hands the codes to a lockstep device block while every row still going
+    is inside an image: the same tokens as choosing every code in the per-row loop. Here rows 0 and
+    1 open their images at different steps, row 2 ends (a stop id) before either does, and row 1's
+    image goes on after row 0's is over."""
+    generate_module = importlib.import_module("chameleon.generate")
+    tok, n = tiny_model.tokenizer, tiny_model.image_seq_len
+    prompts = [tiny_model.encode_prompt(p) for p in PROMPTS]
+    scales = {} if guided else dict(cfg_text_scale=1.0, cfg_image_scale=1.0)
+    base = dict(mode="interleaved", max_new_tokens=n + 30, temperature=0.8, seed=1, logit_bias={tok.boi_id: 4.0},
+                image_temperature=image_temperature, compile=compile_, **scales)
+    free = generate(tiny_model, prompts, GenerationOptions(**base))
+    opts = GenerationOptions(**base, stop_ids=(free[2][10],))
+    blocks = []
+    block = generate_module._image_block
+    monkeypatch.setattr(generate_module, "_image_block", lambda n_codes, *a: blocks.append(n_codes) or block(n_codes, *a))
+    lockstep = generate(tiny_model, prompts, opts)
+    starts = [out.index(tok.boi_id) if tok.boi_id in out else None for out in lockstep]
+    assert starts[0] < starts[1] and starts[2] is None and len(lockstep[2]) <= 10, starts
+    assert blocks == [n - (starts[1] - starts[0])]  # from row 1's boi to the end of row 0's image
+    monkeypatch.setattr(generate_module, "LOCKSTEP_MIN_CODES", 10**9)
+    assert generate(tiny_model, prompts, opts) == lockstep
+
+
 def test_compiled_greedy_with_no_new_tokens_at_a_cache_boundary(tiny_model):
     """A prompt that fills a whole cache bucket leaves no slot for a first token: nothing to do."""
     prompt = [tiny_model.tokenizer.bos_id] + [7] * 255

@@ -9,8 +9,8 @@
 #                its generated kernels (as gpt-fast compiles), to compare with decode_7b's figure
 #   profile_7b   the kernels of 16 greedy decode steps
 # Not run by default (each needs about two minutes; STAGES="..." in a second call):
-#   text_loop_7b greedy text with stop strings (lm-eval's generate_until) and sampled text:
-#                device loop vs per-row loop
+#   text_loop_7b greedy text with stop strings (lm-eval's generate_until), sampled text and an
+#                interleaved image: device loops vs the per-row loop
 #   unfused_7b   ablation (measured once: 62.9% vs 71.9% of roofline): batch 1 with q/k/v and
 #                w1/w3 as separate matrices
 # Run from the repository root on the device machine (the device tool sets OUT):

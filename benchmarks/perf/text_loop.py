@@ -1,6 +1,7 @@
-"""Text decoding on the loop that stays on the device vs the general per-row loop that such requests
-ran before: greedy with stop strings (how lm-eval's generate_until tasks decode) and sampled text
-(temperature 0.9, top-p 0.9). Same model, same prompts, one run, rounds in turns; on CPU the tokens
+"""Decoding on loops that stay on the device vs the general per-row loop that such requests ran
+before: greedy text with stop strings (how lm-eval's generate_until tasks decode), sampled text
+(temperature 0.9, top-p 0.9), and interleaved generation of an image (3-way guidance), whose codes
+now run in a lockstep block. Same model, same prompts, one run, rounds in turns; on CPU the tokens
 must be equal.
 
     python benchmarks/perf/text_loop.py            # CPU: ~100M params, bf16, batch 1 and 8
@@ -9,6 +10,7 @@ must be equal.
 from __future__ import annotations
 
 import argparse
+import importlib
 import dataclasses
 import json
 import time
@@ -20,6 +22,8 @@ from chameleon.config import preset
 from chameleon.generate import GenerationOptions, generate
 from chameleon.tiny import TINY_VQ
 
+generate_module = importlib.import_module("chameleon.generate")  # (chameleon.generate is also the function)
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,6 +33,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--workloads", default="greedy_stop_strings,sampled,interleaved_image", help="comma list of what to time")
     a = p.parse_args()
     device = torch.device(a.device)
     args = dataclasses.replace(preset(a.preset), max_seq_len=1024, model_parallel_size=1)
@@ -38,18 +43,28 @@ def main() -> None:
     tok = model.tokenizer
     # eos kept out, so every row decodes all its tokens; the stop string never occurs.
     base = dict(max_new_tokens=a.new_tokens, logit_bias={tok.eos_id: -1e9, tok.eot_id: -1e9}, seed=0)
-    workloads = {"greedy_stop_strings": dict(stop_strings=("\x00never",)), "sampled": dict(temperature=0.9, top_p=0.9)}
-    assert a.new_tokens < model.image_seq_len + 2
-    for workload, extra in workloads.items():
-        loops = {
-            "device_loop": GenerationOptions(**base, **extra),
-            # Interleaved mode with too few tokens for an image is text mode through the general loop.
-            "general_loop": GenerationOptions(**base, **extra, mode="interleaved"),
-        }
+    n = model.image_seq_len
+    assert a.new_tokens < n + 2
+    per_row = 10**9  # LOCKSTEP_MIN_CODES that keeps every code in the per-row loop
+    workloads = {  # name: {loop: (options, LOCKSTEP_MIN_CODES)}
+        name: {"device_loop": (GenerationOptions(**base, **extra), generate_module.LOCKSTEP_MIN_CODES),
+               # Interleaved mode with too few tokens for an image is text mode through the general loop.
+               "general_loop": (GenerationOptions(**base, **extra, mode="interleaved"), per_row)}
+        for name, extra in (("greedy_stop_strings", dict(stop_strings=("\x00never",))), ("sampled", dict(temperature=0.9, top_p=0.9)))
+    }
+    image = GenerationOptions(mode="interleaved", max_new_tokens=n + 4, seed=0, logit_bias={tok.boi_id: 1e9})  # an image at once
+    workloads["interleaved_image"] = {"device_loop": (image, generate_module.LOCKSTEP_MIN_CODES), "general_loop": (image, per_row)}
+
+    def run(prompts, loop):
+        opts, generate_module.LOCKSTEP_MIN_CODES = loop
+        return generate(model, prompts, opts)
+
+    for workload in a.workloads.split(","):
+        loops = workloads[workload]
         for batch in [int(b) for b in a.batches.split(",")]:
             prompts = random_prompts(tok, batch, 128, seed=0).tolist()
-            outputs = {name: generate(model, prompts, o) for name, o in loops.items()}  # warm-up
-            if device.type == "cpu":  # a GPU's device loop samples from GPU generators: other draws
+            outputs = {name: run(prompts, loop) for name, loop in loops.items()}  # warm-up
+            if device.type == "cpu":  # a GPU's device loops sample from GPU generators: other draws
                 assert outputs["device_loop"] == outputs["general_loop"], workload
             best = {name: float("inf") for name in loops}
             for r in range(a.repeats):
@@ -57,9 +72,10 @@ def main() -> None:
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     t = time.perf_counter()
-                    generate(model, prompts, loops[name])
+                    run(prompts, loops[name])
                     best[name] = min(best[name], time.perf_counter() - t)
-            print(json.dumps({"workload": workload, "batch": batch, "dtype": a.dtype, "new_tokens": a.new_tokens, "seconds": best,
+            new_tokens = len(outputs["device_loop"][0])
+            print(json.dumps({"workload": workload, "batch": batch, "dtype": a.dtype, "new_tokens": new_tokens, "seconds": best,
                               "speedup": best["general_loop"] / best["device_loop"]}), flush=True)
 
 
