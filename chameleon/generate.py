@@ -93,7 +93,8 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g
         return int(logits.max(dim=-1).indices)
     logits = filter_top_k_top_p(logits / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    on = generator.device if generator is not None else torch.device("cpu")  # where the generator draws
+    return int(torch.multinomial(probs.to(on), 1, generator=generator))
 
 
 def row_seed(seed: int, prompt: list[int]) -> int:
@@ -114,6 +115,7 @@ class _Row:
         self.done = False
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self.device_generator: torch.Generator | None = None  # image codes off the CPU (see _code_generator)
 
 
 def _image_only_prompt(prompt: list[int], tok) -> list[int]:
@@ -288,7 +290,7 @@ def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, im
         code_logits = codes[i]
         if guided:
             code_logits = cfg_mix(codes[i], codes[i + n_prompts], codes[i + 2 * n_prompts], opts.cfg_text_scale, opts.cfg_image_scale)
-        t = int(image_ids[sample(code_logits, opts.image_temperature, 0, opts.image_top_p, r.generator)])
+        t = int(image_ids[sample(code_logits, opts.image_temperature, 0, opts.image_top_p, _code_generator(r, code_logits.device))])
     else:
         row_logits = logits[i] + text_bias
         may_start_image = opts.mode == "interleaved" and slots_left >= n_codes + 2 and opts.max_new_tokens - len(r.out) >= n_codes + 2
@@ -528,6 +530,17 @@ def _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, 
 LOCKSTEP_MIN_CODES = 2  # shorter runs of codes go through the per-row loop
 
 
+def _code_generator(r: _Row, device: torch.device) -> torch.Generator:
+    """The generator a row draws its image codes from, in a lockstep block or in the per-row loop
+    alike (so that a row's codes do not depend on which of the two its batch ran): on CPU the row's
+    generator, elsewhere one on the device, seeded per row, so that a block never waits for the host."""
+    if device.type == "cpu":
+        return r.generator
+    if r.device_generator is None:
+        r.device_generator = torch.Generator(device).manual_seed(r.seed)
+    return r.device_generator
+
+
 def _image_block_length(rows: list[_Row], steps_left: int) -> int:
     """Steps the per-row loop may hand to `_image_block`: while every row still going is inside an
     image with no token pending, as many as the row nearest its image's end has codes left."""
@@ -546,11 +559,7 @@ def _image_block(block, logits, rows, n_prompts, guided, opts, tok, image_ids, c
     the rows' next RoPE positions."""
     device = logits.device
     going = [i for i, r in enumerate(rows) if not r.done]
-    if device.type != "cpu":
-        for i in going:
-            if getattr(rows[i], "device_generator", None) is None:
-                rows[i].device_generator = torch.Generator(device).manual_seed(rows[i].seed)
-    generators = [rows[i].generator if device.type == "cpu" else rows[i].device_generator for i in going]
+    generators = [_code_generator(rows[i], device) for i in going]
     # Rows fed: every row still going, and in guided generation its two guidance rows too.
     fed = going + ([i + k * n_prompts for k in (1, 2) for i in going] if guided else [])
     fed_t = torch.tensor(fed, device=device)

@@ -263,6 +263,27 @@ def test_interleaved_image_codes_in_lockstep_equal_per_row(tiny_model, monkeypat
     assert generate(tiny_model, prompts, opts) == lockstep
 
 
+def test_interleaved_codes_independent_of_batch_with_a_separate_code_generator(tiny_model, monkeypatch):
+    """Off the CPU a row draws its image codes from a device generator and its text from its CPU
+    one; whether its codes run in a lockstep block or in the per-row loop depends on the other rows
+    of its batch. Emulated here with a second CPU generator for codes: a row's output must not
+    depend on its batch."""
+    generate_module = importlib.import_module("chameleon.generate")
+
+    def code_generator(r, device):
+        if r.device_generator is None:
+            r.device_generator = torch.Generator().manual_seed(r.seed + 1)
+        return r.device_generator
+
+    monkeypatch.setattr(generate_module, "_code_generator", code_generator)
+    tok, n = tiny_model.tokenizer, tiny_model.image_seq_len
+    prompts = [tiny_model.encode_prompt(p) for p in PROMPTS]
+    opts = GenerationOptions(mode="interleaved", max_new_tokens=n + 30, temperature=0.8, seed=1, logit_bias={tok.boi_id: 4.0})
+    batched = generate(tiny_model, prompts, opts)
+    assert batched == [generate(tiny_model, [p], opts)[0] for p in prompts]
+    assert len({out.index(tok.boi_id) for out in batched}) == 3  # images opened at three different steps
+
+
 def test_compiled_greedy_with_no_new_tokens_at_a_cache_boundary(tiny_model):
     """A prompt that fills a whole cache bucket leaves no slot for a first token: nothing to do."""
     prompt = [tiny_model.tokenizer.bos_id] + [7] * 255
