@@ -448,6 +448,13 @@ class Transformer(nn.Module):
         self.vocab_spans = [(0, args.vocab_size)]
         self.packed: dict | None = None  # oneDNN-packed bf16 weights, see optimize_for_cpu_()
 
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .float() and the like replace every parameter: the packed copies (and the
+        # tensors they were made from, which each keeps alive) would only hold memory.
+        if self.packed:
+            self.packed.clear()
+        return super()._apply(fn, recurse)
+
     def rope_freqs(self, device: torch.device) -> torch.Tensor:
         if device not in self._rope:
             self._rope[device] = rope_tables(self.args, device=device)

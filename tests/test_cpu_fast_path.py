@@ -173,6 +173,23 @@ def test_packing_stops_where_memory_runs_short(tiny_hf, monkeypatch):
     assert short.transformer.packed == {} and packed.transformer.packed
 
 
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16 kernels")
+def test_dtype_changes_drop_the_packed_copies(tiny_hf):
+    """Moving or converting the model replaces its weights: the packed copies (each holding the
+    tensor it was made from) are dropped, and made again once the CPU layout is restored."""
+    model = chameleon.load(tiny_hf, dtype=torch.bfloat16)
+    x = tokens(model)
+    with torch.no_grad():
+        before = model(x)
+        assert model.transformer.packed
+        model.to(torch.float32)
+        assert model.transformer.packed == {}
+        model.to(torch.bfloat16)
+        model.transformer.optimize_for_cpu_()  # as the stale-weights warning says
+        torch.testing.assert_close(model(x), before)
+    assert model.transformer.packed
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_rope_is_bit_identical_to_the_real_form(dtype):
     """Eager CPU rotates with one complex product; graphs and GPUs with real arithmetic."""
