@@ -156,6 +156,9 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
     for i, p in enumerate(prompts):
         if not p:
             raise InputError(f"prompt {i} is empty")
+    for t in opts.stop_ids:
+        if not 0 <= t < args.vocab_size:
+            raise InputError(f"stop id {t} is not a token id: expected 0..{args.vocab_size - 1}")
     budget = opts.max_new_tokens
     if opts.mode == "image":
         budget = n_codes + 2  # boi + codes + eoi, whatever max_new_tokens says
@@ -256,8 +259,9 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
                     continue
                 next_tokens[i] = t
                 visible[i] = True
-                if guided and (r.codes_left > 0 or t in (tok.boi_id, tok.eoi_id)):
-                    # Image tokens (and their brackets) condition all three rows.
+                if guided and (r.codes_left > 0 or r.pending == tok.eoi_id or t in (tok.boi_id, tok.eoi_id)):
+                    # Image tokens (and their brackets) condition all three rows: every code, the
+                    # last one included (chosen as the count reaches 0, with eoi pending).
                     next_tokens[i + n_prompts] = next_tokens[i + 2 * n_prompts] = t
                     visible[i + n_prompts] = visible[i + 2 * n_prompts] = True
             if not any(visible):

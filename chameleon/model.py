@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -52,26 +53,34 @@ def packed_weight(w: torch.Tensor, packed: dict | None, key) -> torch.Tensor:
     entry = packed.get(key)
     if entry is None or entry[0] != stamp:
         packed.pop(key, None)  # a stale copy's memory counts as free for its replacement
-        if not _room_to_pack(w.numel() * w.element_size()):
-            return w
-        entry = packed[key] = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1), w)
-        _use_huge_pages(entry[1])
-    return entry[1]
+        if _room_to_pack(w.numel() * w.element_size()):
+            entry = packed[key] = (stamp, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1), w)
+            _use_huge_pages(entry[1])
+        else:  # remembered: asked again only once this weight changes
+            entry = packed[key] = (stamp, None, w)
+    return w if entry[1] is None else entry[1]
 
 
 PACKING_HEADROOM = 1 << 30  # bytes of memory left free after a packed copy
 
 
 def _available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    """Bytes this process may still allocate: MemAvailable from /proc/meminfo, or less where a
+    cgroup v2 limit (a container's) leaves less. None where Linux does not tell."""
+    found = []
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except OSError:
         pass
-    return None
+    try:
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
 
 
 def _room_to_pack(nbytes: int) -> bool:
@@ -82,7 +91,7 @@ def _room_to_pack(nbytes: int) -> bool:
     if free is None or free - nbytes >= PACKING_HEADROOM:
         return True
     warnings.warn(
-        f"only {free / 2**30:.1f} GiB of memory available: bf16 weights are left unpacked from here on "
+        f"only {free / 2**30:.1f} GiB of memory available: bf16 weights that are not packed yet stay unpacked "
         "(decoding about half as fast; chameleon.load(..., pack_bf16=False) skips packing without this warning)"
     )
     return False
@@ -151,17 +160,33 @@ class Fused:
 
     def __init__(self, owners: list[tuple[nn.Module, str]], input_major: bool = False):
         parts = [getattr(module, name) for module, name in owners]
-        dense = torch.cat([p.detach() for p in parts])
-        if input_major:
-            dense = dense.t().contiguous().t()
+        dense = self._stack(parts, input_major)
         start = 0
         for (module, name), p in zip(owners, parts):
             setattr(module, name, nn.Parameter(dense[start : start + len(p)], requires_grad=p.requires_grad))
             start += len(p)
-        self.owners = owners
+        self.owners, self.input_major = owners, input_major
         self.tensor = dense
         self.ptrs = [getattr(module, name).data_ptr() for module, name in owners]
         self.checked = False  # current() as last checked outside a compiled graph
+
+    @staticmethod
+    def _stack(parts: list[torch.Tensor], input_major: bool) -> torch.Tensor:
+        dense = torch.cat([p.detach() for p in parts])
+        return dense.t().contiguous().t() if input_major else dense
+
+    def refresh(self) -> None:
+        """Stack the parameters again after each was replaced by a converted copy (`.to()`): the
+        same Parameter objects (optimisers keep theirs) become views of a new fused tensor, and the
+        old one, in the old dtype or on the old device, is freed."""
+        parts = [getattr(module, name) for module, name in self.owners]
+        dense = self._stack(parts, self.input_major)
+        start = 0
+        for p in parts:
+            p.data = dense[start : start + len(p)]
+            start += len(p)
+        self.tensor = dense
+        self.ptrs = [p.data_ptr() for p in parts]
 
     def current(self) -> bool:
         return all(getattr(module, name).data_ptr() == p for (module, name), p in zip(self.owners, self.ptrs))
@@ -449,11 +474,16 @@ class Transformer(nn.Module):
         self.packed: dict | None = None  # oneDNN-packed bf16 weights, see optimize_for_cpu_()
 
     def _apply(self, fn, recurse=True):
-        # .to(), .cuda(), .float() and the like replace every parameter: the packed copies (and the
-        # tensors they were made from, which each keeps alive) would only hold memory.
+        # .to(), .cuda(), .float() and the like convert every parameter on its own. The packed copies
+        # (and the tensors each keeps alive) would only hold memory: drop them (bf16 CPU inference
+        # packs again). The fused tensors would be stale copies: fuse the converted parameters again.
         if self.packed:
             self.packed.clear()
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        for f in self.fused_tensors():
+            if not f.current():
+                f.refresh()
+        return out
 
     def rope_freqs(self, device: torch.device) -> torch.Tensor:
         if device not in self._rope:
@@ -488,6 +518,7 @@ class Transformer(nn.Module):
         if not fused_current(self.fused_tensors()):
             if self.packed is not None and not torch.is_grad_enabled() and not getattr(self, "_warned_stale", False):
                 self._warned_stale = True
+                self.packed.clear()  # copies of the replaced weights, which each keeps alive
                 warnings.warn(
                     "a parameter was replaced (e.g. load_state_dict(assign=True)), so inference runs the unfused, "
                     "unpacked modules, several times slower on CPU; call optimize_for_cpu_() again to restore the fast path"

@@ -164,29 +164,42 @@ def test_packing_stops_where_memory_runs_short(tiny_hf, monkeypatch):
     packed = chameleon.load(tiny_hf, dtype=torch.bfloat16)
     short = chameleon.load(tiny_hf, dtype=torch.bfloat16)
     x = tokens(packed)
-    monkeypatch.setattr(model_module, "_available_memory", lambda: model_module.PACKING_HEADROOM + 1000)
-    with torch.no_grad(), pytest.warns(UserWarning, match="bf16 weights are left unpacked"):
+    asked = []
+    monkeypatch.setattr(model_module, "_available_memory", lambda: asked.append(1) or model_module.PACKING_HEADROOM + 1000)
+    with torch.no_grad(), pytest.warns(UserWarning, match="bf16 weights that are not packed yet stay unpacked"):
         got = short(x)
+    refusals = len(asked)
+    with torch.no_grad():
+        short(x)
+    assert len(asked) == refusals  # a refusal is remembered until the weight changes
     monkeypatch.undo()
     with torch.no_grad():
         torch.testing.assert_close(got, packed(x), atol=0.05, rtol=0.05)
-    assert short.transformer.packed == {} and packed.transformer.packed
+    assert short.transformer.packed and all(copy is None for _, copy, _ in short.transformer.packed.values())
+    assert all(copy is not None for _, copy, _ in packed.transformer.packed.values())
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16 kernels")
 def test_dtype_changes_drop_the_packed_copies(tiny_hf):
-    """Moving or converting the model replaces its weights: the packed copies (each holding the
-    tensor it was made from) are dropped, and made again once the CPU layout is restored."""
+    """Moving or converting the model converts each parameter on its own: the packed copies (each
+    holding the tensor it was made from) are dropped, and the fused tensors made again from the
+    converted parameters, which stay the same Parameter objects (an optimiser keeps its own)."""
     model = chameleon.load(tiny_hf, dtype=torch.bfloat16)
     x = tokens(model)
+    wq = model.transformer.layers[0].attention.wq.weight
     with torch.no_grad():
         before = model(x)
         assert model.transformer.packed
+        old_fused = model.transformer.layers[0].attention.fused[0].tensor
         model.to(torch.float32)
         assert model.transformer.packed == {}
+        fused = model.transformer.layers[0].attention.fused[0]
+        assert fused.current() and fused.tensor.dtype == torch.float32 and fused.tensor is not old_fused
+        assert model.transformer.layers[0].attention.wq.weight is wq and wq.dtype == torch.float32
         model.to(torch.bfloat16)
-        model.transformer.optimize_for_cpu_()  # as the stale-weights warning says
-        torch.testing.assert_close(model(x), before)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the fast path, not the stale-weights fallback
+            torch.testing.assert_close(model(x), before, atol=0, rtol=0)
     assert model.transformer.packed
 
 

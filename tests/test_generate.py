@@ -7,6 +7,7 @@ import importlib
 import pytest
 import torch
 
+from chameleon.errors import InputError
 from chameleon.generate import GenerationOptions, apply_repetition_penalty, cfg_mix, filter_top_k_top_p, generate
 
 PROMPTS = ["Natalia sold clips to 48 of her friends", "Weng earns", "A robe takes 2 bolts of blue fiber and half that much white fiber."]
@@ -166,6 +167,13 @@ def test_stop_strings_and_ids(tiny_model):
     assert len(stopped) < len(free) and needle in tiny_model.tokenizer.decode_text(stopped)
 
 
+def test_stop_ids_outside_the_vocabulary_are_refused(tiny_model):
+    prompt = [tiny_model.encode_prompt(PROMPTS[0])]
+    for bad in (tiny_model.config.vocab_size, -1):
+        with pytest.raises(InputError, match=f"stop id {bad} is not a token id"):
+            generate(tiny_model, prompt, GenerationOptions(max_new_tokens=4, temperature=0.9, stop_ids=(bad,)))
+
+
 def test_cfg_mixing_formula():
     full, img, unc = torch.tensor([3.0, 1.0]), torch.tensor([2.0, 2.0]), torch.tensor([1.0, 0.0])
     got = cfg_mix(full, img, unc, s_txt=3.0, s_img=1.2)
@@ -282,6 +290,27 @@ def test_interleaved_codes_independent_of_batch_with_a_separate_code_generator(t
     batched = generate(tiny_model, prompts, opts)
     assert batched == [generate(tiny_model, [p], opts)[0] for p in prompts]
     assert len({out.index(tok.boi_id) for out in batched}) == 3  # images opened at three different steps
+    # Two images per row: the guidance rows must have seen all of the first image's codes, whichever
+    # path chose its last one.
+    two = GenerationOptions(mode="interleaved", max_new_tokens=2 * (n + 2) + 20, temperature=0.8, seed=3, logit_bias={tok.boi_id: 5.0})
+    batched = generate(tiny_model, prompts[:2], two)
+    assert batched == [generate(tiny_model, [p], two)[0] for p in prompts[:2]]
+    assert sum(out.count(tok.boi_id) for out in batched) >= 3
+
+
+def test_interleaved_second_image_lockstep_equals_per_row(tiny_model, monkeypatch):
+    """A guided row's second image follows a first whose every code, the last included, reached
+    the guidance rows, in the per-row loop as in a lockstep block."""
+    generate_module = importlib.import_module("chameleon.generate")
+    tok, n = tiny_model.tokenizer, tiny_model.image_seq_len
+    prompt = [tiny_model.encode_prompt(PROMPTS[0])]
+    for temperature in (0.0, 0.7):
+        opts = GenerationOptions(mode="interleaved", max_new_tokens=2 * (n + 2) + 4, logit_bias={tok.boi_id: 100.0}, image_temperature=temperature)
+        monkeypatch.setattr(generate_module, "LOCKSTEP_MIN_CODES", 2)
+        lockstep = generate(tiny_model, prompt, opts)
+        monkeypatch.setattr(generate_module, "LOCKSTEP_MIN_CODES", 10**9)
+        assert generate(tiny_model, prompt, opts) == lockstep
+        assert lockstep[0].count(tok.boi_id) == 2
 
 
 def test_compiled_greedy_with_no_new_tokens_at_a_cache_boundary(tiny_model):

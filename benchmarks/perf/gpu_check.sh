@@ -6,9 +6,10 @@
 #                memory-bandwidth roofline, and one 512x512 image (3-way CFG + VQGAN decoding)
 #   vs_hf_7b     the same against transformers' generate (default and static cache) at batch 1 and 4
 #   tuned_7b     experiment: decode_7b's batch-1 decode with inductor's coordinate-descent tuning of
-#                its generated kernels (as gpt-fast compiles), to compare with decode_7b's figure
-#   profile_7b   the kernels of 16 greedy decode steps
-# Not run by default (each needs about two minutes; STAGES="..." in a second call):
+#                its generated kernels (as gpt-fast compiles; slower to compile), to compare with
+#                decode_7b's figure
+# Not run by default (STAGES="..." in a second call):
+#   profile_7b   the kernels of 16 greedy decode steps (about a minute)
 #   text_loop_7b greedy text with stop strings (lm-eval's generate_until), sampled text and an
 #                interleaved image: device loops vs the per-row loop
 #   unfused_7b   ablation (measured once: 62.9% vs 71.9% of roofline): batch 1 with q/k/v and
@@ -22,7 +23,7 @@ mkdir -p "$OUT"
 # DECODE_ARGS: another shape or device, e.g. "--preset tiny --device cpu" to rehearse this script.
 DECODE="python3 benchmarks/perf/decode.py ${DECODE_ARGS:---preset 7B --device cuda} --dtypes bf16 --new-tokens 128"
 
-STAGES="${STAGES:-cuda_tests decode_7b vs_hf_7b tuned_7b profile_7b}"  # a subset reruns only those
+STAGES="${STAGES:-cuda_tests decode_7b vs_hf_7b tuned_7b}"  # a subset reruns only those
 
 stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in $OUT/run.txt
     local name=$1 limit=$2 start=$SECONDS
@@ -39,7 +40,7 @@ stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in 
 stage cuda_tests "${CUDA_TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 stage decode_7b "${DECODE_S:-200}" $DECODE --batches 1 --no-hf --image --json "$OUT/decode_7b.json"
 stage vs_hf_7b "${VS_HF_S:-150}" $DECODE --batches "${VS_HF_BATCHES:-1,4}" --json "$OUT/vs_hf_7b.json"
-stage tuned_7b "${TUNED_S:-80}" env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $DECODE --batches 1 --no-hf --json "$OUT/tuned_7b.json"
+stage tuned_7b "${TUNED_S:-140}" env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $DECODE --batches 1 --no-hf --json "$OUT/tuned_7b.json"
 stage profile_7b "${PROFILE_S:-60}" $DECODE --batches 1 --no-hf --new-tokens 32 --profile 16
 stage text_loop_7b "${TEXT_LOOP_S:-200}" python3 benchmarks/perf/text_loop.py ${TEXT_LOOP_ARGS:---preset 7B --device cuda} --batches 1,8 --repeats 2
 stage unfused_7b "${UNFUSED_S:-75}" $DECODE --batches 1 --no-hf --no-fuse
