@@ -64,23 +64,46 @@ def packed_weight(w: torch.Tensor, packed: dict | None, key) -> torch.Tensor:
 PACKING_HEADROOM = 1 << 30  # bytes of memory left free after a packed copy
 
 
+# cgroup memory files: (mount, limit, usage, reclaimable page cache in memory.stat), v2 then v1
+_CGROUP_FILES = {"v2": ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+                 "v1": ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
 def _available_memory() -> int | None:
     """Bytes this process may still allocate: MemAvailable from /proc/meminfo, or less where a
-    cgroup v2 limit (a container's) leaves less. None where Linux does not tell."""
+    cgroup limit (a container's, a job scheduler's) on its cgroup or an ancestor leaves less,
+    counting usage without the page cache the kernel can reclaim. None where Linux does not tell."""
     found = []
     try:
         with open("/proc/meminfo") as f:
             found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
-    except OSError:
-        pass
-    try:
-        cgroup = Path("/sys/fs/cgroup")
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            found.append(int(limit) - int((cgroup / "memory.current").read_text()))
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            version = "v2" if controllers == "" else "v1" if "memory" in controllers.split(",") else None
+            if version is not None:
+                found += _cgroup_headroom(*_CGROUP_FILES[version], path)
     except (OSError, ValueError):
         pass
     return min(found) if found else None
+
+
+def _cgroup_headroom(mount: str, limit_file: str, usage_file: str, cache_key: str, path: str) -> list[int]:
+    """limit - (usage - reclaimable cache) for the cgroup at `path` and each ancestor with a limit."""
+    root = Path(mount)
+    group = root / path.lstrip("/")
+    out = []
+    for level in (group, *group.parents):
+        if not level.is_relative_to(root):
+            break
+        try:
+            limit = int((level / limit_file).read_text().strip())
+        except (OSError, ValueError):  # no such file here, or "max"
+            continue
+        if limit >= 1 << 60:  # cgroup v1 writes "no limit" as a huge number
+            continue
+        stat = dict(line.split() for line in (level / "memory.stat").read_text().splitlines())
+        out.append(limit - (int((level / usage_file).read_text()) - int(stat.get(cache_key, 0))))
+    return out
 
 
 def _room_to_pack(nbytes: int) -> bool:
@@ -160,33 +183,17 @@ class Fused:
 
     def __init__(self, owners: list[tuple[nn.Module, str]], input_major: bool = False):
         parts = [getattr(module, name) for module, name in owners]
-        dense = self._stack(parts, input_major)
+        dense = torch.cat([p.detach() for p in parts])
+        if input_major:
+            dense = dense.t().contiguous().t()
         start = 0
         for (module, name), p in zip(owners, parts):
             setattr(module, name, nn.Parameter(dense[start : start + len(p)], requires_grad=p.requires_grad))
             start += len(p)
-        self.owners, self.input_major = owners, input_major
+        self.owners = owners
         self.tensor = dense
         self.ptrs = [getattr(module, name).data_ptr() for module, name in owners]
         self.checked = False  # current() as last checked outside a compiled graph
-
-    @staticmethod
-    def _stack(parts: list[torch.Tensor], input_major: bool) -> torch.Tensor:
-        dense = torch.cat([p.detach() for p in parts])
-        return dense.t().contiguous().t() if input_major else dense
-
-    def refresh(self) -> None:
-        """Stack the parameters again after each was replaced by a converted copy (`.to()`): the
-        same Parameter objects (optimisers keep theirs) become views of a new fused tensor, and the
-        old one, in the old dtype or on the old device, is freed."""
-        parts = [getattr(module, name) for module, name in self.owners]
-        dense = self._stack(parts, self.input_major)
-        start = 0
-        for p in parts:
-            p.data = dense[start : start + len(p)]
-            start += len(p)
-        self.tensor = dense
-        self.ptrs = [p.data_ptr() for p in parts]
 
     def current(self) -> bool:
         return all(getattr(module, name).data_ptr() == p for (module, name), p in zip(self.owners, self.ptrs))
@@ -474,16 +481,11 @@ class Transformer(nn.Module):
         self.packed: dict | None = None  # oneDNN-packed bf16 weights, see optimize_for_cpu_()
 
     def _apply(self, fn, recurse=True):
-        # .to(), .cuda(), .float() and the like convert every parameter on its own. The packed copies
-        # (and the tensors each keeps alive) would only hold memory: drop them (bf16 CPU inference
-        # packs again). The fused tensors would be stale copies: fuse the converted parameters again.
+        # .to(), .cuda(), .float() and the like replace the parameters: the packed copies (and the
+        # tensors each keeps alive) would only hold memory. bf16 CPU inference packs again.
         if self.packed:
             self.packed.clear()
-        out = super()._apply(fn, recurse)
-        for f in self.fused_tensors():
-            if not f.current():
-                f.refresh()
-        return out
+        return super()._apply(fn, recurse)
 
     def rope_freqs(self, device: torch.device) -> torch.Tensor:
         if device not in self._rope:
@@ -516,9 +518,11 @@ class Transformer(nn.Module):
         if any(m.fused is None for b in self.layers for m in (b.attention, b.feed_forward)):
             return None
         if not fused_current(self.fused_tensors()):
+            if self.packed:  # the blocks' copies belong to replaced weights, which each keeps alive
+                for key in [k for k in self.packed if k[0] != "output"]:
+                    del self.packed[key]
             if self.packed is not None and not torch.is_grad_enabled() and not getattr(self, "_warned_stale", False):
                 self._warned_stale = True
-                self.packed.clear()  # copies of the replaced weights, which each keeps alive
                 warnings.warn(
                     "a parameter was replaced (e.g. load_state_dict(assign=True)), so inference runs the unfused, "
                     "unpacked modules, several times slower on CPU; call optimize_for_cpu_() again to restore the fast path"
