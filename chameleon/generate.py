@@ -97,6 +97,15 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g
     return int(torch.multinomial(probs.to(on), 1, generator=generator))
 
 
+def _pick_rows(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generators: list[torch.Generator]) -> torch.Tensor:
+    """Each row's pick from (B, V) logits, as `sample` picks from one row: the first maximum, or a
+    draw after temperature, top-k and top-p, from that row's generator (on the logits' device)."""
+    if temperature == 0:
+        return logits.max(dim=-1).indices
+    probs = torch.softmax(filter_top_k_top_p(logits / temperature, top_k, top_p), dim=-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
 def row_seed(seed: int, prompt: list[int]) -> int:
     """A seed per prompt, so that sampled outputs do not depend on batch composition or order."""
     digest = hashlib.sha256(f"{seed}:{','.join(map(str, prompt))}".encode()).digest()
@@ -115,7 +124,7 @@ class _Row:
         self.done = False
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
-        self.device_generator: torch.Generator | None = None  # image codes off the CPU (see _code_generator)
+        self.device_generator: torch.Generator | None = None  # draws off the CPU (see _row_generator)
 
 
 def _image_only_prompt(prompt: list[int], tok) -> list[int]:
@@ -294,7 +303,7 @@ def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, im
         code_logits = codes[i]
         if guided:
             code_logits = cfg_mix(codes[i], codes[i + n_prompts], codes[i + 2 * n_prompts], opts.cfg_text_scale, opts.cfg_image_scale)
-        t = int(image_ids[sample(code_logits, opts.image_temperature, 0, opts.image_top_p, _code_generator(r, code_logits.device))])
+        t = int(image_ids[sample(code_logits, opts.image_temperature, 0, opts.image_top_p, _row_generator(r, code_logits.device))])
     else:
         row_logits = logits[i] + text_bias
         may_start_image = opts.mode == "interleaved" and slots_left >= n_codes + 2 and opts.max_new_tokens - len(r.out) >= n_codes + 2
@@ -328,11 +337,19 @@ def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, im
         text_seen[i, t] = True
     if len(r.out) >= opts.max_new_tokens:
         r.done = True
-    elif opts.stop_strings:
-        tail = tok.decode_text(r.text_run[-64:])
-        if any(s in tail for s in opts.stop_strings):
-            r.done = True
+    elif opts.stop_strings and _ends_in_stop_string(r.text_run, opts.stop_strings, tok.decode_text):
+        r.done = True
     return t
+
+
+STOP_STRING_WINDOW = 64  # text tokens decoded to look for a stop string
+
+
+def _ends_in_stop_string(tokens: list[int], strings: tuple[str, ...], decode) -> bool:
+    """Whether the text of the last STOP_STRING_WINDOW tokens holds a stop string: a row ends
+    after the first token for which it does."""
+    tail = decode(tokens[-STOP_STRING_WINDOW:])
+    return any(s in tail for s in strings)
 
 
 class _TextState:
@@ -377,8 +394,8 @@ class _TextState:
 
 
 class _StopStringScan:
-    """Stop strings for `_text_loop`, by the general loop's rule: a row ends after the first
-    token whose last 64 tokens decode to a text holding a stop string. The device loop picks tokens
+    """Stop strings for `_text_loop`, by the general loop's rule (`_ends_in_stop_string`). The
+    device loop picks tokens
     without waiting for the host; this scans each row's picks on the host whenever the loop looks,
     marks the rows that hit a stop string as ended, and cuts their outputs there at the end (tokens
     picked after the hit and before the look are dropped)."""
@@ -399,7 +416,7 @@ class _StopStringScan:
                     self.closed[i] = True
                     break
                 self.tokens[i].append(t)
-                if any(s in self.decode(self.tokens[i][-64:]) for s in self.strings):
+                if _ends_in_stop_string(self.tokens[i], self.strings, self.decode):
                     self.stop_at[i], self.closed[i] = len(self.tokens[i]), True
                     newly.append(i)
                     break
@@ -425,16 +442,12 @@ def _text_pick(opts: GenerationOptions, rows: list[_Row], device: torch.device, 
     whose tokens equal the general loop's)."""
     if opts.temperature == 0 and text_seen is None:
         return None
-    generators = [r.generator if device.type == "cpu" else torch.Generator(device).manual_seed(r.seed) for r in rows]
+    generators = [_row_generator(r, device) for r in rows]
 
     def pick(biased: torch.Tensor) -> torch.Tensor:
         if text_seen is not None:
             biased = apply_repetition_penalty(biased, text_seen, opts.repetition_penalty)
-        if opts.temperature == 0:
-            t = biased.max(dim=-1).indices
-        else:
-            probs = torch.softmax(filter_top_k_top_p(biased / opts.temperature, opts.top_k, opts.top_p), dim=-1)
-            t = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+        t = _pick_rows(biased, opts.temperature, opts.top_k, opts.top_p, generators)
         if text_seen is not None:  # (an end token is marked too, but it ends its row)
             text_seen.scatter_(1, t[:, None], True)
         return t
@@ -534,10 +547,11 @@ def _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, 
 LOCKSTEP_MIN_CODES = 2  # shorter runs of codes go through the per-row loop
 
 
-def _code_generator(r: _Row, device: torch.device) -> torch.Generator:
-    """The generator a row draws its image codes from, in a lockstep block or in the per-row loop
-    alike (so that a row's codes do not depend on which of the two its batch ran): on CPU the row's
-    generator, elsewhere one on the device, seeded per row, so that a block never waits for the host."""
+def _row_generator(r: _Row, device: torch.device) -> torch.Generator:
+    """The generator a row draws from on `device`: text in the device text loop, and image codes
+    in a lockstep block or in the per-row loop alike (so that a row's codes do not depend on which
+    of the two its batch ran). On CPU the row's own generator; elsewhere one on the device, seeded
+    per row and kept on it, so that a draw never waits for the host."""
     if device.type == "cpu":
         return r.generator
     if r.device_generator is None:
@@ -563,7 +577,7 @@ def _image_block(block, logits, rows, n_prompts, guided, opts, tok, image_ids, c
     the rows' next RoPE positions."""
     device = logits.device
     going = [i for i, r in enumerate(rows) if not r.done]
-    generators = [_code_generator(rows[i], device) for i in going]
+    generators = [_row_generator(rows[i], device) for i in going]
     # Rows fed: every row still going, and in guided generation its two guidance rows too.
     fed = going + ([i + k * n_prompts for k in (1, 2) for i in going] if guided else [])
     fed_t = torch.tensor(fed, device=device)
@@ -579,12 +593,7 @@ def _image_block(block, logits, rows, n_prompts, guided, opts, tok, image_ids, c
             codes = cfg_mix(codes[going_t], codes[going_t + n_prompts], codes[going_t + 2 * n_prompts], opts.cfg_text_scale, opts.cfg_image_scale)
         else:
             codes = codes[going_t]
-        if opts.image_temperature == 0:
-            choice = codes.max(dim=-1).indices
-        else:
-            probs = torch.softmax(filter_top_k_top_p(codes / opts.image_temperature, 0, opts.image_top_p), dim=-1)
-            choice = torch.cat([torch.multinomial(probs[k], 1, generator=g) for k, g in enumerate(generators)])
-        picked[:, j] = t = image_ids[choice]
+        picked[:, j] = t = image_ids[_pick_rows(codes, opts.image_temperature, 0, opts.image_top_p, generators)]
         tokens[fed_t, 0] = t.repeat(3 if guided else 1)
         if j == block - 1 and not feed_last:
             break

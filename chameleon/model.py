@@ -518,15 +518,9 @@ class Transformer(nn.Module):
         if any(m.fused is None for b in self.layers for m in (b.attention, b.feed_forward)):
             return None
         if not fused_current(self.fused_tensors()):
-            if self.packed:  # the blocks' copies belong to replaced weights, which each keeps alive
-                for key in [k for k in self.packed if k[0] != "output"]:
-                    del self.packed[key]
-            if self.packed is not None and not torch.is_grad_enabled() and not getattr(self, "_warned_stale", False):
-                self._warned_stale = True
-                warnings.warn(
-                    "a parameter was replaced (e.g. load_state_dict(assign=True)), so inference runs the unfused, "
-                    "unpacked modules, several times slower on CPU; call optimize_for_cpu_() again to restore the fast path"
-                )
+            # Under autograd or in a graph this says nothing about staleness; otherwise it is stale.
+            if self.packed is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                self._packing_lost()
             return None
         blocks = []
         for i, b in enumerate(self.layers):
@@ -543,6 +537,18 @@ class Transformer(nn.Module):
                 )
             )
         return InferenceWeights(blocks, inference_norm_weight(self.norm.weight))
+
+    def _packing_lost(self) -> None:
+        """Replaced weights: drop the blocks' packed copies (each keeps its replaced source alive)
+        and say once that the fast path is off."""
+        for key in [k for k in self.packed if k[0] != "output"]:
+            del self.packed[key]
+        if not getattr(self, "_warned_stale", False):
+            self._warned_stale = True
+            warnings.warn(
+                "a parameter was replaced (e.g. load_state_dict(assign=True)), so inference runs the unfused, "
+                "unpacked modules, several times slower on CPU; call optimize_for_cpu_() again to restore the fast path"
+            )
 
     def optimize_for_cpu_(self, pack_bf16: bool = True) -> None:
         """Lay the weights out for fast CPU inference; same values, same state dict.

@@ -16,6 +16,19 @@ DATA = REPO / "benchmarks" / "data"
 PHOTO = DATA / "images" / "skimage" / "chelsea.png"
 
 
+def cut_at_stop_strings(decode, rows: list[list[int]], stops: tuple[str, ...]) -> list[list[int]]:
+    """Each row cut after its first token whose last 64 tokens decode to a text holding one of
+    `stops`: the stop-string rule, written out independently of chameleon.generate."""
+
+    def cut(row):
+        for j in range(len(row)):
+            if any(s in decode(row[max(0, j - 63) : j + 1]) for s in stops):
+                return row[: j + 1]
+        return row
+
+    return [cut(row) for row in rows]
+
+
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> Path:
     """A tiny random Chameleon in HF format (GQA, two model-parallel q/k-norm groups)."""

@@ -7,6 +7,7 @@ import importlib
 import pytest
 import torch
 
+from conftest import cut_at_stop_strings
 from chameleon.errors import InputError
 from chameleon.generate import GenerationOptions, apply_repetition_penalty, cfg_mix, filter_top_k_top_p, generate
 
@@ -85,13 +86,7 @@ def test_greedy_stop_strings_on_the_device_loop(tiny_model, compile_, look_every
     # Row 0 stops early, row 2 late (past a 16-step look), row 1 wherever these first occur.
     stops = (tok.decode_text(free[0][2:4]), tok.decode_text(free[2][30:32]))
 
-    def expected(row):
-        for j in range(len(row)):
-            if any(s in tok.decode_text(row[max(0, j - 63) : j + 1]) for s in stops):
-                return row[: j + 1]
-        return row
-
-    want = [expected(row) for row in free]
+    want = cut_at_stop_strings(tok.decode_text, free, stops)
     assert len(want[0]) <= 4 and len(want[2]) <= 32 and want != free
     opts = dict(max_new_tokens=40, stop_strings=stops)
     assert generate(tiny_model, prompts, GenerationOptions(compile=compile_, **opts)) == want
@@ -283,7 +278,7 @@ def test_interleaved_codes_independent_of_batch_with_a_separate_code_generator(t
             r.device_generator = torch.Generator().manual_seed(r.seed + 1)
         return r.device_generator
 
-    monkeypatch.setattr(generate_module, "_code_generator", code_generator)
+    monkeypatch.setattr(generate_module, "_row_generator", code_generator)
     tok, n = tiny_model.tokenizer, tiny_model.image_seq_len
     prompts = [tiny_model.encode_prompt(p) for p in PROMPTS]
     opts = GenerationOptions(mode="interleaved", max_new_tokens=n + 30, temperature=0.8, seed=1, logit_bias={tok.boi_id: 4.0})

@@ -46,6 +46,13 @@ def timed(fn, device, repeats=1):
     return best, out
 
 
+def in_turns(items: list, rounds: int):
+    """Each item once per round, the order reversed every other round: on a shared machine whose
+    speed drifts within minutes, competitors timed in turns see the same phases."""
+    for r in range(rounds):
+        yield from (items if r % 2 == 0 else items[::-1])
+
+
 def build_pair(args, vq: VQGANConfig, device, dtype, with_hf=True, fuse=True):
     # A tokenizer that knows all 65,536 ids (8,192 image codes at 4..8195, as in the real one), so
     # that text mode's candidates, and the output rows it computes, are those of a real checkpoint.
@@ -130,18 +137,17 @@ def time_side_by_side(competitors, batch, prompt_len, new_tokens, device, repeat
     fastest runs: prefill time = fastest 1-token run, decode time = fastest N-token run - that.
     """
     best, outputs = {}, {}
-    for r in range(repeats):
-        for c in (competitors if r % 2 == 0 else competitors[::-1]):
-            if c.name not in best:
-                c.run(8)  # warm-up (and compile), just before its first timed run
-                best[c.name] = {"prefill_s": float("inf"), "total_s": float("inf")}
-            t1, _ = timed(lambda: c.run(1), device)
-            tn, outputs[c.name] = timed(lambda: c.run(new_tokens), device)
-            assert all(len(o) == new_tokens for o in outputs[c.name])
-            best[c.name]["prefill_s"] = min(best[c.name]["prefill_s"], t1)
-            best[c.name]["total_s"] = min(best[c.name]["total_s"], tn)
-            yield {name: {"prefill_tok_s": batch * prompt_len / b["prefill_s"], "decode_tok_s": batch * (new_tokens - 1) / (b["total_s"] - b["prefill_s"])}
-                   for name, b in best.items()}, outputs
+    for c in in_turns(competitors, repeats):
+        if c.name not in best:
+            c.run(8)  # warm-up (and compile), just before its first timed run
+            best[c.name] = {"prefill_s": float("inf"), "total_s": float("inf")}
+        t1, _ = timed(lambda: c.run(1), device)
+        tn, outputs[c.name] = timed(lambda: c.run(new_tokens), device)
+        assert all(len(o) == new_tokens for o in outputs[c.name])
+        best[c.name]["prefill_s"] = min(best[c.name]["prefill_s"], t1)
+        best[c.name]["total_s"] = min(best[c.name]["total_s"], tn)
+        yield {name: {"prefill_tok_s": batch * prompt_len / b["prefill_s"], "decode_tok_s": batch * (new_tokens - 1) / (b["total_s"] - b["prefill_s"])}
+               for name, b in best.items()}, outputs
 
 
 def profile_ours(model, prompts, new_tokens, device, compile_) -> None:

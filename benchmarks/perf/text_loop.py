@@ -13,11 +13,10 @@ import argparse
 import importlib
 import dataclasses
 import json
-import time
 
 import torch
 
-from decode import build_pair, random_prompts  # benchmarks/perf/decode.py, beside this file
+from decode import build_pair, in_turns, random_prompts, timed  # benchmarks/perf/decode.py, beside this file
 from chameleon.config import preset
 from chameleon.generate import GenerationOptions, generate
 from chameleon.tiny import TINY_VQ
@@ -67,13 +66,8 @@ def main() -> None:
             if device.type == "cpu":  # a GPU's device loops sample from GPU generators: other draws
                 assert outputs["device_loop"] == outputs["general_loop"], workload
             best = {name: float("inf") for name in loops}
-            for r in range(a.repeats):
-                for name in (list(loops) if r % 2 == 0 else list(loops)[::-1]):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    run(prompts, loops[name])
-                    best[name] = min(best[name], time.perf_counter() - t)
+            for name in in_turns(list(loops), a.repeats):
+                best[name] = min(best[name], timed(lambda: run(prompts, loops[name]), device)[0])
             new_tokens = len(outputs["device_loop"][0])
             print(json.dumps({"workload": workload, "batch": batch, "dtype": a.dtype, "new_tokens": new_tokens, "seconds": best,
                               "speedup": best["general_loop"] / best["device_loop"]}), flush=True)

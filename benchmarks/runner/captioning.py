@@ -56,9 +56,9 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
     gen_hash = parse_gen_kwargs(gen_kwargs).digest()
     file_digest = functools.cache(sha256_file)  # shot images recur across items
     ref_path = reference_path(ref_source)
-    data_files = {ref_path: file_digest(ref_path)}  # what the scores depend on, for results.json
-    if spec.exemplars:  # the few-shot pool's captions are in every prompt
-        data_files[reference_path(spec.exemplars)] = file_digest(reference_path(spec.exemplars))
+    # What the scores depend on, for results.json: the references, the few-shot pool (its captions
+    # are in every prompt), and below every image a prompt shows.
+    data_files = {path: file_digest(path) for path in [ref_path] + ([reference_path(spec.exemplars)] if spec.exemplars else [])}
 
     requests, records, present = [], [], []
     for n, item in enumerate(items):
