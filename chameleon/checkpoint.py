@@ -12,7 +12,7 @@ import json
 import pickle
 import shutil
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -213,13 +213,22 @@ def _read_meta(path: Path) -> Checkpoint:
 
 def write_meta(ckpt: Checkpoint, out: Path, num_shards: int | None = None) -> None:
     num_shards = num_shards or ckpt.args.model_parallel_size
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "params.json").write_text(json.dumps(ckpt.args.to_params(), indent=2))
+    if not ckpt.has_decoder:
+        # Meta's loader reads vqgan.ckpt non-strictly: it would decode images with random weights.
+        raise InputError(
+            f"{'this model' if ckpt.format == 'memory' else ckpt.path}: no VQGAN decoder weights (HF checkpoints ship the encoder only), and Meta's format "
+            "needs them: convert from a Meta checkpoint, or keep this one in HF format"
+        )
     shards = to_meta_shards(ckpt.weights, ckpt.args, num_shards)
+    out.mkdir(parents=True, exist_ok=True)
+    # The files' layout is the model-parallel size Meta's loader builds (it reads
+    # consolidate_params.json unconditionally): one file is a model_parallel_size 1 checkpoint.
+    args = replace(ckpt.args, model_parallel_size=num_shards)
+    (out / "params.json").write_text(json.dumps(args.to_params(), indent=2))
+    (out / "consolidate_params.json").write_text(json.dumps({"model_parallel_size": num_shards}))
     if num_shards == 1:
         torch.save(shards[0], out / "consolidated.pth")
     else:
-        (out / "consolidate_params.json").write_text(json.dumps({"model_parallel_size": num_shards}))
         for i, shard in enumerate(shards):
             torch.save(shard, out / f"consolidated.{i:02d}.pth")
     tok_dir = out / "tokenizer"

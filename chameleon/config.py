@@ -70,8 +70,11 @@ class ModelArgs:
             raise bad(f"head dim dim/n_heads = {self.head_dim} must be even for RoPE")
         if self.n_heads % self.kv_heads:
             raise bad(f"'n_heads' ({self.n_heads}) must be a multiple of 'n_kv_heads' ({self.kv_heads})")
-        if self.kv_heads % self.model_parallel_size:
-            raise bad(f"'n_kv_heads' ({self.kv_heads}) must be divisible by 'model_parallel_size' ({self.model_parallel_size})")
+        # Meta's model-parallel layout gives each shard an equal slice of these.
+        mp = self.model_parallel_size
+        for what, size in (("'n_kv_heads'", self.kv_heads), ("'vocab_size'", self.vocab_size), ("'dim'", self.dim), ("the FFN width", self.ffn_hidden_dim)):
+            if size % mp:
+                raise bad(f"{what} ({size}) must be divisible by 'model_parallel_size' ({mp})")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise bad(f"'dropout' must be in [0, 1), got {self.dropout!r}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:

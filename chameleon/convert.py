@@ -122,7 +122,9 @@ def from_meta_shards(shards: list[Tensors], args: ModelArgs, source: str) -> Ten
             continue
         dim = _split_dim(name)
         if dim is None:
-            out[name] = parts[0] if n == 1 else torch.stack(parts).float().mean(0).to(parts[0].dtype)
+            # Replicated (RMSNorm weights): shards normally agree; average only where they do not.
+            same = all(torch.equal(parts[0], p) for p in parts[1:])
+            out[name] = parts[0] if same else torch.stack(parts).float().mean(0).to(parts[0].dtype)
         else:
             out[name] = torch.cat(parts, dim=dim) if n > 1 else parts[0]
     return out

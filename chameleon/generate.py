@@ -1,10 +1,12 @@
 """Batched generation with a static KV cache: text, image (3-way classifier-free guidance) and interleaved.
 
 Each prompt owns one row of the cache, or three when images are guided: the full prompt, the prompt
-reduced to its images, and the unconditional `<s><boi>`. All rows advance one slot per step; a row
-that must not see a token (left padding; text tokens for the two guidance rows) gets that slot
-marked invalid and its RoPE position does not advance. So every row of a batch may be in a
-different phase (text, image, done) and one forward pass per step serves all of them.
+reduced to its images (and the images generated so far), and the unconditional `<s><boi>` (started
+afresh at each image, as Meta's image decoder does). All rows advance one slot per step; a row that
+must not see a token (left padding; text tokens for the two guidance rows; an unconditional row's
+earlier images) gets that slot marked invalid and its RoPE position does not advance. So every
+row of a batch may be in a different phase (text, image, done) and one forward pass per step
+serves all of them.
 """
 
 from __future__ import annotations
@@ -50,10 +52,14 @@ class GenerationOptions:
             raise InputError("temperature must be >= 0")
         if not 0 < self.top_p <= 1 or not 0 < self.image_top_p <= 1:
             raise InputError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0 (0: off), got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise InputError("repetition_penalty must be > 0")
         self.stop_ids = tuple(self.stop_ids)
-        self.stop_strings = tuple(self.stop_strings)
+        self.stop_strings = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings)
+        if not all(self.stop_strings):
+            raise InputError("stop_strings: an empty string would stop every row at once")
 
     @property
     def guided(self) -> bool:
@@ -80,8 +86,8 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
@@ -168,6 +174,19 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
     for t in opts.stop_ids:
         if not 0 <= t < args.vocab_size:
             raise InputError(f"stop id {t} is not a token id: expected 0..{args.vocab_size - 1}")
+    for t in opts.logit_bias:
+        if not 0 <= t < args.vocab_size:
+            raise InputError(f"logit_bias: {t} is not a token id: expected 0..{args.vocab_size - 1}")
+    # A prompt ending in begin-of-image asks for that image (as Meta's decoder reads it): it is
+    # generated as if the boi were the output's first token, which it becomes.
+    opens_image = [len(p) > 1 and p[-1] == tok.boi_id for p in prompts]
+    if any(opens_image):
+        i = opens_image.index(True)
+        if opts.mode == "text":
+            raise InputError(f"prompt {i} ends with begin-of-image: text mode cannot continue an image; use mode 'image' or 'interleaved'")
+        if opts.mode == "interleaved" and opts.max_new_tokens < n_codes + 2:
+            raise InputError(f"prompt {i} ends with begin-of-image: its image needs max_new_tokens >= {n_codes + 2}, got {opts.max_new_tokens}")
+        prompts = [p[:-1] if o else p for p, o in zip(prompts, opens_image)]
     budget = opts.max_new_tokens
     if opts.mode == "image":
         budget = n_codes + 2  # boi + codes + eoi, whatever max_new_tokens says
@@ -179,6 +198,9 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
 
     guided = opts.guided
     rows = [_Row(p, opts, row_seed(opts.seed, p)) for p in prompts]
+    for r, opens in zip(rows, opens_image):
+        if opens and opts.mode == "interleaved":
+            r.pending = tok.boi_id  # (image mode starts every row with boi anyway)
     # Row layout in the cache: [full_0..full_{B-1}, image_only_0.., uncond_0..] when guided.
     streams = [r.prompt for r in rows]
     if guided:
@@ -273,6 +295,10 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
                     # last one included (chosen as the count reaches 0, with eoi pending).
                     next_tokens[i + n_prompts] = next_tokens[i + 2 * n_prompts] = t
                     visible[i + n_prompts] = visible[i + 2 * n_prompts] = True
+                    if t == tok.boi_id:  # each image's unconditional row is `<s> boi`, as in Meta's decoder
+                        uncond = i + 2 * n_prompts
+                        cache.valid[uncond, max_len:cur] = False
+                        next_pos[uncond] = 1
             if not any(visible):
                 break
             visible_t = torch.tensor(visible, device=device)

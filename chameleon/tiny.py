@@ -24,7 +24,7 @@ TINY_VQ = VQGANConfig(embed_dim=32, n_embed=1024, z_channels=32, resolution=128,
 def build_tokenizer(n_image_codes: int, vocab_size: int, corpus: Path = ASSETS / "tiny_corpus.txt", fill: bool = False) -> Tokenizer:
     """Byte-level BPE over the corpus with the real special and image token names. The corpus yields
     about 6,000 merges at most; `fill` pads the vocabulary to exactly `vocab_size` with reserved
-    tokens, as the real 65,536-token vocabulary is (they count as text)."""
+    (control) tokens, so that it knows every id of the model, as a real tokenizer does."""
     specials = ["<s>", "<pad>", "</s>", "<unk>"]
     specials += [image_token_name(c) for c in range(n_image_codes)]
     specials += ["<eoss>", "<racm3:break>", "<reserved08706>", "<image>"]

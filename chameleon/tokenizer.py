@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from chameleon.errors import InputError
 
 IMAGE_TOKEN_RE = re.compile(r"^IMGIMG([A-J]+)Z$")
+CONTROL_NAME_RE = re.compile(r"^<[^<>\s]+>$")
 SPECIAL_NAMES = {
     "bos": "<s>",
     "pad": "<pad>",
@@ -67,8 +68,12 @@ class ChameleonTokenizer:
             if name not in vocab:
                 raise InputError(f"{source}: special token {name!r} ({key}) is missing from the vocabulary")
             setattr(self, f"{key}_id", vocab[name])
-        # Ids that never render as text.
+        # Ids that never render as text (and that text generation never samples, as in Meta's
+        # decoder): image codes and control tokens. A control token is an added token that the
+        # tokenizer marks special or that is named like one (`<unk>`, `<image>`, `<reserved08707>`);
+        # BPE tokens of the vocabulary such as `<<` stay text.
         specials = {self.bos_id, self.pad_id, self.eos_id, self.eoi_id, self.boi_id, self.eot_id}
+        specials |= {tid for tid, added in tokenizer.get_added_tokens_decoder().items() if added.special or CONTROL_NAME_RE.match(added.content)}
         self.non_text_ids = torch.zeros(self.vocab_size, dtype=torch.bool)
         self.non_text_ids[self.code_to_id] = True
         self.non_text_ids[list(specials)] = True

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import ChameleonForConditionalGeneration
 
 import chameleon
 from benchmarks.cli import main
-from chameleon.convert import halves_to_interleaved, interleaved_to_halves
+from chameleon.config import ModelArgs
+from chameleon.convert import from_meta_shards, halves_to_interleaved, interleaved_to_halves
 
 TEXT = "Weng earns $12 an hour for babysitting."
 
@@ -79,3 +83,48 @@ def test_bf16_load_and_convert(tiny_hf, tmp_path):
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     assert main(["convert", str(tiny_hf), str(tmp_path / "bf16"), "--to", "hf", "--dtype", "bf16"]) == 0
     assert load_file(tmp_path / "bf16" / "model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
+
+
+def test_meta_output_states_its_model_parallel_size(tiny_hf, tmp_path):
+    """Meta's loader reads consolidate_params.json whatever the file count, and builds that many
+    ranks: one file is a model_parallel_size 1 checkpoint, in params.json too."""
+    assert main(["convert", str(tiny_hf), str(tmp_path / "meta2"), "--to", "meta"]) == 0
+    assert json.loads((tmp_path / "meta2" / "consolidate_params.json").read_text()) == {"model_parallel_size": 2}
+    # A model-parallel model whose shards share their q/k-norms fits one file.
+    shared = tmp_path / "shared_norms"
+    shutil.copytree(tiny_hf, shared)
+    weights = load_file(shared / "model.safetensors")
+    for key, w in weights.items():
+        if key.endswith(("q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias")):
+            weights[key] = w[:1].expand_as(w).clone()
+    save_file(weights, str(shared / "model.safetensors"), metadata={"format": "pt"})
+    one = tmp_path / "one"
+    assert main(["convert", str(shared), str(one), "--to", "meta", "--shards", "1"]) == 0
+    assert sorted(p.name for p in one.glob("*.*")) == ["consolidate_params.json", "consolidated.pth", "params.json"]
+    assert json.loads((one / "consolidate_params.json").read_text()) == {"model_parallel_size": 1}
+    assert json.loads((one / "params.json").read_text())["model"]["model_parallel_size"] == 1
+    ours, single = chameleon.load(shared), chameleon.load(one)
+    ids = torch.tensor([ours.encode_prompt(TEXT)])
+    with torch.no_grad():
+        torch.testing.assert_close(single(ids), ours(ids), atol=0, rtol=0)
+
+
+def test_replicated_norms_merge_exactly():
+    """RMSNorm weights are copies in every shard: merging takes them as they are (the fp32 mean of
+    three equal copies is not always the value), and averages only copies that differ."""
+    args = ModelArgs(dim=96, n_layers=1, n_heads=3, vocab_size=96, multiple_of=96, model_parallel_size=3)
+    w = torch.rand(10_000)
+    assert not torch.equal(torch.stack([w] * 3).mean(0), w)
+    assert torch.equal(from_meta_shards([{"norm.weight": w.clone()} for _ in range(3)], args, "test")["norm.weight"], w)
+    differ = from_meta_shards([{"norm.weight": torch.full((4,), v)} for v in (1.0, 2.0, 6.0)], args, "test")
+    assert torch.equal(differ["norm.weight"], torch.full((4,), 3.0))
+
+
+def test_hf_checkpoint_without_vqgan_decoder_is_not_written_as_meta(tiny_hf, tmp_path, capsys):
+    """Meta's loader reads vqgan.ckpt non-strictly: a missing decoder would decode with random weights."""
+    encoder_only = tmp_path / "hub_like"
+    shutil.copytree(tiny_hf, encoder_only)
+    (encoder_only / "vqgan_decoder.safetensors").unlink()
+    assert main(["convert", str(encoder_only), str(tmp_path / "meta"), "--to", "meta"]) == 2
+    assert "no VQGAN decoder weights" in capsys.readouterr().err
+    assert not (tmp_path / "meta").exists()

@@ -117,13 +117,33 @@ def test_seeded_sampling_is_deterministic(tiny_model):
     assert a == b and a != c
 
 
-def test_text_mode_never_yields_image_tokens(tiny_model):
+def test_text_mode_never_yields_image_or_control_tokens(tiny_model):
     tok = tiny_model.tokenizer
-    # Push image codes and begin-of-image to the top of the distribution: text mode must still refuse them.
-    bias = {int(t): 50.0 for t in tok.code_to_id[:50]} | {tok.boi_id: 50.0}
+    control = [tok.vocab[name] for name in ("<unk>", "<image>", "<pad>", "<s>")]
+    # Push image codes, begin-of-image and control tokens to the top of the distribution: text mode
+    # must still refuse them (Meta's text decoder samples none of them).
+    bias = {int(t): 50.0 for t in tok.code_to_id[:50]} | {t: 50.0 for t in (tok.boi_id, *control)}
     outs = generate(tiny_model, [tiny_model.encode_prompt(p) for p in PROMPTS], GenerationOptions(max_new_tokens=40, temperature=1.0, logit_bias=bias))
     for out in outs:
-        assert not any(tok.is_image_token(t) or t in (tok.boi_id, tok.eoi_id) for t in out)
+        assert out and not any(tok.is_image_token(t) or t in (tok.boi_id, tok.eoi_id, *control) for t in out)
+    # BPE tokens that merely start with '<' are text.
+    assert not tok.non_text_ids[tok.vocab["<<"]] and tok.non_text_ids[tok.vocab["<image>"]]
+
+
+def test_prompt_ending_in_begin_of_image_continues_that_image(tiny_model):
+    """As Meta's image decoder reads such a prompt: the boi is not doubled; it opens the output's image."""
+    tok, n = tiny_model.tokenizer, tiny_model.image_seq_len
+    ids = tiny_model.encode_prompt("Draw a cat")
+    image = GenerationOptions(mode="image", seed=3)
+    out = generate(tiny_model, [ids + [tok.boi_id]], image)[0]
+    assert out == generate(tiny_model, [ids], image)[0] and out.count(tok.boi_id) == 1 and len(out) == n + 2
+    interleaved = GenerationOptions(mode="interleaved", max_new_tokens=n + 6, seed=3)
+    out = generate(tiny_model, [ids + [tok.boi_id]], interleaved)[0]
+    assert out[0] == tok.boi_id and out[n + 1] == tok.eoi_id and all(tok.is_image_token(t) for t in out[1 : n + 1])
+    with pytest.raises(InputError, match="text mode cannot continue an image"):
+        generate(tiny_model, [ids + [tok.boi_id]], GenerationOptions())
+    with pytest.raises(InputError, match=f"max_new_tokens >= {n + 2}"):
+        generate(tiny_model, [ids + [tok.boi_id]], GenerationOptions(mode="interleaved", max_new_tokens=n))
 
 
 def test_image_mode_yields_exactly_one_image(tiny_model):
@@ -162,6 +182,19 @@ def test_stop_strings_and_ids(tiny_model):
     assert len(stopped) < len(free) and needle in tiny_model.tokenizer.decode_text(stopped)
 
 
+def test_generation_options_are_checked(tiny_model):
+    prompt = [tiny_model.encode_prompt(PROMPTS[0])]
+    vocab = tiny_model.config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(InputError, match=f"logit_bias: {bad} is not a token id"):
+            generate(tiny_model, prompt, GenerationOptions(max_new_tokens=2, logit_bias={bad: 5.0}))
+    with pytest.raises(InputError, match="top_k must be >= 0"):
+        GenerationOptions(top_k=-3)
+    with pytest.raises(InputError, match="empty string"):
+        GenerationOptions(stop_strings=("",))
+    assert GenerationOptions(stop_strings="\n\n").stop_strings == ("\n\n",)  # one string, not its characters
+
+
 def test_stop_ids_outside_the_vocabulary_are_refused(tiny_model):
     prompt = [tiny_model.encode_prompt(PROMPTS[0])]
     for bad in (tiny_model.config.vocab_size, -1):
@@ -185,6 +218,10 @@ def test_sampling_filters():
     probs = logits.softmax(-1)  # ~[0.64, 0.24, 0.09, 0.03]
     kept = filter_top_k_top_p(logits, top_k=0, top_p=0.7)
     assert torch.isfinite(kept[:2]).all() and torch.isinf(kept[2:]).all(), probs
+    # Mass exactly at top_p: the tokens before reach it, so the next one goes (as transformers' TopP).
+    kept = filter_top_k_top_p(torch.tensor([0.5, 0.25, 0.125, 0.125]).log(), top_k=0, top_p=0.75)
+    assert torch.isfinite(kept).tolist() == [True, True, False, False]
+    assert torch.isfinite(filter_top_k_top_p(torch.zeros(2), top_k=0, top_p=0.5)).sum() == 1
     seen = torch.tensor([True, False, True, False])
     pen = apply_repetition_penalty(torch.tensor([2.0, 2.0, -2.0, -2.0]), seen, 2.0)
     assert pen.tolist() == [1.0, 2.0, -4.0, -2.0]
@@ -313,3 +350,26 @@ def test_compiled_greedy_with_no_new_tokens_at_a_cache_boundary(tiny_model):
     prompt = [tiny_model.tokenizer.bos_id] + [7] * 255
     assert generate(tiny_model, [prompt], GenerationOptions(max_new_tokens=0, compile=True)) == [[]]
     assert generate(tiny_model, [prompt], GenerationOptions(max_new_tokens=0)) == [[]]
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_each_image_gets_a_fresh_unconditional_row(tiny_model, compile_):
+    """Guidance streams as Meta's image decoder builds them for every image: the full sequence; the
+    image-only one (`<s>` plus every image so far); and the unconditional `<s> boi` plus the current
+    image's codes. Checked by recomputing the three streams from scratch for greedy codes of the
+    first and the second image of one output."""
+    tok, n = tiny_model.tokenizer, tiny_model.image_seq_len
+    prompt = tiny_model.encode_prompt(PROMPTS[1])
+    opts = GenerationOptions(mode="interleaved", max_new_tokens=2 * (n + 2) + 2, logit_bias={tok.boi_id: 100.0}, image_temperature=0.0, compile=compile_)
+    out = generate(tiny_model, [prompt], opts)[0]
+    starts = [i for i, t in enumerate(out) if t == tok.boi_id]
+    assert len(starts) == 2
+    image_tokens = {tok.boi_id, tok.eoi_id, *tok.code_to_id.tolist()}
+    for start in starts:
+        for k in (start + 1, start + 2, start + 7):  # the first codes of the image
+            sofar = prompt + out[:k]
+            streams = [sofar, [tok.bos_id] + [t for t in sofar if t in image_tokens], [tok.bos_id] + out[start:k]]
+            with torch.no_grad():
+                last = [tiny_model(torch.tensor([s]))[0, -1, tok.code_to_id] for s in streams]
+            expected = tok.code_to_id[cfg_mix(*last, opts.cfg_text_scale, opts.cfg_image_scale).argmax()]
+            assert out[k] == expected, (start, k)
