@@ -144,7 +144,10 @@ class Chameleon(nn.Module):
         """One prompt in, its mixed-modal continuation out. Options: see GenerationOptions."""
         from chameleon.generate import GenerationOptions, generate
 
-        ids = generate(self, [self.encode_prompt(prompt)], GenerationOptions(**options))[0]
+        opts = GenerationOptions(**options)
+        if opts.mode != "text":
+            self.vqgan.require_decoder()
+        ids = generate(self, [self.encode_prompt(prompt)], opts)[0]
         return self.decode_output(ids)
 
     # --- identity and saving ----------------------------------------------------------------
@@ -193,6 +196,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     decoding (`Transformer.optimize_for_cpu_`); in bf16 that includes a packed copy of every matrix
     (2x faster decoding, 2x the weight memory; skipped, with a warning, where memory runs short)
     unless `pack_bf16=False`."""
+    device = _available_device(device)
     ckpt = read_checkpoint(path)
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
     with torch.device("meta"):
@@ -203,8 +207,21 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     # The VQGAN stays fp32: its argmin over distances must not flip codes under bf16.
     model.transformer.to(device=device, dtype=dtype)
     model.vqgan.to(device=device, dtype=torch.float32)
-    if torch.device(device).type == "cpu":
+    if device.type == "cpu":
         model.transformer.optimize_for_cpu_(pack_bf16=pack_bf16)
     else:
         model.transformer.fuse_()
     return model.eval()
+
+
+def _available_device(device: str | torch.device) -> torch.device:
+    """The device, checked before any weights are read."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device {device!r}: not a torch device (expected e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise InputError(f"device {str(device)!r}: this machine has {count} CUDA device(s)")
+    return device

@@ -81,6 +81,8 @@ def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | No
     from chameleon.generate import generate
     from reports.generation import write_generation_page
 
+    if opts.mode != "text":
+        model.vqgan.require_decoder()
     prompt_ids = model.encode_prompt(segments)
     start = time.perf_counter()
     new_ids = generate(model, [prompt_ids], opts)[0]
@@ -128,10 +130,28 @@ def cmd_generate(args) -> int:
         mode=args.mode,
         progress=True,
     )
+    out = Path(args.out)
+    _fresh_output_dir(out)  # before the model loads and generates: nothing computed is lost
     model = chameleon.load(args.model, device=args.device, dtype=parse_dtype(args.dtype))
-    record = run_generation(model, segments, opts, Path(args.out), {"model": str(args.model), "seed": args.seed})
+    record = run_generation(model, segments, opts, out, {"model": str(args.model), "seed": args.seed})
     print(json.dumps(record, indent=2))
     return 0
+
+
+GENERATION_FILES = ("generation.json", "output.txt", "index.html")
+
+
+def _fresh_output_dir(out: Path) -> None:
+    """Create --out, refusing one that holds an earlier generation (it would be overwritten)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    earlier = [name for name in GENERATION_FILES if (out / name).exists()]
+    if earlier:
+        raise InputError(f"--out {out}: already holds a generation ({', '.join(earlier)}); choose a new directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--out {out}: cannot create it ({err.strerror or err})") from None
 
 
 def _parse_size(text: str | None) -> int | None:
@@ -141,10 +161,13 @@ def _parse_size(text: str | None) -> int | None:
     for unit, factor in units.items():
         if text.upper().endswith(unit):
             try:
-                return int(float(text[: -len(unit)]) * factor)
-            except ValueError:
+                size = int(float(text[: -len(unit)]) * factor)
+            except (ValueError, OverflowError):  # "abcMB", "nanGB", "infGB"
                 break
-    raise InputError(f"--max-shard-size {text!r}: expected a size like 500MB or 5GB")
+            if size > 0:
+                return size
+            break
+    raise InputError(f"--max-shard-size {text!r}: expected a positive size like 500MB or 5GB")
 
 
 def cmd_convert(args) -> int:
@@ -153,8 +176,15 @@ def cmd_convert(args) -> int:
     from chameleon.tokenizer import ChameleonTokenizer
 
     dst = Path(args.dst)
-    if dst.exists() and any(dst.iterdir()):
+    if dst.exists() and not dst.is_dir():
+        raise InputError(f"{dst}: destination exists and is not a directory")
+    existed = dst.exists()
+    if existed and any(dst.iterdir()):
         raise InputError(f"{dst}: destination exists and is not empty; choose a new directory")
+    if args.to == "hf" and args.shards is not None:
+        raise InputError("--shards applies to Meta output (--to meta); HF output is split with --max-shard-size")
+    if args.to == "meta" and args.max_shard_size is not None:
+        raise InputError("--max-shard-size applies to HF output (--to hf); Meta output is split with --shards")
     max_shard = _parse_size(args.max_shard_size)
     if args.shards is not None and args.shards < 1:
         raise InputError(f"--shards {args.shards}: expected a positive integer")
@@ -165,8 +195,16 @@ def cmd_convert(args) -> int:
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
     try:
         save_checkpoint(ckpt, dst, args.to, tokenizer, args.shards, max_shard)
-    except InputError:
-        shutil.rmtree(dst, ignore_errors=True)  # no half-written checkpoint left behind
+    except BaseException as err:
+        # No half-written checkpoint left behind (bad input, a full disk, ^C); a directory the
+        # user made stays, emptied.
+        if existed:
+            for child in dst.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        else:
+            shutil.rmtree(dst, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise InputError(f"{dst}: writing the checkpoint failed ({err.strerror or err})") from None
         raise
     print(f"converted {args.src} ({ckpt.format}) -> {dst} ({args.to})")
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -48,14 +49,22 @@ class GenerationOptions:
             raise InputError(f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
         if self.max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0 or self.image_temperature < 0:
-            raise InputError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1 or not 0 < self.image_top_p <= 1:
-            raise InputError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0 (0: off), got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise InputError("repetition_penalty must be > 0")
+        for name, ok, expected in (
+            ("temperature", lambda v: v >= 0, " >= 0"),
+            ("image_temperature", lambda v: v >= 0, " >= 0"),
+            ("top_p", lambda v: 0 < v <= 1, " in (0, 1]"),
+            ("image_top_p", lambda v: 0 < v <= 1, " in (0, 1]"),
+            ("repetition_penalty", lambda v: v > 0, " > 0"),
+            ("cfg_text_scale", lambda v: True, ""),
+            ("cfg_image_scale", lambda v: True, ""),
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and ok(value)):
+                raise InputError(f"{name} must be a finite number{expected}, got {value!r}")
+        if any(math.isnan(b) for b in self.logit_bias.values()):
+            raise InputError("logit_bias: NaN is not a bias (use -inf to ban a token)")
         self.stop_ids = tuple(self.stop_ids)
         self.stop_strings = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings)
         if not all(self.stop_strings):

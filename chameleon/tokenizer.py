@@ -92,7 +92,7 @@ class ChameleonTokenizer:
     def from_file(cls, path: str | Path) -> "ChameleonTokenizer":
         path = Path(path)
         if not path.is_file():
-            raise InputError(f"{path}: tokenizer file not found")
+            raise InputError(f"{path}: tokenizer file not found" + (" (a directory is there)" if path.is_dir() else ""))
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception on malformed JSON

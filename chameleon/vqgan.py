@@ -205,15 +205,19 @@ class VQGAN(nn.Module):
         """pixels (B, 3, R, R) in [-1, 1] -> codes (B, latent**2)."""
         return self.quantize(self.quant_conv(self.encoder(pixels)))
 
-    @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, latent**2) -> pixels (B, 3, R, R) clamped to [-1, 1]."""
+    def require_decoder(self) -> None:
+        """Before image outputs are generated, not after: say now that they cannot be decoded."""
         if self.decoder is None:
             raise InputError(
                 "this checkpoint has no VQGAN decoder (HF-format checkpoints ship the encoder only): "
                 "image outputs need Meta's tokenizer/vqgan.ckpt, or convert a Meta checkpoint with "
                 "`chameleon-bench convert SRC DST --to hf`, which keeps the decoder in vqgan_decoder.safetensors"
             )
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, latent**2) -> pixels (B, 3, R, R) clamped to [-1, 1]."""
+        self.require_decoder()
         side = self.cfg.latent_size
         z = self.quantize.embedding(codes).reshape(codes.shape[0], side, side, -1).permute(0, 3, 1, 2)
         return self.decoder(self.post_quant_conv(z)).clamp(-1.0, 1.0)
@@ -237,28 +241,41 @@ class VQGAN(nn.Module):
 # --- pixels <-> PIL, Meta's preprocessing ---------------------------------------------------------
 
 ACCEPTED_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"}
+MAX_ASPECT_RATIO = 32  # preprocessing scales the short side to 512: a 20000x1 image would need 10 GB
 
 
 def open_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image file, naming the file in any error."""
+    if Path(path).is_dir():
+        raise InputError(f"{path}: expected an image file, got a directory")
     try:
         with Image.open(path) as img:
+            check_image(img, str(path))  # before decoding: the header gives size and mode
             img.load()
             return img.copy()
     except FileNotFoundError:
         raise InputError(f"{path}: image file not found") from None
+    except Image.DecompressionBombError as err:
+        raise InputError(f"{path}: image too large to decode safely ({err})") from None
     except UnidentifiedImageError:
         raise InputError(f"{path}: not a readable image (PNG/JPEG/... expected)") from None
     except (OSError, SyntaxError) as err:  # truncated or corrupt data
         raise InputError(f"{path}: image is truncated or corrupt ({err})") from None
 
 
-def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
-    """RGB, blending any transparency onto white (Meta's rule)."""
-    if image.mode == "RGB":
-        return image
+def check_image(image: Image.Image, name: str = "image") -> None:
+    """A mode `to_rgb` converts, and a shape `preprocess` can scale and crop."""
     if image.mode not in ACCEPTED_MODES:
         raise InputError(f"{name}: unsupported image mode {image.mode!r}; expected an 8-bit RGB, RGBA, grayscale or palette image")
+    w, h = image.size
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise InputError(f"{name}: a {w}x{h} image is too elongated (at most {MAX_ASPECT_RATIO}:1): crop it first")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, blending any transparency onto white (Meta's rule); for a mode `check_image` accepts."""
+    if image.mode == "RGB":
+        return image
     rgba = np.asarray(image.convert("RGBA"))
     if not (rgba[:, :, 3] < 255).any():
         return image.convert("RGB")
@@ -269,7 +286,8 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
 
 def preprocess(image: Image.Image, resolution: int = 512) -> torch.Tensor:
     """Meta's input pipeline: RGB on white, shortest side to `resolution` (LANCZOS), centre crop, x/255*2-1."""
-    image = to_rgb(image, getattr(image, "filename", "") or "image")
+    check_image(image, getattr(image, "filename", "") or "image")
+    image = to_rgb(image)
     scale = resolution / min(image.size)
     image = image.resize((round(scale * image.size[0]), round(scale * image.size[1])), Image.LANCZOS)
     x0, y0 = (image.width - resolution) // 2, (image.height - resolution) // 2

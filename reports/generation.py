@@ -7,6 +7,8 @@ from pathlib import Path
 import jinja2
 from PIL import Image
 
+from chameleon.vqgan import to_rgb
+
 TEMPLATES = Path(__file__).parent / "templates"
 _env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(["html", "j2"]))
 
@@ -17,7 +19,7 @@ def _segments(segments, out_dir: Path, prefix: str) -> list[dict]:
         if isinstance(seg, Image.Image):
             n_images += 1
             name = f"{prefix}_image_{n_images}.png"
-            seg.save(out_dir / name)
+            to_rgb(seg).save(out_dir / name)  # as the model sees it (PNG cannot hold CMYK, for one)
             rendered.append({"kind": "image", "src": name})
         else:
             rendered.append({"kind": "text", "text": seg})

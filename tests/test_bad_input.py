@@ -131,6 +131,82 @@ def test_truncated_and_unsupported_images(tmp_path):
     assert torch.allclose(preprocess(clear, 32), torch.ones(1, 3, 32, 32))
 
 
+def test_images_checked_before_decoding(tmp_path, monkeypatch):
+    with pytest.raises(InputError, match="expected an image file, got a directory"):
+        open_image(tmp_path)
+    Image.new("I;16", (32, 32)).save(tmp_path / "gray16.png")
+    with pytest.raises(InputError, match="gray16.png: unsupported image mode 'I;16'"):
+        open_image(tmp_path / "gray16.png")
+    Image.new("RGB", (2000, 10)).save(tmp_path / "thin.png")  # preprocessing would make it 102400x512
+    with pytest.raises(InputError, match=r"thin.png: a 2000x10 image is too elongated"):
+        open_image(tmp_path / "thin.png")
+    Image.new("RGB", (100, 100)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's bomb guard, scaled down
+    with pytest.raises(InputError, match="big.png: image too large to decode safely"):
+        open_image(tmp_path / "big.png")
+
+
+def test_generation_options_must_be_finite():
+    for field in ("temperature", "image_temperature", "top_p", "image_top_p", "repetition_penalty", "cfg_text_scale", "cfg_image_scale"):
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(InputError, match=f"^{field} must be a finite number"):
+                GenerationOptions(**{field: bad})
+    with pytest.raises(InputError, match=r"image_top_p must be a finite number in \(0, 1\], got 1.5"):
+        GenerationOptions(image_top_p=1.5)
+    with pytest.raises(InputError, match="NaN is not a bias"):
+        GenerationOptions(logit_bias={3: float("nan")})
+
+
+def test_generate_checks_its_output_and_device_before_working(tiny_hf, tmp_path, capsys):
+    base = ["generate", "--model", str(tiny_hf), "--prompt", "hi", "--max-new-tokens", "2"]
+    (tmp_path / "file").write_text("x")
+    assert main([*base, "--out", str(tmp_path / "file")]) == 2
+    assert main([*base, "--out", str(tmp_path / "file" / "sub")]) == 2
+    assert "cannot create it" in capsys.readouterr().err
+    done = tmp_path / "done"
+    assert main([*base, "--out", str(done)]) == 0
+    before = (done / "generation.json").read_text()
+    assert main([*base, "--out", str(done), "--seed", "1"]) == 2
+    assert "already holds a generation" in capsys.readouterr().err and (done / "generation.json").read_text() == before
+    for device in ("bogus", "cuda:7"):
+        assert main([*base, "--out", str(tmp_path / device), "--device", device]) == 2
+        assert f"device '{device}'" in capsys.readouterr().err
+    # No VQGAN decoder: image modes stop before generating, not after.
+    encoder_only = shutil.copytree(tiny_hf, tmp_path / "encoder_only")
+    (encoder_only / "vqgan_decoder.safetensors").unlink()
+    out = tmp_path / "no_decoder"
+    assert main(["generate", "--model", str(encoder_only), "--prompt", "hi", "--mode", "image", "--out", str(out)]) == 2
+    assert "no VQGAN decoder" in capsys.readouterr().err and not (out / "output.txt").exists()
+
+
+def test_cmyk_prompt_image_is_shown_as_the_model_sees_it(tiny_hf, tmp_path):
+    Image.open(PHOTO).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    out = tmp_path / "out"
+    argv = ["generate", "--model", str(tiny_hf), "--prompt", "hi", "--image", str(tmp_path / "cmyk.jpg"), "--max-new-tokens", "2", "--out", str(out)]
+    assert main(argv) == 0
+    assert Image.open(out / "prompt_image_1.png").mode == "RGB"
+
+
+def test_convert_refuses_bad_destinations_and_flags(tiny_hf, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for argv, message in [
+        ([str(tmp_path / "file"), "--to", "meta"], "not a directory"),
+        ([str(tmp_path / "file" / "sub"), "--to", "meta"], "writing the checkpoint failed"),
+        ([str(tmp_path / "a"), "--to", "hf", "--max-shard-size", "infGB"], "expected a positive size"),
+        ([str(tmp_path / "a"), "--to", "hf", "--max-shard-size=-5MB"], "expected a positive size"),
+        ([str(tmp_path / "a"), "--to", "hf", "--max-shard-size", "0B"], "expected a positive size"),
+        ([str(tmp_path / "a"), "--to", "hf", "--shards", "2"], "--shards applies to Meta output"),
+        ([str(tmp_path / "a"), "--to", "meta", "--max-shard-size", "5GB"], "--max-shard-size applies to HF output"),
+    ]:
+        assert main(["convert", str(tiny_hf), *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    # A failed conversion into a directory the user made leaves it there, empty.
+    (tmp_path / "mine").mkdir()
+    assert main(["convert", str(tiny_hf), str(tmp_path / "mine"), "--to", "meta", "--shards", "3"]) == 2
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
 def test_prompt_longer_than_context(tiny_model):
     too_long = [tiny_model.tokenizer.bos_id] * (tiny_model.config.max_seq_len - 3)
     with pytest.raises(InputError, match="context"):
