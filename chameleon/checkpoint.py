@@ -71,18 +71,40 @@ def _load_safetensors(file: Path) -> Tensors:
     if not file.is_file():
         raise InputError(f"{file}: weights file not found")
     try:
-        return load_file(str(file))
+        tensors = load_file(str(file))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise InputError(f"{file}: corrupt or unreadable safetensors file ({err})") from None
+    return _state_dict(tensors, file)
 
 
-def _load_pth(file: Path) -> dict:
+def _load_pth(file: Path) -> object:
     if not file.is_file():
         raise InputError(f"{file}: checkpoint file not found")
+    if file.stat().st_size == 0:
+        raise InputError(f"{file}: empty file (0 bytes): corrupt or incompletely copied PyTorch checkpoint")
     try:
         return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         raise InputError(f"{file}: corrupt or unreadable PyTorch checkpoint ({str(err).splitlines()[0]})") from None
+
+
+def _state_dict(obj: object, file: Path, what: str = "the checkpoint", skip: str | None = None) -> Tensors:
+    """Names to floating-point tensors (an integer tensor cannot be a parameter); names starting
+    with `skip` are dropped unchecked."""
+    if not isinstance(obj, dict):
+        raise InputError(f"{file}: {what} must be a dict of tensors (a state dict), got {type(obj).__name__}")
+    out: Tensors = {}
+    for name, t in obj.items():
+        if not isinstance(name, str):
+            raise InputError(f"{file}: {what} has a non-string key {name!r}")
+        if skip and name.startswith(skip):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{file}: entry {name} is a {type(t).__name__}, expected a tensor")
+        if not t.is_floating_point():
+            raise InputError(f"{file}: tensor {name} has dtype {str(t.dtype).removeprefix('torch.')}, expected a floating-point dtype")
+        out[name] = t
+    return out
 
 
 # --- HF ---------------------------------------------------------------------------------------
@@ -91,15 +113,21 @@ def _read_hf(path: Path) -> Checkpoint:
     if not isinstance(cfg, dict):
         raise InputError(f"{path / 'config.json'}: expected a JSON object")
     args = ModelArgs.from_hf(cfg, str(path / "config.json"))
-    vq_config = VQGANConfig.from_hf(cfg.get("vq_config") or {})
+    vq_config = VQGANConfig.from_hf(cfg.get("vq_config"), str(path / "config.json"))
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise InputError(f"{index}: missing 'weight_map'")
+        index_json = read_json(index)
+        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(f"{index}: expected a JSON object whose 'weight_map' maps tensor names to shard file names")
         raw: Tensors = {}
         for shard in sorted(set(weight_map.values())):
-            raw.update(_load_safetensors(path / shard))
+            for name, t in _load_safetensors(path / shard).items():
+                # Each tensor in the one shard the index names: a stray or second copy would be loaded silently.
+                if weight_map.get(name) != shard:
+                    where = f"lists it in {weight_map[name]}" if name in weight_map else "does not list it"
+                    raise InputError(f"{path / shard}: holds tensor {name}, but {index.name}'s weight_map {where}")
+                raw[name] = t
         missing = sorted(set(weight_map) - set(raw))
         if missing:
             raise InputError(f"{index}: weights listed but not found in the shards: {', '.join(missing[:5])}")
@@ -170,28 +198,30 @@ def _meta_tokenizer_dir(path: Path) -> Path:
 
 
 def _read_meta(path: Path) -> Checkpoint:
-    params = read_json(path / "params.json")
-    if not isinstance(params, dict):
-        raise InputError(f"{path / 'params.json'}: expected a JSON object")
+    source = str(path / "params.json")
+    fields = ModelArgs.model_fields(read_json(path / "params.json"), source)  # each file's values checked under its name
     extra = path / "consolidate_params.json"
     if extra.is_file():
         consolidate = read_json(extra)
-        params = {**params, "model": {**params.get("model", params), **consolidate}} if "model" in params else {**params, **consolidate}
-    args = ModelArgs.from_params(params, str(path / "params.json"))
+        ModelArgs.check_fields(consolidate, str(extra))
+        fields, source = {**fields, **consolidate}, f"{source} with {extra.name}"
+    args = ModelArgs.from_dict(fields, source)
     files = sorted(path.glob("consolidated.*.pth"))
     single = path / "consolidated.pth"
     if single.is_file():
+        if files:
+            raise InputError(f"{path}: both {single.name} and {files[0].name}: keep one layout (one file, or one file per shard)")
         files = [single]
     if not files:
         raise InputError(f"{path}: no weights: expected consolidated.pth or consolidated.NN.pth")
-    shards = [_load_pth(f) for f in files]
-    for f, shard in zip(files, shards):
-        if not isinstance(shard, dict) or not all(isinstance(v, torch.Tensor) for v in shard.values()):
-            raise InputError(f"{f}: expected a dict of tensors (a consolidated state dict)")
-    keys0 = set(shards[0])
+    shards = [_state_dict(_load_pth(f), f) for f in files]
     for f, shard in zip(files[1:], shards[1:]):
-        if set(shard) != keys0:
+        if set(shard) != set(shards[0]):
             raise InputError(f"{f}: its keys differ from {files[0].name}'s")
+        # Model-parallel shards hold equal slices.
+        for name, t in shard.items():
+            if t.shape != shards[0][name].shape:
+                raise InputError(f"{f}: tensor {name} has shape {tuple(t.shape)}, but {files[0].name} has {tuple(shards[0][name].shape)}")
     _check_keys(set(shards[0]) - {"rope.freqs"}, _expected_meta_keys(args), str(files[0]))
     weights = from_meta_shards(shards, args, str(path))
 
@@ -207,7 +237,7 @@ def _read_meta(path: Path) -> Checkpoint:
     if not isinstance(raw, dict) or "state_dict" not in raw:
         raise InputError(f"{vq_ckpt}: expected a dict with a 'state_dict' entry")
     # The training checkpoint also holds the GAN loss/discriminator: not part of the tokenizer.
-    vq = {k: v for k, v in raw["state_dict"].items() if not k.startswith("loss.")}
+    vq = _state_dict(raw["state_dict"], vq_ckpt, "'state_dict'", skip="loss.")
     return Checkpoint(args, weights, vq_config, vq, tok_dir / "text_tokenizer.json", "meta", path)
 
 

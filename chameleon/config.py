@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Callable, TypeVar
 
 from chameleon.errors import InputError
 
@@ -20,8 +22,105 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+# A dropout rate. Every other number in these configs is a size or scale, so must be positive.
+Fraction = Annotated[float, "in [0, 1)"]
+
+
+def _rule(tp: Any) -> tuple[Callable[[Any], bool], str]:
+    """What a field annotation accepts, as (test, description). JSON and YAML hold any type, and a
+    near miss must not be misread: true is no integer, "1e-5" no number, "false" no boolean."""
+
+    def number(v: Any) -> bool:  # huge ints overflow math.isfinite
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v))
+
+    if tp == Fraction:
+        return (lambda v: number(v) and 0 <= v < 1), "a number in [0, 1)"
+    if tp is bool:
+        return (lambda v: isinstance(v, bool)), "true or false"
+    if tp is int:
+        return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0), "a positive integer"
+    if tp is float:
+        return (lambda v: number(v) and v > 0), "a positive finite number"
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        ok, what = _rule(args[0])
+        return (lambda v: isinstance(v, list) and all(map(ok, v))), f"a list, each {what}"
+    if type(None) in args:  # X | None
+        ok, what = _rule(next(a for a in args if a is not type(None)))
+        return (lambda v: v is None or ok(v)), f"{what} or null"
+    raise TypeError(f"no rule for annotation {tp}")
+
+
+def _check_value(value: Any, annotation: Any, name: str, source: str) -> None:
+    ok, what = _rule(annotation)
+    if not ok(value):
+        raise InputError(f"{source}: field '{name}' must be {what}, got {value!r}")
+
+
+def _unknown(keys: Any, known: set[str], source: str, what: str) -> None:
+    """A typo must not silently fall back to a default."""
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        hints = [f"{k} (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown]
+        raise InputError(f"{source}: unknown {what}: {', '.join(hints)}; known: {', '.join(sorted(known))}")
+
+
+def _object(value: Any, name: str, source: str) -> dict[str, Any]:
+    """A JSON object; absent or null is an empty one (HF's defaults)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f"{source}: field '{name}' must be an object, got {value!r}")
+    return value
+
+
+def _check_fixed(cfg: dict[str, Any], fixed: dict[str, Any], source: str, prefix: str = "") -> None:
+    for key, expected in fixed.items():
+        if key in cfg and cfg[key] != expected:
+            raise InputError(f"{source}: field '{prefix}{key}' is {cfg[key]!r}; this stack supports only {expected!r}")
+
+
+Checked = TypeVar("Checked", bound="_Checked")
+
+
+class _Checked:
+    """A dataclass whose fields are checked against their annotations (see `_rule`), then for
+    consistency (`_check_consistency`). `names` maps a field to its name in the file being read."""
+
+    def __post_init__(self) -> None:
+        self.validate(type(self).__name__)
+
+    @classmethod
+    def check_fields(cls, values: Any, source: str, names: dict[str, str] | None = None) -> None:
+        """Names and types of some fields, as read from a file."""
+        if not isinstance(values, dict):
+            raise InputError(f"{source}: expected a JSON object of fields, got {values!r}")
+        hints = typing.get_type_hints(cls, include_extras=True)
+        _unknown(values, {f.name for f in dataclasses.fields(cls)}, source, "field(s)")  # type: ignore[arg-type]
+        for name, value in values.items():
+            _check_value(value, hints[name], (names or {}).get(name, name), source)
+
+    @classmethod
+    def from_dict(cls: type[Checked], values: dict[str, Any], source: str, names: dict[str, str] | None = None) -> Checked:
+        """Absent fields take their defaults."""
+        cls.check_fields(values, source, names)
+        obj = cls.__new__(cls)
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            setattr(obj, f.name, values.get(f.name, default))
+        obj._check_consistency(source, names or {})
+        return obj
+
+    def validate(self, source: str, names: dict[str, str] | None = None) -> None:
+        self.check_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, source, names)  # type: ignore[arg-type]
+        self._check_consistency(source, names or {})
+
+    def _check_consistency(self, source: str, names: dict[str, str]) -> None:
+        raise NotImplementedError
+
+
 @dataclass
-class ModelArgs:
+class ModelArgs(_Checked):
     """The decoder's shape. Field names are those of Meta's `params.json` ("model" dict)."""
 
     dim: int = 4096
@@ -37,10 +136,7 @@ class ModelArgs:
     swin_norm: bool = False
     model_parallel_size: int = 1  # number of Meta shards; each shard has its own q/k-norm
     max_seq_len: int = 4096
-    dropout: float = 0.0  # residual and attention dropout, training only
-
-    def __post_init__(self) -> None:
-        self.validate()
+    dropout: Fraction = 0.0  # residual and attention dropout, training only
 
     @property
     def kv_heads(self) -> int:
@@ -54,58 +150,41 @@ class ModelArgs:
     def ffn_hidden_dim(self) -> int:
         return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
-    def validate(self, source: str = "model config") -> None:
+    def _check_consistency(self, source: str, names: dict[str, str]) -> None:
         def bad(msg: str) -> InputError:
             return InputError(f"{source}: {msg}")
 
-        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len", "model_parallel_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise bad(f"field '{name}' must be a positive integer, got {value!r}")
-        if self.n_kv_heads is not None and (not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0):
-            raise bad(f"field 'n_kv_heads' must be a positive integer or null, got {self.n_kv_heads!r}")
+        def n(field_: str) -> str:
+            return f"'{names.get(field_, field_)}'"
+
         if self.dim % self.n_heads:
-            raise bad(f"'dim' ({self.dim}) must be divisible by 'n_heads' ({self.n_heads})")
+            raise bad(f"{n('dim')} ({self.dim}) must be divisible by {n('n_heads')} ({self.n_heads})")
         if self.head_dim % 2:
-            raise bad(f"head dim dim/n_heads = {self.head_dim} must be even for RoPE")
+            raise bad(f"head dim {n('dim')}/{n('n_heads')} = {self.head_dim} must be even for RoPE")
         if self.n_heads % self.kv_heads:
-            raise bad(f"'n_heads' ({self.n_heads}) must be a multiple of 'n_kv_heads' ({self.kv_heads})")
+            raise bad(f"{n('n_heads')} ({self.n_heads}) must be a multiple of {n('n_kv_heads')} ({self.kv_heads})")
         # Meta's model-parallel layout gives each shard an equal slice of these.
         mp = self.model_parallel_size
-        for what, size in (("'n_kv_heads'", self.kv_heads), ("'vocab_size'", self.vocab_size), ("'dim'", self.dim), ("the FFN width", self.ffn_hidden_dim)):
+        for what, size in ((n("n_kv_heads"), self.kv_heads), (n("vocab_size"), self.vocab_size), (n("dim"), self.dim), ("the FFN width", self.ffn_hidden_dim)):
             if size % mp:
-                raise bad(f"{what} ({size}) must be divisible by 'model_parallel_size' ({mp})")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise bad(f"'dropout' must be in [0, 1), got {self.dropout!r}")
-        if self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise bad("'norm_eps' and 'rope_theta' must be positive")
+                raise bad(f"{what} ({size}) must be divisible by {n('model_parallel_size')} ({mp})")
 
     # --- Meta params.json -------------------------------------------------------------------
     @classmethod
-    def from_params(cls, params: dict[str, Any], source: str = "params.json") -> "ModelArgs":
-        """Build from a params.json dict. The "model" sub-dict (Meta's layout) or a flat dict.
-
-        Unknown model fields are errors (a typo must not silently fall back to a default);
-        top-level keys beside "model" are training metadata and are ignored.
-        """
-        model = params.get("model", params) if isinstance(params, dict) else None
+    def model_fields(cls, params: Any, source: str = "params.json") -> dict[str, Any]:
+        """The "model" sub-dict (Meta's layout) or a flat dict, checked; top-level keys beside
+        "model" are training metadata, ignored."""
+        if not isinstance(params, dict):
+            raise InputError(f"{source}: expected a JSON object with model fields, got {params!r}")
+        model = params.get("model", params)
         if not isinstance(model, dict):
-            raise InputError(f"{source}: expected a JSON object with model fields, got {type(params).__name__}")
-        return cls.from_dict(model, source)
+            raise InputError(f"{source}: field 'model' must be an object of model fields, got {model!r}")
+        cls.check_fields(model, source)
+        return model
 
     @classmethod
-    def from_dict(cls, fields_: dict[str, Any], source: str) -> "ModelArgs":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields_) - known)
-        if unknown:
-            hints = [f"{k} (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown]
-            raise InputError(f"{source}: unknown model field(s): {', '.join(hints)}; known fields: {', '.join(sorted(known))}")
-        args = cls.__new__(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            setattr(args, f.name, fields_.get(f.name, default))
-        args.validate(source)
-        return args
+    def from_params(cls, params: Any, source: str = "params.json") -> "ModelArgs":
+        return cls.from_dict(cls.model_fields(params, source), source)
 
     def to_params(self) -> dict[str, Any]:
         return {"model": dataclasses.asdict(self)}
@@ -143,47 +222,35 @@ class ModelArgs:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelArgs":
-        unknown = sorted(set(cfg) - HF_KNOWN_KEYS)
-        if unknown:
-            raise InputError(f"{source}: unknown field(s) for a Chameleon config: {', '.join(unknown)}")
-        if cfg.get("model_type", "chameleon") != "chameleon":
-            raise InputError(f"{source}: model_type is {cfg.get('model_type')!r}, expected 'chameleon'")
-        for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False), ("tie_word_embeddings", False)):
-            if key in cfg and cfg[key] != expected:
-                raise InputError(f"{source}: field '{key}' is {cfg[key]!r}; this stack supports only {expected!r}")
-        rope = cfg.get("rope_parameters") or {}
+        _unknown(cfg, HF_KNOWN_KEYS, source, "field(s) for a Chameleon config")
+        _check_fixed(cfg, {"model_type": "chameleon", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}, source)
+        rope = _object(cfg.get("rope_parameters"), "rope_parameters", source)
+        extra = _object(cfg.get("chameleon_bench"), "chameleon_bench", source)
+        _unknown(extra, {"dropout", "multiple_of", "ffn_dim_multiplier"}, source, "chameleon_bench field(s)")
         if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
             raise InputError(f"{source}: only default RoPE is supported (rope_scaling / rope_parameters.rope_type)")
-        extra = cfg.get("chameleon_bench", {})
-        try:
-            fields_ = dict(
-                dim=cfg["hidden_size"],
-                n_layers=cfg["num_hidden_layers"],
-                n_heads=cfg["num_attention_heads"],
-                # Meta writes no n_kv_heads for multi-head attention: keep that spelling.
-                n_kv_heads=None if cfg.get("num_key_value_heads") in (None, cfg["num_attention_heads"]) else cfg["num_key_value_heads"],
-                vocab_size=cfg["vocab_size"],
-                norm_eps=cfg.get("rms_norm_eps", 1e-5),
-                rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-                qk_normalization=True,
-                swin_norm=bool(cfg.get("swin_norm", False)),
-                model_parallel_size=cfg.get("model_parallel_size", 1) or 1,
-                max_seq_len=cfg.get("max_position_embeddings", 4096),
-                dropout=extra.get("dropout", 0.0),
-            )
-        except KeyError as err:
-            raise InputError(f"{source}: missing required field {err.args[0]!r}") from None
-        intermediate = cfg.get("intermediate_size")
-        if intermediate is None:
-            raise InputError(f"{source}: missing required field 'intermediate_size'")
-        fields_.update(_ffn_fields(fields_["dim"], intermediate, extra))
-        return cls.from_dict(fields_, source)
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+            if key not in cfg:
+                raise InputError(f"{source}: missing required field {key!r}")
+        names = dict(HF_NAMES)
+        if "rope_theta" not in rope:  # older transformers wrote it at the top level
+            names["rope_theta"] = "rope_theta"
+        flat = {**cfg, **{f"rope_parameters.{k}": v for k, v in rope.items()}, **{f"chameleon_bench.{k}": v for k, v in extra.items()}}
+        fields_ = {ours: flat[theirs] for ours, theirs in names.items() if theirs in flat}
+        cls.check_fields(fields_, source, names)
+        intermediate = cfg["intermediate_size"]
+        _check_value(intermediate, int, "intermediate_size", source)
+        if fields_.get("n_kv_heads") == fields_["n_heads"]:
+            fields_["n_kv_heads"] = None  # Meta writes no n_kv_heads for multi-head attention: keep that spelling
+        fields_.update(_ffn_fields(fields_, intermediate, source))
+        return cls.from_dict(fields_, source, names)
 
 
-def _ffn_fields(dim: int, intermediate: int, extra: dict[str, Any]) -> dict[str, Any]:
+def _ffn_fields(fields_: dict[str, Any], intermediate: int, source: str) -> dict[str, Any]:
     """Meta's config stores the FFN width as a rule; find the rule's inputs that give HF's width."""
+    dim = fields_["dim"]
     candidates = [
-        (extra.get("multiple_of", 256), extra.get("ffn_dim_multiplier")),
+        (fields_.get("multiple_of", 256), fields_.get("ffn_dim_multiplier")),
         (256, None),
         (intermediate, None),
         (1, intermediate / int(8 * dim / 3)),
@@ -191,27 +258,48 @@ def _ffn_fields(dim: int, intermediate: int, extra: dict[str, Any]) -> dict[str,
     for multiple_of, mult in candidates:
         if ffn_hidden_dim(dim, multiple_of, mult) == intermediate:
             return {"multiple_of": multiple_of, "ffn_dim_multiplier": mult}
-    raise InputError(f"config.json: intermediate_size {intermediate} cannot be expressed with Meta's FFN rule for dim {dim}")
+    raise InputError(f"{source}: intermediate_size {intermediate} cannot be expressed with Meta's FFN rule for hidden_size {dim}")
 
 
-HF_KNOWN_KEYS = {
+# ModelArgs field: its name in HF's config.json (dotted: inside a sub-object).
+HF_NAMES = {
+    "dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads", "vocab_size": "vocab_size", "norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_parameters.rope_theta", "swin_norm": "swin_norm", "model_parallel_size": "model_parallel_size",
+    "max_seq_len": "max_position_embeddings", "dropout": "chameleon_bench.dropout",
+    "multiple_of": "chameleon_bench.multiple_of", "ffn_dim_multiplier": "chameleon_bench.ffn_dim_multiplier",
+}
+
+# Generic PretrainedConfig metadata written by save_pretrained, in the config and its vq_config.
+HF_META_KEYS = {
+    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+    "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder", "id2label",
+    "label2id", "problem_type", "chunk_size_feed_forward", "tokenizer_class", "_attn_implementation_autoset",
+}
+HF_KNOWN_KEYS = HF_META_KEYS | {
     # ChameleonConfig's own fields
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
     "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_theta",
     "rope_scaling", "rope_parameters", "attention_bias", "attention_dropout", "model_parallel_size",
     "swin_norm", "vq_config", "vocabulary_map", "mlp_bias", "image_token_id",
-    # generic PretrainedConfig metadata written by save_pretrained
-    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
-    "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder", "id2label",
-    "label2id", "problem_type", "chunk_size_feed_forward", "tokenizer_class", "_attn_implementation_autoset",
     # this project's extras
     "chameleon_bench",
 }
 
+# VQGANConfig field: its name in HF's vq_config (transformers' ChameleonVQVAEConfig).
+HF_VQ_NAMES = {
+    "embed_dim": "embed_dim", "n_embed": "num_embeddings", "double_z": "double_latent", "z_channels": "latent_channels",
+    "resolution": "resolution", "in_channels": "in_channels", "ch": "base_channels", "ch_mult": "channel_multiplier",
+    "num_res_blocks": "num_res_blocks", "attn_resolutions": "attn_resolutions", "dropout": "dropout",
+}
+HF_VQ_KNOWN_KEYS = HF_META_KEYS | set(HF_VQ_NAMES.values()) | {"attn_type", "initializer_range"}
+
+VQGAN_GROUPS = 32  # GroupNorm groups in the VQGAN (taming's): every channel count must divide by it
+
 
 @dataclass
-class VQGANConfig:
+class VQGANConfig(_Checked):
     """The VQGAN image tokenizer's shape, with the names of Meta's `vqgan.yaml` (taming layout)."""
 
     embed_dim: int = 256
@@ -225,7 +313,7 @@ class VQGANConfig:
     ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
     num_res_blocks: int = 2
     attn_resolutions: list[int] = field(default_factory=list)
-    dropout: float = 0.0
+    dropout: Fraction = 0.0
 
     @property
     def latent_size(self) -> int:
@@ -235,57 +323,54 @@ class VQGANConfig:
     def image_seq_len(self) -> int:
         return self.latent_size**2
 
+    def _check_consistency(self, source: str, names: dict[str, str]) -> None:
+        def n(field_: str) -> str:
+            return f"'{names.get(field_, field_)}'"
+
+        if not self.ch_mult:
+            raise InputError(f"{source}: field {n('ch_mult')} must not be empty")
+        # Every channel count is ch times an integer: ch divisible suffices.
+        if self.ch % VQGAN_GROUPS:
+            raise InputError(f"{source}: {n('ch')} ({self.ch}) must be divisible by {VQGAN_GROUPS}, the groups of the VQGAN's GroupNorm")
+        if self.resolution % 2 ** (len(self.ch_mult) - 1):
+            raise InputError(f"{source}: {n('resolution')} ({self.resolution}) must be divisible by 2**(len({n('ch_mult')}) - 1) = {2 ** (len(self.ch_mult) - 1)}")
+
     @classmethod
-    def from_yaml_dict(cls, cfg: dict[str, Any], source: str = "vqgan.yaml") -> "VQGANConfig":
-        try:
-            params = cfg["model"]["params"]
-            dd = dict(params["ddconfig"])
-            fields_ = {"embed_dim": params["embed_dim"], "n_embed": params["n_embed"], **dd}
-        except (KeyError, TypeError) as err:
-            raise InputError(f"{source}: expected model.params.{{embed_dim,n_embed,ddconfig}}, missing {err}") from None
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(fields_) - known)
-        if unknown:
-            raise InputError(f"{source}: unknown VQGAN field(s): {', '.join(unknown)}")
-        return cls(**fields_)
+    def from_yaml_dict(cls, cfg: Any, source: str = "vqgan.yaml") -> "VQGANConfig":
+        def mapping(value: Any, where: str) -> dict[str, Any]:
+            if not isinstance(value, dict):
+                raise InputError(f"{source}: expected model.params.{{embed_dim,n_embed,ddconfig}}; {where} is {value!r}")
+            return value
+
+        if cfg is None:
+            raise InputError(f"{source}: empty file; expected model.params.{{embed_dim,n_embed,ddconfig}}")
+        params = mapping(mapping(mapping(cfg, "the document").get("model"), "model").get("params"), "model.params")
+        dd = mapping(params.get("ddconfig"), "model.params.ddconfig")
+        for key in ("embed_dim", "n_embed"):
+            if key not in params:
+                raise InputError(f"{source}: missing model.params.{key}")
+        return cls.from_dict({"embed_dim": params["embed_dim"], "n_embed": params["n_embed"], **dd}, source)
 
     def to_yaml_dict(self) -> dict[str, Any]:
         dd = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("embed_dim", "n_embed")}
         return {"model": {"target": "chameleon.vqgan.VQGAN", "params": {"embed_dim": self.embed_dim, "n_embed": self.n_embed, "ddconfig": dd}}}
 
     def to_hf(self) -> dict[str, Any]:
-        return {
-            "model_type": "chameleon_vqgan",
-            "embed_dim": self.embed_dim,
-            "num_embeddings": self.n_embed,
-            "double_latent": self.double_z,
-            "latent_channels": self.z_channels,
-            "resolution": self.resolution,
-            "in_channels": self.in_channels,
-            "base_channels": self.ch,
-            "channel_multiplier": list(self.ch_mult),
-            "num_res_blocks": self.num_res_blocks,
-            "attn_resolutions": list(self.attn_resolutions),
-            "dropout": self.dropout,
-            "attn_type": "vanilla",
-        }
+        ours = dataclasses.asdict(self)
+        return {"model_type": "chameleon_vqgan", **{theirs: ours[k] for k, theirs in HF_VQ_NAMES.items()}, "attn_type": "vanilla"}
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> "VQGANConfig":
-        return cls(
-            embed_dim=cfg.get("embed_dim", 256),
-            n_embed=cfg.get("num_embeddings", 8192),
-            double_z=cfg.get("double_latent", False),
-            z_channels=cfg.get("latent_channels", 256),
-            resolution=cfg.get("resolution", 512),
-            in_channels=cfg.get("in_channels", 3),
-            out_ch=cfg.get("in_channels", 3),
-            ch=cfg.get("base_channels", 128),
-            ch_mult=list(cfg.get("channel_multiplier", [1, 1, 2, 2, 4])),
-            num_res_blocks=cfg.get("num_res_blocks", 2),
-            attn_resolutions=list(cfg.get("attn_resolutions") or []),
-            dropout=cfg.get("dropout", 0.0),
-        )
+    def from_hf(cls, vq: Any, source: str = "config.json") -> "VQGANConfig":
+        vq = _object(vq, "vq_config", source)
+        _unknown(vq, HF_VQ_KNOWN_KEYS, source, "vq_config field(s)")
+        _check_fixed(vq, {"model_type": "chameleon_vqgan", "attn_type": "vanilla"}, source, "vq_config.")
+        fields_ = {ours: vq[theirs] for ours, theirs in HF_VQ_NAMES.items() if theirs in vq}
+        if "attn_resolutions" in fields_ and fields_["attn_resolutions"] is None:
+            fields_["attn_resolutions"] = []  # HF's default
+        if "in_channels" in fields_:
+            fields_["out_ch"] = fields_["in_channels"]  # HF has one for both
+        names = {ours: f"vq_config.{theirs}" for ours, theirs in {**HF_VQ_NAMES, "out_ch": "in_channels"}.items()}
+        return cls.from_dict(fields_, source, names)
 
 
 PRESETS: dict[str, ModelArgs] = {

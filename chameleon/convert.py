@@ -58,10 +58,12 @@ def _heads_of(suffix: str, args: ModelArgs) -> int:
 
 
 def _relayout(suffix: str, w: torch.Tensor, args: ModelArgs, fn) -> torch.Tensor:
-    """Apply a RoPE-layout permutation to the tensors it concerns: q/k rows and q/k-norms."""
-    if suffix in ("attention.wq.weight", "attention.wk.weight"):
-        return fn(w, _heads_of(suffix, args))
-    if suffix.startswith(("attention.q_norm", "attention.k_norm")):
+    """Apply a RoPE-layout permutation to the tensors it concerns: q/k rows and q/k-norms.
+    A tensor of the wrong shape is left as is, for the shape check to name."""
+    heads = _heads_of(suffix, args)
+    if suffix in ("attention.wq.weight", "attention.wk.weight") and w.shape[:1] == (heads * args.head_dim,):
+        return fn(w, heads)
+    if suffix.startswith(("attention.q_norm", "attention.k_norm")) and w.shape == (heads, args.head_dim):
         return _permute_norm(w, fn)
     return w
 

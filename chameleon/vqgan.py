@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from chameleon.config import VQGANConfig
+from chameleon.config import VQGAN_GROUPS, VQGANConfig
 from chameleon.errors import InputError
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+    return nn.GroupNorm(num_groups=VQGAN_GROUPS, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):

@@ -16,6 +16,17 @@ DATA = REPO / "benchmarks" / "data"
 PHOTO = DATA / "images" / "skimage" / "chelsea.png"
 
 
+def expect_error(path, *fragments):
+    """Loading `path` fails with an InputError whose message holds every fragment."""
+    import chameleon
+    from chameleon.errors import InputError
+
+    with pytest.raises(InputError) as err:
+        chameleon.load(path)
+    for fragment in fragments:
+        assert fragment in str(err.value), str(err.value)
+
+
 def cut_at_stop_strings(decode, rows: list[list[int]], stops: tuple[str, ...]) -> list[list[int]]:
     """Each row cut after its first token whose last 64 tokens decode to a text holding one of
     `stops`: the stop-string rule, written out independently of chameleon.generate."""

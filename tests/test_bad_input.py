@@ -13,25 +13,17 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models
 
-import chameleon
 from benchmarks.cli import main
 from chameleon.errors import InputError
 from chameleon.generate import GenerationOptions, generate
 from chameleon.tokenizer import ChameleonTokenizer, image_code_of, image_token_name
 from chameleon.vqgan import open_image, preprocess
-from tests.conftest import PHOTO
+from tests.conftest import PHOTO, expect_error
 
 
 @pytest.fixture
 def hf_copy(tiny_hf, tmp_path):
     return shutil.copytree(tiny_hf, tmp_path / "ckpt")
-
-
-def expect_error(path, *fragments):
-    with pytest.raises(InputError) as err:
-        chameleon.load(path)
-    for fragment in fragments:
-        assert fragment in str(err.value), str(err.value)
 
 
 def test_not_a_checkpoint(tmp_path):
