@@ -519,8 +519,8 @@ class Transformer(nn.Module):
             return None
         if not fused_current(self.fused_tensors()):
             # Under autograd or in a graph this says nothing about staleness; otherwise it is stale.
-            if self.packed is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                self._packing_lost()
+            if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                self._fusion_lost()
             return None
         blocks = []
         for i, b in enumerate(self.layers):
@@ -538,16 +538,18 @@ class Transformer(nn.Module):
             )
         return InferenceWeights(blocks, inference_norm_weight(self.norm.weight))
 
-    def _packing_lost(self) -> None:
+    def _fusion_lost(self) -> None:
         """Replaced weights: drop the blocks' packed copies (each keeps its replaced source alive)
-        and say once that the fast path is off."""
-        for key in [k for k in self.packed if k[0] != "output"]:
-            del self.packed[key]
+        and say once that the fast path is off, and how to restore it on this device."""
+        if self.packed:
+            for key in [k for k in self.packed if k[0] != "output"]:
+                del self.packed[key]
         if not getattr(self, "_warned_stale", False):
             self._warned_stale = True
+            again = "optimize_for_cpu_()" if self.output.weight.device.type == "cpu" else "fuse_()"
             warnings.warn(
-                "a parameter was replaced (e.g. load_state_dict(assign=True)), so inference runs the unfused, "
-                "unpacked modules, several times slower on CPU; call optimize_for_cpu_() again to restore the fast path"
+                "a parameter was replaced (by .to() or load_state_dict(assign=True), for instance), so inference "
+                f"runs the separate, unfused modules (slower); call model.transformer.{again} to fuse them again"
             )
 
     def optimize_for_cpu_(self, pack_bf16: bool = True) -> None:

@@ -330,3 +330,18 @@ def test_packed_weights_on_huge_pages_keep_their_values():
             x = torch.randn(1, 1, w.shape[1], generator=g).bfloat16()
             plain = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None, "none", [], "")
             assert torch.equal(linear(x, w, cache, id(w)), plain)
+
+
+def test_to_another_dtype_warns_and_fuses_again_on_request(tiny_hf):
+    """.to() replaces the parameters: the fused tensors go stale, inference falls back to the
+    separate modules (same values) and says how to fuse again."""
+    moved = chameleon.load(tiny_hf).to(torch.bfloat16)
+    direct = chameleon.load(tiny_hf, dtype=torch.bfloat16)
+    x = tokens(direct)
+    with torch.no_grad():
+        expected = direct(x)
+        with pytest.warns(UserWarning, match=r"call model.transformer.optimize_for_cpu_\(\) to fuse them again"):
+            torch.testing.assert_close(moved(x), expected, atol=2e-2, rtol=2e-2)
+        moved.transformer.optimize_for_cpu_()
+        assert moved.transformer.inference_weights() is not None
+        torch.testing.assert_close(moved(x), expected, atol=0, rtol=0)
