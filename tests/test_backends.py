@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from lm_eval.api.instance import Instance
@@ -135,3 +136,65 @@ def test_bad_backend_and_model(tmp_path):
         load_backend("vllm", str(tmp_path))
     with pytest.raises(InputError, match="config.json"):
         load_backend("hf", str(tmp_path))
+
+
+H = "9f2c" * 16  # a request hash
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([{"request_hash": H, "sample": "one", "output": "x"}], r":1: field 'sample' must be a non-negative integer, got 'one'"),
+        ([{"request_hash": H, "sample": None, "output": "x"}], r":1: field 'sample' must be a non-negative integer, got None"),
+        ([{"request_hash": H, "sample": 0.7, "output": "x"}], r":1: field 'sample' must be a non-negative integer, got 0.7"),
+        ([{"request_hash": {"a": 1}, "output": "x"}], r":1: field 'request_hash' must be a non-empty string"),
+        ([{"request_hash": 42, "output": "x"}], r":1: field 'request_hash' must be a non-empty string.*got 42"),
+        ([{"item_id": ["gsm8k", 7], "output": "x"}], r":1: field 'item_id' must be a non-empty string \"<task>/<doc_id>\""),
+        ([{"request_hash": H, "output": None}], r":1: field 'output' must be a string, got None"),
+        ([{"request_hash": H, "output": 42}], r":1: field 'output' must be a string, got 42"),
+        ([{"request_hash": H, "loglikelihood": "abc"}], r":1: field 'loglikelihood' must be a number <= 0.*got 'abc'"),
+        ([{"request_hash": H, "loglikelihood": None}], r":1: field 'loglikelihood' must be a number <= 0.*got None"),
+        ([{"request_hash": H, "loglikelihood": -1.0, "is_greedy": "yes"}], r":1: field 'is_greedy' must be true or false"),
+        ([{"request_hash": H, "output": "a"}, {"request_hash": H, "output": "b"}],
+         rf":2: request_hash '{H}' sample 0 already has a response on line 1"),
+        ([{"item_id": "gsm8k/7", "sample": 1, "output": "a"}, {"item_id": "gsm8k/7", "sample": 1, "output": "b"}],
+         r":2: item_id 'gsm8k/7' sample 1 already has a response on line 1"),
+        ([], r": holds no responses"),
+    ],
+)
+def test_responses_file_fields_checked(tmp_path, lines, message):
+    path = tmp_path / "responses.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(InputError, match="responses.jsonl" + message):
+        load_backend("responses", str(path))
+
+
+def test_responses_file_encoding_and_line_breaks(tmp_path):
+    path = tmp_path / "responses.jsonl"
+    path.write_bytes(b'{"request_hash": "ab", "output": "x"}\n{"request_hash": "cd", "output": "caf\xe9"}\n')
+    with pytest.raises(InputError, match=r"responses.jsonl:2: not UTF-8 text"):
+        load_backend("responses", str(path))
+    req = gen_request("Q: one")
+    path.write_text(json.dumps({"request_hash": request_hash("generate_until", req.args), "output": "a\u2028b"},
+                               ensure_ascii=False) + "\n")  # U+2028 inside a JSON string is not a line break
+    assert load_backend("responses", str(path)).generate_until([req]) == ["a\u2028b"]
+
+
+def test_hf_fingerprint_includes_dtype(hf, tiny_hf):
+    half = load_backend("hf", str(tiny_hf), dtype="bfloat16")
+    assert half.fingerprint != hf.fingerprint and len(half.fingerprint) == 64  # one run dir cache each
+    assert load_backend("hf", str(tiny_hf)).fingerprint == hf.fingerprint
+
+
+def test_hf_unloadable_checkpoint_dir(tiny_hf, tmp_path):
+    import shutil
+
+    bad = tmp_path / "hf"
+    shutil.copytree(tiny_hf, bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(InputError, match=rf"--model {re.escape(str(bad))}: cannot load .*config.json"):
+        load_backend("hf", str(bad))
+    shutil.copy(tiny_hf / "config.json", bad / "config.json")
+    (bad / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(InputError, match=rf"--model {re.escape(str(bad))}: cannot load .*SafetensorError"):
+        load_backend("hf", str(bad))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,8 @@ def test_karpathy_dataset_json(tmp_path):
         ({"images": [{"id": 1}], "annotations": [{"image_id": 1}]}, r"annotations\[0\]: missing field 'caption'"),
         ({"images": [{"id": 1}, {"id": 2}], "annotations": [{"image_id": 1, "caption": "x"}]}, r"1 images have no caption annotations"),
         ({"foo": 1}, r"unknown caption reference format"),
+        ({"images": [{"id": 1}, {"id": "1"}], "annotations": [{"image_id": 1, "caption": "x"}, {"image_id": "1", "caption": "y"}]},
+         r"row 1: image id '1' appears twice"),  # one image to a results file
     ],
 )
 def test_malformed_references(tmp_path, content, message):
@@ -157,6 +160,8 @@ def test_unreadable_references(tmp_path):
         ([{"image_id": 1, "caption": ["x"]}], "row 0: field 'caption' must be a string"),
         ([{"image_id": 1.5, "caption": "x"}], "row 0: field 'image_id' must be an integer or string"),
         ([{"image_id": 1, "caption": "x"}, {"image_id": 1, "caption": "y"}], "row 1: image_id 1 has a second caption"),
+        ([{"image_id": 1, "caption": "x"}, {"image_id": "1", "caption": "y"}],
+         r"preds.json: row 1: image_id '1' has a second caption \(row 0 has image_id 1\)"),
     ],
 )
 def test_malformed_results(tmp_path, content, message):
@@ -234,7 +239,8 @@ def test_cli_score_captions(tmp_path, capsys):
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps(json.loads(DEMO_RESULTS.read_text())[:10]))
     assert cli_main(argv[:4] + [str(partial), "--metrics", "CIDEr"]) == 2
-    assert "990 reference images have no prediction" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{partial}: 990 reference images have no prediction" in err and "Pass --subset" in err
     assert cli_main(argv[:4] + [str(partial), "--metrics", "CIDEr", "--subset", "--quiet"]) == 0
     assert set(json.loads(capsys.readouterr().out)) == {"CIDEr"}
     assert cli_main(["score-captions", "--annotations", "coco_karpathy_test", "--results", str(DEMO_RESULTS)]) == 2
@@ -256,3 +262,49 @@ def test_cli_subprocess_exit_codes(tmp_path):
     failed = subprocess.run(cmd + ["--results", str(bad)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     assert f"error: {bad}: row 0: expected an object with fields 'image_id' and 'caption'" in failed.stderr
+
+
+def test_cli_score_captions_output_paths_checked_first(tmp_path, capsys, monkeypatch):
+    """--out / --per-item that would overwrite an input or cannot be written are refused before scoring."""
+    import benchmarks.captioning.commands as commands
+
+    monkeypatch.setattr(commands, "score_captions", lambda *a, **k: pytest.fail("scored before checking outputs"))
+    refs, preds = tmp_path / "refs.json", tmp_path / "preds.json"
+    refs.write_text(json.dumps({"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "a cat"}]}))
+    preds.write_text('[{"image_id": 1, "caption": "a cat"}]')
+    base = ["score-captions", "--annotations", str(refs), "--results", str(preds)]
+    (tmp_path / "dir").mkdir()
+    for flags, message in [
+        (["--out", str(tmp_path / "dir" / ".." / "preds.json")], "is also the --results file"),
+        (["--per-item", str(refs)], "is also the --annotations file"),
+        (["--out", str(tmp_path / "m.json"), "--per-item", str(tmp_path / "m.json")], "is also the --out file"),
+        (["--out", str(tmp_path / "dir")], "is a directory"),
+        (["--per-item", str(preds / "items.jsonl")], f"{preds} is a file, not a directory"),
+    ]:
+        assert cli_main(base + flags) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, (flags, err)
+    assert json.loads(preds.read_text()) == [{"image_id": 1, "caption": "a cat"}] and "annotations" in refs.read_text()
+
+
+def test_captioning_images_dir_without_any_image_refused(tmp_path):
+    from benchmarks.runner.captioning import run_captioning
+    from benchmarks.runner.suite import BenchmarkSpec
+
+    spec = BenchmarkSpec(name="coco", benchmark="coco", subset="with_images", limit=1, metrics=["BLEU"])
+    with pytest.raises(InputError, match=rf"images directory {re.escape(str(tmp_path))} holds none of the 5000 images .*"
+                                         r"e\.g\. val2014/COCO_val2014_000000391895\.jpg.*--images-dir coco=DIR"):
+        run_captioning(spec, None, images_dir=tmp_path, limit=None, seed=0)  # no model needed: refused first
+    with pytest.raises(InputError, match=r"images directory .*nope does not exist"):
+        run_captioning(spec, None, images_dir=tmp_path / "nope", limit=None, seed=0)
+
+    class Echo:  # a model whose every caption is "a cat"
+        failed: dict = {}
+
+        def generate_until(self, requests):
+            return ["a cat"] * len(requests)
+
+    name = "COCO_val2014_000000199551.jpg"
+    (tmp_path / name).write_bytes((ROOT / "benchmarks/data/images/coco" / name).read_bytes())
+    entry, records = run_captioning(spec, Echo(), images_dir=tmp_path, limit=None, seed=0)
+    assert (entry["n_items"], entry["n_scored"], entry["n_missing_images"]) == (1, 1, 4999)  # dropped, but counted

@@ -4,6 +4,7 @@ record store's tolerance of a torn last line; the results table."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -35,11 +36,41 @@ def test_shipped_suites_load():
     (GOOD.replace("shots", "shot"), r"s\.yaml: benchmarks\[0\]: unknown key 'shot'; did you mean 'shots'\? \(allowed: .*limit"),
     ("name: t\nbenchmark: []\n", r"s\.yaml: unknown key 'benchmark'; did you mean 'benchmarks'\?"),
     (GOOD.replace("shots: 5", "shots: five"), r"benchmarks\[0\]: 'shots' must be int, got 'five'"),
-    (GOOD.replace("shots: 5", "k: 4"), r"benchmark 'm': k=4 samples need generation.do_sample"),
+    (GOOD.replace("mmlu, shots: 5", "gsm8k, k: 4"), r"benchmark 'm': k=4 samples need generation.do_sample"),
     (GOOD.replace("shots: 5", "generation: {temprature: 0.6}"), r"generation: unknown key 'temprature'; did you mean 'temperature'"),
     (GOOD.replace("mmlu, shots: 5", "mmlu, subset: all"), r"apply to captioning"),
     (GOOD + "  - {name: m, benchmark: gsm8k}\n", r"benchmark 'm': duplicate name"),
     ("name: t\nbenchmarks: [\n", r"s\.yaml: not valid YAML"),
+    # values in range, each reported with the file, the benchmark and the key
+    (GOOD + "batch_size: 0\n", r"s\.yaml: 'batch_size' must be >= 1, got 0"),
+    (GOOD + "batch_size: -3\n", r"s\.yaml: 'batch_size' must be >= 1, got -3"),
+    (GOOD + "seed: -1\n", r"s\.yaml: 'seed' must be >= 0, got -1"),
+    (GOOD + "backend: chamelon\n", r"s\.yaml: 'backend' must be one of chameleon, hf, responses, got 'chamelon'"),
+    (GOOD.replace("shots: 5", "limit: -1"), r"s\.yaml: benchmarks\[0\]: 'limit' must be >= 1 or null, got -1"),
+    (GOOD.replace("shots: 5", "limit: true"), r"benchmarks\[0\]: 'limit' must be int or NoneType, got True"),
+    (GOOD.replace("shots: 5", "shots: -2"), r"benchmarks\[0\]: 'shots' must be >= 0, got -2"),
+    (GOOD.replace("shots: 5", "shots: 6"), r"benchmark 'm': 'shots' must be 0\.\.5 for mmlu, got 6"),
+    (GOOD.replace("mmlu, shots: 5", "mmlu, k: 2, generation: {do_sample: true, temperature: 1}"),
+     r"benchmark 'm': mmlu is scored by log-likelihood; 'k' must be 1"),
+    (GOOD.replace("mmlu, shots: 5", "gsm8k, maj_at: [1]"), r"benchmark 'm': 'maj_at' needs k > 1"),
+    (GOOD.replace("mmlu, shots: 5", "coco, k: 2"), r"benchmark 'm': k and maj_at apply to text benchmarks only"),
+    (GOOD.replace("mmlu, shots: 5", "coco, metrics: [CIDEr, Bleu5]"), r"benchmark 'm': 'metrics': unknown caption metric 'Bleu5'"),
+    (GOOD.replace("mmlu", "mmlu2"), r"s\.yaml: benchmark 'm': unknown benchmark 'mmlu2'; did you mean 'mmlu'\?"),
+    (GOOD.replace("shots: 5", "generation: {max_gen_toks: -1}"), r"benchmark 'm' generation: 'max_gen_toks' must be >= 1, got -1"),
+    (GOOD.replace("shots: 5", "generation: {top_k: -1}"), r"benchmark 'm' generation: 'top_k' must be >= 0"),
+    (GOOD.replace("shots: 5", "generation: {top_p: 0}"), r"benchmark 'm' generation: 'top_p' must be in \(0, 1\], got 0"),
+    (GOOD.replace("shots: 5", "generation: {top_p: 1.5}"), r"'top_p' must be in \(0, 1\], got 1\.5"),
+    (GOOD.replace("shots: 5", "generation: {temperature: -0.5}"), r"generation: 'temperature' must be finite and >= 0"),
+    (GOOD.replace("shots: 5", "generation: {temperature: .nan}"), r"generation: 'temperature' must be finite and >= 0"),
+    (GOOD.replace("shots: 5", "generation: {until: ['Q:', '']}"), r"s\.yaml: benchmark 'm' generation: 'until' must be a list of non-empty strings"),
+    (GOOD.replace("shots: 5", "generation: {until: [3]}"), r"'until' must be a list of non-empty strings, got \[3\]"),
+    # names become file names: no paths
+    (GOOD.replace("name: m", "name: ../../escaped"), r"benchmarks\[0\]: 'name' must be 1-100 letters, digits.*got '\.\./\.\./escaped'"),
+    (GOOD.replace("name: m", "name: a/b"), r"benchmarks\[0\]: 'name' must be .*got 'a/b'"),
+    (GOOD + "  - {name: M, benchmark: gsm8k}\n", r"benchmark 'M': duplicate name"),
+    # a key given twice is not last-wins
+    (GOOD.replace("shots: 5", "shots: 5, shots: 1"), r"s\.yaml: not valid YAML \(line 3, column 42: found duplicate key 'shots'\)"),
+    ("name: t\nseed: 1\nseed: 2\n" + GOOD.split("\n", 1)[1], r"found duplicate key 'seed'"),
 ])
 def test_suite_validation(tmp_path, text, match):
     with pytest.raises(InputError, match=match):
@@ -55,23 +86,131 @@ def test_unknown_suite_name():
     (["--images-dir", "cocoo=/tmp"], r"--images-dir 'cocoo=/tmp': expected DATASET=DIR with DATASET one of coco, flickr30k"),
     (["--limit", "0"], r"--limit must be >= 1"),
     (["--backend", "hf"], r"config.json"),
+    (["--images-dir", "coco="], r"--images-dir 'coco=': expected DATASET=DIR .* and DIR a directory"),
+    (["--data-dir", "missing"], r"data_dir '.*missing' is not a directory"),
+    (["--data-dir", "data"], r"gsm8k/test\.jsonl: line 2: not UTF-8 text \(byte 0xff\)"),
+    (["--data-dir", "data", "--out", "afile/sub"], r"--out .*afile/sub: .*afile is a file, not a directory"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, extra, match):
-    suite = suite_file(tmp_path, GOOD)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.cli", "run", str(suite), "--model", str(tmp_path),
-                           "--out", str(tmp_path / "out"), *extra], cwd=REPO, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    suite = suite_file(tmp_path, GOOD.replace("mmlu, shots: 5", "gsm8k, shots: 1"))
+    (tmp_path / "data" / "gsm8k").mkdir(parents=True)
+    (tmp_path / "data" / "gsm8k" / "test.jsonl").write_bytes(b'{"question": "q", "answer": "#### 1"}\n{"question": "\xff"}\n')
+    (tmp_path / "afile").write_text("")
+    proc = run_cli(tmp_path, "run", suite, "--model", tmp_path, "--out", tmp_path / "out", *extra)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
-    assert not (tmp_path / "out").exists()
+    assert re.search(match, proc.stderr), proc.stderr
+    assert not (tmp_path / "out").exists() and (tmp_path / "afile").read_text() == ""
+
+
+def run_cli(cwd, *args):
+    return subprocess.run([sys.executable, "-m", "benchmarks.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                          "PATH": "/usr/bin:/bin"})
 
 
 def test_cli_typo_in_suite_exits_2(tmp_path):
     suite = suite_file(tmp_path, GOOD.replace("shots", "shot"))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.cli", "run", str(suite), "--model", str(tmp_path),
-                           "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    proc = run_cli(REPO, "run", suite, "--model", tmp_path, "--out", tmp_path / "out")
     assert proc.returncode == 2 and "did you mean 'shots'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_dir_belongs_to_one_suite_and_settings(tmp_path):
+    """Another suite or --limit into a finished run's --out is refused with nothing changed; the
+    same command resumes (responses backend: no model to load)."""
+    one = "name: t\nbackend: responses\nbenchmarks:\n  - {name: g, benchmark: gsm8k, shots: 0, limit: 1}\n"
+    suite_a, suite_b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    suite_a.write_text(one)
+    suite_b.write_text(one.replace("limit: 1", "limit: 2"))
+    responses = tmp_path / "r.jsonl"
+    responses.write_text('{"request_hash": "x", "output": "The answer is 1."}\n')
+    out = tmp_path / "run"
+    assert run_cli(REPO, "run", suite_a, "--model", responses, "--out", out).returncode == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for other, diff in (([suite_b], "suite_sha256 '"), ([suite_a, "--limit", "1"], "limit None there, 1 now")):
+        proc = run_cli(REPO, "run", *other, "--model", responses, "--out", out)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "holds a run of another suite or settings" in proc.stderr and diff in proc.stderr
+        assert "Nothing was overwritten" in proc.stderr
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    proc = run_cli(REPO, "run", suite_a, "--model", responses, "--out", out, "--batch-size", "3")
+    assert proc.returncode == 0, proc.stderr  # batch size does not change results: resumed
+    assert json.loads((out / "results.json").read_text())["complete"]
+
+
+MODEL = {"backend": "chameleon", "fingerprint": "f" * 64, "dtype": "torch.float32"}
+
+
+def test_claim_run_dir_identity_and_old_manifests(tmp_path):
+    from benchmarks.runner.dist import Dist
+    from benchmarks.runner.run import claim_run_dir
+
+    ident = {"suite_sha256": "a" * 64, "limit": None, "dtype": "torch.float32", "data_dir": None, "images_dirs": {}}
+    out = tmp_path / "run"
+    claim_run_dir(out, MODEL, Dist(), ident)
+    assert json.loads((out / "run.json").read_text())["identity"] == ident
+    claim_run_dir(out, MODEL, Dist(), ident)  # resume
+    with pytest.raises(InputError, match=r"another suite or settings \(limit None there, 5 now\)"):
+        claim_run_dir(out, MODEL, Dist(), {**ident, "limit": 5})
+    # run.json of an earlier version (no identity): checked against its results.json, then adopted
+    legacy = {"schema_version": 1, "model": MODEL, "created_at": "then"}
+    (out / "run.json").write_text(json.dumps(legacy))
+    (out / "results.json").write_text(json.dumps({"suite": {"sha256": "b" * 64}, "overrides": {"limit": None},
+                                                  "model": MODEL}))
+    with pytest.raises(InputError, match=r"suite_sha256 'b{64}' there, 'a{64}' now"):
+        claim_run_dir(out, MODEL, Dist(), ident)
+    assert json.loads((out / "run.json").read_text()) == legacy
+    (out / "results.json").unlink()  # interrupted before its first benchmark: resumed
+    claim_run_dir(out, MODEL, Dist(), ident)
+    assert json.loads((out / "run.json").read_text()) == {**legacy, "identity": ident}
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(InputError, match=r"afile is a file, not a directory"):
+        claim_run_dir(tmp_path / "afile" / "sub" / "run", MODEL, Dist(), ident)
+
+
+def test_bad_data_fails_before_out_is_claimed(tmp_path):
+    from benchmarks.runner.run import run_suite
+
+    class Backend:  # run_suite must stop before it asks the backend for anything but its description
+        def describe(self):
+            return MODEL
+
+    suite = load_suite(str(suite_file(tmp_path, GOOD)))
+    data = tmp_path / "data" / "mmlu" / "test"
+    data.mkdir(parents=True)
+    with pytest.raises(InputError, match=r"mmlu/test/\w+_test\.csv' not found; expected .* under data_dir"):
+        run_suite(suite, Backend(), tmp_path / "out", data_dir=tmp_path / "data")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_caption_images_fail_before_out_is_claimed(tmp_path):
+    """A Flickr30k benchmark without --images-dir flickr30k=DIR (none is shipped) is refused up
+    front, not when the suite reaches it after its text benchmarks."""
+    from benchmarks.runner.run import run_suite
+
+    class Backend:
+        def describe(self):
+            return MODEL
+
+    text = "name: s\nbenchmarks:\n  - {name: g, benchmark: gsm8k, limit: 1}\n  - {name: f, benchmark: flickr30k, limit: 1}\n"
+    suite = load_suite(str(suite_file(tmp_path, text)))
+    with pytest.raises(InputError, match=r"benchmark 'f': images directory .* does not exist; pass --images-dir flickr30k=DIR"):
+        run_suite(suite, Backend(), tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"holds none of the 1000 images of its references"):
+        run_suite(suite, Backend(), tmp_path / "out", images_dirs={"flickr30k": tmp_path / "empty"})
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_utf8_data_files_named(tmp_path):
+    from benchmarks.text.data import load_gsm8k, load_mmlu
+
+    (tmp_path / "t.csv").write_bytes(b"question,choice0,choice1,choice2,choice3,answer\nQ\xe9,a,b,c,d,0\n")
+    with pytest.raises(InputError, match=r"t\.csv: line 2: not UTF-8 text \(byte 0xe9\)"):
+        load_mmlu({"test": "t.csv"}, data_dir=tmp_path)
+    (tmp_path / "t.jsonl").write_bytes(b'\xfe{"question": "q", "answer": "#### 1"}\n')
+    with pytest.raises(InputError, match=r"t\.jsonl: line 1: not UTF-8 text"):
+        load_gsm8k({"test": "t.jsonl"}, data_dir=tmp_path)
 
 
 def test_store_drops_torn_last_line_and_dedupes(tmp_path):
@@ -87,6 +226,25 @@ def test_store_drops_torn_last_line_and_dedupes(tmp_path):
     store.close()
     lines = (tmp_path / "rank0.jsonl").read_text().splitlines()
     assert [json.loads(x)["key"] for x in lines] == ["a", "b", "c"]
+
+
+def test_store_skips_lines_that_are_not_records(tmp_path, capsys):
+    (tmp_path / "rank0.jsonl").write_text('{"key": "a", "value": 1}\n[1, 2]\n{"key": "b"}\n"x"\n{"key": "c", "value": 3}\n')
+    store = RecordStore(tmp_path, shard="rank0")
+    assert "a" in store and "c" in store and "b" not in store
+    warned = capsys.readouterr().err
+    assert all(f"rank0.jsonl: line {n} is not a cache record; ignored" in warned for n in (2, 3, 4)), warned
+    store.put_many([("b", 2)])  # recomputed, appended; nothing else lost
+    store.close()
+    assert (tmp_path / "rank0.jsonl").read_text().endswith('{"key": "c", "value": 3}\n{"key": "b", "value": 2}\n')
+
+
+def test_store_keeps_a_complete_last_record_without_newline(tmp_path):
+    (tmp_path / "rank0.jsonl").write_text('{"key": "a", "value": 1}\n{"key": "b", "value": [2]}')
+    store = RecordStore(tmp_path, shard="rank0")
+    store.put_many([("c", 3)])
+    store.close()
+    assert [json.loads(x)["key"] for x in (tmp_path / "rank0.jsonl").read_text().splitlines()] == ["a", "b", "c"]
 
 
 def test_results_table():

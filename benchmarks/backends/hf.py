@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
 from lm_eval.api.registry import register_model
+from safetensors import SafetensorError
 
 from benchmarks.backends.base import GenSettings, Segment
 from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score
@@ -19,9 +21,16 @@ from chameleon.errors import InputError
 from chameleon.generate import row_seed
 
 
-def hash_checkpoint(path: Path) -> str:
-    """sha256 over config and weight files of a HF checkpoint directory."""
-    h = hashlib.sha256()
+# what transformers raises for a malformed checkpoint directory: bad JSON, unknown model_type,
+# missing or corrupt weights, a config field of the wrong type, weights of the wrong shape
+LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, AssertionError, SafetensorError,
+               StrictDataclassError)
+
+
+def hash_checkpoint(path: Path, dtype: torch.dtype) -> str:
+    """sha256 over the dtype the weights are loaded in and the config and weight files of a HF
+    checkpoint directory: another dtype gives other outputs, so it must not share a cache."""
+    h = hashlib.sha256(str(dtype).encode())
     files = sorted(p for p in path.iterdir() if p.suffix in {".json", ".safetensors", ".bin", ".model"})
     for p in files:
         h.update(p.name.encode())
@@ -46,14 +55,20 @@ class HFBackend(TokenLM):
         self.path = path
         self.device_name = device
         torch_dtype = getattr(torch, dtype)
-        config = transformers.AutoConfig.from_pretrained(path)
-        self.is_chameleon = config.model_type == "chameleon"
-        auto = transformers.AutoModelForImageTextToText if self.is_chameleon else transformers.AutoModelForCausalLM
-        self.model = auto.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        self.processor = None
-        if self.is_chameleon and (path / "processor_config.json").is_file():
-            self.processor = transformers.AutoProcessor.from_pretrained(path)
+        try:
+            config = transformers.AutoConfig.from_pretrained(path)
+            self.is_chameleon = config.model_type == "chameleon"
+            auto = transformers.AutoModelForImageTextToText if self.is_chameleon else transformers.AutoModelForCausalLM
+            model = auto.from_pretrained(path, dtype=torch_dtype)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+            self.processor = None
+            if self.is_chameleon and (path / "processor_config.json").is_file():
+                self.processor = transformers.AutoProcessor.from_pretrained(path)
+        except LOAD_ERRORS as err:
+            reason = " ".join(str(err).split())[:500]
+            raise InputError(f"--model {pretrained}: cannot load this Hugging Face checkpoint directory "
+                             f"({type(err).__name__}: {reason})") from None
+        self.model = model.to(device).eval()
         self.max_length = int(max_length or getattr(config, "max_position_embeddings", None)
                               or getattr(getattr(config, "text_config", None), "max_position_embeddings", 2048))
         # special ids: the tokenizer's, else the model config's (Chameleon checkpoints set them there)
@@ -61,7 +76,7 @@ class HFBackend(TokenLM):
         self.eot_token_id = first(self.tokenizer.eos_token_id, getattr(config, "eos_token_id", None))
         self.bos_id = first(self.tokenizer.bos_token_id, getattr(config, "bos_token_id", None))
         self.pad_id = first(self.tokenizer.pad_token_id, getattr(config, "pad_token_id", None), self.eot_token_id, 0)
-        self._fingerprint = hash_checkpoint(path)
+        self._fingerprint = hash_checkpoint(path, self.model.dtype)
 
     @property
     def fingerprint(self) -> str:

@@ -23,6 +23,17 @@ from benchmarks.backends.base import MixedModalLM, instance_hash, sample_indices
 from chameleon.errors import InputError
 
 
+# Each field's test and what it must be (a wrong type is refused, never coerced).
+FIELDS = {
+    "request_hash": (lambda v: isinstance(v, str) and v != "", "a non-empty string (lm-eval's request hash)"),
+    "item_id": (lambda v: isinstance(v, str) and v != "", 'a non-empty string "<task>/<doc_id>"'),
+    "sample": (lambda v: type(v) is int and v >= 0, "a non-negative integer"),
+    "output": (lambda v: isinstance(v, str), "a string"),
+    "loglikelihood": (lambda v: type(v) in (int, float) and v <= 0, "a number <= 0 (a log-probability)"),
+    "is_greedy": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
 @register_model("responses")
 class ResponsesBackend(MixedModalLM):
     backend_name = "responses"
@@ -34,9 +45,15 @@ class ResponsesBackend(MixedModalLM):
             raise InputError(f"--model {pretrained}: expected a responses JSONL file")
         raw = self.path.read_bytes()
         self._fingerprint = "responses:" + hashlib.sha256(raw).hexdigest()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw[:err.start].count(b"\n") + 1
+            raise InputError(f"{self.path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         self.by_hash: dict[tuple[str, int], dict] = {}
         self.by_item: dict[tuple[str, int], dict] = {}
-        for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+        seen: dict[tuple, int] = {}  # (field, value, sample) -> line
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
             if not line.strip():
                 continue
             try:
@@ -47,11 +64,19 @@ class ResponsesBackend(MixedModalLM):
                 raise InputError(f"{self.path}:{n}: expected an object with 'request_hash' or 'item_id'")
             if not ({"output", "loglikelihood"} & rec.keys()):
                 raise InputError(f"{self.path}:{n}: expected 'output' (generation) or 'loglikelihood'")
-            sample = int(rec.get("sample", 0))
-            if "request_hash" in rec:
-                self.by_hash[(rec["request_hash"], sample)] = rec
-            if "item_id" in rec:
-                self.by_item[(str(rec["item_id"]), sample)] = rec
+            for name, (ok, expected) in FIELDS.items():
+                if name in rec and not ok(rec[name]):
+                    raise InputError(f"{self.path}:{n}: field {name!r} must be {expected}, got {rec[name]!r:.80}")
+            sample = rec.get("sample", 0)
+            for field, table in (("request_hash", self.by_hash), ("item_id", self.by_item)):
+                if field in rec:
+                    first = seen.setdefault((field, rec[field], sample), n)
+                    if first != n:
+                        raise InputError(f"{self.path}:{n}: {field} {rec[field]!r} sample {sample} already has a "
+                                         f"response on line {first}; expected one per request and sample")
+                    table[(rec[field], sample)] = rec
+        if not seen:
+            raise InputError(f"{self.path}: holds no responses; expected one JSON object per line")
 
     @property
     def fingerprint(self) -> str:
@@ -73,7 +98,7 @@ class ResponsesBackend(MixedModalLM):
         out = []
         for req in requests:
             found = self._lookup("loglikelihood", req, 0, "loglikelihood")
-            rec = (float("-inf"), False) if found is None else (float(found["loglikelihood"]), bool(found.get("is_greedy", False)))
+            rec = (float("-inf"), False) if found is None else (float(found["loglikelihood"]), found.get("is_greedy", False))
             out.append(rec)
             if found is not None:
                 self.cache_hook.add_partial("loglikelihood", req.args, rec)
@@ -92,7 +117,7 @@ class ResponsesBackend(MixedModalLM):
         out = []
         for req, k in zip(requests, sample_index):
             found = self._lookup("generate_until", req, k, "output")
-            out.append("" if found is None else str(found["output"]))
+            out.append("" if found is None else found["output"])
             if found is not None:
                 self.cache_hook.add_partial("generate_until", req.args, out[-1])
         return out

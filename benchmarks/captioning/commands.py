@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from benchmarks.captioning.references import SHIPPED, load_references
+from benchmarks.captioning.references import SHIPPED, load_references, reference_path
 from benchmarks.captioning.scoring import METRIC_GROUPS, score_captions
 from chameleon.errors import InputError
 
@@ -59,7 +60,7 @@ def load_results(path: Path) -> dict:
         raise InputError(f"--results {path}: not a readable JSON file ({err})") from None
     if not isinstance(rows, list) or not rows:
         raise InputError(f"--results {path}: expected a non-empty JSON list of {{image_id, caption}} objects")
-    results = {}
+    results, rows_by_id = {}, {}
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or "image_id" not in row or "caption" not in row:
             raise InputError(f"{path}: row {i}: expected an object with fields 'image_id' and 'caption', got {row!r:.80}")
@@ -68,8 +69,10 @@ def load_results(path: Path) -> dict:
             raise InputError(f"{path}: row {i}: field 'image_id' must be an integer or string, got {image_id!r}")
         if not isinstance(caption, str):
             raise InputError(f"{path}: row {i}: field 'caption' must be a string, got {caption!r:.80}")
-        if image_id in results:
-            raise InputError(f"{path}: row {i}: image_id {image_id!r} has a second caption; expected one per image")
+        first = rows_by_id.setdefault(str(image_id), i)  # "1" and 1 name the same image (match_ids)
+        if first != i:
+            raise InputError(f"{path}: row {i}: image_id {image_id!r} has a second caption (row {first} has "
+                             f"image_id {rows[first]['image_id']!r}); expected one per image")
         results[image_id] = caption
     return results
 
@@ -90,13 +93,40 @@ def match_ids(references: dict, results: dict, results_path: Path) -> dict:
     return matched
 
 
+def check_outputs(args) -> None:
+    """Refuse, before scoring, output paths that would overwrite an input or cannot be written."""
+    taken = {"--results": args.results.resolve(), "--annotations": reference_path(args.annotations).resolve()}
+    for flag, path in (("--out", args.out), ("--per-item", args.per_item)):
+        if path is None:
+            continue
+        resolved = path.resolve()
+        clash = next((other for other, p in taken.items() if p == resolved), None)
+        if clash:
+            raise InputError(f"{flag} {path}: is also the {clash} file and would be overwritten; choose another path")
+        if path.is_dir():
+            raise InputError(f"{flag} {path}: is a directory; expected a file path to write")
+        parent = next(p for p in resolved.parents if p.exists())  # created when missing
+        if not parent.is_dir():
+            raise InputError(f"{flag} {path}: {parent} is a file, not a directory")
+        if not os.access(path if path.exists() else parent, os.W_OK):
+            raise InputError(f"{flag} {path}: not writable")
+        taken[flag] = resolved
+
+
 def run(args) -> int:
     progress = None if args.quiet else (lambda msg: print(f"score-captions: {msg}", file=sys.stderr, flush=True))
+    check_outputs(args)
     items = load_references(args.annotations)
     references = {item.image_id: item.references for item in items}
     predictions = match_ids(references, load_results(args.results), args.results)
-    if args.subset:
-        if progress and len(predictions) < len(references):
+    missing = [k for k in references if k not in predictions]
+    if missing and not args.subset:
+        raise InputError(
+            f"{args.results}: {len(missing):,} reference images have no prediction (e.g. {missing[:5]}); "
+            f"--annotations {args.annotations} has {len(references):,}. Pass --subset to score only the predicted "
+            "images (CIDEr then differs from a full-set score), or give every reference image a caption")
+    if missing:
+        if progress:
             progress(f"--subset: scoring the {len(predictions):,} of {len(references):,} reference images that have predictions")
         references = {k: v for k, v in references.items() if k in predictions}
     scores = score_captions(references, predictions, metrics=args.metrics, progress=progress)

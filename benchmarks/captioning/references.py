@@ -153,9 +153,10 @@ def _from_karpathy_dataset(path: Path, images: list, split: str) -> list[Caption
 def _check_unique(path: Path, items: list[CaptionItem]) -> None:
     seen = set()
     for i, item in enumerate(items):
-        if item.image_id in seen:
+        key = str(item.image_id)  # "1" and 1 are one image to results files (score-captions' match_ids)
+        if key in seen:
             raise InputError(f"{path}: row {i}: image id {item.image_id!r} appears twice")
-        seen.add(item.image_id)
+        seen.add(key)
 
 
 def _shipped_index(image_dir: Path) -> dict[int, Path]:

@@ -3,7 +3,8 @@
 Each item is one lm-eval `generate_until` request with lm-eval's multimodal convention (context
 with `<image>` placeholders + `{"visual": [images]}`), so it goes through the same resumable,
 sharded path as the text benchmarks. Items whose image is not in the images directory are
-reported as failures, never guessed.
+reported as failures (or left out under `subset: with_images`; results.json counts them in
+`n_missing_images`), never guessed; a directory with none of the images is refused.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
     references = load_references(ref_source)
     items = references
     image_dir = Path(images_dir) if images_dir else DEFAULT_IMAGES[spec.benchmark]
-    found, _ = resolve_images(items, image_dir) if image_dir.is_dir() else ({}, None)
+    found, missing = find_images(spec, references, image_dir)
     if spec.subset == "with_images":
         items = [it for it in items if it.image_id in found]
     limit = min(x for x in (limit, spec.limit, len(items)) if x is not None)
@@ -101,6 +102,7 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
     entry = {
         "benchmark": spec.benchmark, "kind": "captioning", "primary_metric": spec.metrics[0] if spec.metrics else None,
         "references": display_path(ref_path), "images_dir": display_path(image_dir), "n_items": len(records), "n_scored": len(preds),
+        "n_missing_images": len(missing),  # of all the references; left out under subset with_images
         "n_failed": sum(r["failed"] for r in records), "metrics": metrics, "skipped_metrics": skipped,
         "generation": gen_kwargs, "generation_hash": gen_hash,
         "prompt": {"shots": settings.shots, "shot_template": settings.shot_template, "query_cue": settings.query_cue,
@@ -110,6 +112,19 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
         "data_files": data_files,
     }
     return entry, records
+
+
+def find_images(spec: BenchmarkSpec, references: list, image_dir: Path) -> tuple[dict, list]:
+    """resolve_images, refusing a directory that holds none of the references' images: a wrong
+    --images-dir would otherwise give a run with nothing scored that looks complete."""
+    flag = f"pass --images-dir {spec.benchmark}=DIR with the {spec.benchmark} images"
+    if not image_dir.is_dir():
+        raise InputError(f"benchmark '{spec.name}': images directory {image_dir} does not exist; {flag}")
+    found, missing = resolve_images(references, image_dir)
+    if not found:
+        raise InputError(f"benchmark '{spec.name}': images directory {image_dir} holds none of the {len(references)} "
+                         f"images of its references (e.g. {references[0].image_file}); {flag}")
+    return found, missing
 
 
 def _exemplar_pool(spec: BenchmarkSpec, *, references: list, found: dict, image_dir: Path) -> tuple[list, dict]:

@@ -39,8 +39,11 @@ def parse_images_dirs(values: list[str]) -> dict[str, Path]:
     out = {}
     for v in values:
         name, sep, path = v.partition("=")
-        if not sep or name not in CAPTIONING:
-            raise InputError(f"--images-dir {v!r}: expected DATASET=DIR with DATASET one of {', '.join(CAPTIONING)}")
+        if not sep or name not in CAPTIONING or not path:
+            raise InputError(f"--images-dir {v!r}: expected DATASET=DIR with DATASET one of {', '.join(CAPTIONING)} "
+                             "and DIR a directory")
+        if name in out:
+            raise InputError(f"--images-dir {v!r}: {name} is given twice")
         if not Path(path).is_dir():
             raise InputError(f"--images-dir {v!r}: {path} is not a directory")
         out[name] = Path(path)
@@ -52,7 +55,7 @@ def run_command(args) -> int:
     from benchmarks.runner.dist import init_dist
     from benchmarks.runner.progress import configure_console
     from benchmarks.runner.results import format_results_table
-    from benchmarks.runner.run import run_suite
+    from benchmarks.runner.run import check_inputs, check_out_dir, run_suite
     from benchmarks.runner.suite import load_suite
 
     suite = load_suite(args.suite)
@@ -63,8 +66,10 @@ def run_command(args) -> int:
     if args.chunk_size is not None and args.chunk_size < 1:
         raise InputError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     images_dirs = parse_images_dirs(args.images_dir)
+    check_out_dir(args.out)
     verbose = args.verbose
     configure_console(verbose)
+    check_inputs(suite, args.data_dir, images_dirs)  # before the model loads (run_suite checks again, for other callers)
     dist = init_dist()
     kind = args.backend or suite.backend
     kwargs = {} if kind == "responses" else {"batch_size": args.batch_size or suite.batch_size,

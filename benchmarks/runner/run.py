@@ -1,7 +1,8 @@
 """`run_suite`: every benchmark of a suite on one backend, into a run directory.
 
 RUN_DIR/
-  run.json              the model this directory belongs to (fingerprint); another model -> InputError
+  run.json              the model (fingerprint) and run identity (suite, settings) this directory
+                        belongs to; another model, suite or setting -> InputError
   cache/rank*.jsonl     every finished request, appended and fsynced (resume after any kill)
   samples/<name>.jsonl  per-sample records of each benchmark
   results.json          versioned results (SCHEMA.md), rewritten after each benchmark
@@ -36,27 +37,111 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def claim_run_dir(out: Path, model: dict, dist: Dist) -> None:
-    """Make `out` this model's run directory, or refuse (InputError) without touching it."""
-    error = None
-    if dist.is_main:
-        manifest = out / "run.json"
-        if manifest.is_file():
-            try:
-                owner = json.loads(manifest.read_text())["model"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                owner = None
-            if owner is None:
-                error = f"--out {out}: {manifest} is not a chameleon-bench run manifest; nothing was written"
-            elif owner.get("fingerprint") != model["fingerprint"]:
-                error = (f"--out {out} holds a run of another model ({owner.get('backend')} {owner.get('path')}, "
-                         f"fingerprint {str(owner.get('fingerprint'))[:16]}), not of this one (fingerprint "
-                         f"{model['fingerprint'][:16]}); use another --out. Nothing was overwritten")
-        elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-            error = f"--out {out}: exists and is not an empty directory or a chameleon-bench run; nothing was written"
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(manifest, {"schema_version": SCHEMA_VERSION, "model": model, "created_at": _now()})
+def check_inputs(suite: Suite, data_dir: str | Path | None = None, images_dirs: dict[str, Path] | None = None) -> None:
+    """Read every data file the suite will, and look for each captioning benchmark's images, so
+    bad inputs fail before the model loads and --out is claimed, not hours into a suite (the loaders
+    run again inside the benchmarks: this costs a second read of the data)."""
+    from benchmarks.runner.captioning import DEFAULT_IMAGES, DEFAULT_REFERENCES, find_images
+    from benchmarks.captioning.references import load_references
+    from benchmarks.text.data import check_task_data
+    from benchmarks.text.run import BENCHMARKS
+
+    text = [s for s in suite.benchmarks if s.kind == "text"]
+    if text or data_dir is not None:
+        bench = [BENCHMARKS[s.benchmark] for s in text]
+        check_task_data({b.greedy if s.k == 1 else b.sampled for s, b in zip(text, bench)}, data_dir)
+    for spec in (s for s in suite.benchmarks if s.kind == "captioning"):
+        try:
+            references = load_references(spec.references or DEFAULT_REFERENCES[spec.benchmark])
+            if spec.exemplars and spec.shots:
+                load_references(spec.exemplars, split=spec.exemplar_split)
+        except InputError as err:
+            raise InputError(f"{suite.path}: benchmark '{spec.name}': {err}") from None
+        find_images(spec, references, Path((images_dirs or {}).get(spec.benchmark) or DEFAULT_IMAGES[spec.benchmark]))
+
+
+def run_identity(suite: Suite, model: dict, *, limit=None, images_dirs=None, data_dir=None) -> dict:
+    """What a run's results depend on besides the weights: a rerun into the same --out must match it.
+    Batch size, chunk size and process count are left out (they do not change results)."""
+    def absolute(p):
+        return str(Path(p).expanduser().resolve()) if p else None
+
+    return {"suite_sha256": suite.sha256, "limit": limit, "dtype": model.get("dtype"), "data_dir": absolute(data_dir),
+            "images_dirs": {k: absolute(v) for k, v in sorted((images_dirs or {}).items())}}
+
+
+def _recorded_identity(out: Path, manifest: dict) -> dict:
+    if "identity" in manifest:
+        return manifest["identity"]
+    # run.json of an earlier version, without "identity": what its results.json shows, else nothing
+    # (an interrupted run is resumed) and this command's identity is recorded from now on
+    try:
+        res = json.loads((out / "results.json").read_text())
+        return {"suite_sha256": res["suite"]["sha256"], "limit": res["overrides"]["limit"],
+                "dtype": res["model"].get("dtype")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why `out` can be neither a new run directory nor an earlier run, as far as is known without
+    the model (None: it may be)."""
+    if (out / "run.json").is_file():
+        return None
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return f"--out {out}: exists and is not an empty directory or a chameleon-bench run; nothing was written"
+    above = next(p for p in out.absolute().parents if p.exists())
+    if not above.is_dir():
+        return f"--out {out}: {above} is a file, not a directory; nothing was written"
+    return None
+
+
+def check_out_dir(out: Path) -> None:
+    """`_out_problem` as an InputError: the command's check of --out before it loads the model."""
+    problem = _out_problem(Path(out))
+    if problem:
+        raise InputError(problem)
+
+
+def _claim(out: Path, model: dict, identity: dict) -> str | None:
+    """The reason `out` cannot be this run's directory, or None once it is."""
+    manifest = out / "run.json"
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text())
+            owner = data["model"]
+        except (OSError, ValueError, KeyError, TypeError):
+            owner = None
+        if not isinstance(owner, dict) or not isinstance(data.get("identity", {}), dict):
+            return f"--out {out}: {manifest} is not a readable chameleon-bench run manifest; nothing was written"
+        if owner.get("fingerprint") != model["fingerprint"]:
+            return (f"--out {out} holds a run of another model ({owner.get('backend')} {owner.get('path')}, "
+                    f"fingerprint {str(owner.get('fingerprint'))[:16]}), not of this one (fingerprint "
+                    f"{model['fingerprint'][:16]}); use another --out. Nothing was overwritten")
+        recorded = _recorded_identity(out, data)
+        diff = [f"{k} {v!r} there, {identity.get(k)!r} now" for k, v in recorded.items() if v != identity.get(k)]
+        if diff:
+            return (f"--out {out} holds a run of another suite or settings ({'; '.join(diff)}); rerun its own "
+                    f"command to finish it, or use another --out. Nothing was overwritten")
+        if "identity" not in data:
+            write_json_atomic(manifest, {**data, "identity": identity})
+        return None
+    problem = _out_problem(out)
+    if problem:
+        return problem
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"--out {out}: cannot create the directory ({err.strerror}); nothing was written"
+    write_json_atomic(manifest, {"schema_version": SCHEMA_VERSION, "model": model, "identity": identity,
+                                 "created_at": _now()})
+    return None
+
+
+def claim_run_dir(out: Path, model: dict, dist: Dist, identity: dict) -> None:
+    """Make `out` the directory of this model's run `identity` (run_identity), or refuse (InputError)
+    without touching it; a directory of the same model and identity is resumed."""
+    error = _claim(out, model, identity) if dist.is_main else None
     error = dist.broadcast(error)
     if error:
         raise InputError(error)
@@ -73,7 +158,8 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
     """
     out = Path(out)
     model = backend.describe()
-    claim_run_dir(out, model, dist)
+    check_inputs(suite, data_dir, images_dirs)
+    claim_run_dir(out, model, dist, run_identity(suite, model, limit=limit, images_dirs=images_dirs, data_dir=data_dir))
     store = RecordStore(out / "cache", shard=f"rank{dist.rank}")
     lm = ResumableLM(backend, store, dist, chunk_size=chunk_size or 4 * getattr(backend, "batch_size", 8))
     results = {

@@ -21,14 +21,18 @@
         exemplar_split: train   # query excluded); split of a Karpathy dataset_*.json (train)
         exemplar_images: /data/coco/train2014         # its images (default: the run's images dir)
 
-Validation is strict: unknown keys are errors that name the key, the file, the allowed keys and
-the closest one.
+Validation is strict and happens before any model loads: unknown or duplicate keys, values of the
+wrong type or out of range, unknown benchmarks and backends are errors that name the file, the
+benchmark and the key (unknown keys also the allowed keys and the closest one).
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import math
+import re
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,6 +52,23 @@ BENCH_KEYS = {"name": str, "benchmark": str, "shots": int, "k": int, "limit": (i
 SUBSETS = ("all", "with_images")  # captioning: every reference item, or those whose image is present
 GEN_KEYS = {"max_gen_toks": int, "temperature": (int, float), "top_p": (int, float), "top_k": int,
             "do_sample": bool, "until": list}
+# Allowed values of the keys above, checked after their types: (test, what is expected)
+RANGES = {
+    "seed": (lambda v: v >= 0, ">= 0"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "shots": (lambda v: v >= 0, ">= 0"),
+    "k": (lambda v: v >= 1, ">= 1"),
+    "limit": (lambda v: v is None or v >= 1, ">= 1 or null"),
+    "maj_at": (lambda v: all(type(j) is int and j >= 1 for j in v), "a list of integers >= 1"),
+    "metrics": (lambda v: all(isinstance(m, str) for m in v), "a list of metric names"),
+    "max_gen_toks": (lambda v: v >= 1, ">= 1"),
+    "temperature": (lambda v: 0 <= v < math.inf, "finite and >= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0: no top-k)"),
+    "until": (lambda v: all(isinstance(x, str) and x for x in v), "a list of non-empty strings"),
+}
+# A benchmark's name is the file name of its samples (samples/<name>.jsonl): no paths
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -95,10 +116,29 @@ def _check_keys(obj: dict, allowed: dict, where: str) -> None:
             close = difflib.get_close_matches(str(key), list(allowed), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise InputError(f"{where}: unknown key '{key}'{hint} (allowed: {', '.join(sorted(allowed))})")
-        types = allowed[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and types in (int, (int, float))):
-            want = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        types = allowed[key] if isinstance(allowed[key], tuple) else (allowed[key],)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            want = " or ".join(t.__name__ for t in types)
             raise InputError(f"{where}: '{key}' must be {want}, got {value!r}")
+        test, want = RANGES.get(key, (None, None))
+        if test and not test(value):
+            raise InputError(f"{where}: '{key}' must be {want}, got {value!r}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (not last-wins)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the base class reports it
+            if key in seen:
+                raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                        f"found duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def resolve_suite_path(suite: str) -> Path:
@@ -115,15 +155,22 @@ def resolve_suite_path(suite: str) -> Path:
 
 
 def load_suite(suite: str) -> Suite:
+    from benchmarks.backends import BACKENDS
+    from benchmarks.text.run import BENCHMARKS
+
     path = resolve_suite_path(suite)
     raw = path.read_bytes()
     try:
-        data = yaml.safe_load(raw)
+        data = yaml.load(raw, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({err})") from None
+        mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark and problem else ""
+        raise InputError(f"{path}: not valid YAML ({at}{problem or err})") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping with keys {', '.join(sorted(SUITE_KEYS))}")
     _check_keys(data, SUITE_KEYS, str(path))
+    if data.get("backend", "chameleon") not in BACKENDS:
+        raise InputError(f"{path}: 'backend' must be one of {', '.join(BACKENDS)}, got {data['backend']!r}")
     if not data.get("benchmarks"):
         raise InputError(f"{path}: 'benchmarks' must list at least one benchmark")
     specs, names = [], set()
@@ -135,21 +182,51 @@ def load_suite(suite: str) -> Suite:
         for req in ("name", "benchmark"):
             if req not in b:
                 raise InputError(f"{where}: missing required key '{req}'")
+        if not SAFE_NAME.fullmatch(b["name"]):
+            raise InputError(f"{where}: 'name' must be 1-100 letters, digits, '.', '_' or '-', starting with a letter "
+                             f"or digit (it names samples/<name>.jsonl), got {b['name']!r}")
         where = f"{path}: benchmark '{b['name']}'"
-        if b["name"] in names:
-            raise InputError(f"{where}: duplicate name")
-        names.add(b["name"])
+        if b["name"].lower() in names:  # case-insensitive file systems would merge their samples files
+            raise InputError(f"{where}: duplicate name (letter case aside: names become file names)")
+        names.add(b["name"].lower())
+        if b["benchmark"] not in (*BENCHMARKS, *CAPTIONING):
+            close = difflib.get_close_matches(b["benchmark"], [*BENCHMARKS, *CAPTIONING], n=1)
+            raise InputError(f"{where}: unknown benchmark {b['benchmark']!r}{f'; did you mean {close[0]!r}?' if close else ''}"
+                             f" (one of {', '.join([*BENCHMARKS, *CAPTIONING])})")
         _check_keys(b.get("generation") or {}, GEN_KEYS, f"{where} generation")
         spec = BenchmarkSpec(**{**b, "generation": dict(b.get("generation") or {})})
-        if spec.k < 1 or spec.shots < 0 or (spec.limit is not None and spec.limit < 1):
-            raise InputError(f"{where}: expected k >= 1, shots >= 0, limit >= 1 or null")
+        if spec.kind == "text":
+            _check_text(spec, BENCHMARKS[spec.benchmark], b.keys() & CAPTIONING_KEYS.keys(), where)
+        else:
+            _check_captioning(spec, where)
         if spec.k > 1 and not (spec.generation.get("do_sample") and spec.generation.get("temperature", 1.0) > 0):
             raise InputError(f"{where}: k={spec.k} samples need generation.do_sample: true and temperature > 0")
-        if spec.kind == "text" and CAPTIONING_KEYS.keys() & b.keys():
-            raise InputError(f"{where}: {', '.join(sorted(CAPTIONING_KEYS.keys() & b.keys()))} apply to captioning ({', '.join(CAPTIONING)}) only")
-        if spec.subset not in SUBSETS:
-            raise InputError(f"{where}: subset must be one of {', '.join(SUBSETS)}, got {spec.subset!r}")
         specs.append(spec)
     top = {k: v for k, v in data.items() if k != "benchmarks"}
     return Suite(name=top.pop("name", path.stem), path=str(path), sha256=hashlib.sha256(raw).hexdigest(),
                  benchmarks=tuple(specs), **top)
+
+
+def _check_text(spec: BenchmarkSpec, bench, captioning_keys: set, where: str) -> None:
+    """What run_text_benchmark would refuse only after the model loads and --out is claimed."""
+    if captioning_keys:
+        raise InputError(f"{where}: {', '.join(sorted(captioning_keys))} apply to captioning ({', '.join(CAPTIONING)}) only")
+    if spec.shots > bench.max_fewshot:
+        raise InputError(f"{where}: 'shots' must be 0..{bench.max_fewshot} for {spec.benchmark}, got {spec.shots}")
+    if spec.k > 1 and bench.sampled is None:
+        raise InputError(f"{where}: {spec.benchmark} is scored by log-likelihood; 'k' must be 1, got {spec.k}")
+    if spec.maj_at and (spec.k == 1 or max(spec.maj_at) > spec.k):
+        raise InputError(f"{where}: 'maj_at' needs k > 1 and values in 1..k={spec.k}, got {spec.maj_at}")
+
+
+def _check_captioning(spec: BenchmarkSpec, where: str) -> None:
+    from benchmarks.captioning.scoring import resolve_metrics
+
+    if spec.k != 1 or spec.maj_at:
+        raise InputError(f"{where}: k and maj_at apply to text benchmarks only (one caption per image)")
+    if spec.subset not in SUBSETS:
+        raise InputError(f"{where}: 'subset' must be one of {', '.join(SUBSETS)}, got {spec.subset!r}")
+    try:
+        resolve_metrics(spec.metrics)
+    except InputError as err:
+        raise InputError(f"{where}: 'metrics': {err}") from None

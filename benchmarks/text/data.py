@@ -13,6 +13,7 @@ naming the file, the row and the field.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,42 @@ def resolve_data_files(data_files: dict[str, str], data_dir: str | Path | None =
     return resolved
 
 
+def check_task_data(tasks: set[str], data_dir: str | Path | None = None) -> None:
+    """Load every file the lm-eval tasks `tasks` (groups and tags expanded) read, through their
+    loaders: a bad file fails here, before a model is loaded or a run directory claimed."""
+    from benchmarks.text.run import text_task_manager
+
+    index = text_task_manager(data_dir).task_index
+    todo, seen = list(tasks), set()
+    while todo:
+        entry = index[todo.pop()]
+        if entry.name in seen:
+            continue
+        seen.add(entry.name)
+        cfg = entry.cfg or {}
+        if entry.kind.name == "TAG":
+            todo += entry.tags  # a tag's entry lists its member tasks
+        elif entry.kind.name == "GROUP":
+            todo += [t for t in cfg.get("task", []) if isinstance(t, str)]
+        elif isinstance(cfg.get("custom_dataset"), str):  # "<yaml dir>/benchmarks.text.data.load_<layout>"
+            loader = globals().get(cfg["custom_dataset"].rsplit(".", 1)[-1])
+            if callable(loader):
+                loader(**{**cfg.get("dataset_kwargs", {}), "data_dir": data_dir})
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; not UTF-8 -> InputError naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise InputError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save it as UTF-8") from None
+
+
 def _rows_jsonl(path: Path) -> list[tuple[int, dict]]:
     rows = []
-    with path.open(encoding="utf-8") as fh:
+    with io.StringIO(_read_text(path), newline=None) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -140,7 +174,7 @@ def load_mmlu(data_files: dict[str, str], data_dir: str | None = None, subject: 
     """MMLU csv with header `question,choice0..choice3,answer` (answer 0-3) -> cais/mmlu columns."""
     splits = {}
     for split, path in resolve_data_files(data_files, data_dir).items():
-        with path.open(encoding="utf-8", newline="") as fh:
+        with io.StringIO(_read_text(path), newline="") as fh:
             reader = csv.reader(fh)
             header = next(reader, None)
             if header != MMLU_HEADER:
