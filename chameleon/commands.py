@@ -157,7 +157,7 @@ def _fresh_output_dir(out: Path) -> None:
 def _parse_size(text: str | None) -> int | None:
     if text is None:
         return None
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
     for unit, factor in units.items():
         if text.upper().endswith(unit):
             try:

@@ -163,11 +163,8 @@ class ModelArgs(_Checked):
             raise bad(f"head dim {n('dim')}/{n('n_heads')} = {self.head_dim} must be even for RoPE")
         if self.n_heads % self.kv_heads:
             raise bad(f"{n('n_heads')} ({self.n_heads}) must be a multiple of {n('n_kv_heads')} ({self.kv_heads})")
-        # Meta's model-parallel layout gives each shard an equal slice of these.
-        mp = self.model_parallel_size
-        for what, size in ((n("n_kv_heads"), self.kv_heads), (n("vocab_size"), self.vocab_size), (n("dim"), self.dim), ("the FFN width", self.ffn_hidden_dim)):
-            if size % mp:
-                raise bad(f"{what} ({size}) must be divisible by {n('model_parallel_size')} ({mp})")
+        if self.kv_heads % self.model_parallel_size:  # each shard's heads share one q/k-norm
+            raise bad(f"{n('n_kv_heads')} ({self.kv_heads}) must be divisible by {n('model_parallel_size')} ({self.model_parallel_size})")
 
     # --- Meta params.json -------------------------------------------------------------------
     @classmethod
@@ -223,6 +220,7 @@ class ModelArgs(_Checked):
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelArgs":
         _unknown(cfg, HF_KNOWN_KEYS, source, "field(s) for a Chameleon config")
+        cfg = {k: v for k, v in cfg.items() if not (v is None and k in HF_OPTIONAL)}  # null: HF's default
         _check_fixed(cfg, {"model_type": "chameleon", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}, source)
         rope = _object(cfg.get("rope_parameters"), "rope_parameters", source)
         extra = _object(cfg.get("chameleon_bench"), "chameleon_bench", source)
@@ -276,6 +274,9 @@ HF_META_KEYS = {
     "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder", "id2label",
     "label2id", "problem_type", "chunk_size_feed_forward", "tokenizer_class", "_attn_implementation_autoset",
 }
+# ChameleonConfig fields that transformers types `X | None`: null means its default.
+HF_OPTIONAL = {"num_key_value_heads", "pad_token_id", "bos_token_id", "eos_token_id", "rope_parameters", "attention_bias",
+               "attention_dropout", "model_parallel_size", "swin_norm", "vq_config", "vocabulary_map"}
 HF_KNOWN_KEYS = HF_META_KEYS | {
     # ChameleonConfig's own fields
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -293,7 +294,8 @@ HF_VQ_NAMES = {
     "resolution": "resolution", "in_channels": "in_channels", "ch": "base_channels", "ch_mult": "channel_multiplier",
     "num_res_blocks": "num_res_blocks", "attn_resolutions": "attn_resolutions", "dropout": "dropout",
 }
-HF_VQ_KNOWN_KEYS = HF_META_KEYS | set(HF_VQ_NAMES.values()) | {"attn_type", "initializer_range"}
+# transformers' converter also keeps vqgan.yaml's names (ch, n_embed, ...) beside HF's, and adds out_channels.
+HF_VQ_KNOWN_KEYS = HF_META_KEYS | set(HF_VQ_NAMES.values()) | set(HF_VQ_NAMES) | {"out_ch", "out_channels", "attn_type", "initializer_range"}
 
 VQGAN_GROUPS = 32  # GroupNorm groups in the VQGAN (taming's): every channel count must divide by it
 
@@ -364,12 +366,18 @@ class VQGANConfig(_Checked):
         vq = _object(vq, "vq_config", source)
         _unknown(vq, HF_VQ_KNOWN_KEYS, source, "vq_config field(s)")
         _check_fixed(vq, {"model_type": "chameleon_vqgan", "attn_type": "vanilla"}, source, "vq_config.")
-        fields_ = {ours: vq[theirs] for ours, theirs in HF_VQ_NAMES.items() if theirs in vq}
+        fields_, names = {}, {}
+        for ours, theirs in {**HF_VQ_NAMES, "out_ch": "out_channels"}.items():
+            spellings = [k for k in dict.fromkeys((theirs, ours)) if k in vq]  # HF's name first
+            if len(spellings) == 2 and vq[spellings[0]] != vq[spellings[1]]:
+                raise InputError(f"{source}: vq_config.{spellings[0]} ({vq[spellings[0]]!r}) and vq_config.{spellings[1]} "
+                                 f"({vq[spellings[1]]!r}) are one field and disagree")
+            if spellings:
+                fields_[ours], names[ours] = vq[spellings[0]], f"vq_config.{spellings[0]}"
+        if "out_ch" not in fields_ and "in_channels" in fields_:
+            fields_["out_ch"], names["out_ch"] = fields_["in_channels"], "vq_config.in_channels"  # HF has one for both
         if "attn_resolutions" in fields_ and fields_["attn_resolutions"] is None:
             fields_["attn_resolutions"] = []  # HF's default
-        if "in_channels" in fields_:
-            fields_["out_ch"] = fields_["in_channels"]  # HF has one for both
-        names = {ours: f"vq_config.{theirs}" for ours, theirs in {**HF_VQ_NAMES, "out_ch": "in_channels"}.items()}
         return cls.from_dict(fields_, source, names)
 
 

@@ -137,6 +137,10 @@ def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> list[Tensor
     mp = args.model_parallel_size
     if num_shards not in (1, mp):
         raise InputError(f"--shards {num_shards}: a Meta checkpoint has 1 file or model_parallel_size={mp} files")
+    if num_shards > 1:  # Meta's model-parallel layout gives each shard an equal slice of these
+        for what, size in (("vocab_size", args.vocab_size), ("dim", args.dim), ("the FFN width", args.ffn_hidden_dim)):
+            if size % num_shards:
+                raise InputError(f"--shards {num_shards}: {what} ({size}) does not split into {num_shards} equal shards; save with --shards 1")
     shards: list[Tensors] = [{} for _ in range(num_shards)]
     for name, w in sd.items():
         if name.endswith((".q_norm.weight", ".q_norm.bias", ".k_norm.weight", ".k_norm.bias")):

@@ -24,6 +24,10 @@ MODES = ("text", "image", "interleaved")
 CACHE_BUCKET = 256
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class GenerationOptions:
     max_new_tokens: int = 256
@@ -61,14 +65,15 @@ class GenerationOptions:
             ("cfg_image_scale", lambda v: True, ""),
         ):
             value = getattr(self, name)
-            if not (math.isfinite(value) and ok(value)):
+            if not (_is_number(value) and math.isfinite(value) and ok(value)):
                 raise InputError(f"{name} must be a finite number{expected}, got {value!r}")
-        if any(math.isnan(b) for b in self.logit_bias.values()):
-            raise InputError("logit_bias: NaN is not a bias (use -inf to ban a token)")
+        for token, bias in self.logit_bias.items():
+            if not (_is_number(bias) and (math.isfinite(bias) or bias == -math.inf)):
+                raise InputError(f"logit_bias[{token!r}] must be a finite number or -inf (to ban the token), got {bias!r}")
         self.stop_ids = tuple(self.stop_ids)
         self.stop_strings = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings)
-        if not all(self.stop_strings):
-            raise InputError("stop_strings: an empty string would stop every row at once")
+        if not all(isinstance(s, str) and s for s in self.stop_strings):
+            raise InputError(f"stop_strings must be non-empty strings (an empty one would stop every row at once), got {list(self.stop_strings)!r}")
 
     @property
     def guided(self) -> bool:
@@ -188,7 +193,7 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
             raise InputError(f"logit_bias: {t} is not a token id: expected 0..{args.vocab_size - 1}")
     # A prompt ending in begin-of-image asks for that image (as Meta's decoder reads it): it is
     # generated as if the boi were the output's first token, which it becomes.
-    opens_image = [len(p) > 1 and p[-1] == tok.boi_id for p in prompts]
+    opens_image = [p[-1] == tok.boi_id for p in prompts]
     if any(opens_image):
         i = opens_image.index(True)
         if opts.mode == "text":
@@ -196,6 +201,8 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
         if opts.mode == "interleaved" and opts.max_new_tokens < n_codes + 2:
             raise InputError(f"prompt {i} ends with begin-of-image: its image needs max_new_tokens >= {n_codes + 2}, got {opts.max_new_tokens}")
         prompts = [p[:-1] if o else p for p, o in zip(prompts, opens_image)]
+        if not all(prompts):
+            raise InputError(f"prompt {[len(p) for p in prompts].index(0)} is only begin-of-image: start it with <s> (encode_prompt does)")
     budget = opts.max_new_tokens
     if opts.mode == "image":
         budget = n_codes + 2  # boi + codes + eoi, whatever max_new_tokens says

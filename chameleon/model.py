@@ -498,6 +498,7 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.attention.fuse_(input_major)
             block.feed_forward.fuse_(input_major)
+        self._warned_stale = False  # fused afresh: a later replacement warns again
 
     def fused_tensors(self) -> list[Fused]:
         return [f for b in self.layers for m in (b.attention, b.feed_forward) for f in (m.fused or [])]

@@ -68,10 +68,11 @@ class ChameleonTokenizer:
             if name not in vocab:
                 raise InputError(f"{source}: special token {name!r} ({key}) is missing from the vocabulary")
             setattr(self, f"{key}_id", vocab[name])
-        # Ids that never render as text (and that text generation never samples, as in Meta's
-        # decoder): image codes and control tokens. A control token is an added token that the
-        # tokenizer marks special or that is named like one (`<unk>`, `<image>`, `<reserved08707>`);
-        # BPE tokens of the vocabulary such as `<<` stay text.
+        # Ids that never render as text, and that text generation never samples (Meta's decoder
+        # samples none of them either): image codes and control tokens. A control token is an added
+        # token that the tokenizer marks special or that is named like one (`<unk>`, `<image>`,
+        # `<reserved08707>`). Unlike Meta's rule (any name starting with '<'), BPE tokens of the
+        # vocabulary such as `<<` or `</` stay text.
         specials = {self.bos_id, self.pad_id, self.eos_id, self.eoi_id, self.boi_id, self.eot_id}
         specials |= {tid for tid, added in tokenizer.get_added_tokens_decoder().items() if added.special or CONTROL_NAME_RE.match(added.content)}
         self.non_text_ids = torch.zeros(self.vocab_size, dtype=torch.bool)

@@ -19,7 +19,7 @@ def _segments(segments, out_dir: Path, prefix: str) -> list[dict]:
         if isinstance(seg, Image.Image):
             n_images += 1
             name = f"{prefix}_image_{n_images}.png"
-            to_rgb(seg).save(out_dir / name)  # as the model sees it (PNG cannot hold CMYK, for one)
+            to_rgb(seg).save(out_dir / name)  # RGB on white, as the model reads it (PNG cannot hold CMYK)
             rendered.append({"kind": "image", "src": name})
         else:
             rendered.append({"kind": "text", "text": seg})

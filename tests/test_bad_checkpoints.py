@@ -76,7 +76,8 @@ CONFIG_CASES = [
     ("hf", "config.json", "vq_config.dropout", "x", ["'vq_config.dropout' must be a number in [0, 1)"]),
     ("hf", "config.json", "vq_config.embed_dim", None, ["'vq_config.embed_dim'"]),
     ("hf", "config.json", "vq_config.double_latent", 0, ["'vq_config.double_latent' must be true or false"]),
-    ("hf", "config.json", "vq_config.out_channels", 3, ["unknown vq_config field(s): out_channels"]),
+    ("hf", "config.json", "vq_config.ch", 64, ["vq_config.base_channels", "vq_config.ch (64) are one field and disagree"]),
+    ("hf", "config.json", "vq_config.out_chanels", 3, ["unknown vq_config field(s): out_chanels (did you mean 'out_channels'?)"]),
     ("hf", "config.json", "vq_config.attn_type", "linear", ["'vq_config.attn_type' is 'linear'"]),
     # Meta params.json (+ consolidate_params.json) and tokenizer/vqgan.yaml.
     ("meta", "params.json", "model", None, ["field 'model' must be an object"]),
@@ -205,3 +206,19 @@ def test_meta_shards_and_vqgan_ckpt(copy):
     expect_error(ckpt, "vqgan.ckpt", "encoder.conv_in.weight is a list, expected a tensor")
     vq.write_bytes(b"")
     expect_error(ckpt, "vqgan.ckpt", "empty file")
+
+
+def test_hf_config_as_transformers_writes_it(copy):
+    """transformers' Meta -> HF converter keeps vqgan.yaml's names beside HF's in vq_config (and adds
+    out_channels); fields that ChameleonConfig types `X | None` may be null. All of it loads."""
+    ckpt = copy("hf")
+    cfg = json.loads((ckpt / "config.json").read_text())
+    vq = cfg["vq_config"]
+    aliases = {"n_embed": "num_embeddings", "double_z": "double_latent", "z_channels": "latent_channels", "ch": "base_channels",
+               "ch_mult": "channel_multiplier", "out_ch": "in_channels", "out_channels": "in_channels"}
+    vq.update({alias: vq[name] for alias, name in aliases.items()})
+    cfg.update(model_parallel_size=None, swin_norm=None, attention_bias=None)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    loaded = read_checkpoint(ckpt)
+    assert loaded.vq_config == read_checkpoint(copy("meta")).vq_config
+    assert (loaded.args.model_parallel_size, loaded.args.swin_norm) == (1, False)

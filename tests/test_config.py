@@ -43,6 +43,6 @@ def test_params_json_fields_are_checked():
         ModelArgs.from_params({"dim": 64, "n_heads": 4, "n_kv_heads": 3})
     with pytest.raises(InputError, match="positive integer"):
         ModelArgs.from_params({"dim": -1})
-    # Meta's model-parallel shards hold equal slices.
-    with pytest.raises(InputError, match=r"'vocab_size' \(4097\) must be divisible by 'model_parallel_size' \(2\)"):
-        ModelArgs.from_params({"dim": 64, "n_heads": 4, "vocab_size": 4097, "model_parallel_size": 2})
+    # Each model-parallel shard's heads share one q/k-norm.
+    with pytest.raises(InputError, match=r"'n_kv_heads' \(3\) must be divisible by 'model_parallel_size' \(2\)"):
+        ModelArgs.from_params({"dim": 96, "n_heads": 3, "model_parallel_size": 2})

@@ -128,3 +128,17 @@ def test_hf_checkpoint_without_vqgan_decoder_is_not_written_as_meta(tiny_hf, tmp
     assert main(["convert", str(encoder_only), str(tmp_path / "meta"), "--to", "meta"]) == 2
     assert "no VQGAN decoder weights" in capsys.readouterr().err
     assert not (tmp_path / "meta").exists()
+
+
+def test_unequal_model_parallel_slices_are_refused_when_written(tmp_path, capsys):
+    """A vocabulary that does not split evenly (a fine-tune's added token) loads from HF, but
+    cannot become equal Meta shards; one file is fine."""
+    from dataclasses import replace
+
+    from chameleon.config import preset
+    from chameleon.tiny import build_tiny_model
+
+    hf = build_tiny_model(tmp_path / "hf", "hf", args=replace(preset("tiny"), vocab_size=4097, model_parallel_size=2))
+    assert chameleon.load(hf).config.vocab_size == 4097
+    assert main(["convert", str(hf), str(tmp_path / "meta"), "--to", "meta"]) == 2
+    assert "vocab_size (4097) does not split into 2 equal shards" in capsys.readouterr().err

@@ -144,6 +144,8 @@ def test_prompt_ending_in_begin_of_image_continues_that_image(tiny_model):
         generate(tiny_model, [ids + [tok.boi_id]], GenerationOptions())
     with pytest.raises(InputError, match=f"max_new_tokens >= {n + 2}"):
         generate(tiny_model, [ids + [tok.boi_id]], GenerationOptions(mode="interleaved", max_new_tokens=n))
+    with pytest.raises(InputError, match="prompt 1 is only begin-of-image"):
+        generate(tiny_model, [ids + [tok.boi_id], [tok.boi_id]], image)
 
 
 def test_image_mode_yields_exactly_one_image(tiny_model):
@@ -190,8 +192,15 @@ def test_generation_options_are_checked(tiny_model):
             generate(tiny_model, prompt, GenerationOptions(max_new_tokens=2, logit_bias={bad: 5.0}))
     with pytest.raises(InputError, match="top_k must be >= 0"):
         GenerationOptions(top_k=-3)
-    with pytest.raises(InputError, match="empty string"):
+    with pytest.raises(InputError, match="stop_strings must be non-empty strings"):
         GenerationOptions(stop_strings=("",))
+    with pytest.raises(InputError, match=r"stop_strings must be non-empty strings .* got \[None\]"):
+        GenerationOptions(stop_strings=[None])
+    with pytest.raises(InputError, match=r"logit_bias\[5\] must be a finite number or -inf"):
+        GenerationOptions(logit_bias={5: float("inf")})
+    GenerationOptions(logit_bias={5: float("-inf")})  # bans token 5
+    with pytest.raises(InputError, match="temperature must be a finite number >= 0, got '0.7'"):
+        GenerationOptions(temperature="0.7")
     assert GenerationOptions(stop_strings="\n\n").stop_strings == ("\n\n",)  # one string, not its characters
 
 
