@@ -156,9 +156,9 @@ H = "9f2c" * 16  # a request hash
         ([{"request_hash": H, "loglikelihood": None}], r":1: field 'loglikelihood' must be a number <= 0.*got None"),
         ([{"request_hash": H, "loglikelihood": -1.0, "is_greedy": "yes"}], r":1: field 'is_greedy' must be true or false"),
         ([{"request_hash": H, "output": "a"}, {"request_hash": H, "output": "b"}],
-         rf":2: request_hash '{H}' sample 0 already has a response on line 1"),
+         rf":2: request_hash '{H}' sample 0 has another response on line 1"),
         ([{"item_id": "gsm8k/7", "sample": 1, "output": "a"}, {"item_id": "gsm8k/7", "sample": 1, "output": "b"}],
-         r":2: item_id 'gsm8k/7' sample 1 already has a response on line 1"),
+         r":2: item_id 'gsm8k/7' sample 1 has another response on line 1"),
         ([], r": holds no responses"),
     ],
 )
@@ -167,6 +167,14 @@ def test_responses_file_fields_checked(tmp_path, lines, message):
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     with pytest.raises(InputError, match="responses.jsonl" + message):
         load_backend("responses", str(path))
+
+
+def test_responses_file_repeats_are_fine(tmp_path):
+    """Samples files hold one record per filter, so one request's response may come twice: equal repeats load."""
+    path = tmp_path / "responses.jsonl"
+    line = json.dumps({"request_hash": "h" * 64, "item_id": "gsm8k/7", "output": "The answer is 1."}) + "\n"
+    path.write_text(line * 2)
+    assert load_backend("responses", str(path)).by_hash[("h" * 64, 0)]["output"] == "The answer is 1."
 
 
 def test_responses_file_encoding_and_line_breaks(tmp_path):
@@ -180,10 +188,16 @@ def test_responses_file_encoding_and_line_breaks(tmp_path):
     assert load_backend("responses", str(path)).generate_until([req]) == ["a\u2028b"]
 
 
-def test_hf_fingerprint_includes_dtype(hf, tiny_hf):
+def test_hf_dtype_is_described_for_the_run_identity(hf, tiny_hf):
+    """The fingerprint identifies the checkpoint files; the dtype, which changes outputs too, is in
+    the description, which the run directory's identity records (a bf16 rerun of an fp32 run is refused)."""
+    from benchmarks.runner.run import run_identity
+    from benchmarks.runner.suite import load_suite
+
     half = load_backend("hf", str(tiny_hf), dtype="bfloat16")
-    assert half.fingerprint != hf.fingerprint and len(half.fingerprint) == 64  # one run dir cache each
-    assert load_backend("hf", str(tiny_hf)).fingerprint == hf.fingerprint
+    assert half.fingerprint == hf.fingerprint and len(hf.fingerprint) == 64
+    suite = load_suite("smoke")
+    assert run_identity(suite, half.describe())["dtype"] != run_identity(suite, hf.describe())["dtype"]
 
 
 def test_hf_unloadable_checkpoint_dir(tiny_hf, tmp_path):

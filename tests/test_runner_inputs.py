@@ -65,7 +65,7 @@ def test_shipped_suites_load():
     (GOOD.replace("shots: 5", "generation: {until: ['Q:', '']}"), r"s\.yaml: benchmark 'm' generation: 'until' must be a list of non-empty strings"),
     (GOOD.replace("shots: 5", "generation: {until: [3]}"), r"'until' must be a list of non-empty strings, got \[3\]"),
     # names become file names: no paths
-    (GOOD.replace("name: m", "name: ../../escaped"), r"benchmarks\[0\]: 'name' must be 1-100 letters, digits.*got '\.\./\.\./escaped'"),
+    (GOOD.replace("name: m", "name: ../../escaped"), r"benchmarks\[0\]: 'name' must be 1-100 characters without '/'.*got '\.\./\.\./escaped'"),
     (GOOD.replace("name: m", "name: a/b"), r"benchmarks\[0\]: 'name' must be .*got 'a/b'"),
     (GOOD + "  - {name: M, benchmark: gsm8k}\n", r"benchmark 'M': duplicate name"),
     # a key given twice is not last-wins
@@ -139,6 +139,30 @@ def test_run_dir_belongs_to_one_suite_and_settings(tmp_path):
 
 
 MODEL = {"backend": "chameleon", "fingerprint": "f" * 64, "dtype": "torch.float32"}
+
+
+def test_run_identity_records_inputs_as_they_take_effect(tmp_path, monkeypatch):
+    """Shipped data and images given explicitly are the defaults; an --images-dir for a dataset the
+    suite lacks changes nothing; relative suite paths are resolved (another cwd reads other files)."""
+    from benchmarks.runner.captioning import DEFAULT_IMAGES
+    from benchmarks.runner.run import run_identity
+    from benchmarks.text.data import SHIPPED_DATA_DIR
+
+    suite = load_suite(str(suite_file(tmp_path, "name: s\nbenchmarks:\n  - {name: g, benchmark: gsm8k}\n"
+                                                 "  - {name: c, benchmark: coco, references: refs.json}\n")))
+    implicit = run_identity(suite, MODEL)
+    assert implicit == run_identity(suite, MODEL, data_dir=SHIPPED_DATA_DIR, images_dirs={"coco": DEFAULT_IMAGES["coco"],
+                                                                                          "flickr30k": tmp_path})
+    assert implicit["images_dirs"] == {"coco": None} and implicit["data_dir"] is None
+    assert run_identity(suite, MODEL, images_dirs={"coco": tmp_path})["images_dirs"] == {"coco": str(tmp_path.resolve())}
+    monkeypatch.chdir(tmp_path)
+    assert run_identity(suite, MODEL)["caption_files"] == {"c": [str(tmp_path.resolve() / "refs.json"), None, None]}
+
+
+def test_yaml_merge_keys_and_free_names(tmp_path):
+    text = "name: s\nbenchmarks:\n  - &d {name: a, benchmark: gsm8k, shots: 0, limit: 2}\n  - {<<: *d, name: 'gsm8k@8 (0-shot)', limit: 1}\n"
+    spec = load_suite(str(suite_file(tmp_path, text))).benchmarks[1]
+    assert (spec.name, spec.benchmark, spec.shots, spec.limit) == ("gsm8k@8 (0-shot)", "gsm8k", 0, 1)
 
 
 def test_claim_run_dir_identity_and_old_manifests(tmp_path):
@@ -259,3 +283,18 @@ def test_results_table():
     row = next(line for line in table.splitlines() if line.startswith("mmlu"))
     assert row.split() == ["mmlu", "chameleon_mmlu/acc,none", "75.0", "49.0", "4", "2"]
     assert "0.800" in next(line for line in table.splitlines() if line.startswith("coco"))
+
+
+def test_exemplar_pool_checked_before_out_is_claimed(tmp_path):
+    from benchmarks.runner.run import run_suite
+
+    class Backend:
+        def describe(self):
+            return MODEL
+
+    text = (f"name: s\nbenchmarks:\n  - {{name: c, benchmark: coco, shots: 2, limit: 1, exemplars: coco_karpathy_test, "
+            f"exemplar_split: test, exemplar_images: {tmp_path / 'no_such_dir'}}}\n")
+    suite = load_suite(str(suite_file(tmp_path, text)))
+    with pytest.raises(InputError, match=r"s\.yaml: benchmark 'c': .*no_such_dir"):
+        run_suite(suite, Backend(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

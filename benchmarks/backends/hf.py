@@ -11,9 +11,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub.errors import StrictDataclassError
 from lm_eval.api.registry import register_model
 from safetensors import SafetensorError
+
+try:  # config fields of the wrong type, with huggingface_hub's strict dataclasses (transformers 5)
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:
+    StrictDataclassError = ValueError
 
 from benchmarks.backends.base import GenSettings, Segment
 from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score
@@ -23,14 +27,13 @@ from chameleon.generate import row_seed
 
 # what transformers raises for a malformed checkpoint directory: bad JSON, unknown model_type,
 # missing or corrupt weights, a config field of the wrong type, weights of the wrong shape
-LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, AssertionError, SafetensorError,
-               StrictDataclassError)
+LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, AssertionError, SafetensorError, StrictDataclassError)
 
 
-def hash_checkpoint(path: Path, dtype: torch.dtype) -> str:
-    """sha256 over the dtype the weights are loaded in and the config and weight files of a HF
-    checkpoint directory: another dtype gives other outputs, so it must not share a cache."""
-    h = hashlib.sha256(str(dtype).encode())
+def hash_checkpoint(path: Path) -> str:
+    """sha256 over config and weight files of a HF checkpoint directory (the dtype it is loaded in
+    is part of a run's identity, see runner/run.py)."""
+    h = hashlib.sha256()
     files = sorted(p for p in path.iterdir() if p.suffix in {".json", ".safetensors", ".bin", ".model"})
     for p in files:
         h.update(p.name.encode())
@@ -76,7 +79,7 @@ class HFBackend(TokenLM):
         self.eot_token_id = first(self.tokenizer.eos_token_id, getattr(config, "eos_token_id", None))
         self.bos_id = first(self.tokenizer.bos_token_id, getattr(config, "bos_token_id", None))
         self.pad_id = first(self.tokenizer.pad_token_id, getattr(config, "pad_token_id", None), self.eot_token_id, 0)
-        self._fingerprint = hash_checkpoint(path, self.model.dtype)
+        self._fingerprint = hash_checkpoint(path)
 
     @property
     def fingerprint(self) -> str:

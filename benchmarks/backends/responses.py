@@ -32,6 +32,7 @@ FIELDS = {
     "loglikelihood": (lambda v: type(v) in (int, float) and v <= 0, "a number <= 0 (a log-probability)"),
     "is_greedy": (lambda v: isinstance(v, bool), "true or false"),
 }
+RESPONSE_FIELDS = ("output", "loglikelihood", "is_greedy")
 
 
 @register_model("responses")
@@ -52,7 +53,7 @@ class ResponsesBackend(MixedModalLM):
             raise InputError(f"{self.path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         self.by_hash: dict[tuple[str, int], dict] = {}
         self.by_item: dict[tuple[str, int], dict] = {}
-        seen: dict[tuple, int] = {}  # (field, value, sample) -> line
+        seen: dict[tuple, tuple[int, tuple]] = {}  # (field, value, sample) -> (line, response)
         for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
             if not line.strip():
                 continue
@@ -68,13 +69,15 @@ class ResponsesBackend(MixedModalLM):
                 if name in rec and not ok(rec[name]):
                     raise InputError(f"{self.path}:{n}: field {name!r} must be {expected}, got {rec[name]!r:.80}")
             sample = rec.get("sample", 0)
+            response = tuple(rec.get(k) for k in RESPONSE_FIELDS)
             for field, table in (("request_hash", self.by_hash), ("item_id", self.by_item)):
                 if field in rec:
-                    first = seen.setdefault((field, rec[field], sample), n)
-                    if first != n:
-                        raise InputError(f"{self.path}:{n}: {field} {rec[field]!r} sample {sample} already has a "
+                    # A repeat (samples files hold one record per filter) is fine; a different answer is not.
+                    first, earlier = seen.setdefault((field, rec[field], sample), (n, response))
+                    if earlier != response:
+                        raise InputError(f"{self.path}:{n}: {field} {rec[field]!r} sample {sample} has another "
                                          f"response on line {first}; expected one per request and sample")
-                    table[(rec[field], sample)] = rec
+                    table.setdefault((rec[field], sample), rec)
         if not seen:
             raise InputError(f"{self.path}: holds no responses; expected one JSON object per line")
 

@@ -52,7 +52,7 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
     items = items[:limit]
     gen_kwargs = {"until": [], "max_gen_toks": 30, "do_sample": False, **spec.generation}
     settings = CaptionSettings(shots=spec.shots, max_new_tokens=int(gen_kwargs["max_gen_toks"]), seed=seed)
-    pool, pool_images = _exemplar_pool(spec, references=references, found=found, image_dir=image_dir)
+    pool, pool_images = exemplar_pool(spec, references=references, found=found, image_dir=image_dir)
     images_by_id = {**pool_images, **found}  # scored items win where ids coincide
     gen_hash = parse_gen_kwargs(gen_kwargs).digest()
     file_digest = functools.cache(sha256_file)  # shot images recur across items
@@ -127,7 +127,7 @@ def find_images(spec: BenchmarkSpec, references: list, image_dir: Path) -> tuple
     return found, missing
 
 
-def _exemplar_pool(spec: BenchmarkSpec, *, references: list, found: dict, image_dir: Path) -> tuple[list, dict]:
+def exemplar_pool(spec: BenchmarkSpec, *, references: list, found: dict, image_dir: Path) -> tuple[list, dict]:
     """The few-shot pool (items with an image) and its images: the suite's `exemplars` (e.g. Karpathy
     train, as the paper's protocol implies), or else the scored split itself (each query excluded
     from its own shots)."""

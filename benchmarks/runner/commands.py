@@ -69,7 +69,7 @@ def run_command(args) -> int:
     check_out_dir(args.out)
     verbose = args.verbose
     configure_console(verbose)
-    check_inputs(suite, args.data_dir, images_dirs)  # before the model loads (run_suite checks again, for other callers)
+    check_inputs(suite, args.data_dir, images_dirs)  # before the model loads
     dist = init_dist()
     kind = args.backend or suite.backend
     kwargs = {} if kind == "responses" else {"batch_size": args.batch_size or suite.batch_size,
@@ -79,7 +79,7 @@ def run_command(args) -> int:
     backend = load_backend(kind, args.model, **kwargs)
     results = run_suite(suite, backend, args.out, limit=args.limit, images_dirs=images_dirs,
                         data_dir=args.data_dir, dist=dist, chunk_size=args.chunk_size, command=sys.argv,
-                        verbose=verbose)
+                        verbose=verbose, inputs_checked=True)
     if dist.is_main:
         print(format_results_table(results))
         print(f"results: {args.out / 'results.json'}")

@@ -38,36 +38,50 @@ def _now() -> str:
 
 
 def check_inputs(suite: Suite, data_dir: str | Path | None = None, images_dirs: dict[str, Path] | None = None) -> None:
-    """Read every data file the suite will, and look for each captioning benchmark's images, so
-    bad inputs fail before the model loads and --out is claimed, not hours into a suite (the loaders
-    run again inside the benchmarks: this costs a second read of the data)."""
-    from benchmarks.runner.captioning import DEFAULT_IMAGES, DEFAULT_REFERENCES, find_images
+    """Read every data file the suite will, and look for each captioning benchmark's images and
+    few-shot pool, so bad inputs fail before the model loads and --out is claimed, not hours into a
+    suite (the benchmarks read their inputs again)."""
+    from benchmarks.runner.captioning import DEFAULT_IMAGES, DEFAULT_REFERENCES, exemplar_pool, find_images
     from benchmarks.captioning.references import load_references
     from benchmarks.text.data import check_task_data
     from benchmarks.text.run import BENCHMARKS
 
     text = [s for s in suite.benchmarks if s.kind == "text"]
-    if text or data_dir is not None:
+    if text:
         bench = [BENCHMARKS[s.benchmark] for s in text]
         check_task_data({b.greedy if s.k == 1 else b.sampled for s, b in zip(text, bench)}, data_dir)
     for spec in (s for s in suite.benchmarks if s.kind == "captioning"):
         try:
             references = load_references(spec.references or DEFAULT_REFERENCES[spec.benchmark])
-            if spec.exemplars and spec.shots:
-                load_references(spec.exemplars, split=spec.exemplar_split)
+            image_dir = Path((images_dirs or {}).get(spec.benchmark) or DEFAULT_IMAGES[spec.benchmark])
+            found, _ = find_images(spec, references, image_dir)
+            exemplar_pool(spec, references=references, found=found, image_dir=image_dir)
         except InputError as err:
-            raise InputError(f"{suite.path}: benchmark '{spec.name}': {err}") from None
-        find_images(spec, references, Path((images_dirs or {}).get(spec.benchmark) or DEFAULT_IMAGES[spec.benchmark]))
+            raise InputError(f"{suite.path}: {err}" if str(err).startswith("benchmark '") else
+                             f"{suite.path}: benchmark '{spec.name}': {err}") from None
 
 
 def run_identity(suite: Suite, model: dict, *, limit=None, images_dirs=None, data_dir=None) -> dict:
     """What a run's results depend on besides the weights: a rerun into the same --out must match it.
-    Batch size, chunk size and process count are left out (they do not change results)."""
-    def absolute(p):
-        return str(Path(p).expanduser().resolve()) if p else None
+    Inputs as they take effect: the shipped data and images (given or by default) are null, so the
+    record survives a move of the repository; other paths are absolute (a relative path in the
+    suite is read from the working directory). Batch size, chunk size and process count are left
+    out (they do not change results)."""
+    from benchmarks.captioning.references import SHIPPED
+    from benchmarks.runner.captioning import DEFAULT_IMAGES
+    from benchmarks.text.data import SHIPPED_DATA_DIR
 
-    return {"suite_sha256": suite.sha256, "limit": limit, "dtype": model.get("dtype"), "data_dir": absolute(data_dir),
-            "images_dirs": {k: absolute(v) for k, v in sorted((images_dirs or {}).items())}}
+    def where(path, shipped=None):
+        if path is None or str(path) in SHIPPED:
+            return None
+        resolved = Path(path).expanduser().resolve()
+        return None if shipped is not None and resolved == Path(shipped).resolve() else str(resolved)
+
+    captioning = [s for s in suite.benchmarks if s.kind == "captioning"]
+    return {"suite_sha256": suite.sha256, "limit": limit, "dtype": model.get("dtype"),
+            "data_dir": where(data_dir, SHIPPED_DATA_DIR) if any(s.kind == "text" for s in suite.benchmarks) else None,
+            "images_dirs": {b: where((images_dirs or {}).get(b), DEFAULT_IMAGES[b]) for b in sorted({s.benchmark for s in captioning})},
+            "caption_files": {s.name: [where(s.references), where(s.exemplars), where(s.exemplar_images)] for s in captioning}}
 
 
 def _recorded_identity(out: Path, manifest: dict) -> dict:
@@ -150,15 +164,17 @@ def claim_run_dir(out: Path, model: dict, dist: Dist, identity: dict) -> None:
 def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: int | None = None,
               images_dirs: dict[str, Path] | None = None, data_dir: str | Path | None = None,
               dist: Dist = Dist(), chunk_size: int | None = None, command: list[str] | None = None,
-              progress: bool = True, verbose: bool = False) -> dict:
+              progress: bool = True, verbose: bool = False, inputs_checked: bool = False) -> dict:
     """Run `suite` with `backend`; return results.json's content (written on the main process).
 
     `progress`: one bar per benchmark and a summary line when it ends, on stderr of the main process.
     `verbose`: lm-eval's own progress bars too (its logging is commands.py's `--verbose`).
+    `inputs_checked`: the caller ran `check_inputs` already (before loading the model).
     """
     out = Path(out)
     model = backend.describe()
-    check_inputs(suite, data_dir, images_dirs)
+    if not inputs_checked:
+        check_inputs(suite, data_dir, images_dirs)
     claim_run_dir(out, model, dist, run_identity(suite, model, limit=limit, images_dirs=images_dirs, data_dir=data_dir))
     store = RecordStore(out / "cache", shard=f"rank{dist.rank}")
     lm = ResumableLM(backend, store, dist, chunk_size=chunk_size or 4 * getattr(backend, "batch_size", 8))

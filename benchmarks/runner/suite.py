@@ -68,7 +68,7 @@ RANGES = {
     "until": (lambda v: all(isinstance(x, str) and x for x in v), "a list of non-empty strings"),
 }
 # A benchmark's name is the file name of its samples (samples/<name>.jsonl): no paths
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+SAFE_NAME = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]{0,99}")  # no separators, no leading dot
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, Hashable):
                 continue  # the base class reports it
@@ -183,8 +185,8 @@ def load_suite(suite: str) -> Suite:
             if req not in b:
                 raise InputError(f"{where}: missing required key '{req}'")
         if not SAFE_NAME.fullmatch(b["name"]):
-            raise InputError(f"{where}: 'name' must be 1-100 letters, digits, '.', '_' or '-', starting with a letter "
-                             f"or digit (it names samples/<name>.jsonl), got {b['name']!r}")
+            raise InputError(f"{where}: 'name' must be 1-100 characters without '/', '\\' or control characters, "
+                             f"not starting with '.' (it names samples/<name>.jsonl), got {b['name']!r}")
         where = f"{path}: benchmark '{b['name']}'"
         if b["name"].lower() in names:  # case-insensitive file systems would merge their samples files
             raise InputError(f"{where}: duplicate name (letter case aside: names become file names)")
