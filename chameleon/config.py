@@ -359,7 +359,10 @@ class VQGANConfig(_Checked):
 
     def to_hf(self) -> dict[str, Any]:
         ours = dataclasses.asdict(self)
-        return {"model_type": "chameleon_vqgan", **{theirs: ours[k] for k, theirs in HF_VQ_NAMES.items()}, "attn_type": "vanilla"}
+        out = {"model_type": "chameleon_vqgan", **{theirs: ours[k] for k, theirs in HF_VQ_NAMES.items()}, "attn_type": "vanilla"}
+        if self.out_ch != self.in_channels:  # HF has one field for both; keep ours (as transformers' converter does)
+            out["out_channels"] = self.out_ch
+        return out
 
     @classmethod
     def from_hf(cls, vq: Any, source: str = "config.json") -> "VQGANConfig":

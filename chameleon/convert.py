@@ -140,7 +140,7 @@ def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> list[Tensor
     if num_shards > 1:  # Meta's model-parallel layout gives each shard an equal slice of these
         for what, size in (("vocab_size", args.vocab_size), ("dim", args.dim), ("the FFN width", args.ffn_hidden_dim)):
             if size % num_shards:
-                raise InputError(f"--shards {num_shards}: {what} ({size}) does not split into {num_shards} equal shards; save with --shards 1")
+                raise InputError(f"--shards {num_shards}: {what} ({size}) does not split into {num_shards} equal shards; save with --shards 1, or keep the HF format")
     shards: list[Tensors] = [{} for _ in range(num_shards)]
     for name, w in sd.items():
         if name.endswith((".q_norm.weight", ".q_norm.bias", ".k_norm.weight", ".k_norm.bias")):
@@ -153,7 +153,7 @@ def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> list[Tensor
                 )
             # A single file of a model-parallel model keeps shard 0's norm: lossless only if all agree.
             if num_shards == 1 and mp > 1 and not torch.equal(groups[:, 0], groups[:1, 0].expand_as(groups[:, 0])):
-                raise InputError(f"weight {name}: shards have different q/k-norms; save with --shards {mp}")
+                raise InputError(f"weight {name}: shards have different q/k-norms; save with --shards {mp}, or keep the HF format")
             meta_name = name.replace("q_norm", "q_normalization").replace("k_norm", "k_normalization")
             for s in range(num_shards):
                 shards[s][meta_name] = groups[s, 0].clone()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -24,8 +25,14 @@ MODES = ("text", "image", "interleaved")
 CACHE_BUCKET = 256
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _number(value) -> float | None:
+    """A real number as a float (numpy scalars too; inf for one too large), else None."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range
+        return math.inf if value > 0 else -math.inf
 
 
 @dataclass
@@ -64,12 +71,14 @@ class GenerationOptions:
             ("cfg_text_scale", lambda v: True, ""),
             ("cfg_image_scale", lambda v: True, ""),
         ):
-            value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value) and ok(value)):
-                raise InputError(f"{name} must be a finite number{expected}, got {value!r}")
+            value = _number(getattr(self, name))
+            if value is None or not math.isfinite(value) or not ok(value):
+                raise InputError(f"{name} must be a finite number{expected}, got {getattr(self, name)!r}")
         for token, bias in self.logit_bias.items():
-            if not (_is_number(bias) and (math.isfinite(bias) or bias == -math.inf)):
+            value = _number(bias)
+            if value is None or not (math.isfinite(value) or value == -math.inf):
                 raise InputError(f"logit_bias[{token!r}] must be a finite number or -inf (to ban the token), got {bias!r}")
+        self.logit_bias = {token: _number(bias) for token, bias in self.logit_bias.items()}
         self.stop_ids = tuple(self.stop_ids)
         self.stop_strings = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings)
         if not all(isinstance(s, str) and s for s in self.stop_strings):

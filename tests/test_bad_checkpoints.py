@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from chameleon.checkpoint import read_checkpoint
+from chameleon.config import VQGANConfig
 from tests.conftest import expect_error
 
 VQ_YAML = "tokenizer/vqgan.yaml"
@@ -222,3 +223,8 @@ def test_hf_config_as_transformers_writes_it(copy):
     loaded = read_checkpoint(ckpt)
     assert loaded.vq_config == read_checkpoint(copy("meta")).vq_config
     assert (loaded.args.model_parallel_size, loaded.args.swin_norm) == (1, False)
+    # An alias alone is read as its field.
+    del vq["base_channels"]
+    vq["ch"] = 2 * vq["ch"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert VQGANConfig.from_hf(vq).ch == vq["ch"]

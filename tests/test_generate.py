@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -201,6 +202,10 @@ def test_generation_options_are_checked(tiny_model):
     GenerationOptions(logit_bias={5: float("-inf")})  # bans token 5
     with pytest.raises(InputError, match="temperature must be a finite number >= 0, got '0.7'"):
         GenerationOptions(temperature="0.7")
+    with pytest.raises(InputError, match="temperature must be a finite number >= 0"):
+        GenerationOptions(temperature=10**400)  # beyond float range
+    numpy_values = GenerationOptions(temperature=np.float32(0.7), cfg_text_scale=np.int64(3), logit_bias={5: np.float32(-np.inf)})
+    assert numpy_values.logit_bias == {5: float("-inf")}
     assert GenerationOptions(stop_strings="\n\n").stop_strings == ("\n\n",)  # one string, not its characters
 
 

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,7 +66,7 @@ def test_shipped_suites_load():
     (GOOD.replace("shots: 5", "generation: {until: ['Q:', '']}"), r"s\.yaml: benchmark 'm' generation: 'until' must be a list of non-empty strings"),
     (GOOD.replace("shots: 5", "generation: {until: [3]}"), r"'until' must be a list of non-empty strings, got \[3\]"),
     # names become file names: no paths
-    (GOOD.replace("name: m", "name: ../../escaped"), r"benchmarks\[0\]: 'name' must be 1-100 characters without '/'.*got '\.\./\.\./escaped'"),
+    (GOOD.replace("name: m", "name: ../../escaped"), r"benchmarks\[0\]: 'name' must be 1-100 characters .*got '\.\./\.\./escaped'"),
     (GOOD.replace("name: m", "name: a/b"), r"benchmarks\[0\]: 'name' must be .*got 'a/b'"),
     (GOOD + "  - {name: M, benchmark: gsm8k}\n", r"benchmark 'M': duplicate name"),
     # a key given twice is not last-wins
@@ -154,6 +155,9 @@ def test_run_identity_records_inputs_as_they_take_effect(tmp_path, monkeypatch):
     assert implicit == run_identity(suite, MODEL, data_dir=SHIPPED_DATA_DIR, images_dirs={"coco": DEFAULT_IMAGES["coco"],
                                                                                           "flickr30k": tmp_path})
     assert implicit["images_dirs"] == {"coco": None} and implicit["data_dir"] is None
+    assert run_identity(suite, MODEL, data_dir="")["data_dir"] is None  # "" reads the shipped data too
+    local = run_identity(suite, MODEL, data_dir="coco_karpathy_test")["data_dir"]  # a directory, not a shipped set
+    assert local == str(Path("coco_karpathy_test").resolve())
     assert run_identity(suite, MODEL, images_dirs={"coco": tmp_path})["images_dirs"] == {"coco": str(tmp_path.resolve())}
     monkeypatch.chdir(tmp_path)
     assert run_identity(suite, MODEL)["caption_files"] == {"c": [str(tmp_path.resolve() / "refs.json"), None, None]}
@@ -163,6 +167,11 @@ def test_yaml_merge_keys_and_free_names(tmp_path):
     text = "name: s\nbenchmarks:\n  - &d {name: a, benchmark: gsm8k, shots: 0, limit: 2}\n  - {<<: *d, name: 'gsm8k@8 (0-shot)', limit: 1}\n"
     spec = load_suite(str(suite_file(tmp_path, text))).benchmarks[1]
     assert (spec.name, spec.benchmark, spec.shots, spec.limit) == ("gsm8k@8 (0-shot)", "gsm8k", 0, 1)
+    # A merge source that merges itself: its override is not a duplicate.
+    chained = "name: s\nbenchmarks:\n  - &a {name: a, benchmark: gsm8k, limit: 2}\n  - &b {<<: *a, name: b}\n  - {<<: *b, name: c}\n"
+    assert [s.name for s in load_suite(str(suite_file(tmp_path, chained))).benchmarks] == ["a", "b", "c"]
+    with pytest.raises(InputError, match="200 bytes"):
+        load_suite(str(suite_file(tmp_path, text.replace("gsm8k@8 (0-shot)", "名" * 90))))
 
 
 def test_claim_run_dir_identity_and_old_manifests(tmp_path):

@@ -32,7 +32,7 @@ FIELDS = {
     "loglikelihood": (lambda v: type(v) in (int, float) and v <= 0, "a number <= 0 (a log-probability)"),
     "is_greedy": (lambda v: isinstance(v, bool), "true or false"),
 }
-RESPONSE_FIELDS = ("output", "loglikelihood", "is_greedy")
+RESPONSE_FIELDS = {"output": None, "loglikelihood": None, "is_greedy": False}  # with the value an absent one means
 
 
 @register_model("responses")
@@ -69,7 +69,7 @@ class ResponsesBackend(MixedModalLM):
                 if name in rec and not ok(rec[name]):
                     raise InputError(f"{self.path}:{n}: field {name!r} must be {expected}, got {rec[name]!r:.80}")
             sample = rec.get("sample", 0)
-            response = tuple(rec.get(k) for k in RESPONSE_FIELDS)
+            response = tuple(rec.get(k, absent) for k, absent in RESPONSE_FIELDS.items())
             for field, table in (("request_hash", self.by_hash), ("item_id", self.by_item)):
                 if field in rec:
                     # A repeat (samples files hold one record per filter) is fine; a different answer is not.

@@ -72,16 +72,19 @@ def run_identity(suite: Suite, model: dict, *, limit=None, images_dirs=None, dat
     from benchmarks.text.data import SHIPPED_DATA_DIR
 
     def where(path, shipped=None):
-        if path is None or str(path) in SHIPPED:
+        if not path:
             return None
         resolved = Path(path).expanduser().resolve()
         return None if shipped is not None and resolved == Path(shipped).resolve() else str(resolved)
+
+    def references(source):  # a shipped set by name, or a file
+        return None if source is None or str(source) in SHIPPED else where(source)
 
     captioning = [s for s in suite.benchmarks if s.kind == "captioning"]
     return {"suite_sha256": suite.sha256, "limit": limit, "dtype": model.get("dtype"),
             "data_dir": where(data_dir, SHIPPED_DATA_DIR) if any(s.kind == "text" for s in suite.benchmarks) else None,
             "images_dirs": {b: where((images_dirs or {}).get(b), DEFAULT_IMAGES[b]) for b in sorted({s.benchmark for s in captioning})},
-            "caption_files": {s.name: [where(s.references), where(s.exemplars), where(s.exemplar_images)] for s in captioning}}
+            "caption_files": {s.name: [references(s.references), references(s.exemplars), where(s.exemplar_images)] for s in captioning}}
 
 
 def _recorded_identity(out: Path, manifest: dict) -> dict:

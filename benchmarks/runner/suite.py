@@ -32,7 +32,6 @@ import difflib
 import hashlib
 import math
 import re
-from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -126,21 +125,22 @@ def _check_keys(obj: dict, allowed: dict, where: str) -> None:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error (not last-wins)."""
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error (not
+    last-wins). Checked as the document is composed, before merge keys (`<<: *anchor`) are expanded:
+    a key that overrides a merged one is not a duplicate."""
 
-    def construct_mapping(self, node, deep=False):
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
         seen = set()
         for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                 continue
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):
-                continue  # the base class reports it
+            key = (key_node.tag, key_node.value)
             if key in seen:
                 raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
-                                                        f"found duplicate key {key!r}", key_node.start_mark)
+                                                        f"found duplicate key {key_node.value!r}", key_node.start_mark)
             seen.add(key)
-        return super().construct_mapping(node, deep)
+        return node
 
 
 def resolve_suite_path(suite: str) -> Path:
@@ -184,8 +184,8 @@ def load_suite(suite: str) -> Suite:
         for req in ("name", "benchmark"):
             if req not in b:
                 raise InputError(f"{where}: missing required key '{req}'")
-        if not SAFE_NAME.fullmatch(b["name"]):
-            raise InputError(f"{where}: 'name' must be 1-100 characters without '/', '\\' or control characters, "
+        if not SAFE_NAME.fullmatch(b["name"]) or len(b["name"].encode()) > 200:  # file names are bytes-limited
+            raise InputError(f"{where}: 'name' must be 1-100 characters (200 bytes) without '/', '\\' or control characters, "
                              f"not starting with '.' (it names samples/<name>.jsonl), got {b['name']!r}")
         where = f"{path}: benchmark '{b['name']}'"
         if b["name"].lower() in names:  # case-insensitive file systems would merge their samples files
