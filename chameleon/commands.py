@@ -41,7 +41,7 @@ def register(sub) -> None:
     g.add_argument("--prompt", required=True, help="prompt text")
     g.add_argument("--image", action="append", default=[], metavar="FILE", help="prompt image (repeatable)")
     g.add_argument("--mode", choices=["text", "image", "interleaved"], default="text", help="what may be generated")
-    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--out", required=True, help="output directory (new, or without an earlier generation in it)")
     g.add_argument("--max-new-tokens", type=int, default=256, help="token budget (image mode always makes one image)")
     g.add_argument("--temperature", type=float, default=0.7, help="text sampling temperature (0 = greedy)")
     g.add_argument("--top-p", type=float, default=0.9, help="text nucleus sampling")
@@ -52,8 +52,8 @@ def register(sub) -> None:
     g.add_argument("--cfg-text-scale", type=float, default=3.0, help="classifier-free guidance: text scale")
     g.add_argument("--cfg-image-scale", type=float, default=1.2, help="classifier-free guidance: image scale")
     g.add_argument("--stop", action="append", default=[], metavar="STRING", help="stop string (repeatable)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default=default_device())
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (each prompt draws from its own stream)")
+    g.add_argument("--device", default=default_device(), help="torch device, e.g. cpu, cuda, cuda:1")
     g.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", help="fp32 | bf16 | fp16")
     g.set_defaults(func=cmd_generate)
 
@@ -72,7 +72,7 @@ def register(sub) -> None:
     c.add_argument("dst", help="destination directory")
     c.add_argument("--to", choices=["hf", "meta"], required=True, help="target format")
     c.add_argument("--shards", type=int, default=None, help="Meta output: number of consolidated.NN.pth files (1, or model_parallel_size; default: model_parallel_size)")
-    c.add_argument("--max-shard-size", default=None, help="HF output: split safetensors above this size, e.g. 5GB")
+    c.add_argument("--max-shard-size", default=None, help="HF output: split safetensors above this size, e.g. 5GB or 500MiB")
     c.add_argument("--dtype", default=None, help="cast decoder weights (fp32 | bf16 | fp16); default: keep")
     c.set_defaults(func=cmd_convert)
 
