@@ -212,3 +212,15 @@ def test_hf_unloadable_checkpoint_dir(tiny_hf, tmp_path):
     (bad / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(InputError, match=rf"--model {re.escape(str(bad))}: cannot load .*SafetensorError"):
         load_backend("hf", str(bad))
+
+
+def test_gen_kwargs_from_lm_eval():
+    """lm-eval's gen_kwargs as tasks give them: `until` as a string or list; an empty stop string
+    (a task whose delimiter is "") would end every answer at once, so it is dropped."""
+    from benchmarks.backends.base import parse_gen_kwargs
+
+    assert parse_gen_kwargs({"until": "Q:"}).until == ("Q:",)
+    greedy = parse_gen_kwargs({"until": ["", "\n\n"], "max_gen_toks": 30})
+    assert (greedy.until, greedy.max_gen_toks, greedy.do_sample, greedy.temperature) == (("\n\n",), 30, False, 0.0)
+    sampled = parse_gen_kwargs({"do_sample": True, "temperature": 0.6})
+    assert sampled.do_sample and sampled.temperature == 0.6

@@ -57,7 +57,8 @@ def parse_gen_kwargs(gen_kwargs: dict | None, default_max_gen_toks: int = 256) -
     do_sample = bool(kw.get("do_sample", False))
     temperature = float(kw.get("temperature", 1.0 if do_sample else 0.0))
     return GenSettings(
-        until=tuple(until), max_gen_toks=int(max_toks), do_sample=do_sample and temperature > 0,
+        until=tuple(s for s in until if s),  # an empty stop string (a task's "" delimiter) stops nothing
+        max_gen_toks=int(max_toks), do_sample=do_sample and temperature > 0,
         temperature=temperature if do_sample else 0.0, top_p=float(kw.get("top_p", 1.0)),
         top_k=int(kw.get("top_k", 0) or 0), seed=int(kw.get("seed", 0)),
     )
