@@ -140,13 +140,18 @@ class Chameleon(nn.Module):
             segments.append(tok.decode_text(text))
         return [s for s in segments if not (isinstance(s, str) and s == "")]
 
+    def require_decoder_for(self, mode: str) -> None:
+        """Image and interleaved outputs are decoded by the VQGAN: say before generating, not after,
+        that this checkpoint cannot."""
+        if mode != "text":
+            self.vqgan.require_decoder()
+
     def generate(self, prompt: list[Segment] | str, **options) -> list[Segment]:
         """One prompt in, its mixed-modal continuation out. Options: see GenerationOptions."""
         from chameleon.generate import GenerationOptions, generate
 
         opts = GenerationOptions(**options)
-        if opts.mode != "text":
-            self.vqgan.require_decoder()
+        self.require_decoder_for(opts.mode)
         ids = generate(self, [self.encode_prompt(prompt)], opts)[0]
         return self.decode_output(ids)
 

@@ -81,8 +81,7 @@ def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | No
     from chameleon.generate import generate
     from reports.generation import write_generation_page
 
-    if opts.mode != "text":
-        model.vqgan.require_decoder()
+    model.require_decoder_for(opts.mode)
     prompt_ids = model.encode_prompt(segments)
     start = time.perf_counter()
     new_ids = generate(model, [prompt_ids], opts)[0]

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import json
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,17 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+def as_real(value: Any) -> float | None:
+    """A real number as a float (numpy scalars too; +-inf for an int beyond float range), else None
+    (true is no number, nor is "1e-5")."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 # A dropout rate. Every other number in these configs is a size or scale, so must be positive.
 Fraction = Annotated[float, "in [0, 1)"]
 
@@ -30,8 +42,8 @@ def _rule(tp: Any) -> tuple[Callable[[Any], bool], str]:
     """What a field annotation accepts, as (test, description). JSON and YAML hold any type, and a
     near miss must not be misread: true is no integer, "1e-5" no number, "false" no boolean."""
 
-    def number(v: Any) -> bool:  # huge ints overflow math.isfinite
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v))
+    def number(v: Any) -> bool:
+        return (x := as_real(v)) is not None and math.isfinite(x)
 
     if tp == Fraction:
         return (lambda v: number(v) and 0 <= v < 1), "a number in [0, 1)"

@@ -14,25 +14,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import numbers
 from dataclasses import dataclass, field
 
 import torch
 
+from chameleon.config import as_real
 from chameleon.errors import InputError
 
 MODES = ("text", "image", "interleaved")
 CACHE_BUCKET = 256
-
-
-def _number(value) -> float | None:
-    """A real number as a float (numpy scalars too; inf for one too large), else None."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        return None
-    try:
-        return float(value)
-    except OverflowError:  # an int beyond float range
-        return math.inf if value > 0 else -math.inf
 
 
 @dataclass
@@ -71,14 +61,14 @@ class GenerationOptions:
             ("cfg_text_scale", lambda v: True, ""),
             ("cfg_image_scale", lambda v: True, ""),
         ):
-            value = _number(getattr(self, name))
+            value = as_real(getattr(self, name))
             if value is None or not math.isfinite(value) or not ok(value):
                 raise InputError(f"{name} must be a finite number{expected}, got {getattr(self, name)!r}")
         for token, bias in self.logit_bias.items():
-            value = _number(bias)
+            value = as_real(bias)
             if value is None or not (math.isfinite(value) or value == -math.inf):
                 raise InputError(f"logit_bias[{token!r}] must be a finite number or -inf (to ban the token), got {bias!r}")
-        self.logit_bias = {token: _number(bias) for token, bias in self.logit_bias.items()}
+        self.logit_bias = {token: as_real(bias) for token, bias in self.logit_bias.items()}
         self.stop_ids = tuple(self.stop_ids)
         self.stop_strings = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings)
         if not all(isinstance(s, str) and s for s in self.stop_strings):

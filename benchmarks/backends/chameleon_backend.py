@@ -173,8 +173,7 @@ class ChameleonBackend(TokenLM):
     @torch.no_grad()
     def generate_interleaved(self, prompts: list[list[Segment]], settings: GenSettings,
                              mode: str = "interleaved") -> list[list[Segment]]:
-        if mode != "text":
-            self.model.vqgan.require_decoder()
+        self.model.require_decoder_for(mode)
         seed = None if settings.greedy else settings.seed
         new = generate(self.model, [self.encode_prompt(p) for p in prompts], self._options(settings, seed, mode))
         return [self.model.decode_output(ids) for ids in new]
