@@ -40,6 +40,35 @@ def cut_at_stop_strings(decode, rows: list[list[int]], stops: tuple[str, ...]) -
     return [cut(row) for row in rows]
 
 
+def build_tiny_llama(out: Path, bos: bool = True, vocab_size: int = 1024, max_positions: int = 4096) -> Path:
+    """A random 2-layer Llama in HF format with a BPE tokenizer trained on the shipped GSM8K text.
+    Its tokenizer adds no BOS (as GPT-2's and Pythia's); with `bos=False` it has none at all."""
+    import json
+
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    lines = (DATA / "gsm8k/test.jsonl").read_text().splitlines()
+    texts = [json.loads(line)["question"] + "\n" + json.loads(line)["answer"] for line in lines]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", **({"bos_token": "<s>"} if bos else {}))
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_positions,
+                         bos_token_id=1 if bos else None, eos_token_id=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> Path:
     """A tiny random Chameleon in HF format (GQA, two model-parallel q/k-norm groups)."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 from lm_eval.api.instance import Instance
 from PIL import Image
 
 from benchmarks.backends import load_backend, request_hash
+from benchmarks.backends.base import parse_gen_kwargs
 from chameleon.errors import InputError
 from conftest import PHOTO
 
@@ -224,3 +226,104 @@ def test_gen_kwargs_from_lm_eval():
     assert (greedy.until, greedy.max_gen_toks, greedy.do_sample, greedy.temperature) == (("\n\n",), 30, False, 0.0)
     sampled = parse_gen_kwargs({"do_sample": True, "temperature": 0.6})
     assert sampled.do_sample and sampled.temperature == 0.6
+    # lm-eval's rule: without do_sample, a temperature above 0 samples (as `--gen_kwargs temperature=0.7`)
+    implied = parse_gen_kwargs({"temperature": 0.7})
+    assert not implied.greedy and implied.temperature == 0.7
+    assert parse_gen_kwargs({"do_sample": False, "temperature": 0.7}).greedy
+    assert parse_gen_kwargs({"temperature": 0.0}).greedy
+
+
+# --- the hf backend against lm-eval's own hf model, on causal LMs whose tokenizers add no BOS ------
+
+@pytest.fixture(scope="module", params=[True, False], ids=["bos-not-added", "no-bos"])
+def tiny_llama(request, tmp_path_factory):
+    """A tiny Llama whose tokenizer adds no BOS (GPT-2-like), or has none at all (an empty context
+    is then scored after the end-of-text token)."""
+    from conftest import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("llama"), bos=request.param, max_positions=64)
+
+
+def ours_and_lm_evals(path):
+    from lm_eval.models.huggingface import HFLM
+
+    return load_backend("hf", str(path), batch_size=2), HFLM(pretrained=str(path), batch_size=2, device="cpu")
+
+
+def test_hf_backend_scores_and_generates_as_lm_eval(tiny_llama):
+    ours, ref = ours_and_lm_evals(tiny_llama)
+    pairs = LL + [("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. " * 3, " How many")]
+    a, b = ours.loglikelihood(ll_requests(pairs)), ref.loglikelihood(ll_requests(pairs))
+    for (la, ga), (lb, gb) in zip(a, b):  # the last one is longer than the 64 positions: cut as lm-eval cuts
+        assert la == pytest.approx(lb, abs=1e-4) and ga == gb
+    text = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May." * 2
+    rolling = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(ref.loglikelihood_rolling(rolling)[0], abs=1e-3)
+    gens = [gen_request("Q: Natalia sold", 0), gen_request("Janet's ducks", 1, max_gen_toks=7)]
+    assert ours.generate_until(gens) == ref.generate_until(gens)
+
+
+def test_hf_backend_stops_at_every_end_id_of_the_generation_config(tiny_llama, tmp_path):
+    """A checkpoint's generation_config may list several end ids (as Llama 3's does): generation
+    ends at any of them, as in lm-eval, not only at the tokenizer's (and keeps the end token's
+    text, as lm-eval does, where it is not a special token)."""
+    ours, _ = ours_and_lm_evals(tiny_llama)
+    free = ours._generate([ours.encode_prompt(["Q: Natalia sold"])], parse_gen_kwargs({"max_gen_toks": 12}), None)[0]
+    shutil.copytree(tiny_llama, tmp_path / "llama")
+    config = json.loads((tmp_path / "llama/generation_config.json").read_text())
+    (tmp_path / "llama/generation_config.json").write_text(json.dumps({**config, "eos_token_id": [2, free[3]]}))
+    ours, ref = ours_and_lm_evals(tmp_path / "llama")
+    gens = [Instance("generate_until", {}, ("Q: Natalia sold", {"until": ["\n\n\n"], "max_gen_toks": 12}), 0)]
+    [stopped] = ours.generate_until(gens)
+    assert [stopped] == ref.generate_until(gens) and stopped == ours.decode_text(free[: free.index(free[3]) + 1])
+    assert stopped != ours.decode_text(free)
+
+
+def test_over_long_requests_cut_as_lm_eval(tiny_hf):
+    """A continuation longer than the context window is a per-item failure (lm-eval refuses it);
+    a prompt cut from the left never starts inside an image; max_gen_toks must leave room."""
+    backend = load_backend("chameleon", str(tiny_hf), batch_size=2)
+    long = " ".join(["clips"] * (backend.max_length + 10))
+    [(lp, greedy)] = backend.loglikelihood(ll_requests([("Q:", long)]))
+    assert lp == float("-inf") and not greedy
+    [why] = backend.failures.values()
+    assert re.fullmatch(rf"continuation of \d+ tokens is longer than the model's max_length {backend.max_length}", why)
+    tok = backend.tok
+    image = [tok.boi_id] + [int(tok.code_to_id[0])] * 6 + [tok.eoi_id]
+    ids = [tok.bos_id] + image + backend.encode_text(" A cat.") + image + backend.encode_text(" Another")
+    for keep in range(1, len(ids)):
+        kept = backend._cut_left(ids, keep)
+        assert ids[len(ids) - len(kept):] == kept or kept == [backend.prefix_token_id]
+        assert kept[0] != tok.eoi_id and not (tok.eoi_id in kept and tok.boi_id not in kept[: kept.index(tok.eoi_id)])
+    with pytest.raises(InputError, match=f"max_gen_toks {backend.max_length} leaves no room for a prompt"):
+        backend.generate_until([gen_request("Q:", 0, max_gen_toks=backend.max_length)])
+
+
+def test_greedy_continuations_count_as_greedy(ours):
+    """A continuation that greedy generation produced scores as greedy, also where the model's
+    top token is a control token (`<unk>`, reserved ones), which text generation never picks."""
+    import torch
+
+    prompt = ours.encode_prompt(["Hello"])
+    new = ours._generate([prompt], parse_gen_kwargs({"max_gen_toks": 15}), None)[0]
+    with torch.no_grad():
+        raw_top = ours.model(torch.tensor([prompt + new]))[0, len(prompt) - 1:-1].argmax(-1)
+    assert ours.not_greedy[raw_top].any()  # the case worth testing: a control token on top somewhere
+    [(lp, greedy)] = ours._score([(prompt, new)])
+    assert greedy and lp > float("-inf")
+
+
+def test_responses_loglikelihood_needs_the_request_hash(tmp_path):
+    """An item asks one loglikelihood per choice: a record keyed by item_id cannot say which, so it
+    answers none of them (each a failure saying why) rather than all four with one number."""
+    reqs = ll_requests(LL[:3])
+    for r in reqs:
+        r.task_name, r.doc_id = "mmlu_anatomy", 0
+    path = tmp_path / "responses.jsonl"
+    path.write_text(json.dumps({"item_id": "mmlu_anatomy/0", "loglikelihood": -1.5, "is_greedy": True}) + "\n"
+                    + json.dumps({"request_hash": request_hash("loglikelihood", reqs[1].args), "loglikelihood": -0.5}) + "\n")
+    backend = load_backend("responses", str(path))
+    assert backend.loglikelihood(reqs) == [(float("-inf"), False), (-0.5, False), (float("-inf"), False)]
+    assert len(backend.failures) == 2
+    assert all(why.endswith("a loglikelihood response needs the request_hash: an item asks one per choice")
+               for why in backend.failures.values())

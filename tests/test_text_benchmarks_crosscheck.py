@@ -18,17 +18,15 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-import torch
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from benchmarks.text import run_text_benchmark
 from benchmarks.text.data import MATH_SUBJECTS, SHIPPED_DATA_DIR
 from benchmarks.text.run import collect_samples
+from conftest import build_tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -38,24 +36,7 @@ COMPARED = ("doc_id", "filter", "prompt", "arguments", "resps", "filtered_resps"
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny_llama")
-    lines = (SHIPPED_DATA_DIR / "gsm8k/test.jsonl").read_text().splitlines()
-    texts = [json.loads(line)["question"] + "\n" + json.loads(line)["answer"] for line in lines]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(vocab_size=1024, special_tokens=["<unk>", "<s>", "</s>"],
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(out)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(out)
+    out = build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
     return HFLM(pretrained=str(out), batch_size=20, device="cpu")  # one batch per 20 items: 3x faster here
 
 

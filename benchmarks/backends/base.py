@@ -54,8 +54,10 @@ def parse_gen_kwargs(gen_kwargs: dict | None, default_max_gen_toks: int = 256) -
     if isinstance(until, str):
         until = (until,)
     max_toks = kw.get("max_gen_toks", kw.get("max_new_tokens", default_max_gen_toks))
-    do_sample = bool(kw.get("do_sample", False))
+    # lm-eval's rule (normalize_gen_kwargs): without do_sample, a temperature above 0 samples
+    do_sample = kw.get("do_sample")
     temperature = float(kw.get("temperature", 1.0 if do_sample else 0.0))
+    do_sample = temperature > 0 if do_sample is None else bool(do_sample)
     return GenSettings(
         until=tuple(s for s in until if s),  # an empty stop string (a task's "" delimiter) stops nothing
         max_gen_toks=int(max_toks), do_sample=do_sample and temperature > 0,

@@ -1,7 +1,9 @@
 """The reference Chameleon (`chameleon.load`) as an lm-eval model: "chameleon".
 
 Text is scored in text mode: image-code logits are masked before the softmax, as transformers'
-ChameleonForConditionalGeneration and Meta's text-mode decoding do.
+ChameleonForConditionalGeneration and Meta's text-mode decoding do. A continuation counts as
+greedy if text-mode greedy decoding yields it, which never picks a control token (`<unk>`,
+reserved ones) either; such tokens keep their probability in the scores, as in transformers.
 
 Loglikelihood shares prefixes at two levels: requests with the same context and a one-token
 continuation (MMLU's " A".." D") are one row whose last logits score them all, and rows sharing a
@@ -19,7 +21,7 @@ from lm_eval.api.registry import register_model
 
 from benchmarks.backends.base import GenSettings, Segment
 from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score
-from chameleon.generate import GenerationOptions, generate
+from chameleon.generate import GenerationOptions, generate, non_text_mask
 
 
 @register_model("chameleon")
@@ -38,6 +40,8 @@ class ChameleonBackend(TokenLM):
         self.tok = self.model.tokenizer
         self.max_length = int(self.model.config.max_seq_len)
         self.eot_token_id = self.tok.eos_id
+        self.image_bounds = (self.tok.boi_id, self.tok.eoi_id)
+        self.not_greedy = non_text_mask(self.tok, self.model.config.vocab_size, self.model.device)
 
     @property
     def fingerprint(self) -> str:
@@ -91,7 +95,7 @@ class ChameleonBackend(TokenLM):
                             lp = logp[r][None]
                         else:
                             lp = logp[r, [q - p + pads[r] for q in range(len(ctx) - 1, len(ctx) - 1 + len(cont))]]
-                        out[i] = continuation_score(lp, cont)
+                        out[i] = continuation_score(lp, cont, self.not_greedy)
                         if on_result:
                             on_result(i, out[i])
                     bar.update(len(rows[seq]))

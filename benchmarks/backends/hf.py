@@ -48,7 +48,8 @@ class HFBackend(TokenLM):
     backend_name = "hf"
 
     def __init__(self, pretrained: str, device: str = "cpu", dtype: str = "float32",
-                 batch_size: int = 8, max_gen_toks: int = 256, max_length: int | None = None) -> None:
+                 batch_size: int = 8, max_gen_toks: int = 256, max_length: int | None = None,
+                 add_bos_token: bool | None = None) -> None:
         super().__init__(batch_size=batch_size, max_gen_toks=max_gen_toks)
         import transformers
 
@@ -79,6 +80,17 @@ class HFBackend(TokenLM):
         self.eot_token_id = first(self.tokenizer.eos_token_id, getattr(config, "eos_token_id", None))
         self.bos_id = first(self.tokenizer.bos_token_id, getattr(config, "bos_token_id", None))
         self.pad_id = first(self.tokenizer.pad_token_id, getattr(config, "pad_token_id", None), self.eot_token_id, 0)
+        # Prompts start with BOS where the tokenizer itself adds one, as in lm-eval's hf model (GPT-2,
+        # Pythia and Qwen tokenizers add none); Chameleon's always does. `add_bos_token` overrides.
+        if add_bos_token is None:
+            add_bos_token = self.is_chameleon or self.tokenizer("a")["input_ids"][:1] == [self.tokenizer.bos_token_id]
+        self.add_bos = bool(add_bos_token) and self.bos_id is not None
+        # Generation ends at any of the checkpoint's end ids (generation_config may list several).
+        listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        listed = listed if isinstance(listed, (list, tuple)) else [listed]
+        self.stop_ids = sorted({t for t in (self.eot_token_id, *listed) if t is not None})
+        if self.processor is not None:  # where an image's tokens begin and end (left truncation skips a cut one)
+            self.image_bounds = (self.processor.image_start_token_id, self.processor.image_end_token_id)
         self._fingerprint = hash_checkpoint(path)
 
     @property
@@ -96,9 +108,12 @@ class HFBackend(TokenLM):
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    @property
+    def prefix_token_id(self) -> int:  # what an empty context is scored after (lm-eval's rule)
+        return self.bos_id if self.bos_id is not None else self.eot_token_id
+
     def encode_prompt(self, segments: list[Segment]) -> list[int]:
-        bos = [self.bos_id] if self.bos_id is not None else []
-        ids = list(bos)
+        ids = [self.bos_id] if self.add_bos else []
         for seg in segments:
             ids += self.encode_text(seg) if isinstance(seg, str) else self._image_ids(seg)
         return ids
@@ -165,7 +180,7 @@ class HFBackend(TokenLM):
             tokens[r, width - len(p):] = torch.tensor(p)
             mask[r, width - len(p):] = 1
         kwargs = dict(max_new_tokens=settings.max_gen_toks, pad_token_id=self.pad_id,
-                      eos_token_id=self.eot_token_id, do_sample=seed is not None)
+                      eos_token_id=self.stop_ids, do_sample=seed is not None)
         if seed is not None:
             torch.manual_seed(seed)
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
@@ -174,9 +189,8 @@ class HFBackend(TokenLM):
         gen = self.model.generate(input_ids=tokens.to(self.model.device), attention_mask=mask.to(self.model.device),
                                   **kwargs)[:, width:].tolist()
         out = []
-        for row in gen:
-            if self.eot_token_id in row:
-                row = row[: row.index(self.eot_token_id)]
+        for row in gen:  # up to its first end id, which decoding drops where it is a special token (as lm-eval's)
+            row = row[: next((n + 1 for n, t in enumerate(row) if t in self.stop_ids), len(row))]
             out.append([t for t in row if t != self.pad_id])
         return out
 

@@ -1,7 +1,8 @@
 """Pre-computed outputs of an external system (e.g. an API model), scored exactly like ours.
 
 The file is JSONL, one response per line, keyed by `request_hash` (lm-eval's hash of the request,
-as written in our per-sample records) or by `item_id` ("<task>/<doc_id>"):
+as written in our per-sample records) or by `item_id` ("<task>/<doc_id>"). A loglikelihood is
+looked up by `request_hash` only: one item asks one per choice (MMLU's " A".." D").
 
     {"request_hash": "9f2c...", "output": "The answer is 42."}
     {"item_id": "gsm8k/17", "sample": 3, "output": "..."}          # sample k of maj@k
@@ -91,9 +92,15 @@ class ResponsesBackend(MixedModalLM):
     def _lookup(self, kind: str, req, sample: int, field: str) -> dict | None:
         """The response record holding `field` for this request (by request hash, else by item)."""
         h = instance_hash(req, kind)
-        rec = self.by_hash.get((h, sample)) or self.by_item.get((f"{req.task_name}/{req.doc_id}", sample))
+        item = f"{req.task_name}/{req.doc_id}"
+        rec = self.by_hash.get((h, sample))
+        if rec is None and kind != "loglikelihood":
+            rec = self.by_item.get((item, sample))
         if rec is None or field not in rec:
-            self.failures[h] = f"no '{field}' response for request {h[:12]} (item {req.task_name}/{req.doc_id})"
+            why = f"no '{field}' response for request {h[:12]} (item {item})"
+            if kind == "loglikelihood" and field in self.by_item.get((item, sample), {}):
+                why += "; a loglikelihood response needs the request_hash: an item asks one per choice"
+            self.failures[h] = why
             return None
         return rec
 

@@ -1,9 +1,13 @@
 """Shared request handling for backends that run a token-in, logits-out model locally.
 
 Subclasses provide tokenization, `_score` (log-probabilities of continuations) and `_generate`;
-this class turns lm-eval requests into token pairs exactly the way lm-eval's HF backend does
-(trailing context whitespace moves to the continuation; continuation = encode(ctx + cont) minus
-encode(ctx)), so scores are comparable with lm-eval's own backends.
+this class turns lm-eval requests into token pairs the way lm-eval's HF backend does (trailing
+context whitespace moves to the continuation; continuation = encode(ctx + cont) minus
+encode(ctx); an empty context is the prefix token; over-long requests keep their most recent
+max_length tokens), so scores are comparable with lm-eval's own backends. One deliberate
+difference: where tokenization merges across the boundary, so that encode(ctx + cont) does not
+start with encode(ctx), the continuation is encoded on its own (lm-eval slices the whole anyway,
+scoring tokens that do not spell the continuation).
 """
 
 from __future__ import annotations
@@ -14,18 +18,21 @@ import torch
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from benchmarks.backends.base import (
-    GenSettings, MixedModalLM, Segment, parse_gen_kwargs, sample_indices, sample_seed, to_segments,
+    GenSettings, MixedModalLM, Segment, instance_hash, parse_gen_kwargs, sample_indices, sample_seed, to_segments,
     truncate_at_stops,
 )
+from chameleon.errors import InputError
 
 TokenPair = tuple[list[int], list[int]]  # (context ids incl. bos, continuation ids)
 
 
-def continuation_score(rows: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+def continuation_score(rows: torch.Tensor, cont: list[int], banned: torch.Tensor | None = None) -> tuple[float, bool]:
     """(log-probability of `cont`, whether greedy decoding yields it) from the log-probabilities
-    at the continuation's positions, (len(cont), vocab)."""
+    at the continuation's positions, (len(cont), vocab); greedy decoding never picks the
+    `banned` ids (a (vocab,) mask), which keep their probability in the score."""
     target = torch.tensor(cont, device=rows.device)
-    return rows.gather(-1, target[:, None]).sum().item(), bool((rows.argmax(-1) == target).all())
+    greedy = rows if banned is None else rows.masked_fill(banned, float("-inf"))
+    return rows.gather(-1, target[:, None]).sum().item(), bool((greedy.argmax(-1) == target).all())
 
 
 class TokenLM(MixedModalLM):
@@ -37,6 +44,7 @@ class TokenLM(MixedModalLM):
     # --- to implement -------------------------------------------------------------------------
     max_length: int
     eot_token_id: int
+    image_bounds: tuple[int, int] | None = None  # (begin, end of image) ids where prompts hold images
 
     def encode_prompt(self, segments: list[Segment]) -> list[int]:  # with bos
         raise NotImplementedError
@@ -64,8 +72,10 @@ class TokenLM(MixedModalLM):
             if n:
                 continuation = context[-n:] + continuation
                 segments = [*segments[:-1], context[:-n]] if context[:-n] else segments[:-1]
-        ctx = self.encode_prompt(segments)
-        if segments and isinstance(segments[-1], str):
+        ctx = self.encode_prompt(segments) or [self.prefix_token_id]  # lm-eval's rule for an empty context
+        if not segments:
+            return ctx, self.encode_text(continuation)
+        if isinstance(segments[-1], str):
             whole = self.encode_prompt([*segments[:-1], segments[-1] + continuation])
         else:
             whole = self.encode_prompt([*segments, continuation])
@@ -74,20 +84,42 @@ class TokenLM(MixedModalLM):
         return ctx, self.encode_text(continuation)
 
     def _truncate(self, pair: TokenPair) -> TokenPair:
+        """The pair with its context cut from the left so that the model reads at most max_length
+        tokens (the last continuation token is never read), as lm-eval cuts."""
         ctx, cont = pair
-        cont = cont[-self.max_length:]
-        keep = self.max_length - len(cont)
-        if len(ctx) > keep:  # lm-eval keeps the most recent context
-            ctx = ctx[len(ctx) - max(keep, 1):]
-        return ctx, cont
+        keep = self.max_length + 1 - len(cont)
+        return (self._cut_left(ctx, keep) if len(ctx) > keep else ctx), cont
+
+    def _cut_left(self, ids: list[int], keep: int) -> list[int]:
+        """The last `keep` ids, and fewer where that would start inside an image: a cut image is
+        dropped whole (its codes without their begin-of-image would read as garbage)."""
+        ids = ids[len(ids) - keep:]
+        if self.image_bounds is not None:
+            begin, end = self.image_bounds
+            first_end = next((n for n, t in enumerate(ids) if t in (begin, end)), None)
+            if first_end is not None and ids[first_end] == end:
+                ids = ids[first_end + 1:]
+        return ids or [self.prefix_token_id]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = []
-        for req in requests:
+        pairs, todo = [], []
+        out: list[tuple[float, bool]] = [(float("-inf"), False)] * len(requests)
+        for i, req in enumerate(requests):
             context, continuation, *aux = req.args
-            pairs.append(self._truncate(self.encode_pair(to_segments(context, aux[0] if aux else None), continuation)))
-        # lm-eval's CachingLM stores each result as soon as it exists
-        return self._score(pairs, lambda i, res: self.cache_hook.add_partial("loglikelihood", requests[i].args, res))
+            ctx, cont = self.encode_pair(to_segments(context, aux[0] if aux else None), continuation)
+            if len(cont) > self.max_length:  # lm-eval refuses these too: nothing of the context would be read
+                self.failures[instance_hash(req, "loglikelihood")] = (
+                    f"continuation of {len(cont)} tokens is longer than the model's max_length {self.max_length}")
+                continue
+            pairs.append(self._truncate((ctx, cont)))
+            todo.append(i)
+
+        def stored(n: int, res) -> None:  # lm-eval's CachingLM stores each result as soon as it exists
+            self.cache_hook.add_partial("loglikelihood", requests[todo[n]].args, res)
+
+        for i, res in zip(todo, self._score(pairs, stored)):
+            out[i] = res
+        return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         pairs, owner = [], []
@@ -107,7 +139,8 @@ class TokenLM(MixedModalLM):
 
     @property
     def prefix_token_id(self) -> int:
-        return self.encode_prompt([])[0]
+        """What an empty context is scored after: BOS, else end of text (lm-eval's rule)."""
+        return (self.encode_prompt([]) or [self.eot_token_id])[0]
 
     def generate_until(self, requests, disable_tqdm: bool = False,
                        sample_index: list[int] | None = None) -> list[str]:
@@ -122,7 +155,10 @@ class TokenLM(MixedModalLM):
             settings = parse_gen_kwargs(gen_kwargs, self.max_gen_toks)
             ids = self.encode_prompt(to_segments(context, aux[0] if aux else None))
             budget = self.max_length - settings.max_gen_toks
-            ids = ids[-budget:] if len(ids) > budget else ids
+            if budget <= 0:
+                raise InputError(f"generation settings: max_gen_toks {settings.max_gen_toks} leaves no room for a "
+                                 f"prompt in the model's max_length {self.max_length}; expected fewer")
+            ids = self._cut_left(ids, budget) if len(ids) > budget else ids  # the most recent tokens, as lm-eval
             seed = None if settings.greedy else sample_seed(settings, sample_index[i])
             parsed.append((ids, settings))
             groups[(settings, seed)].append(i)
