@@ -12,6 +12,7 @@ from conftest import cut_at_stop_strings
 from chameleon.errors import InputError
 from chameleon.generate import GenerationOptions, apply_repetition_penalty, cfg_mix, filter_top_k_top_p, generate
 
+generate_module = importlib.import_module("chameleon.generate")  # the attribute chameleon.generate is the function
 PROMPTS = ["Natalia sold clips to 48 of her friends", "Weng earns", "A robe takes 2 bolts of blue fiber and half that much white fiber."]
 
 
@@ -241,6 +242,68 @@ def test_sampling_filters():
     assert pen.tolist() == [1.0, 2.0, -4.0, -2.0]
 
 
+def _grid_counts(probs: torch.Tensor, top_p: float, n: int) -> torch.Tensor:
+    """How often each token of one (V,) row is drawn at n evenly spaced uniform numbers."""
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    picks = generate_module._draw(probs.expand(n, -1).contiguous(), top_p, u)
+    return torch.bincount(picks, minlength=probs.shape[-1])
+
+
+@pytest.mark.parametrize("scale", [8.0, 3.0, 0.3])  # how peaked the logits are: the nucleus is found at each step
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (0, 1.0), (50, 0.8), (0, 0.999)])
+def test_draws_follow_the_filtered_distribution(monkeypatch, scale, top_k, top_p):
+    """At evenly spaced uniform numbers, each token is drawn in proportion to its probability after
+    top-k and top-p (the set filter_top_k_top_p keeps, and transformers' TopK/TopP warpers keep),
+    to within one grid step: so no token outside the set is ever drawn. Top-p ranks a few
+    candidates first, then more, then sorts everything: smaller steps here, for a small vocabulary."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    monkeypatch.setattr(generate_module, "NUCLEUS_CANDIDATES", (16, 256))
+    logits = torch.randn(1, 2000, generator=torch.Generator().manual_seed(int(scale * 10) + top_k)) * scale
+    kept = filter_top_k_top_p(logits, top_k, top_p)
+    hf = logits
+    if top_k:
+        hf = TopKLogitsWarper(top_k)(None, hf)
+    if top_p < 1:
+        hf = TopPLogitsWarper(top_p)(None, hf)
+    assert torch.equal(torch.isfinite(kept), torch.isfinite(hf))
+    n = 20_000
+    counts = _grid_counts(generate_module._top_k(logits, top_k).softmax(-1), top_p, n)
+    assert (counts[~torch.isfinite(kept[0])] == 0).all()
+    assert (counts - kept.softmax(-1)[0] * n).abs().max() <= 1.0 + 1e-6
+    if (top_k, top_p) == (0, 0.9):  # the step that finds the nucleus: 16 candidates, 256, all
+        size = int(torch.isfinite(kept).sum())
+        assert sum(size > n for n in (16, 256)) == {8.0: 0, 3.0: 1, 0.3: 2}[scale], size
+
+
+def test_draw_rows_are_independent_of_their_batch():
+    """A batch mixing rows whose nucleus is among the candidates and rows sorted whole picks, row by
+    row, what each row picks alone; the same holds for `sample`, which the per-row loop uses."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 6000, generator=g) * torch.tensor([8.0, 0.2, 8.0, 0.2, 2.0, 0.5])[:, None]
+    sizes = torch.isfinite(filter_top_k_top_p(logits / 0.9, 0, 0.9)).sum(-1)
+    assert sorted({sum(int(s) > n for n in generate_module.NUCLEUS_CANDIDATES) for s in sizes}) == [0, 1, 2], sizes
+    seeds = range(6)
+    batch = generate_module._pick_rows(logits, 0.9, 0, 0.9, [torch.Generator().manual_seed(s) for s in seeds])
+    alone = [generate_module.sample(logits[i], 0.9, 0, 0.9, torch.Generator().manual_seed(s)) for i, s in enumerate(seeds)]
+    assert batch.tolist() == alone
+
+
+def test_draw_at_the_ends_of_the_unit_interval_and_zero_weights():
+    """Zero weights are never drawn, also where u * total comes out at total (u = 1 stands in for
+    the rounding of a narrower float): the pick is then the last token with weight."""
+    weights = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0, 0.0]])
+    for u, expected in ((0.0, 1), (0.2499, 1), (0.25, 3), (1 - 2**-53, 3), (1.0, 3)):
+        assert int(generate_module._invert_cdf(weights, torch.tensor([u], dtype=torch.float64))) == expected, u
+
+
+def test_logit_bias_banning_every_text_token_is_refused(tiny_model):
+    vocab = tiny_model.config.vocab_size
+    banned = {t: float("-inf") for t in range(vocab)}
+    with pytest.raises(InputError, match="logit_bias: -inf on every text token"):
+        generate(tiny_model, [tiny_model.encode_prompt("Hi")], GenerationOptions(max_new_tokens=2, temperature=1.0, logit_bias=banned))
+
+
 def test_compiled_decode_step_matches_eager(tiny_model):
     """The torch.compile path (default on CUDA) gives the same tokens; here compiled for CPU."""
     prompts = [tiny_model.encode_prompt(p) for p in PROMPTS[:2]]
@@ -296,8 +359,8 @@ def test_guided_batches_equal_one_by_one(tiny_model, mode):
 def test_interleaved_image_codes_in_lockstep_equal_per_row(tiny_model, monkeypatch, compile_, image_temperature, guided):
     """Interleaved generation hands the codes to a lockstep device block while every row still going
     is inside an image: the same tokens as choosing every code in the per-row loop. Here rows 0 and
-    1 open their images at different steps, row 2 ends (a stop id) before either does, and row 1's
-    image goes on after row 0's is over."""
+    1 open their images at different steps, row 2 ends (a stop id) before either does, and the
+    second image goes on after the first is over."""
     generate_module = importlib.import_module("chameleon.generate")
     tok, n = tiny_model.tokenizer, tiny_model.image_seq_len
     prompts = [tiny_model.encode_prompt(p) for p in PROMPTS]
@@ -311,8 +374,9 @@ def test_interleaved_image_codes_in_lockstep_equal_per_row(tiny_model, monkeypat
     monkeypatch.setattr(generate_module, "_image_block", lambda n_codes, *a: blocks.append(n_codes) or block(n_codes, *a))
     lockstep = generate(tiny_model, prompts, opts)
     starts = [out.index(tok.boi_id) if tok.boi_id in out else None for out in lockstep]
-    assert starts[0] < starts[1] and starts[2] is None and len(lockstep[2]) <= 10, starts
-    assert blocks == [n - (starts[1] - starts[0])]  # from row 1's boi to the end of row 0's image
+    first, second = sorted(starts[:2])
+    assert first < second and starts[2] is None and len(lockstep[2]) <= 10, starts
+    assert blocks == [n - (second - first)]  # from the second boi to the end of the first image
     monkeypatch.setattr(generate_module, "LOCKSTEP_MIN_CODES", 10**9)
     assert generate(tiny_model, prompts, opts) == lockstep
 
