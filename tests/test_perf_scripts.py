@@ -39,3 +39,13 @@ def test_text_loop_benchmark(tmp_path):
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [(r["workload"], r["batch"]) for r in rows] == [(w, b) for w in ("greedy_stop_strings", "sampled", "interleaved_image") for b in (1, 3)]
     assert all(r["speedup"] > 0 for r in rows)
+
+
+def test_sampling_benchmark():
+    cmd = [sys.executable, "benchmarks/perf/sampling.py", "--vocab", "5000", "--batches", "1,3", "--rounds", "2", "--calls", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [(r["batch"], r["shape"]) for r in rows] == [(b, s) for b in (1, 3) for s in ("zipf1.5", "zipf1.2", "zipf1.0", "normal")]
+    assert all(r["speedup"] > 0 and 0 < r["nucleus_median"] <= 5000 for r in rows)
