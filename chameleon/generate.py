@@ -164,7 +164,9 @@ def _draw(probs: torch.Tensor, top_p: float, u: torch.Tensor) -> torch.Tensor:
         rows = rows[~covered]
         if not len(rows):
             return picks
-    picks[rows] = _nucleus_pick(*torch.sort(probs[rows], descending=True, dim=-1), top_p, u[rows])[0]
+    # Stable: tied tokens in id order, whatever kernel the batch size picks, so that a row's draw
+    # (made in this order) does not depend on its batch. (A CPU top-k is the same per row anyway.)
+    picks[rows] = _nucleus_pick(*torch.sort(probs[rows], descending=True, dim=-1, stable=True), top_p, u[rows])[0]
     return picks
 
 
