@@ -36,3 +36,13 @@ def test_console_script_help_and_demo(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--skip-suite"]) == 0
     page = (tmp_path / "demo" / "generation" / "index.html").read_text()
     assert "output_image_1.png" in page  # text, an image, then text
+
+
+def test_generation_page_numbers_images_among_images(tmp_path):
+    from reports.generation import write_generation_page
+
+    image = Image.new("RGB", (8, 8))
+    page = write_generation_page(tmp_path, ["What is in this photo?", image], ["A cat.", image, "Another:", image], "interleaved", {})
+    html = page.read_text()
+    assert 'alt="prompt image 1"' in html and 'alt="prompt image 2"' not in html
+    assert 'alt="generated image 1"' in html and 'alt="generated image 2"' in html and "image 3" not in html
