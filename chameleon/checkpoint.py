@@ -9,6 +9,7 @@ Meta format: params.json [+ consolidate_params.json], consolidated.pth | consoli
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import zipfile
@@ -158,7 +159,7 @@ def write_hf(ckpt: Checkpoint, out: Path, tokenizer: ChameleonTokenizer, max_sha
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     _write_safetensors_sharded(tensors, out, max_shard_bytes)
     if decoder:
-        save_file({k: v.contiguous() for k, v in decoder.items()}, str(out / HF_DECODER_FILE))
+        _save_file({k: v.contiguous() for k, v in decoder.items()}, str(out / HF_DECODER_FILE))
     shutil.copyfile(ckpt.tokenizer_file, out / "tokenizer.json")
     # Special tokens by name, so that transformers' AutoTokenizer knows them too.
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ckpt.args.max_seq_len}
@@ -169,7 +170,7 @@ def write_hf(ckpt: Checkpoint, out: Path, tokenizer: ChameleonTokenizer, max_sha
 
 def _write_safetensors_sharded(tensors: Tensors, out: Path, max_shard_bytes: int | None) -> None:
     if not max_shard_bytes:
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        _save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         return
     shards: list[Tensors] = [{}]
     size = 0
@@ -183,10 +184,19 @@ def _write_safetensors_sharded(tensors: Tensors, out: Path, max_shard_bytes: int
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        _save_file(shard, str(out / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _save_file(tensors: Tensors, file: str, metadata: dict | None = None) -> None:
+    """safetensors' save_file creates the file 0600: give it the mode of any other new file (0666
+    less the umask), so that a checkpoint's weights are as readable as its config."""
+    save_file(tensors, file, metadata=metadata)
+    umask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)
 
 
 # --- Meta -------------------------------------------------------------------------------------

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -13,7 +16,31 @@ import torch
 from chameleon.chameleon import IMAGE_MARKER
 from chameleon.errors import InputError
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16}
+# One set of --dtype names for every command (generate, convert, run): torch's and the short ones.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+DTYPE_HELP = "float32 (fp32) | bfloat16 (bf16) | float16 (fp16)"
+
+TEXT_TOKENS = 256  # --max-new-tokens default: text, plus one image in interleaved mode
+
+# generate's flags that set GenerationOptions fields, so that errors name what the user typed
+OPTION_FLAGS = {
+    "max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
+    "repetition_penalty": "--repetition-penalty", "image_temperature": "--image-temperature",
+    "image_top_p": "--image-top-p", "cfg_text_scale": "--cfg-text-scale", "cfg_image_scale": "--cfg-image-scale",
+    "stop_strings": "--stop",
+}
+_OPTION_FIELD = re.compile(r"\b(" + "|".join(OPTION_FLAGS) + r")\b")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default unless it has none (None, or [] for a repeatable one) or its
+    help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, []) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def default_device() -> str:
@@ -35,14 +62,17 @@ def register(sub) -> None:
             "Writes output.txt, PNG images, generation.json and index.html (prompt and output side by side) into --out. "
             f"Images given with --image go before the text, or where the prompt has '{IMAGE_MARKER}' markers, in order."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g.add_argument("--model", required=True, help="checkpoint directory")
     g.add_argument("--prompt", required=True, help="prompt text")
     g.add_argument("--image", action="append", default=[], metavar="FILE", help="prompt image (repeatable)")
     g.add_argument("--mode", choices=["text", "image", "interleaved"], default="text", help="what may be generated")
     g.add_argument("--out", required=True, help="output directory (new, or without an earlier generation in it)")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="token budget (image mode always makes one image)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help=(
+        f"token budget; default: {TEXT_TOKENS}, and in interleaved mode {TEXT_TOKENS} plus one image (boi + the "
+        "model's image codes + eoi: 1026 on the 7B), since an image starts only where all its tokens fit; image "
+        "mode always makes exactly one image"))
     g.add_argument("--temperature", type=float, default=0.7, help="text sampling temperature (0 = greedy)")
     g.add_argument("--top-p", type=float, default=0.9, help="text nucleus sampling")
     g.add_argument("--top-k", type=int, default=0, help="text top-k sampling (0 = off)")
@@ -54,7 +84,8 @@ def register(sub) -> None:
     g.add_argument("--stop", action="append", default=[], metavar="STRING", help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (each prompt draws from its own stream)")
     g.add_argument("--device", default=default_device(), help="torch device, e.g. cpu, cuda, cuda:1")
-    g.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", help="fp32 | bf16 | fp16")
+    g.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                   help=f"{DTYPE_HELP} (bfloat16 where CUDA is available)")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser(
@@ -66,14 +97,14 @@ def register(sub) -> None:
             "Meta's model-parallel shards. HF output keeps the VQGAN decoder in vqgan_decoder.safetensors so that "
             "images can still be generated. DST must not exist or be empty."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     c.add_argument("src", help="source checkpoint directory")
     c.add_argument("dst", help="destination directory")
     c.add_argument("--to", choices=["hf", "meta"], required=True, help="target format")
     c.add_argument("--shards", type=int, default=None, help="Meta output: number of consolidated.NN.pth files (1, or model_parallel_size; default: model_parallel_size)")
-    c.add_argument("--max-shard-size", default=None, help="HF output: split safetensors above this size, e.g. 5GB or 500MiB")
-    c.add_argument("--dtype", default=None, help="cast decoder weights (fp32 | bf16 | fp16); default: keep")
+    c.add_argument("--max-shard-size", default=None, help="HF output: split safetensors above this size, e.g. 5GB or 500MiB; default: one model.safetensors")
+    c.add_argument("--dtype", default=None, help=f"cast decoder weights to {DTYPE_HELP}; default: keep their dtype")
     c.set_defaults(func=cmd_convert)
 
 
@@ -109,32 +140,46 @@ def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | No
 def cmd_generate(args) -> int:
     import chameleon
     from chameleon.chameleon import interleave
-    from chameleon.generate import GenerationOptions
     from chameleon.vqgan import open_image
 
     images = [open_image(p) for p in args.image]
     segments = interleave(args.prompt, images, source="--prompt")
-    opts = GenerationOptions(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        image_temperature=args.image_temperature,
-        image_top_p=args.image_top_p,
-        cfg_text_scale=args.cfg_text_scale,
-        cfg_image_scale=args.cfg_image_scale,
-        stop_strings=tuple(args.stop),
-        seed=args.seed,
-        mode=args.mode,
-        progress=True,
-    )
+    opts = generation_options(args)  # the flags are checked before the model loads
+    dtype = parse_dtype(args.dtype)
     out = Path(args.out)
     _fresh_output_dir(out)  # before the model loads and generates: nothing computed is lost
-    model = chameleon.load(args.model, device=args.device, dtype=parse_dtype(args.dtype))
+    model = chameleon.load(args.model, device=args.device, dtype=dtype)
+    opts = replace(opts, max_new_tokens=token_budget(args.max_new_tokens, args.mode, model.image_seq_len))
     record = run_generation(model, segments, opts, out, {"model": str(args.model), "seed": args.seed})
     print(json.dumps(record, indent=2))
     return 0
+
+
+def generation_options(args):
+    """GenerationOptions from generate's flags; an invalid value's error names its flag, not the field."""
+    from chameleon.generate import GenerationOptions
+
+    fields = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in OPTION_FLAGS.items()}
+    fields["stop_strings"] = tuple(fields["stop_strings"])
+    if fields["max_new_tokens"] is None:
+        fields["max_new_tokens"] = TEXT_TOKENS  # the mode's default is set once the model is known
+    try:
+        return GenerationOptions(**fields, seed=args.seed, mode=args.mode, progress=True)
+    except InputError as err:
+        raise InputError(_OPTION_FIELD.sub(lambda m: OPTION_FLAGS[m[1]], str(err))) from None
+
+
+def token_budget(max_new_tokens: int | None, mode: str, image_seq_len: int) -> int:
+    """--max-new-tokens, or its default for the mode. An interleaved image starts only where all
+    its tokens fit, so a smaller budget in that mode gets a warning (text alone is a valid output)."""
+    image = image_seq_len + 2  # boi + codes + eoi
+    if max_new_tokens is None:
+        return TEXT_TOKENS + image if mode == "interleaved" else TEXT_TOKENS
+    if mode == "interleaved" and max_new_tokens < image:
+        print(f"warning: --max-new-tokens {max_new_tokens} is too small for an image: one takes {image} tokens on "
+              f"this model (boi + {image_seq_len} codes + eoi), so the output will be text only (use "
+              f"--max-new-tokens >= {image} to allow one)", file=sys.stderr)
+    return max_new_tokens
 
 
 GENERATION_FILES = ("generation.json", "output.txt", "index.html")

@@ -20,7 +20,7 @@ def _segments(segments, out_dir: Path, prefix: str) -> list[dict]:
             n_images += 1
             name = f"{prefix}_image_{n_images}.png"
             to_rgb(seg).save(out_dir / name)  # RGB on white, as the model reads it (PNG cannot hold CMYK)
-            rendered.append({"kind": "image", "src": name})
+            rendered.append({"kind": "image", "src": name, "number": n_images})  # counted among images only
         else:
             rendered.append({"kind": "text", "text": seg})
     return rendered

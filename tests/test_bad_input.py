@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -224,3 +225,33 @@ def test_cli_exits_2_without_traceback(tiny_hf, tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert main(["generate", "--model", str(tiny_hf), "--prompt", "a <image> b", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_generate_errors_name_the_flags(tiny_hf, tmp_path, capsys):
+    """The CLI names the flag the user typed (the Python API names GenerationOptions' fields), and
+    refuses bad values before the model loads or --out is made."""
+    base = ["generate", "--model", str(tmp_path / "never_loaded"), "--prompt", "hi", "--out", str(tmp_path / "out")]
+    for flags, message in [
+        (["--top-p", "2"], r"error: --top-p must be a finite number in \(0, 1\], got 2.0"),
+        (["--image-top-p", "0"], r"error: --image-top-p must be a finite number in \(0, 1\], got 0.0"),
+        (["--temperature", "nan"], r"error: --temperature must be a finite number >= 0, got nan"),
+        (["--max-new-tokens", "-1"], r"error: --max-new-tokens must be >= 0, got -1"),
+        (["--stop", ""], r"error: --stop must be non-empty strings .*, got \[''\]"),
+        (["--dtype", "float64"], r"error: --dtype 'float64': expected one of float32, fp32, bfloat16, bf16, float16, fp16"),
+    ]:
+        assert main([*base, *flags]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_dtype_names_are_one_set_everywhere(tiny_hf, tmp_path, monkeypatch):
+    from chameleon.commands import DTYPES, parse_dtype
+
+    assert {name: str(parse_dtype(name)) for name in DTYPES} == {
+        "float32": "torch.float32", "fp32": "torch.float32", "bfloat16": "torch.bfloat16", "bf16": "torch.bfloat16",
+        "float16": "torch.float16", "fp16": "torch.float16"}
+    monkeypatch.setattr(importlib.import_module("chameleon.generate"), "generate", lambda model, prompts, opts: [[]])
+    argv = ["generate", "--model", str(tiny_hf), "--prompt", "hi", "--dtype", "float16", "--out", str(tmp_path / "gen")]
+    assert main(argv) == 0
+    assert main(["convert", str(tiny_hf), str(tmp_path / "fp16"), "--to", "hf", "--dtype", "float16"]) == 0
+    assert load_file(tmp_path / "fp16" / "model.safetensors")["lm_head.weight"].dtype == torch.float16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -36,3 +37,41 @@ def test_console_script_help_and_demo(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--skip-suite"]) == 0
     page = (tmp_path / "demo" / "generation" / "index.html").read_text()
     assert "output_image_1.png" in page  # text, an image, then text
+
+
+def test_max_new_tokens_default_leaves_room_for_an_image_in_interleaved_mode(tiny_hf, tmp_path, monkeypatch, capsys):
+    """An interleaved image starts only where all its tokens fit: the default budget holds one
+    (boi + 256 codes + eoi on the tiny model) plus 256 text tokens; a smaller explicit budget is
+    kept, with a warning naming the flag."""
+    budgets = []
+    monkeypatch.setattr(importlib.import_module("chameleon.generate"), "generate",
+                        lambda model, prompts, opts: budgets.append(opts.max_new_tokens) or [[]])
+    base = ["generate", "--model", str(tiny_hf), "--prompt", "hi"]
+    assert main([*base, "--mode", "interleaved", "--out", str(tmp_path / "a")]) == 0
+    assert main([*base, "--out", str(tmp_path / "b")]) == 0
+    assert budgets == [256 + 258, 256] and "warning" not in capsys.readouterr().err
+    assert main([*base, "--mode", "interleaved", "--max-new-tokens", "257", "--out", str(tmp_path / "c")]) == 0
+    assert budgets[-1] == 257
+    assert "warning: --max-new-tokens 257 is too small for an image: one takes 258 tokens" in capsys.readouterr().err
+    assert main([*base, "--mode", "interleaved", "--max-new-tokens", "258", "--out", str(tmp_path / "d")]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_generation_page_numbers_images_among_images(tmp_path):
+    from reports.generation import write_generation_page
+
+    image = Image.new("RGB", (8, 8))
+    page = write_generation_page(tmp_path, ["What is in this photo?", image], ["A cat.", image, "Another:", image], "interleaved", {})
+    html = page.read_text()
+    assert 'alt="prompt image 1"' in html and 'alt="prompt image 2"' not in html
+    assert 'alt="generated image 1"' in html and 'alt="generated image 2"' in html and "image 3" not in html
+
+
+def test_help_states_each_default_once(capsys):
+    for command in ("generate", "convert", "run"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and "(default: [])" not in text, command
+        assert "float32 (fp32) | bfloat16 (bf16) | float16 (fp16)" in text, command
+    assert "--device DEVICE torch device, e.g. cpu, cuda, cuda:1 (under torchrun, cuda is each process's own GPU); default: cpu" in text

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -142,3 +144,16 @@ def test_unequal_model_parallel_slices_are_refused_when_written(tmp_path, capsys
     assert chameleon.load(hf).config.vocab_size == 4097
     assert main(["convert", str(hf), str(tmp_path / "meta"), "--to", "meta"]) == 2
     assert "vocab_size (4097) does not split into 2 equal shards" in capsys.readouterr().err
+
+
+def test_weight_files_get_the_umask_mode_of_other_files(tiny_hf, tmp_path):
+    """safetensors writes its files 0600: every file of a conversion is as readable as config.json."""
+    old = os.umask(0o027)
+    try:
+        assert main(["convert", str(tiny_hf), str(tmp_path / "hf"), "--to", "hf", "--max-shard-size", "2MB"]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
+    assert {"vqgan_decoder.safetensors", "config.json"} <= modes.keys()
+    assert sum(name.endswith(".safetensors") for name in modes) > 2  # shards too
+    assert set(modes.values()) == {0o640}, modes

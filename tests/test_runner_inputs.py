@@ -3,6 +3,7 @@ record store's tolerance of a torn last line; the results table."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import subprocess
@@ -88,7 +89,9 @@ def test_unknown_suite_name():
     (["--limit", "0"], r"--limit must be >= 1"),
     (["--backend", "hf"], r"config.json"),
     (["--images-dir", "coco="], r"--images-dir 'coco=': expected DATASET=DIR .* and DIR a directory"),
-    (["--data-dir", "missing"], r"data_dir '.*missing' is not a directory"),
+    (["--data-dir", "missing"], r"--data-dir '.*missing' is not a directory"),
+    (["--data-dir", "."], r"expected 'gsm8k/test\.jsonl' under --data-dir '"),
+    (["--dtype", "float64"], r"--dtype 'float64': expected one of float32, fp32, bfloat16, bf16, float16, fp16"),
     (["--data-dir", "data"], r"gsm8k/test\.jsonl: line 2: not UTF-8 text \(byte 0xff\)"),
     (["--data-dir", "data", "--out", "afile/sub"], r"--out .*afile/sub: .*afile is a file, not a directory"),
 ])
@@ -102,6 +105,23 @@ def test_cli_bad_input_exits_2(tmp_path, extra, match):
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
     assert re.search(match, proc.stderr), proc.stderr
     assert not (tmp_path / "out").exists() and (tmp_path / "afile").read_text() == ""
+
+
+def test_run_takes_every_dtype_name(tmp_path, monkeypatch):
+    """run, generate and convert share one --dtype parser; the backends get torch's name."""
+    from benchmarks.cli import main
+
+    got = []
+
+    def load_backend(kind, model, **kwargs):
+        got.append(kwargs["dtype"])
+        raise InputError("stop before loading")
+
+    monkeypatch.setattr(importlib.import_module("benchmarks.backends"), "load_backend", load_backend)
+    suite = suite_file(tmp_path, GOOD.replace("mmlu, shots: 5", "gsm8k, shots: 1"))
+    for name in ("bf16", "bfloat16", "fp16", "float32"):
+        assert main(["run", str(suite), "--model", str(tmp_path), "--out", str(tmp_path / "out"), "--dtype", name]) == 2
+    assert got == ["bfloat16", "bfloat16", "float16", "float32"]
 
 
 def run_cli(cwd, *args):

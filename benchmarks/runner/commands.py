@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
+from chameleon.commands import DTYPE_HELP, parse_dtype
 from chameleon.errors import InputError
 
 
@@ -25,8 +27,9 @@ def register(subparsers) -> None:
                         "default: the shipped photos")
     p.add_argument("--data-dir", help="directory with full text benchmark files (layout of benchmarks/data)")
     p.add_argument("--chunk-size", type=int, help="requests per saved chunk (resume granularity); default 4 x batch size")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (under torchrun, cuda is "
+                                                  "each process's own GPU); default: cpu")
+    p.add_argument("--dtype", default="float32", help=f"{DTYPE_HELP}; default: float32")
     p.add_argument("--verbose", action="store_true",
                    help="lm-eval's own logging and progress bars, datasets' and transformers' messages "
                         "(default: one progress bar and one summary line per benchmark, library errors only)")
@@ -65,15 +68,19 @@ def run_command(args) -> int:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.chunk_size is not None and args.chunk_size < 1:
         raise InputError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    dtype = str(parse_dtype(args.dtype)).removeprefix("torch.")  # the backends take torch's name
     images_dirs = parse_images_dirs(args.images_dir)
     check_out_dir(args.out)
     verbose = args.verbose
     configure_console(verbose)
-    check_inputs(suite, args.data_dir, images_dirs)  # before the model loads
+    try:
+        check_inputs(suite, args.data_dir, images_dirs)  # before the model loads
+    except InputError as err:  # the data reader names its argument: name the flag the user typed
+        raise InputError(re.sub(r"\bdata_dir (?=')", "--data-dir ", str(err))) from None
     dist = init_dist()
     kind = args.backend or suite.backend
     kwargs = {} if kind == "responses" else {"batch_size": args.batch_size or suite.batch_size,
-                                             "device": dist.device(args.device), "dtype": args.dtype}
+                                             "device": dist.device(args.device), "dtype": dtype}
     if kind != "responses" and not Path(args.model).is_dir():
         raise InputError(f"--model {args.model}: expected a checkpoint directory for backend {kind}")
     backend = load_backend(kind, args.model, **kwargs)
