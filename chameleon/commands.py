@@ -71,8 +71,8 @@ def register(sub) -> None:
     g.add_argument("--out", required=True, help="output directory (new, or without an earlier generation in it)")
     g.add_argument("--max-new-tokens", type=int, default=None, help=(
         f"token budget; default: {TEXT_TOKENS}, and in interleaved mode {TEXT_TOKENS} plus one image (boi + the "
-        "model's image codes + eoi: 1026 on the 7B), since an image starts only where all its tokens fit; image "
-        "mode always makes exactly one image"))
+        "model's image codes + eoi: 1026 on the 7B), since an image starts only where all its tokens fit; the "
+        "default is cut to what the context leaves after the prompt; image mode always makes exactly one image"))
     g.add_argument("--temperature", type=float, default=0.7, help="text sampling temperature (0 = greedy)")
     g.add_argument("--top-p", type=float, default=0.9, help="text nucleus sampling")
     g.add_argument("--top-k", type=int, default=0, help="text top-k sampling (0 = off)")
@@ -108,12 +108,17 @@ def register(sub) -> None:
     c.set_defaults(func=cmd_convert)
 
 
-def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | None = None) -> dict:
+def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | None = None, fit_context: bool = False) -> dict:
+    """Generate, then write output.txt, the images, generation.json and index.html into `out`.
+    `fit_context`: a default token budget, cut to what the model's context leaves after the prompt."""
     from chameleon.generate import generate
     from reports.generation import write_generation_page
 
     model.require_decoder_for(opts.mode)
     prompt_ids = model.encode_prompt(segments)
+    room = model.config.max_seq_len - len(prompt_ids)
+    if fit_context and 0 < room < opts.max_new_tokens:
+        opts = replace(opts, max_new_tokens=room)
     start = time.perf_counter()
     new_ids = generate(model, [prompt_ids], opts)[0]
     seconds = time.perf_counter() - start
@@ -150,7 +155,8 @@ def cmd_generate(args) -> int:
     _fresh_output_dir(out)  # before the model loads and generates: nothing computed is lost
     model = chameleon.load(args.model, device=args.device, dtype=dtype)
     opts = replace(opts, max_new_tokens=token_budget(args.max_new_tokens, args.mode, model.image_seq_len))
-    record = run_generation(model, segments, opts, out, {"model": str(args.model), "seed": args.seed})
+    record = run_generation(model, segments, opts, out, {"model": str(args.model), "seed": args.seed},
+                            fit_context=args.max_new_tokens is None)
     print(json.dumps(record, indent=2))
     return 0
 

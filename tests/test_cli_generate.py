@@ -10,6 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
+import chameleon
 from benchmarks.cli import main
 from tests.conftest import PHOTO
 
@@ -55,6 +56,12 @@ def test_max_new_tokens_default_leaves_room_for_an_image_in_interleaved_mode(tin
     assert "warning: --max-new-tokens 257 is too small for an image: one takes 258 tokens" in capsys.readouterr().err
     assert main([*base, "--mode", "interleaved", "--max-new-tokens", "258", "--out", str(tmp_path / "d")]) == 0
     assert "warning" not in capsys.readouterr().err
+    # The default is cut to what the context (2,048 here) leaves after a long prompt.
+    long = "Natalia sold clips to 48 of her friends. " * 150
+    room = 2048 - len(chameleon.load(tiny_hf).encode_prompt(long))
+    assert 0 < room < 256 + 258
+    assert main(["generate", "--model", str(tiny_hf), "--prompt", long, "--mode", "interleaved", "--out", str(tmp_path / "e")]) == 0
+    assert budgets[-1] == room
 
 
 def test_generation_page_numbers_images_among_images(tmp_path):
