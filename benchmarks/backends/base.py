@@ -141,6 +141,15 @@ class MixedModalLM(LM):
         super().__init__()
         self.failures: dict[str, str] = {}  # request hash -> reason; the runner counts them
 
+    # Why this backend takes no image input from its model (None: it does), for the runner to refuse
+    # a suite with captioning before any benchmark runs rather than when it reaches one.
+    image_problem: str | None = None
+
+    @classmethod
+    def checkpoint_image_problem(cls, pretrained) -> str | None:
+        """`image_problem` as far as the model's files tell, before loading it."""
+        return None
+
     # identity of the weights + config: keys caches, stamps results
     @property
     def fingerprint(self) -> str:

@@ -51,11 +51,11 @@ def parse_images_dirs(values: list[str]) -> dict[str, Path]:
 
 
 def run_command(args) -> int:
-    from benchmarks.backends import load_backend
+    from benchmarks.backends import image_input_problem, load_backend
     from benchmarks.runner.dist import init_dist
     from benchmarks.runner.progress import configure_console
     from benchmarks.runner.results import format_results_table
-    from benchmarks.runner.run import check_inputs, check_out_dir, run_suite
+    from benchmarks.runner.run import check_image_input, check_inputs, check_out_dir, run_suite
     from benchmarks.runner.suite import load_suite
 
     suite = load_suite(args.suite)
@@ -76,6 +76,7 @@ def run_command(args) -> int:
                                              "device": dist.device(args.device), "dtype": args.dtype}
     if kind != "responses" and not Path(args.model).is_dir():
         raise InputError(f"--model {args.model}: expected a checkpoint directory for backend {kind}")
+    check_image_input(suite, kind, args.model, image_input_problem(kind, args.model))  # before the model loads
     backend = load_backend(kind, args.model, **kwargs)
     results = run_suite(suite, backend, args.out, limit=args.limit, images_dirs=images_dirs,
                         data_dir=args.data_dir, dist=dist, chunk_size=args.chunk_size, command=sys.argv,
