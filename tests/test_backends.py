@@ -175,7 +175,7 @@ H = "9f2c" * 16  # a request hash
         ([{"request_hash": H, "sample": 0.7, "output": "x"}], r":1: field 'sample' must be a non-negative integer, got 0.7"),
         ([{"request_hash": {"a": 1}, "output": "x"}], r":1: field 'request_hash' must be a non-empty string"),
         ([{"request_hash": 42, "output": "x"}], r":1: field 'request_hash' must be a non-empty string.*got 42"),
-        ([{"item_id": ["gsm8k", 7], "output": "x"}], r":1: field 'item_id' must be a non-empty string \"<task>/<doc_id>\""),
+        ([{"item_id": ["gsm8k", 7], "output": "x"}], r":1: field 'item_id' must be a non-empty string: \"<task>/<doc_id>\", or the image id"),
         ([{"request_hash": H, "output": None}], r":1: field 'output' must be a string, got None"),
         ([{"request_hash": H, "output": 42}], r":1: field 'output' must be a string, got 42"),
         ([{"request_hash": H, "loglikelihood": "abc"}], r":1: field 'loglikelihood' must be a number <= 0.*got 'abc'"),

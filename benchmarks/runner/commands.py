@@ -13,7 +13,12 @@ def register(subparsers) -> None:
         "run", help="run a benchmark suite (resumable; shards under torchrun)",
         description="Run a suite (a shipped name: paper, smoke; or a YAML path) on one model. Rerun the same "
                     "command after an interruption to finish it; under `torchrun --nproc-per-node N` items are "
-                    "sharded across processes.")
+                    "sharded across processes.",
+        epilog="Backend responses reads JSONL, one object per line: \"output\" (generated text) or "
+               "\"loglikelihood\" (+ \"is_greedy\"), keyed by \"request_hash\" or \"item_id\" as the samples "
+               "files record them (\"<task>/<doc_id>\" for text, the image id for captioning); \"sample\": the "
+               "k-th sample of maj@k (from 0). Loglikelihoods by request_hash only. Lines no request used are "
+               "reported at the end.")
     p.add_argument("suite", help="shipped suite name (paper, smoke) or a suite YAML file")
     p.add_argument("--model", required=True, help="checkpoint directory (chameleon, hf) or responses JSONL (responses)")
     p.add_argument("--out", required=True, type=Path, help="run directory (results.json, samples/, cache/)")

@@ -207,6 +207,7 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
     if dist.is_main:
         (out / "samples").mkdir(exist_ok=True)
     width = max(len(spec.name) for spec in suite.benchmarks)
+    asked_hashes, asked_items = set(), set()  # every request's keys, cached or not: for unused_inputs
     for spec in suite.benchmarks:
         started, computed = time.perf_counter(), lm.computed
         lm.failed.clear()
@@ -219,6 +220,9 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
             else:
                 entry, records = _run_text(spec, lm, limit=limit, data_dir=data_dir, seed=suite.seed,
                                            lm_eval_bars=verbose and dist.is_main)
+            for rec in records:
+                asked_items.add(rec["item_id"])
+                asked_hashes.update(h for h in rec.get("request_hashes") or [rec.get("request_hash")] if h)
             results["data_files"].update({display_path(k): v for k, v in entry.pop("data_files").items()})
             entry["config"] = {k: v for k, v in spec.__dict__.items()}
             entry["seconds"] = round(time.perf_counter() - started, 2)
@@ -231,6 +235,9 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
             write_json_atomic(out / "results.json", results)
             if progress:
                 print(summary_line(spec.name, entry, cached=bar.cached, width=width), file=sys.stderr, flush=True)
+    unused = backend.unused_inputs(asked_hashes, asked_items)
+    if unused and dist.is_main:
+        print(f"warning: {unused}", file=sys.stderr, flush=True)
     results["complete"] = True
     results["run"]["finished_at"] = _now()
     if dist.is_main:
