@@ -1,7 +1,9 @@
 """Reading and writing checkpoint directories, HF's and Meta's, with strict validation.
 
 HF format:   config.json, model.safetensors | model.safetensors.index.json + shards, tokenizer.json,
-             [vqgan_decoder.safetensors: this project's extra file keeping the VQGAN decoder]
+             processor_config.json + preprocessor_config.json (transformers' ChameleonProcessor; written,
+             not read: our stack preprocesses images itself), [vqgan_decoder.safetensors: this
+             project's extra file keeping the VQGAN decoder]
 Meta format: params.json [+ consolidate_params.json], consolidated.pth | consolidated.NN.pth,
              tokenizer/{text_tokenizer.json, vqgan.yaml, vqgan.ckpt} (or ../../tokenizer, the release layout)
 """
@@ -27,6 +29,7 @@ from chameleon.errors import InputError
 from chameleon.tokenizer import SPECIAL_NAMES, ChameleonTokenizer
 
 HF_DECODER_FILE = "vqgan_decoder.safetensors"
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 @dataclass
@@ -166,6 +169,23 @@ def write_hf(ckpt: Checkpoint, out: Path, tokenizer: ChameleonTokenizer, max_sha
     for key in ("bos", "eos", "pad"):
         tok_cfg[f"{key}_token"] = SPECIAL_NAMES[key]  # the tokenizer found its ids by these names
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    for name, content in zip(PROCESSOR_FILES, processor_configs(ckpt.vq_config)):
+        (out / name).write_text(json.dumps(content, indent=2))
+
+
+def processor_configs(vq: VQGANConfig) -> tuple[dict, dict]:
+    """transformers' ChameleonProcessor settings (processor_config.json, preprocessor_config.json),
+    as HF's Chameleon checkpoints ship them, but sized for this VQGAN and with Meta's exact scaling
+    (`vqgan.preprocess`): shortest side to the resolution with LANCZOS, centre crop, x * 2/255 - 1
+    (HF's files say 0.0078, which shifts every pixel by up to 1%)."""
+    processor = {"processor_class": "ChameleonProcessor", "image_seq_length": vq.image_seq_len, "image_token": "<image>"}
+    side = vq.resolution
+    image = {"image_processor_type": "ChameleonImageProcessor", "processor_class": "ChameleonProcessor",
+             "do_convert_rgb": True, "do_resize": True, "size": {"shortest_edge": side}, "resample": 1,  # PIL LANCZOS
+             "do_center_crop": True, "crop_size": {"height": side, "width": side},
+             "do_rescale": True, "rescale_factor": 2 / 255, "do_normalize": True,
+             "image_mean": [1.0, 1.0, 1.0], "image_std": [1.0, 1.0, 1.0]}
+    return processor, image
 
 
 def _write_safetensors_sharded(tensors: Tensors, out: Path, max_shard_bytes: int | None) -> None:

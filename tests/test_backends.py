@@ -80,10 +80,34 @@ def test_images_in_lm_eval_multimodal_convention(ours, hf):
     assert isinstance(out, str)
     [(lp, _)] = ours.loglikelihood([Instance("loglikelihood", {}, ("<image>A photo of", " a cat", {"visual": [image]}), 0)])
     assert lp < 0
-    with pytest.raises(InputError, match="processor_config.json"):  # no image processor in the tiny HF dir
-        hf.generate_until([req])
+    # transformers' processor with the files our HF directories carry: the same VQ codes and output
+    assert hf.encode_prompt(["A photo:", image]) == ours.encode_prompt(["A photo:", image])
+    assert hf.generate_until([req]) == [out]
     with pytest.raises(InputError, match="placeholder"):
         ours.generate_until([Instance("generate_until", {}, ("a <image> b <image>", {}, {"visual": [image]}), 0)])
+
+
+def test_hf_without_processor_files_names_what_is_missing(tiny_hf, tmp_path):
+    """A Chameleon directory without transformers' processor files loads for text; image input is
+    refused naming the files, and `image_input_problem` says so from the files alone (the runner
+    refuses a suite with captioning before loading the model)."""
+    from benchmarks.backends import image_input_problem
+    from conftest import build_tiny_llama
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_hf, bare)
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        (bare / name).unlink()
+    why = "it lacks processor_config.json and preprocessor_config.json"
+    assert image_input_problem("hf", str(bare)).startswith(why) and image_input_problem("hf", str(tiny_hf)) is None
+    backend = load_backend("hf", str(bare))
+    assert backend.image_problem == image_input_problem("hf", str(bare))
+    image = Image.open(PHOTO).convert("RGB")
+    with pytest.raises(InputError, match=rf"--model {re.escape(str(bare))}: the hf backend cannot take image input: {why}"):
+        backend.generate_until([Instance("generate_until", {}, ("<image>A", {"max_gen_toks": 2}, {"visual": [image]}), 0)])
+    llama = build_tiny_llama(tmp_path / "llama", max_positions=64)
+    assert image_input_problem("hf", str(llama)) == "it is a 'llama' checkpoint; images need a Chameleon one"
+    assert image_input_problem("chameleon", str(bare)) is None and image_input_problem("responses", "r.jsonl") is None
 
 
 def test_interleaved_output(ours):
@@ -151,7 +175,7 @@ H = "9f2c" * 16  # a request hash
         ([{"request_hash": H, "sample": 0.7, "output": "x"}], r":1: field 'sample' must be a non-negative integer, got 0.7"),
         ([{"request_hash": {"a": 1}, "output": "x"}], r":1: field 'request_hash' must be a non-empty string"),
         ([{"request_hash": 42, "output": "x"}], r":1: field 'request_hash' must be a non-empty string.*got 42"),
-        ([{"item_id": ["gsm8k", 7], "output": "x"}], r":1: field 'item_id' must be a non-empty string \"<task>/<doc_id>\""),
+        ([{"item_id": ["gsm8k", 7], "output": "x"}], r":1: field 'item_id' must be a non-empty string: \"<task>/<doc_id>\", or the image id"),
         ([{"request_hash": H, "output": None}], r":1: field 'output' must be a string, got None"),
         ([{"request_hash": H, "output": 42}], r":1: field 'output' must be a string, got 42"),
         ([{"request_hash": H, "loglikelihood": "abc"}], r":1: field 'loglikelihood' must be a number <= 0.*got 'abc'"),

@@ -308,3 +308,29 @@ def test_captioning_images_dir_without_any_image_refused(tmp_path):
     (tmp_path / name).write_bytes((ROOT / "benchmarks/data/images/coco" / name).read_bytes())
     entry, records = run_captioning(spec, Echo(), images_dir=tmp_path, limit=None, seed=0)
     assert (entry["n_items"], entry["n_scored"], entry["n_missing_images"]) == (1, 1, 4999)  # dropped, but counted
+
+
+def test_responses_captions_keyed_by_the_samples_item_id(tmp_path, capsys):
+    """A caption response is found by the item_id the samples file records (the image id, not a
+    position that shifts with limits); a missing one's failure names that id; response lines that
+    no request used are reported once, as a warning."""
+    from benchmarks.backends import load_backend
+    from benchmarks.runner import load_suite, run_suite
+
+    found, _ = resolve_images(load_references("coco_karpathy_test"), ROOT / "benchmarks/data/images/coco")
+    ids = [str(it.image_id) for it in load_references("coco_karpathy_test") if it.image_id in found][:3]
+    suite = tmp_path / "cap.yaml"
+    suite.write_text("name: cap\nbenchmarks:\n  - {name: coco, benchmark: coco, shots: 0, subset: with_images, limit: 3}\n")
+    lines = [{"item_id": ids[0], "output": "A cat on a couch."}, {"item_id": ids[1], "output": "A dog.\nMore."},
+             {"item_id": "coco/2", "output": "A bus."}, {"request_hash": "f" * 64, "output": "x"}]
+    responses = tmp_path / "r.jsonl"
+    responses.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    res = run_suite(load_suite(str(suite)), load_backend("responses", str(responses)), tmp_path / "run", progress=False)
+    records = [json.loads(x) for x in (tmp_path / "run/samples/coco.jsonl").read_text().splitlines()]
+    assert [r["item_id"] for r in records] == ids and res["benchmarks"]["coco"]["n_failed"] == 1
+    assert [r["prediction"] for r in records[:2]] == ["A cat on a couch.", "A dog."]
+    assert records[2]["failed"] and records[2]["failure"].endswith(f"(item {ids[2]})")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: {responses}: 2 response line(s) matched no request of this run (line 3: item_id "
+                        f"'coco/2'; line 4: request_hash '{'f' * 64}'): keys are the samples files' request_hash or "
+                        "item_id (the image id for captioning)"]

@@ -77,6 +77,27 @@ def test_meta_to_hf_loads_in_transformers_with_same_logits(tiny_meta, tmp_path):
     torch.testing.assert_close(got[..., text], expected[..., text], atol=1e-5, rtol=0)
 
 
+def test_meta_to_hf_writes_the_processor_with_our_image_codes(tiny_meta, tmp_path):
+    """A converted directory has what transformers' AutoProcessor needs, set for this VQGAN and Meta's
+    preprocessing: on a photo, transformers' pixels and VQ codes equal ours."""
+    from transformers import AutoProcessor
+
+    from chameleon.vqgan import open_image, preprocess
+    from conftest import PHOTO
+
+    assert main(["convert", str(tiny_meta), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    ours = chameleon.load(tiny_meta)
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert processor.image_seq_length == ours.image_seq_len
+    image = open_image(PHOTO)
+    pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, preprocess(image, ours.vqgan.cfg.resolution), atol=1e-6, rtol=0)
+    hf = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        codes = hf.model.get_image_tokens(pixels).flatten()
+    assert codes.tolist() == ours.tokenizer.code_to_id[ours.vqgan.encode_image(image).flatten()].tolist()
+
+
 def test_bf16_load_and_convert(tiny_hf, tmp_path):
     model = chameleon.load(tiny_hf, dtype=torch.bfloat16)
     ids = torch.tensor([model.encode_prompt(TEXT)])

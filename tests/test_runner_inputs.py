@@ -255,6 +255,36 @@ def test_missing_caption_images_fail_before_out_is_claimed(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+CAPTIONING = "name: s\nbenchmarks:\n  - {name: g, benchmark: gsm8k, limit: 1}\n  - {name: c, benchmark: coco, limit: 1}\n"
+
+
+def test_captioning_on_a_backend_without_image_input_refused_before_any_work(tmp_path):
+    """Refused up front, naming backend, checkpoint and what is missing, not after the text benchmarks."""
+    from benchmarks.runner.run import run_suite
+
+    class Backend:
+        image_problem = "it lacks processor_config.json"
+
+        def describe(self):
+            return {**MODEL, "backend": "hf", "path": "ckpt"}
+
+    suite = load_suite(str(suite_file(tmp_path, CAPTIONING)))
+    with pytest.raises(InputError, match=r"s\.yaml: benchmark\(s\) c need image input, which backend hf cannot give "
+                                         r"--model ckpt: it lacks processor_config.json\. Nothing was run"):
+        run_suite(suite, Backend(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_captioning_on_hf_without_processor_before_loading(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"model_type": "chameleon"}')  # no weights: loading would fail otherwise
+    proc = run_cli(REPO, "run", suite_file(tmp_path, CAPTIONING), "--backend", "hf", "--model", ckpt, "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"backend hf cannot give --model {ckpt}: it lacks processor_config.json and preprocessor_config.json" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_non_utf8_data_files_named(tmp_path):
     from benchmarks.text.data import load_gsm8k, load_mmlu
 

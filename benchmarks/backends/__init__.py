@@ -37,4 +37,14 @@ def load_backend(kind: str, model: str, **kwargs) -> MixedModalLM:
     return get_model(BACKENDS[kind][0])(pretrained=model, **kwargs)
 
 
-__all__ = ["BACKENDS", "GenSettings", "MixedModalLM", "load_backend", "parse_gen_kwargs", "request_hash"]
+def image_input_problem(kind: str, model: str) -> str | None:
+    """Why backend `kind` cannot take images from `model`, from its files alone (None: it can, or
+    loading it will say what is wrong)."""
+    if kind not in BACKENDS:
+        return None
+    from lm_eval.api.registry import get_model
+
+    return get_model(BACKENDS[kind][0]).checkpoint_image_problem(model)
+
+
+__all__ = ["BACKENDS", "GenSettings", "MixedModalLM", "image_input_problem", "load_backend", "parse_gen_kwargs", "request_hash"]

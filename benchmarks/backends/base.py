@@ -88,6 +88,13 @@ def instance_hash(req, kind: str | None = None) -> str:
     return known[kind]
 
 
+def item_id(req) -> str:
+    """The item_id of a request's sample record: the runner's captioning requests carry it in their
+    doc (the image id), lm-eval's text requests are "<task>/<doc_id>"."""
+    doc = req.doc if isinstance(req.doc, dict) else {}
+    return doc["item_id"] if isinstance(doc.get("item_id"), str) else f"{req.task_name}/{req.doc_id}"
+
+
 def sample_indices(requests: list) -> list[int]:
     """Occurrence number of each request among identical ones (lm-eval repeats for maj@k)."""
     seen: dict[str, int] = {}
@@ -140,6 +147,20 @@ class MixedModalLM(LM):
     def __init__(self) -> None:
         super().__init__()
         self.failures: dict[str, str] = {}  # request hash -> reason; the runner counts them
+
+    # Why this backend takes no image input from its model (None: it does), for the runner to refuse
+    # a suite with captioning before any benchmark runs rather than when it reaches one.
+    image_problem: str | None = None
+
+    @classmethod
+    def checkpoint_image_problem(cls, pretrained) -> str | None:
+        """`image_problem` as far as the model's files tell, before loading it."""
+        return None
+
+    def unused_inputs(self, request_hashes: set[str], item_ids: set[str]) -> str | None:
+        """What the backend was given that no request of a run asked for (a responses file's lines),
+        as a warning; None where nothing was."""
+        return None
 
     # identity of the weights + config: keys caches, stamps results
     @property

@@ -7,6 +7,7 @@ model type; images are supported for Chameleon checkpoints (VQ codes spliced in 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ except ImportError:
 
 from benchmarks.backends.base import GenSettings, Segment
 from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score
+from chameleon.checkpoint import PROCESSOR_FILES
 from chameleon.errors import InputError
 from chameleon.generate import row_seed
 
@@ -65,9 +67,8 @@ class HFBackend(TokenLM):
             auto = transformers.AutoModelForImageTextToText if self.is_chameleon else transformers.AutoModelForCausalLM
             model = auto.from_pretrained(path, dtype=torch_dtype)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-            self.processor = None
-            if self.is_chameleon and (path / "processor_config.json").is_file():
-                self.processor = transformers.AutoProcessor.from_pretrained(path)
+            self.image_problem = self.checkpoint_image_problem(path)
+            self.processor = None if self.image_problem else transformers.AutoProcessor.from_pretrained(path)
         except LOAD_ERRORS as err:
             reason = " ".join(str(err).split())[:500]
             raise InputError(f"--model {pretrained}: cannot load this Hugging Face checkpoint directory "
@@ -118,23 +119,30 @@ class HFBackend(TokenLM):
             ids += self.encode_text(seg) if isinstance(seg, str) else self._image_ids(seg)
         return ids
 
+    @classmethod
+    def checkpoint_image_problem(cls, pretrained) -> str | None:
+        path = Path(pretrained)
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return None  # loading says what is wrong with config.json
+        if model_type != "chameleon":
+            return f"it is a {model_type!r} checkpoint; images need a Chameleon one"
+        missing = [name for name in PROCESSOR_FILES if not (path / name).is_file()]
+        if missing:
+            return (f"it lacks {' and '.join(missing)} (transformers' ChameleonProcessor settings, which turn an "
+                    f"image into VQ codes); `chameleon-bench convert SRC DST --to hf` writes them")
+        return None
+
     @torch.no_grad()
     def _image_ids(self, image) -> list[int]:
-        if self.processor is None:
-            raise InputError(f"model {self.path}: image input needs a Chameleon checkpoint with processor_config.json")
-        enc = self.processor(text=[self.processor.image_token], images=[image], return_tensors="pt")
-        ids = enc["input_ids"][0].tolist()
-        codes = self.model.model.get_image_tokens(enc["pixel_values"].to(self.model.device, self.model.dtype))
-        codes = codes.flatten().tolist()
-        image_tok = self.model.model.vocabulary_mapping.image_token_id
-        out, k = [], 0
-        for t in ids:
-            if t == image_tok:
-                out.append(codes[k])
-                k += 1
-            elif t != self.bos_id:
-                out.append(t)
-        return out
+        """boi, the VQ codes as tokens, eoi. Only the image processor is used: the processor's text
+        path would append the tokenizer's sep_token and needs `<image>` in the vocabulary."""
+        if self.image_problem:
+            raise InputError(f"--model {self.path}: the hf backend cannot take image input: {self.image_problem}")
+        pixels = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        codes = self.model.model.get_image_tokens(pixels.to(self.model.device, self.model.dtype))
+        return [self.processor.image_start_token_id, *codes.flatten().tolist(), self.processor.image_end_token_id]
 
     # --- model --------------------------------------------------------------------------------
     def _logits(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,18 @@
 """Pre-computed outputs of an external system (e.g. an API model), scored exactly like ours.
 
 The file is JSONL, one response per line, keyed by `request_hash` (lm-eval's hash of the request,
-as written in our per-sample records) or by `item_id` ("<task>/<doc_id>"). A loglikelihood is
-looked up by `request_hash` only: one item asks one per choice (MMLU's " A".." D").
+as written in our per-sample records) or by `item_id`, as the samples file records it:
+"<task>/<doc_id>" for text, the image id for captioning. A loglikelihood is looked up by
+`request_hash` only: one item asks one per choice (MMLU's " A".." D").
 
     {"request_hash": "9f2c...", "output": "The answer is 42."}
-    {"item_id": "gsm8k/17", "sample": 3, "output": "..."}          # sample k of maj@k
+    {"item_id": "chameleon_gsm8k_cot_maj/17", "sample": 3, "output": "..."}   # sample k of maj@k (from 0)
+    {"item_id": "199783", "output": "A cat on a couch."}                        # a COCO caption
     {"request_hash": "...", "loglikelihood": -3.2, "is_greedy": false}
 
 A request without a response is a per-item failure (recorded in `failures`, empty output /
--inf loglikelihood), never a crash.
+-inf loglikelihood), never a crash; lines no request of a run asked for are reported once at its
+end (`unused_inputs`).
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ from pathlib import Path
 
 from lm_eval.api.registry import register_model
 
-from benchmarks.backends.base import MixedModalLM, instance_hash, sample_indices
+from benchmarks.backends.base import MixedModalLM, instance_hash, item_id, sample_indices
 from chameleon.errors import InputError
 
 
 # Each field's test and what it must be (a wrong type is refused, never coerced).
 FIELDS = {
     "request_hash": (lambda v: isinstance(v, str) and v != "", "a non-empty string (lm-eval's request hash)"),
-    "item_id": (lambda v: isinstance(v, str) and v != "", 'a non-empty string "<task>/<doc_id>"'),
+    "item_id": (lambda v: isinstance(v, str) and v != "", 'a non-empty string: "<task>/<doc_id>", or the image id for captioning'),
     "sample": (lambda v: type(v) is int and v >= 0, "a non-negative integer"),
     "output": (lambda v: isinstance(v, str), "a string"),
     "loglikelihood": (lambda v: type(v) in (int, float) and v <= 0, "a number <= 0 (a log-probability)"),
@@ -54,6 +57,7 @@ class ResponsesBackend(MixedModalLM):
             raise InputError(f"{self.path}:{line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         self.by_hash: dict[tuple[str, int], dict] = {}
         self.by_item: dict[tuple[str, int], dict] = {}
+        self.keys: list[tuple[int, str | None, str | None]] = []  # (line, request_hash, item_id) of each response
         seen: dict[tuple, tuple[int, tuple]] = {}  # (field, value, sample) -> (line, response)
         for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
             if not line.strip():
@@ -70,6 +74,7 @@ class ResponsesBackend(MixedModalLM):
                 if name in rec and not ok(rec[name]):
                     raise InputError(f"{self.path}:{n}: field {name!r} must be {expected}, got {rec[name]!r:.80}")
             sample = rec.get("sample", 0)
+            self.keys.append((n, rec.get("request_hash"), rec.get("item_id")))
             response = tuple(rec.get(k, absent) for k, absent in RESPONSE_FIELDS.items())
             for field, table in (("request_hash", self.by_hash), ("item_id", self.by_item)):
                 if field in rec:
@@ -89,10 +94,19 @@ class ResponsesBackend(MixedModalLM):
     def describe(self) -> dict:
         return {**super().describe(), "path": str(self.path)}
 
+    def unused_inputs(self, request_hashes: set[str], item_ids: set[str]) -> str | None:
+        unused = [(n, h, i) for n, h, i in self.keys if h not in request_hashes and i not in item_ids]
+        if not unused:
+            return None
+        shown = "; ".join(f"line {n}: " + (f"request_hash {h!r}" if h else f"item_id {i!r}") for n, h, i in unused[:3])
+        return (f"{self.path}: {len(unused)} response line(s) matched no request of this run ({shown}"
+                f"{'; ...' if len(unused) > 3 else ''}): keys are the samples files' request_hash or item_id "
+                f"(the image id for captioning)")
+
     def _lookup(self, kind: str, req, sample: int, field: str) -> dict | None:
         """The response record holding `field` for this request (by request hash, else by item)."""
         h = instance_hash(req, kind)
-        item = f"{req.task_name}/{req.doc_id}"
+        item = item_id(req)
         rec = self.by_hash.get((h, sample))
         if rec is None and kind != "loglikelihood":
             rec = self.by_item.get((item, sample))

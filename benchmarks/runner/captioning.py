@@ -74,7 +74,7 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
         query_file, shots = prompt_images(item, images_by_id, pool, settings)
         context, images = _render(build_prompt(query_file, shots, settings))
         files = [f for f, _ in shots] + [query_file]  # prompt order
-        request = Instance("generate_until", {"image_id": item.image_id}, (context, gen_kwargs, {"visual": images}), 0, (spec.name, n, 1))
+        request = Instance("generate_until", {"image_id": item.image_id, "item_id": rec["item_id"]}, (context, gen_kwargs, {"visual": images}), 0, (spec.name, n, 1))
         requests.append(request)
         rec.update(prompt=context, request_hash=instance_hash(request),
                    images=[{"file": display_path(f), "sha256": file_digest(f)} for f in files])

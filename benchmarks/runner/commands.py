@@ -15,7 +15,12 @@ def register(subparsers) -> None:
         "run", help="run a benchmark suite (resumable; shards under torchrun)",
         description="Run a suite (a shipped name: paper, smoke; or a YAML path) on one model. Rerun the same "
                     "command after an interruption to finish it; under `torchrun --nproc-per-node N` items are "
-                    "sharded across processes.")
+                    "sharded across processes.",
+        epilog="Backend responses reads JSONL, one object per line: \"output\" (generated text) or "
+               "\"loglikelihood\" (+ \"is_greedy\"), keyed by \"request_hash\" or \"item_id\" as the samples "
+               "files record them (\"<task>/<doc_id>\" for text, the image id for captioning); \"sample\": the "
+               "k-th sample of maj@k (from 0). Loglikelihoods by request_hash only. Lines no request used are "
+               "reported at the end.")
     p.add_argument("suite", help="shipped suite name (paper, smoke) or a suite YAML file")
     p.add_argument("--model", required=True, help="checkpoint directory (chameleon, hf) or responses JSONL (responses)")
     p.add_argument("--out", required=True, type=Path, help="run directory (results.json, samples/, cache/)")
@@ -54,11 +59,11 @@ def parse_images_dirs(values: list[str]) -> dict[str, Path]:
 
 
 def run_command(args) -> int:
-    from benchmarks.backends import load_backend
+    from benchmarks.backends import image_input_problem, load_backend
     from benchmarks.runner.dist import init_dist
     from benchmarks.runner.progress import configure_console
     from benchmarks.runner.results import format_results_table
-    from benchmarks.runner.run import check_inputs, check_out_dir, run_suite
+    from benchmarks.runner.run import check_image_input, check_inputs, check_out_dir, run_suite
     from benchmarks.runner.suite import load_suite
 
     suite = load_suite(args.suite)
@@ -83,6 +88,7 @@ def run_command(args) -> int:
                                              "device": dist.device(args.device), "dtype": dtype}
     if kind != "responses" and not Path(args.model).is_dir():
         raise InputError(f"--model {args.model}: expected a checkpoint directory for backend {kind}")
+    check_image_input(suite, kind, args.model, image_input_problem(kind, args.model))  # before the model loads
     backend = load_backend(kind, args.model, **kwargs)
     results = run_suite(suite, backend, args.out, limit=args.limit, images_dirs=images_dirs,
                         data_dir=args.data_dir, dist=dist, chunk_size=args.chunk_size, command=sys.argv,

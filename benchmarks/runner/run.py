@@ -61,6 +61,15 @@ def check_inputs(suite: Suite, data_dir: str | Path | None = None, images_dirs: 
                              f"{suite.path}: benchmark '{spec.name}': {err}") from None
 
 
+def check_image_input(suite: Suite, backend: str, model, problem: str | None) -> None:
+    """Refuse a suite with captioning on a backend that cannot take images from this model (`problem`
+    says why), before any benchmark runs: otherwise it fails only after all the text benchmarks."""
+    captioning = [s.name for s in suite.benchmarks if s.kind == "captioning"]
+    if captioning and problem:
+        raise InputError(f"{suite.path}: benchmark(s) {', '.join(captioning)} need image input, which backend "
+                         f"{backend} cannot give --model {model}: {problem}. Nothing was run")
+
+
 def run_identity(suite: Suite, model: dict, *, limit=None, images_dirs=None, data_dir=None) -> dict:
     """What a run's results depend on besides the weights: a rerun into the same --out must match it.
     Inputs as they take effect: the shipped data and images (given or by default) are null, so the
@@ -178,6 +187,7 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
     model = backend.describe()
     if not inputs_checked:
         check_inputs(suite, data_dir, images_dirs)
+    check_image_input(suite, model["backend"], model.get("path"), getattr(backend, "image_problem", None))
     claim_run_dir(out, model, dist, run_identity(suite, model, limit=limit, images_dirs=images_dirs, data_dir=data_dir))
     store = RecordStore(out / "cache", shard=f"rank{dist.rank}")
     lm = ResumableLM(backend, store, dist, chunk_size=chunk_size or 4 * getattr(backend, "batch_size", 8))
@@ -197,6 +207,7 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
     if dist.is_main:
         (out / "samples").mkdir(exist_ok=True)
     width = max(len(spec.name) for spec in suite.benchmarks)
+    asked_hashes, asked_items = set(), set()  # every request's keys, cached or not: for unused_inputs
     for spec in suite.benchmarks:
         started, computed = time.perf_counter(), lm.computed
         lm.failed.clear()
@@ -209,6 +220,9 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
             else:
                 entry, records = _run_text(spec, lm, limit=limit, data_dir=data_dir, seed=suite.seed,
                                            lm_eval_bars=verbose and dist.is_main)
+            for rec in records:
+                asked_items.add(rec["item_id"])
+                asked_hashes.update(h for h in rec.get("request_hashes") or [rec.get("request_hash")] if h)
             results["data_files"].update({display_path(k): v for k, v in entry.pop("data_files").items()})
             entry["config"] = {k: v for k, v in spec.__dict__.items()}
             entry["seconds"] = round(time.perf_counter() - started, 2)
@@ -221,6 +235,9 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
             write_json_atomic(out / "results.json", results)
             if progress:
                 print(summary_line(spec.name, entry, cached=bar.cached, width=width), file=sys.stderr, flush=True)
+    unused = backend.unused_inputs(asked_hashes, asked_items)
+    if unused and dist.is_main:
+        print(f"warning: {unused}", file=sys.stderr, flush=True)
     results["complete"] = True
     results["run"]["finished_at"] = _now()
     if dist.is_main:
