@@ -85,9 +85,11 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
     preds = {}
     for rec, out in zip(present, outputs):
         rec["output"] = out
-        rec["prediction"] = postprocess_caption(out)
-        if rec["request_hash"] in lm.failed:
-            rec.update(failed=True, failure=lm.failed[rec["request_hash"]])
+        failure = lm.failures.get(rec["request_hash"])
+        # a failed request is scored as the empty caption (0 on every metric), whatever the placeholder
+        rec["prediction"] = "" if failure else postprocess_caption(out)
+        if failure:
+            rec.update(failed=True, failure=failure)
         preds[rec["item_id"]] = rec["prediction"]
     metrics, skipped = {}, {}
     if preds:
