@@ -294,6 +294,23 @@ def test_results_table():
     assert "0.800" in next(line for line in table.splitlines() if line.startswith("coco"))
 
 
+def test_caption_metrics_on_one_scale():
+    """Every caption metric as results.json holds it (Bleu_1..Bleu_3 were shown x100 beside a raw
+    Bleu_4), and a suite's `BLEU` is summarised by Bleu_4 (the summary line showed `BLEU -`)."""
+    from benchmarks.runner.captioning import primary_metric
+    from benchmarks.runner.progress import summary_line
+
+    names = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+    entry = {"primary_metric": primary_metric(["BLEU", "CIDEr"]), "n_items": 2, "n_failed": 0,
+             "metrics": {name: mean_entry([0.5, 0.7]) for name in names}}
+    rows = [line.split() for line in format_results_table({"benchmarks": {"coco": entry}}).splitlines()
+            if line.startswith("coco")]
+    assert [r[1:4] for r in rows] == [[name, "0.600", "0.196"] for name in names]
+    assert "  Bleu_4 0.600 ± 0.196 | n=2, 0 failed" in summary_line("coco", entry)
+    assert [primary_metric([m]) for m in ("bleu", "Bleu_2", "rouge", "cider", "SPICE")] == \
+        ["Bleu_4", "Bleu_2", "ROUGE_L", "CIDEr", "SPICE"]
+
+
 def test_exemplar_pool_checked_before_out_is_claimed(tmp_path):
     from benchmarks.runner.run import run_suite
 
