@@ -3,6 +3,7 @@ record store's tolerance of a torn last line; the results table."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -292,6 +293,10 @@ def test_results_table():
     row = next(line for line in table.splitlines() if line.startswith("mmlu"))
     assert row.split() == ["mmlu", "chameleon_mmlu/acc,none", "75.0", "49.0", "4", "2"]
     assert "0.800" in next(line for line in table.splitlines() if line.startswith("coco"))
+    assert table.startswith("suite s  model chameleon:abababababab  (complete)\n")
+    fingerprint = "responses:" + hashlib.sha256(b"x").hexdigest()  # the backend once, 12 hex digits
+    table = format_results_table({**results, "model": {"backend": "responses", "fingerprint": fingerprint}})
+    assert table.startswith(f"suite s  model responses:{fingerprint[10:22]}  (complete)\n")
 
 
 def test_caption_metrics_on_one_scale():

@@ -129,6 +129,7 @@ def format_results_table(results: dict | str | Path) -> str:
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     model = results.get("model", {})
+    digest = str(model.get("fingerprint", "?")).rpartition(":")[2]  # without a prefix such as "responses:"
     head = f"suite {results.get('suite', {}).get('name', '?')}  model {model.get('backend', '?')}:" \
-           f"{str(model.get('fingerprint', '?'))[:12]}  ({'complete' if results.get('complete') else 'INCOMPLETE'})"
+           f"{digest[:12]}  ({'complete' if results.get('complete') else 'INCOMPLETE'})"
     return head + "\n" + "\n".join(lines) + "\n"
