@@ -168,7 +168,12 @@ def test_torchrun_two_processes_equal_single(suite, tiny_hf, baseline, tmp_path)
     assert sorted(p.name for p in (out / "cache").iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
     assert all(p.stat().st_size > 0 for p in (out / "cache").iterdir())  # both processes did work
     assert comparable(out) == comparable(baseline)
-    assert json.loads((out / "results.json").read_text())["run"]["world_size"] == 2
+    res = json.loads((out / "results.json").read_text())
+    assert res["run"]["world_size"] == 2
+    computed = {name: b["computed_requests"] for name, b in res["benchmarks"].items()}  # both ranks' shares
+    assert computed == {name: b["computed_requests"] for name, b in
+                        json.loads((baseline / "results.json").read_text())["benchmarks"].items()}
+    assert "228 requests computed, 0 cached" in summary_lines(proc.stderr, "mmlu")[0]
 
 
 def test_other_models_run_dir_is_refused(suite, baseline, tmp_path):

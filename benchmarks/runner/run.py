@@ -209,7 +209,8 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
             results["data_files"].update({display_path(k): v for k, v in entry.pop("data_files").items()})
             entry["config"] = {k: v for k, v in spec.__dict__.items()}
             entry["seconds"] = round(time.perf_counter() - started, 2)
-            entry["computed_requests"] = lm.computed - computed  # not answered from the cache
+            # not answered from the cache, by every process (each computes its share)
+            entry["computed_requests"] = sum(dist.all_gather(lm.computed - computed))
             lm.progress = None
         if dist.is_main:
             entry["samples_file"] = f"samples/{spec.name}.jsonl"
