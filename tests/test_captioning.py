@@ -299,7 +299,7 @@ def test_captioning_images_dir_without_any_image_refused(tmp_path):
         run_captioning(spec, None, images_dir=tmp_path / "nope", limit=None, seed=0)
 
     class Echo:  # a model whose every caption is "a cat"
-        failed: dict = {}
+        failures: dict = {}
 
         def generate_until(self, requests):
             return ["a cat"] * len(requests)

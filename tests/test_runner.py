@@ -168,7 +168,12 @@ def test_torchrun_two_processes_equal_single(suite, tiny_hf, baseline, tmp_path)
     assert sorted(p.name for p in (out / "cache").iterdir()) == ["rank0.jsonl", "rank1.jsonl"]
     assert all(p.stat().st_size > 0 for p in (out / "cache").iterdir())  # both processes did work
     assert comparable(out) == comparable(baseline)
-    assert json.loads((out / "results.json").read_text())["run"]["world_size"] == 2
+    res = json.loads((out / "results.json").read_text())
+    assert res["run"]["world_size"] == 2
+    computed = {name: b["computed_requests"] for name, b in res["benchmarks"].items()}  # both ranks' shares
+    assert computed == {name: b["computed_requests"] for name, b in
+                        json.loads((baseline / "results.json").read_text())["benchmarks"].items()}
+    assert "228 requests computed, 0 cached" in summary_lines(proc.stderr, "mmlu")[0]
 
 
 def test_other_models_run_dir_is_refused(suite, baseline, tmp_path):
@@ -260,3 +265,48 @@ def test_caption_exemplars_from_a_separate_pool(tiny_hf, tmp_path):
     bad.write_text("name: bad\nbenchmarks:\n  - {name: g, benchmark: gsm8k, exemplars: x.json}\n")
     with pytest.raises(InputError, match="exemplars apply to captioning"):
         load_suite(str(bad))
+
+
+def _responses_run(tmp_path, name, suite_text, lines):
+    from benchmarks.backends import load_backend
+    from benchmarks.runner import load_suite, run_suite
+
+    (tmp_path / f"{name}.yaml").write_text(suite_text)
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) or '{"request_hash": "none", "output": ""}\n')
+    res = run_suite(load_suite(str(tmp_path / f"{name}.yaml")), load_backend("responses", str(path)),
+                    tmp_path / name, progress=False)
+    return res, [json.loads(x) for x in (tmp_path / name / "samples/mmlu.jsonl").read_text().splitlines()]
+
+
+def test_failed_items_score_as_wrong_answers(tmp_path, recwarn):
+    """A failed item is wrong: MMLU's four tied -inf placeholders used to pick A, so items whose gold
+    is A scored 1. With half the items missing, every metric (value, stderr, CI, micro and macro)
+    equals that of a run where those items are answered wrong."""
+    from benchmarks.backends.base import request_hash
+
+    suite = "name: f\nbenchmarks:\n  - {name: mmlu, benchmark: mmlu, shots: 0, limit: 2}\n"
+    res, recs = _responses_run(tmp_path, "none", suite, [])  # nothing answered: all 114 items fail
+    mmlu = res["benchmarks"]["mmlu"]
+    assert mmlu["n_failed"] == mmlu["n_items"] == 114 and any(r["doc"]["answer"] == 0 for r in recs)
+    assert all(r["failed"] and r["score"] == {"acc": 0.0} for r in recs)
+    assert all(m["value"] == 0 for m in mmlu["metrics"].values())
+    assert not [w for w in recwarn if "invalid value" in str(w.message)]  # numpy's, on the -inf placeholders
+
+    def answers(rec, right):  # log-likelihoods of " A".." D" that make the item right or wrong
+        gold = rec["doc"]["answer"]
+        for i, letter in enumerate("ABCD"):
+            h = request_hash("loglikelihood", (rec["prompt"], f" {letter}"))
+            assert h in rec["request_hashes"]
+            yield {"request_hash": h, "loglikelihood": -1.0 if (i == gold) == right else -5.0}
+
+    right = [x for r in recs[::2] for x in answers(r, True)]
+    partial, got = _responses_run(tmp_path, "partial", suite, right)  # every other item missing
+    wrong = [x for r in recs[1::2] for x in answers(r, False)]
+    full, want = _responses_run(tmp_path, "full", suite, right + wrong)  # ... answered wrong instead
+    assert partial["benchmarks"]["mmlu"]["n_failed"] == 57 and full["benchmarks"]["mmlu"]["n_failed"] == 0
+    assert [r["score"] for r in got] == [r["score"] for r in want]
+    assert [r["failed"] for r in got] == [i % 2 == 1 for i in range(len(got))]
+    assert partial["benchmarks"]["mmlu"]["metrics"] == full["benchmarks"]["mmlu"]["metrics"]  # same sums, same order
+    acc = full["benchmarks"]["mmlu"]["metrics"]["chameleon_mmlu/acc,none"]
+    assert acc["value"] == 0.5 and acc["ci95"] is not None

@@ -3,6 +3,7 @@ record store's tolerance of a torn last line; the results table."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import re
@@ -342,6 +343,27 @@ def test_results_table():
     row = next(line for line in table.splitlines() if line.startswith("mmlu"))
     assert row.split() == ["mmlu", "chameleon_mmlu/acc,none", "75.0", "49.0", "4", "2"]
     assert "0.800" in next(line for line in table.splitlines() if line.startswith("coco"))
+    assert table.startswith("suite s  model chameleon:abababababab  (complete)\n")
+    fingerprint = "responses:" + hashlib.sha256(b"x").hexdigest()  # the backend once, 12 hex digits
+    table = format_results_table({**results, "model": {"backend": "responses", "fingerprint": fingerprint}})
+    assert table.startswith(f"suite s  model responses:{fingerprint[10:22]}  (complete)\n")
+
+
+def test_caption_metrics_on_one_scale():
+    """Every caption metric as results.json holds it (Bleu_1..Bleu_3 were shown x100 beside a raw
+    Bleu_4), and a suite's `BLEU` is summarised by Bleu_4 (the summary line showed `BLEU -`)."""
+    from benchmarks.runner.captioning import primary_metric
+    from benchmarks.runner.progress import summary_line
+
+    names = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+    entry = {"primary_metric": primary_metric(["BLEU", "CIDEr"]), "n_items": 2, "n_failed": 0,
+             "metrics": {name: mean_entry([0.5, 0.7]) for name in names}}
+    rows = [line.split() for line in format_results_table({"benchmarks": {"coco": entry}}).splitlines()
+            if line.startswith("coco")]
+    assert [r[1:4] for r in rows] == [[name, "0.600", "0.196"] for name in names]
+    assert "  Bleu_4 0.600 ± 0.196 | n=2, 0 failed" in summary_line("coco", entry)
+    assert [primary_metric([m]) for m in ("bleu", "Bleu_2", "rouge", "cider", "SPICE")] == \
+        ["Bleu_4", "Bleu_2", "ROUGE_L", "CIDEr", "SPICE"]
 
 
 def test_exemplar_pool_checked_before_out_is_claimed(tmp_path):

@@ -19,7 +19,7 @@ from lm_eval.api.instance import Instance
 from benchmarks.backends.base import IMAGE_PLACEHOLDER, instance_hash, parse_gen_kwargs
 from benchmarks.captioning.prompts import CaptionSettings, build_prompt, postprocess_caption, prompt_images
 from benchmarks.captioning.references import SHIPPED_COCO_IMAGES, load_references, reference_path, resolve_images
-from benchmarks.captioning.scoring import score_captions
+from benchmarks.captioning.scoring import METRIC_GROUPS, METRIC_NAMES, resolve_metrics, score_captions
 from benchmarks.runner.results import display_path, mean_entry, metric_entry, sha256_file
 from benchmarks.runner.suite import BenchmarkSpec
 from chameleon.errors import InputError
@@ -85,9 +85,11 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
     preds = {}
     for rec, out in zip(present, outputs):
         rec["output"] = out
-        rec["prediction"] = postprocess_caption(out)
-        if rec["request_hash"] in lm.failed:
-            rec.update(failed=True, failure=lm.failed[rec["request_hash"]])
+        failure = lm.failures.get(rec["request_hash"])
+        # a failed request is scored as the empty caption (0 on every metric), whatever the placeholder
+        rec["prediction"] = "" if failure else postprocess_caption(out)
+        if failure:
+            rec.update(failed=True, failure=failure)
         preds[rec["item_id"]] = rec["prediction"]
     metrics, skipped = {}, {}
     if preds:
@@ -100,7 +102,7 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
             se = mean_entry([scores.per_item[k][name] for k in preds])["stderr"]
             metrics[name] = metric_entry(value, se, len(preds))
     entry = {
-        "benchmark": spec.benchmark, "kind": "captioning", "primary_metric": spec.metrics[0] if spec.metrics else None,
+        "benchmark": spec.benchmark, "kind": "captioning", "primary_metric": primary_metric(spec.metrics),
         "references": display_path(ref_path), "images_dir": display_path(image_dir), "n_items": len(records), "n_scored": len(preds),
         "n_missing_images": len(missing),  # of all the references; left out under subset with_images
         "n_failed": sum(r["failed"] for r in records), "metrics": metrics, "skipped_metrics": skipped,
@@ -112,6 +114,15 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
         "data_files": data_files,
     }
     return entry, records
+
+
+def primary_metric(metrics: list[str]) -> str | None:
+    """The metrics key of the suite's first caption metric, which may name a group or be in any case:
+    BLEU's headline is Bleu_4."""
+    if not metrics:
+        return None
+    exact = {name.lower(): name for name in METRIC_NAMES}
+    return exact.get(metrics[0].lower()) or METRIC_GROUPS[resolve_metrics(metrics[:1])[0]][-1]
 
 
 def find_images(spec: BenchmarkSpec, references: list, image_dir: Path) -> tuple[dict, list]:

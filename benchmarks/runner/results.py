@@ -10,6 +10,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
+from benchmarks.captioning.scoring import METRIC_NAMES as CAPTION_METRICS
+
 SCHEMA_VERSION = 1
 Z95 = 1.959963984540054
 
@@ -104,8 +106,10 @@ def _fmt(x: float | None, pct: bool) -> str:
 
 
 def format_metric(metric: str, m: dict) -> tuple[str, str]:
-    """(value, half-width of the 95% CI) as the table shows them: accuracies in %, caption scores as is."""
-    pct = metric.lower() not in {"cider", "bleu_4", "meteor", "rouge_l", "spice"} and abs(m["value"]) <= 1
+    """(value, half-width of the 95% CI) as the table and the summary line show them: accuracies in
+    %, every caption metric (pycocoevalcap's names, Bleu_1..Bleu_4 alike) as results.json holds it
+    (CIDEr 1.202, which papers print as 120.2)."""
+    pct = metric not in CAPTION_METRICS and abs(m["value"]) <= 1
     half = None if m.get("ci95") is None else (m["ci95"][1] - m["ci95"][0]) / 2
     return _fmt(m["value"], pct), _fmt(half, pct)
 
@@ -125,6 +129,7 @@ def format_results_table(results: dict | str | Path) -> str:
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     model = results.get("model", {})
+    digest = str(model.get("fingerprint", "?")).rpartition(":")[2]  # without a prefix such as "responses:"
     head = f"suite {results.get('suite', {}).get('name', '?')}  model {model.get('backend', '?')}:" \
-           f"{str(model.get('fingerprint', '?'))[:12]}  ({'complete' if results.get('complete') else 'INCOMPLETE'})"
+           f"{digest[:12]}  ({'complete' if results.get('complete') else 'INCOMPLETE'})"
     return head + "\n" + "\n".join(lines) + "\n"

@@ -7,7 +7,7 @@ gathers every process's answers. Keys hash the model fingerprint, the request (l
 `hash_args`, which covers the context, continuation, generation settings and image content) and
 the sample index of sampled generations, so a cache can never answer for another checkpoint.
 Failed requests (e.g. a missing external response) are never cached and are reported in
-`failed`.
+`failures`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class ResumableLM(LM):
         self.store = store
         self.dist = dist
         self.chunk_size = max(1, int(chunk_size))
-        self.failed: dict[str, str] = {}  # request hash -> reason
+        self.failures: dict[str, str] = {}  # request hash -> reason, as a backend's (of every process)
         self.computed = 0  # requests this process actually ran (not from the store)
         self.progress = None  # the current benchmark's BenchmarkProgress (runner/progress.py), if any
 
@@ -95,5 +95,5 @@ class ResumableLM(LM):
         for part in self.dist.all_gather((fresh, failed)):
             fresh.update(part[0])
             failed.update(part[1])
-        self.failed.update(failed)
+        self.failures.update(failed)
         return [self.store.get(k)["value"] if k in self.store else fresh[k] for k in keys]

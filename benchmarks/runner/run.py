@@ -17,7 +17,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.backends.base import MixedModalLM, parse_gen_kwargs, request_hash
+from benchmarks.backends.base import MixedModalLM, parse_gen_kwargs
 from benchmarks.runner.captioning import run_captioning
 from benchmarks.runner.dist import Dist, as_single_process
 from benchmarks.runner.progress import BenchmarkProgress, summary_line
@@ -28,9 +28,6 @@ from benchmarks.runner.results import (
 from benchmarks.runner.store import RecordStore
 from benchmarks.runner.suite import BenchmarkSpec, Suite
 from chameleon.errors import InputError
-
-KINDS = {"multiple_choice": "loglikelihood", "loglikelihood": "loglikelihood",
-         "loglikelihood_rolling": "loglikelihood_rolling", "generate_until": "generate_until"}
 
 
 def _now() -> str:
@@ -210,7 +207,7 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
     asked_hashes, asked_items = set(), set()  # every request's keys, cached or not: for unused_inputs
     for spec in suite.benchmarks:
         started, computed = time.perf_counter(), lm.computed
-        lm.failed.clear()
+        lm.failures.clear()
         with BenchmarkProgress(spec.name, enabled=progress and dist.is_main, width=width,
                                placeholder=not verbose) as bar:
             lm.progress = bar
@@ -226,7 +223,8 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
             results["data_files"].update({display_path(k): v for k, v in entry.pop("data_files").items()})
             entry["config"] = {k: v for k, v in spec.__dict__.items()}
             entry["seconds"] = round(time.perf_counter() - started, 2)
-            entry["computed_requests"] = lm.computed - computed  # not answered from the cache
+            # not answered from the cache, by every process (each computes its share)
+            entry["computed_requests"] = sum(dist.all_gather(lm.computed - computed))
             lm.progress = None
         if dist.is_main:
             entry["samples_file"] = f"samples/{spec.name}.jsonl"
@@ -249,7 +247,7 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
 
 def _run_text(spec: BenchmarkSpec, lm: ResumableLM, *, limit, data_dir, seed,
               lm_eval_bars: bool = False) -> tuple[dict, list[dict]]:
-    from benchmarks.text.run import run_text_benchmark
+    from benchmarks.text.run import request_kind, run_text_benchmark
 
     maj_at = tuple(spec.maj_at) if spec.maj_at else None
     limit = min([x for x in (limit, spec.limit) if x is not None], default=None)
@@ -259,24 +257,21 @@ def _run_text(spec: BenchmarkSpec, lm: ResumableLM, *, limit, data_dir, seed,
                                  lm_eval_bars=lm_eval_bars)
     gen_hash = parse_gen_kwargs(spec.generation).digest() if spec.generation else None
     records, items, failed_items = [], set(), set()
-    for s in res.samples:
-        task_type = (res.task_configs.get(s["task"]) or {}).get("output_type", "generate_until")
-        kind = KINDS.get(task_type, task_type)
-        hashes = sorted({request_hash(kind, tuple(a)) for a in s["arguments"]})
+    for s in res.samples:  # a failed item is scored 0 already (score_failures_wrong)
         item_id = f"{s['task']}/{s['doc_id']}"
-        fails = [lm.failed[h] for h in hashes if h in lm.failed]
         items.add(item_id)
-        if fails:
+        if s["failure"]:
             failed_items.add(item_id)
-        gen = (s["arguments"][0][1] if kind == "generate_until" and s["arguments"] else None)
+        kind = request_kind(res.task_configs[s["task"]]["output_type"])
+        gen = s["arguments"][0][1] if kind == "generate_until" and s["arguments"] else None
         records.append({
             "benchmark": spec.name, "item_id": item_id, "filter": s["filter"],
             "item_hash": hashlib.sha256(f"{s['task']}\n{s['doc_hash']}".encode()).hexdigest(),
-            "request_hashes": hashes, "prompt": s["prompt"], "images": [],
+            "request_hashes": s["request_hashes"], "prompt": s["prompt"], "images": [],
             "output": s["resps"], "filtered_output": s["filtered_resps"], "target": s["target"],
             "score": s["scores"], "doc": s["doc"],
             "generation_hash": parse_gen_kwargs(gen).digest() if gen else None,
-            "failed": bool(fails), **({"failure": fails[0]} if fails else {}),
+            "failed": bool(s["failure"]), **({"failure": s["failure"]} if s["failure"] else {}),
         })
     entry = {
         "benchmark": spec.benchmark, "kind": "text", "primary_metric": res.primary,

@@ -11,17 +11,22 @@ import hashlib
 import json
 import logging
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lm_eval import simple_evaluate
+from lm_eval.api.metrics import (
+    aggregate_subtask_metrics, mean, pooled_sample_stderr, stderr_for_metric, unweighted_mean_stderr,
+)
 from lm_eval.api.model import LM
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval's loader: keeps `include` and `!function`
 from lm_eval.utils import handle_non_serializable
 
+from benchmarks.backends.base import request_hash
 from benchmarks.text.data import resolve_data_files
 from chameleon.errors import InputError
 
@@ -167,7 +172,12 @@ def run_text_benchmark(
         raise InputError(f"limit must be a positive integer, got {limit!r}")
     tm = text_task_manager(data_dir)
     task = task_spec(tm, benchmark, k, maj_at)
-    with _request_building_bars(lm_eval_bars):
+    with _request_building_bars(lm_eval_bars), warnings.catch_warnings():
+        # lm-eval takes a softmax of every multiple-choice item's loglikelihoods, used only by its
+        # brier_score metric (none of our tasks); an item whose requests all failed (-inf
+        # placeholders) makes it NaN, and numpy warns. Harmless: that softmax goes unused, and the
+        # item is scored 0 (score_failures_wrong).
+        warnings.filterwarnings("ignore", "invalid value encountered in subtract", RuntimeWarning, r"lm_eval\.utils")
         out = simple_evaluate(
             model=lm,
             tasks=[task],
@@ -175,7 +185,7 @@ def run_text_benchmark(
             num_fewshot=num_fewshot,
             limit=limit,
             gen_kwargs=gen_kwargs or None,
-            log_samples=log_samples,
+            log_samples=True,  # score_failures_wrong finds failed items there
             use_cache=use_cache,
             bootstrap_iters=bootstrap_iters,
             random_seed=seed,
@@ -183,6 +193,7 @@ def run_text_benchmark(
             torch_random_seed=seed,
             fewshot_random_seed=seed,
         )
+    score_failures_wrong(out, getattr(lm, "failures", {}), tm, bootstrap_iters)
     top = spec.greedy if k == 1 else spec.sampled
     metrics = collect_metrics(out)
     if benchmark == "mmlu":
@@ -214,6 +225,80 @@ def _leaves(out: dict, name: str) -> list[str]:
 
 def _stderr(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else None
+
+
+def request_kind(output_type: str) -> str:
+    """The LM method a task's requests go to (lm-eval's multiple_choice asks loglikelihoods)."""
+    return "loglikelihood" if output_type == "multiple_choice" else output_type
+
+
+def score_failures_wrong(out: dict, failures: dict[str, str], tm: TaskManager, bootstrap_iters: int) -> None:
+    """Score 0 every item with a failed request (`failures`: request hash -> reason, as backends
+    record them) and re-aggregate its task and groups in `out` as lm-eval does; the item's sample
+    gets "failure". lm-eval scored the placeholders like any output, and a placeholder can be
+    right: four tied -inf loglikelihoods pick choice A."""
+    failed_tasks = set()
+    for task, items in out.get("samples", {}).items():
+        kind = request_kind(out["configs"][task]["output_type"])
+        for item in items:
+            reasons = [failures[h] for h in _request_hashes(kind, item["arguments"]) if h in failures]
+            if reasons:
+                item["failure"] = reasons[0]
+                _zero_scores(item, out["higher_is_better"].get(task, {}), task)
+                failed_tasks.add(task)
+    for task in failed_tasks:
+        _reaggregate_task(out, task, bootstrap_iters)
+    for group in out.get("group_subtasks", {}):
+        if failed_tasks & set(_leaves(out, group)):
+            _reaggregate_group(out, group, tm)
+
+
+def _request_hashes(kind: str, arguments: list) -> list[str]:
+    return sorted({request_hash(kind, tuple(a)) for a in arguments})
+
+
+def _zero_scores(item: dict, higher_is_better: dict[str, bool], task: str) -> None:
+    for metric in item["metrics"]:
+        if higher_is_better.get(metric) is not True:  # no worst value to give: refuse, never guess
+            raise ValueError(f"{task}: cannot score a failed item on {metric!r}, which is not higher-is-better")
+        item[metric] = 0.0
+
+
+def _reaggregate_task(out: dict, task: str, bootstrap_iters: int) -> None:
+    """A leaf task's metrics from its (corrected) samples: lm-eval's mean and its stderr."""
+    aggregations = {m["metric"]: m.get("aggregation") for m in out["configs"][task].get("metric_list", [])}
+    values: dict[tuple[str, str], list] = {}
+    for item in out["samples"][task]:
+        for metric in item["metrics"]:
+            values.setdefault((metric, item["filter"]), []).append(item[metric])
+    row = out["results"][task]
+    for (metric, flt), items in values.items():
+        if aggregations.get(metric) != "mean":
+            raise ValueError(f"{task}: cannot re-aggregate metric {metric!r} (aggregation "
+                             f"{aggregations.get(metric)!r}, not mean) after a failed item")
+        stderr = stderr_for_metric(mean, bootstrap_iters) if len(items) > 1 else None
+        row[f"{metric},{flt}"] = mean(items)
+        row[f"{metric}_stderr,{flt}"] = stderr(items) if stderr else "N/A"
+
+
+def _reaggregate_group(out: dict, group: str, tm: TaskManager) -> None:
+    """A group's metrics from its leaf tasks' rows, as lm-eval's Group.aggregate."""
+    config = load_yaml(tm.task_index[group].yaml_path, resolve_func=False)
+    rows = [out["results"][leaf] for leaf in _leaves(out, group)]
+    row = out["results"][group]
+    for agg in config.get("aggregate_metric_list") or []:
+        metric, by_size = agg["metric"], agg.get("weight_by_size", True)
+        for flt in [k.split(",", 1)[1] for k in list(row) if k.split(",")[0] == metric]:
+            have = [r for r in rows if f"{metric},{flt}" in r]
+            sizes = [r["sample_len"] for r in have]
+            row[f"{metric},{flt}"] = aggregate_subtask_metrics([r[f"{metric},{flt}"] for r in have], sizes, by_size)
+            errors = [r.get(f"{metric}_stderr,{flt}") for r in have]
+            if None in errors or "N/A" in errors:
+                row[f"{metric}_stderr,{flt}"] = "N/A"
+            elif by_size:
+                row[f"{metric}_stderr,{flt}"] = pooled_sample_stderr(errors, sizes)
+            else:
+                row[f"{metric}_stderr,{flt}"] = unweighted_mean_stderr(errors)
 
 
 def collect_metrics(out: dict) -> dict[str, dict[str, Any]]:
@@ -251,6 +336,7 @@ def collect_samples(out: dict) -> list[dict[str, Any]]:
     records = []
     for task, items in out.get("samples", {}).items():
         metric_names = out["higher_is_better"].get(task, {})
+        kind = request_kind(out["configs"][task]["output_type"])
         for item in items:
             arguments = _json_safe(item["arguments"])
             records.append(
@@ -267,6 +353,8 @@ def collect_samples(out: dict) -> list[dict[str, Any]]:
                     "doc": _json_safe(item["doc"]),
                     "doc_hash": item.get("doc_hash"),
                     "prompt_hash": item.get("prompt_hash"),
+                    "request_hashes": _request_hashes(kind, item["arguments"]),
+                    "failure": item.get("failure"),  # set by score_failures_wrong
                 }
             )
     return records
