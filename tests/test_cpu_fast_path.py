@@ -310,7 +310,7 @@ def test_replaced_parameters_warn_once_when_packing_is_lost(tiny_hf):
             model(x)
         assert any(k[0] != "output" for k in model.transformer.packed)
         model.transformer.load_state_dict({k: v.clone() for k, v in model.transformer.state_dict().items()}, assign=True)
-        with torch.no_grad(), pytest.warns(UserWarning, match="optimize_for_cpu_") if round == 0 else warnings.catch_warnings():
+        with torch.no_grad(), pytest.warns(UserWarning, match="optimize_for_cpu_"):  # again after optimize_for_cpu_
             model(x)
         assert {k[0] for k in model.transformer.packed} <= {"output"}
         with torch.no_grad(), warnings.catch_warnings():
