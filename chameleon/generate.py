@@ -142,9 +142,10 @@ def _pick_rows(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     On CPU, sorting 65,536 probabilities costs ~4.6 ms a row and torch.multinomial ~1.5 ms, the
     better part of a small model's step. So top-p ranks the 256 most probable tokens first (a
     top-k, ~0.25 ms), then 4,096 for the rows whose nucleus is larger, and sorts whole only the
-    rows whose nucleus is larger still; and the draw inverts the running sum at the uniform
-    number (`_invert_cdf`). On a GPU the sort is cheap, and checking the candidates would wait
-    for the device."""
+    rows whose nucleus is larger still (or whose first 256 hold less than half of top_p: likely
+    a nucleus beyond 4,096 too); and the draw inverts the running sum at the uniform number
+    (`_invert_cdf`). On a GPU the sort is cheap, and checking the candidates would wait for the
+    device."""
     if temperature == 0:
         return logits.max(dim=-1).indices
     probs = _top_k(logits / temperature, top_k).softmax(-1)
@@ -155,28 +156,35 @@ def _draw(probs: torch.Tensor, top_p: float, u: torch.Tensor) -> torch.Tensor:
     """Each row's token from its (B, V) probabilities after top-p, at its uniform number u."""
     if top_p >= 1.0:
         return _invert_cdf(probs, u)
-    sizes = [n for n in NUCLEUS_CANDIDATES if n < probs.shape[-1]] if probs.device.type == "cpu" else []
+    on_cpu = probs.device.type == "cpu"
     picks = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
     rows = torch.arange(probs.shape[0], device=probs.device)  # still to pick
-    for n in sizes:
-        got, covered = _nucleus_pick(*torch.topk(probs[rows], n, dim=-1), top_p, u[rows])
-        picks[rows[covered]] = got[covered]
-        rows = rows[~covered]
+    to_sort = []
+    for n in [n for n in NUCLEUS_CANDIDATES if n < probs.shape[-1]] if on_cpu else []:
         if not len(rows):
-            return picks
-    # Stable: tied tokens in id order, whatever kernel the batch size picks, so that a row's draw
-    # (made in this order) does not depend on its batch. (A CPU top-k is the same per row anyway.)
-    picks[rows] = _nucleus_pick(*torch.sort(probs[rows], descending=True, dim=-1, stable=True), top_p, u[rows])[0]
+            break
+        got, reached = _nucleus_pick(*torch.topk(probs[rows], n, dim=-1), top_p, u[rows])
+        covered = reached >= top_p
+        picks[rows[covered]] = got[covered]
+        far = ~covered & (reached < top_p / 2)  # a nucleus so much larger is sorted at once
+        to_sort.append(rows[far])
+        rows = rows[~covered & ~far]
+    rows = torch.cat([*to_sort, rows])
+    if len(rows):
+        # On a GPU stable, tied tokens in id order whatever kernel the batch size picks, so that a
+        # row's draw (made in this order) does not depend on its batch; a CPU sorts row by row.
+        ranked = torch.sort(probs[rows], descending=True, dim=-1, stable=not on_cpu)
+        picks[rows] = _nucleus_pick(*ranked, top_p, u[rows])[0]
     return picks
 
 
 def _nucleus_pick(probs: torch.Tensor, ids: torch.Tensor, top_p: float, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A draw from the top-p prefix of (B, n) probabilities sorted in descending order (`ids`:
-    their tokens), and whether each row's prefix ends within the n: the mass before the token
-    after them reaches top_p, so that token and all later ones are dropped."""
+    their tokens), and the mass of the n: where it reaches top_p, the prefix ends within them
+    (the token after them has that much mass before it, so it and all later ones are dropped)."""
     mass = probs.cumsum(-1)
     kept = probs.masked_fill(mass - probs >= top_p, 0)
-    return ids.gather(-1, _invert_cdf(kept, u)[:, None]).squeeze(-1), mass[:, -1] >= top_p
+    return ids.gather(-1, _invert_cdf(kept, u)[:, None]).squeeze(-1), mass[:, -1]
 
 
 def _uniforms(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:

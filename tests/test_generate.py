@@ -249,17 +249,31 @@ def _grid_counts(probs: torch.Tensor, top_p: float, n: int) -> torch.Tensor:
     return torch.bincount(picks, minlength=probs.shape[-1])
 
 
-@pytest.mark.parametrize("scale", [8.0, 3.0, 0.3])  # how peaked the logits are: the nucleus is found at each step
+def _logits_shaped(shape: str, seed: int) -> torch.Tensor:
+    """(1, 2000) logits: peaked, medium, flat, or a head of half the mass over a long tail."""
+    g = torch.Generator().manual_seed(seed)
+    if shape == "head_and_tail":
+        probs = torch.full((1, 2000), 0.5 / 1999) * (1 + 0.01 * torch.randn(1, 2000, generator=g))
+        probs[0, 7] = 0.5
+        return probs.log()
+    return torch.randn(1, 2000, generator=g) * {"peaked": 8.0, "medium": 3.0, "flat": 0.3}[shape]
+
+
+@pytest.mark.parametrize("shape", ["peaked", "medium", "flat", "head_and_tail"])
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (0, 1.0), (50, 0.8), (0, 0.999)])
-def test_draws_follow_the_filtered_distribution(monkeypatch, scale, top_k, top_p):
+def test_draws_follow_the_filtered_distribution(monkeypatch, shape, top_k, top_p):
     """At evenly spaced uniform numbers, each token is drawn in proportion to its probability after
     top-k and top-p (the set filter_top_k_top_p keeps, and transformers' TopK/TopP warpers keep),
     to within one grid step: so no token outside the set is ever drawn. Top-p ranks a few
-    candidates first, then more, then sorts everything: smaller steps here, for a small vocabulary."""
+    candidates first, then more, then sorts everything: smaller steps here, for a small vocabulary;
+    each route is taken."""
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
     monkeypatch.setattr(generate_module, "NUCLEUS_CANDIDATES", (16, 256))
-    logits = torch.randn(1, 2000, generator=torch.Generator().manual_seed(int(scale * 10) + top_k)) * scale
+    widths = []
+    pick = generate_module._nucleus_pick
+    monkeypatch.setattr(generate_module, "_nucleus_pick", lambda p, *a: widths.append(p.shape[-1]) or pick(p, *a))
+    logits = _logits_shaped(shape, seed=top_k)
     kept = filter_top_k_top_p(logits, top_k, top_p)
     hf = logits
     if top_k:
@@ -271,9 +285,9 @@ def test_draws_follow_the_filtered_distribution(monkeypatch, scale, top_k, top_p
     counts = _grid_counts(generate_module._top_k(logits, top_k).softmax(-1), top_p, n)
     assert (counts[~torch.isfinite(kept[0])] == 0).all()
     assert (counts - kept.softmax(-1)[0] * n).abs().max() <= 1.0 + 1e-6
-    if (top_k, top_p) == (0, 0.9):  # the step that finds the nucleus: 16 candidates, 256, all
-        size = int(torch.isfinite(kept).sum())
-        assert sum(size > n for n in (16, 256)) == {8.0: 0, 3.0: 1, 0.3: 2}[scale], size
+    if (top_k, top_p) == (0, 0.9):  # 16 candidates, then 256, then all; all at once where 16 hold under half
+        route = {"peaked": [16], "medium": [16, 256], "flat": [16, 2000], "head_and_tail": [16, 256, 2000]}[shape]
+        assert widths == route, int(torch.isfinite(kept).sum())
 
 
 def test_draw_rows_are_independent_of_their_batch():
