@@ -182,8 +182,11 @@ def _nucleus_pick(probs: torch.Tensor, ids: torch.Tensor, top_p: float, u: torch
     """A draw from the top-p prefix of (B, n) probabilities sorted in descending order (`ids`:
     their tokens), and the mass of the n: where it reaches top_p, the prefix ends within them
     (the token after them has that much mass before it, so it and all later ones are dropped)."""
-    mass = probs.cumsum(-1)
-    kept = probs.masked_fill(mass - probs >= top_p, 0)
+    # Wide sums: a GPU adds in an order that depends on the batch size, and float32 rounding could
+    # then move the boundary token in or out; in float64 it stays far below any probability gap.
+    wide = probs.to(_wide(probs.device))
+    mass = wide.cumsum(-1)
+    kept = probs.masked_fill(mass - wide >= top_p, 0)
     return ids.gather(-1, _invert_cdf(kept, u)[:, None]).squeeze(-1), mass[:, -1]
 
 
