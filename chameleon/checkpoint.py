@@ -214,9 +214,19 @@ def _save_file(tensors: Tensors, file: str, metadata: dict | None = None) -> Non
     """safetensors' save_file creates the file 0600: give it the mode of any other new file (0666
     less the umask), so that a checkpoint's weights are as readable as its config."""
     save_file(tensors, file, metadata=metadata)
-    umask = os.umask(0o022)  # reading the umask means setting it: put it back at once
-    os.umask(umask)
-    os.chmod(file, 0o666 & ~umask)
+    os.chmod(file, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc on Linux; elsewhere reading it means setting it for an
+    instant (a file another thread creates meanwhile would get 022)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
 
 
 # --- Meta -------------------------------------------------------------------------------------
