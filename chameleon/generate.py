@@ -226,11 +226,24 @@ class _Row:
         self.out: list[int] = []
         self.text_run: list[int] = []  # text tokens since the last image, for stop strings
         self.codes_left = 0  # >0: inside an image
-        self.pending: int | None = None  # a token the next step must emit (eoi after an image's codes)
+        self.forced: list[int] = []  # tokens the next steps must emit (eoi after an image's codes; an open image)
         self.done = False
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.device_generator: torch.Generator | None = None  # draws off the CPU (see _row_generator)
+
+
+def _open_image(prompt: list[int], tok, n_codes: int, i: int) -> list[int]:
+    """The prompt's unfinished image at its end, begin-of-image and the codes after it ([] if none)."""
+    start = len(prompt) - 1 - prompt[::-1].index(tok.boi_id) if tok.boi_id in prompt else None
+    if start is None or tok.eoi_id in prompt[start:]:
+        return []
+    tail = prompt[start:]
+    if not all(tok.is_image_token(t) for t in tail[1:]):
+        raise InputError(f"prompt {i}: its last begin-of-image is followed by other tokens than image codes, and no end-of-image")
+    if len(tail) - 1 > n_codes:
+        raise InputError(f"prompt {i} ends with {len(tail) - 1} codes after its last begin-of-image; an image has {n_codes}")
+    return tail
 
 
 def _image_only_prompt(prompt: list[int], tok) -> list[int]:
@@ -252,7 +265,8 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
 
     Text: generation ends at eos, a stop id, after the token that completes a stop string (cut the
     decoded text at the stop string), or at max_new_tokens. Image: `boi + N codes + eoi`. Interleaved:
-    text with images; an image starts only where `boi + N codes + eoi` still fits.
+    text with images; an image starts only where `boi + N codes + eoi` still fits. In both, a prompt
+    ending inside an image (boi, maybe some of its codes) continues it: the output begins with them.
     """
     use_compile = opts.compile if opts.compile is not None else model.device.type == "cuda"
     # Eager steps run in inference mode, which skips autograd's bookkeeping on every op (a 100M
@@ -277,18 +291,19 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
     for t in opts.logit_bias:
         if not 0 <= t < args.vocab_size:
             raise InputError(f"logit_bias: {t} is not a token id: expected 0..{args.vocab_size - 1}")
-    # A prompt ending in begin-of-image asks for that image (as Meta's decoder reads it): it is
-    # generated as if the boi were the output's first token, which it becomes.
-    opens_image = [p[-1] == tok.boi_id for p in prompts]
-    if any(opens_image):
-        i = opens_image.index(True)
+    # A prompt ending inside an image (begin-of-image, maybe some of its codes) asks for that image,
+    # as Meta's decoder reads a prompt ending in boi: it is generated as if the boi and codes were
+    # the output's first tokens, which they become (fed one step each, then the rest sampled).
+    open_images = [_open_image(p, tok, n_codes, i) for i, p in enumerate(prompts)]
+    if any(open_images):
+        i = next(i for i, o in enumerate(open_images) if o)
         if opts.mode == "text":
-            raise InputError(f"prompt {i} ends with begin-of-image: text mode cannot continue an image; use mode 'image' or 'interleaved'")
+            raise InputError(f"prompt {i} ends inside an image: text mode cannot continue an image; use mode 'image' or 'interleaved'")
         if opts.mode == "interleaved" and opts.max_new_tokens < n_codes + 2:
-            raise InputError(f"prompt {i} ends with begin-of-image: its image needs max_new_tokens >= {n_codes + 2}, got {opts.max_new_tokens}")
-        prompts = [p[:-1] if o else p for p, o in zip(prompts, opens_image)]
+            raise InputError(f"prompt {i} ends inside an image: its image needs max_new_tokens >= {n_codes + 2}, got {opts.max_new_tokens}")
+        prompts = [p[: len(p) - len(o)] for p, o in zip(prompts, open_images)]
         if not all(prompts):
-            raise InputError(f"prompt {[len(p) for p in prompts].index(0)} is only begin-of-image: start it with <s> (encode_prompt does)")
+            raise InputError(f"prompt {[len(p) for p in prompts].index(0)} is only an open image: start it with <s> (encode_prompt does)")
     budget = opts.max_new_tokens
     if opts.mode == "image":
         budget = n_codes + 2  # boi + codes + eoi, whatever max_new_tokens says
@@ -300,9 +315,12 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
 
     guided = opts.guided
     rows = [_Row(p, opts, row_seed(opts.seed, p)) for p in prompts]
-    for r, opens in zip(rows, opens_image):
-        if opens and opts.mode == "interleaved":
-            r.pending = tok.boi_id  # (image mode starts every row with boi anyway)
+    # Image mode starts every row with boi in one lockstep block; rows given some of their codes
+    # take the per-row loop instead, every row then forced to begin with boi.
+    per_row_image = opts.mode == "image" and any(len(o) > 1 for o in open_images)
+    for r, opened in zip(rows, open_images):
+        if opts.mode == "interleaved" or per_row_image:
+            r.forced = opened or ([tok.boi_id] if per_row_image else [])
     # Row layout in the cache: [full_0..full_{B-1}, image_only_0.., uncond_0..] when guided.
     streams = [r.prompt for r in rows]
     if guided:
@@ -363,7 +381,7 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
         if opts.mode == "text" and pick is None and use_compile:  # a graph of its own, not the logits step below
             return _text_loop(*text_loop_args)
         step_fn = _decode_step(model, use_compile, weights)
-        if opts.mode == "image":
+        if opts.mode == "image" and not per_row_image:
             return _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress)
         if opts.mode == "text":
             return _text_loop(*text_loop_args, step_fn, spans_of(rows), pick)
@@ -391,7 +409,7 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
                     continue
                 next_tokens[i] = t
                 visible[i] = True
-                if guided and (r.codes_left > 0 or r.pending == tok.eoi_id or t in (tok.boi_id, tok.eoi_id)):
+                if guided and (r.codes_left > 0 or r.forced[:1] == [tok.eoi_id] or t in (tok.boi_id, tok.eoi_id)):
                     # Image tokens (and their brackets) condition all three rows: every code, the
                     # last one included (chosen as the count reaches 0, with eoi pending).
                     next_tokens[i + n_prompts] = next_tokens[i + 2 * n_prompts] = t
@@ -423,8 +441,8 @@ def _progress_bar(enabled: bool, total: int, mode: str):
 
 def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, image_ids, text_bias, text_seen, slots_left) -> int | None:
     """Pick row i's next token from the last logits, update its state, and return it."""
-    if r.pending is not None:
-        t, r.pending = r.pending, None
+    if r.forced:
+        t = r.forced.pop(0)
     elif r.codes_left > 0:
         # Only image codes may follow: sample among their logits alone (8192 of 65,536).
         code_logits = codes[i]
@@ -449,10 +467,11 @@ def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, im
         r.codes_left -= 1
         r.out.append(t)
         if r.codes_left == 0:
-            r.pending = tok.eoi_id  # exactly N codes, then end-of-image
+            r.forced.append(tok.eoi_id)  # exactly N codes, then end-of-image
         return t
     if t == tok.eoi_id:
         r.out.append(t)
+        r.done = opts.mode == "image"  # one image, then the end
         return t
     # text token
     if t in (tok.eos_id, tok.eot_id) or t in opts.stop_ids:
@@ -690,7 +709,7 @@ def _image_block_length(rows: list[_Row], steps_left: int) -> int:
     """Steps the per-row loop may hand to `_image_block`: while every row still going is inside an
     image with no token pending, as many as the row nearest its image's end has codes left."""
     going = [r for r in rows if not r.done]
-    if not going or any(r.codes_left == 0 or r.pending is not None for r in going):
+    if not going or any(r.codes_left == 0 or r.forced for r in going):
         return 0
     block = min(min(r.codes_left for r in going), steps_left)
     return block if block >= LOCKSTEP_MIN_CODES else 0
@@ -731,7 +750,7 @@ def _image_block(block, logits, rows, n_prompts, guided, opts, tok, image_ids, c
         r.out.extend(codes)
         r.codes_left -= block
         if r.codes_left == 0:
-            r.pending = tok.eoi_id  # exactly N codes, then end-of-image
+            r.forced.append(tok.eoi_id)  # exactly N codes, then end-of-image
     fed_set = set(fed)
     return logits, [p + block * (i in fed_set) for i, p in enumerate(next_pos)]
 
@@ -762,7 +781,7 @@ def _spans_holding(spans: list[tuple[int, int]], ids: dict[str, torch.Tensor]):
     def spans_of(rows) -> tuple[int, ...] | None:
         need: set[int] = set()
         for r in rows:
-            if not r.done and r.pending is None:
+            if not r.done and not r.forced:
                 need |= per_phase["image" if r.codes_left > 0 else "text"]
         return None if need == everything else tuple(sorted(need))
 

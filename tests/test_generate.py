@@ -146,8 +146,36 @@ def test_prompt_ending_in_begin_of_image_continues_that_image(tiny_model):
         generate(tiny_model, [ids + [tok.boi_id]], GenerationOptions())
     with pytest.raises(InputError, match=f"max_new_tokens >= {n + 2}"):
         generate(tiny_model, [ids + [tok.boi_id]], GenerationOptions(mode="interleaved", max_new_tokens=n))
-    with pytest.raises(InputError, match="prompt 1 is only begin-of-image"):
+    with pytest.raises(InputError, match="prompt 1 is only an open image"):
         generate(tiny_model, [ids + [tok.boi_id], [tok.boi_id]], image)
+
+
+@pytest.mark.parametrize("mode", ["image", "interleaved"])
+@pytest.mark.parametrize("compile_", [False, True])
+def test_prompt_ending_inside_an_image_continues_it(tiny_model, mode, compile_):
+    """A prompt ending in boi plus some codes: the output is that image, its given codes and then the
+    rest, as if the model had drawn the given ones itself. Greedy codes with 3-way guidance give
+    exactly the image of a free run; the batch may mix rows given 0, 1 or k codes (and, in image
+    mode, a row with no image started)."""
+    tok, n = tiny_model.tokenizer, tiny_model.image_seq_len
+    ids = [tiny_model.encode_prompt(p) for p in PROMPTS]
+    opts = GenerationOptions(mode=mode, max_new_tokens=n + 6, image_temperature=0.0, compile=compile_,
+                             logit_bias={tok.boi_id: 100.0})  # interleaved: open an image at once
+    free = generate(tiny_model, ids, opts)
+    assert all(out[0] == tok.boi_id and out[n + 1] == tok.eoi_id for out in free)
+    given = [ids[0] + free[0][:1], ids[1] + free[1][:2], ids[2] + free[2][: n // 2]]
+    if mode == "image":
+        given[0] = ids[0]
+    out = generate(tiny_model, given, opts)
+    assert [o[: n + 2] for o in out] == [f[: n + 2] for f in free]
+    if mode == "image":
+        assert all(len(o) == n + 2 for o in out)
+    whole = generate(tiny_model, [ids[2] + free[2][: n + 1]], opts)[0]  # all codes given: only eoi follows
+    assert whole[: n + 2] == free[2][: n + 2]
+    with pytest.raises(InputError, match="text mode cannot continue an image"):
+        generate(tiny_model, given[1:], GenerationOptions())
+    with pytest.raises(InputError, match="followed by other tokens than image codes"):
+        generate(tiny_model, [ids[0] + [tok.boi_id] + tiny_model.encode_prompt("a cat", bos=False)], opts)
 
 
 def test_image_mode_yields_exactly_one_image(tiny_model):
