@@ -156,26 +156,31 @@ def _draw(probs: torch.Tensor, top_p: float, u: torch.Tensor) -> torch.Tensor:
     """Each row's token from its (B, V) probabilities after top-p, at its uniform number u."""
     if top_p >= 1.0:
         return _invert_cdf(probs, u)
-    on_cpu = probs.device.type == "cpu"
-    picks = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    rows = torch.arange(probs.shape[0], device=probs.device)  # still to pick
-    to_sort = []
-    for n in [n for n in NUCLEUS_CANDIDATES if n < probs.shape[-1]] if on_cpu else []:
+    if probs.device.type != "cpu":
+        # Stable: tied tokens in id order whatever kernel the batch size picks, so that a row's
+        # draw (made in this order) does not depend on its batch.
+        return _nucleus_pick(*torch.sort(probs, descending=True, dim=-1, stable=True), top_p, u)[0]
+    picks = torch.empty(probs.shape[0], dtype=torch.long)
+    todo = torch.ones(probs.shape[0], dtype=torch.bool)  # rows not picked yet
+    sort_now = torch.zeros_like(todo)  # rows whose nucleus is likely beyond every tier
+    for n in [n for n in NUCLEUS_CANDIDATES if n < probs.shape[-1]]:
+        rows = (todo & ~sort_now).nonzero().squeeze(-1)
         if not len(rows):
             break
-        got, reached = _nucleus_pick(*torch.topk(probs[rows], n, dim=-1), top_p, u[rows])
+        got, reached = _nucleus_pick(*torch.topk(_take(probs, rows), n, dim=-1), top_p, _take(u, rows))
         covered = reached >= top_p
         picks[rows[covered]] = got[covered]
-        far = ~covered & (reached < top_p / 2)  # a nucleus so much larger is sorted at once
-        to_sort.append(rows[far])
-        rows = rows[~covered & ~far]
-    rows = torch.cat([*to_sort, rows])
-    if len(rows):
-        # On a GPU stable, tied tokens in id order whatever kernel the batch size picks, so that a
-        # row's draw (made in this order) does not depend on its batch; a CPU sorts row by row.
-        ranked = torch.sort(probs[rows], descending=True, dim=-1, stable=not on_cpu)
-        picks[rows] = _nucleus_pick(*ranked, top_p, u[rows])[0]
+        todo[rows[covered]] = False
+        sort_now[rows[reached < top_p / 2]] = True
+    rows = todo.nonzero().squeeze(-1)
+    if len(rows):  # a CPU sorts row by row: a row's order does not depend on its batch
+        picks[rows] = _nucleus_pick(*torch.sort(_take(probs, rows), descending=True, dim=-1), top_p, _take(u, rows))[0]
     return picks
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x's rows (ascending indices), without a copy where they are all of them."""
+    return x if len(rows) == len(x) else x[rows]
 
 
 def _nucleus_pick(probs: torch.Tensor, ids: torch.Tensor, top_p: float, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -96,9 +96,9 @@ class TokenLM(MixedModalLM):
         ids = ids[len(ids) - keep:]
         if self.image_bounds is not None:
             begin, end = self.image_bounds
-            first_end = next((n for n, t in enumerate(ids) if t in (begin, end)), None)
-            if first_end is not None and ids[first_end] == end:
-                ids = ids[first_end + 1:]
+            first = next((n for n, t in enumerate(ids) if t in (begin, end)), None)
+            if first is not None and ids[first] == end:  # the cut fell inside an image
+                ids = ids[first + 1:]
         return ids or [self.prefix_token_id]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:

@@ -237,6 +237,8 @@ def score_failures_wrong(out: dict, failures: dict[str, str], tm: TaskManager, b
     record them) and re-aggregate its task and groups in `out` as lm-eval does; the item's sample
     gets "failure". lm-eval scored the placeholders like any output, and a placeholder can be
     right: four tied -inf loglikelihoods pick choice A."""
+    if not failures:  # the usual case: no request hashes to compute here (collect_samples does)
+        return
     failed_tasks = set()
     for task, items in out.get("samples", {}).items():
         kind = request_kind(out["configs"][task]["output_type"])
