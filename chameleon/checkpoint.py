@@ -30,6 +30,9 @@ from chameleon.tokenizer import SPECIAL_NAMES, ChameleonTokenizer
 
 HF_DECODER_FILE = "vqgan_decoder.safetensors"
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+# transformers finds the image placeholder by the name `<image>` (tokenizer and config.json's
+# vocabulary_map); Meta's tokenizer calls that id `<reserved08707>`, and transformers' converter renames it.
+HF_IMAGE_TOKEN, META_IMAGE_TOKEN = "<image>", "<reserved08707>"
 
 
 @dataclass
@@ -153,7 +156,9 @@ def _read_hf(path: Path) -> Checkpoint:
 def write_hf(ckpt: Checkpoint, out: Path, tokenizer: ChameleonTokenizer, max_shard_bytes: int | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     special = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
-    cfg = ckpt.args.to_hf(ckpt.vq_config, dict(sorted(tokenizer.vocab.items(), key=lambda kv: kv[1])), special)
+    rename = META_IMAGE_TOKEN in tokenizer.vocab and HF_IMAGE_TOKEN not in tokenizer.vocab
+    vocab = {(HF_IMAGE_TOKEN if rename and k == META_IMAGE_TOKEN else k): v for k, v in tokenizer.vocab.items()}
+    cfg = ckpt.args.to_hf(ckpt.vq_config, dict(sorted(vocab.items(), key=lambda kv: kv[1])), special)
     cfg["dtype"] = str(next(iter(ckpt.weights.values())).dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     tensors = to_hf(ckpt.weights, ckpt.args)
@@ -163,7 +168,10 @@ def write_hf(ckpt: Checkpoint, out: Path, tokenizer: ChameleonTokenizer, max_sha
     _write_safetensors_sharded(tensors, out, max_shard_bytes)
     if decoder:
         _save_file({k: v.contiguous() for k, v in decoder.items()}, str(out / HF_DECODER_FILE))
-    shutil.copyfile(ckpt.tokenizer_file, out / "tokenizer.json")
+    if rename:
+        _write_renamed_tokenizer(ckpt.tokenizer_file, out / "tokenizer.json", META_IMAGE_TOKEN, HF_IMAGE_TOKEN)
+    else:
+        shutil.copyfile(ckpt.tokenizer_file, out / "tokenizer.json")
     # Special tokens by name, so that transformers' AutoTokenizer knows them too.
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ckpt.args.max_seq_len}
     for key in ("bos", "eos", "pad"):
@@ -171,6 +179,18 @@ def write_hf(ckpt: Checkpoint, out: Path, tokenizer: ChameleonTokenizer, max_sha
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     for name, content in zip(PROCESSOR_FILES, processor_configs(ckpt.vq_config)):
         (out / name).write_text(json.dumps(content, indent=2))
+
+
+def _write_renamed_tokenizer(src: Path, dst: Path, old: str, new: str) -> None:
+    """A `tokenizers` JSON with one token renamed, in the model's vocabulary and the added tokens."""
+    doc = json.loads(src.read_text(encoding="utf-8"))
+    vocab = doc.get("model", {}).get("vocab")
+    if isinstance(vocab, dict) and old in vocab:
+        vocab[new] = vocab.pop(old)
+    for token in doc.get("added_tokens") or []:
+        if token.get("content") == old:
+            token["content"] = new
+    dst.write_text(json.dumps(doc, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def processor_configs(vq: VQGANConfig) -> tuple[dict, dict]:

@@ -178,3 +178,31 @@ def test_weight_files_get_the_umask_mode_of_other_files(tiny_hf, tmp_path):
     assert {"vqgan_decoder.safetensors", "config.json"} <= modes.keys()
     assert sum(name.endswith(".safetensors") for name in modes) > 2  # shards too
     assert set(modes.values()) == {0o640}, modes
+
+
+def test_meta_image_placeholder_becomes_hf_image_token(tiny_meta, tmp_path):
+    """Meta's tokenizer calls HF's image placeholder `<reserved08707>`; transformers looks for `<image>`
+    in the tokenizer and in config.json's vocabulary_map. A converted Meta checkpoint takes images in
+    transformers, with our image codes."""
+    from transformers import AutoProcessor
+
+    from chameleon.vqgan import open_image
+    from conftest import PHOTO
+
+    meta = tmp_path / "meta"
+    shutil.copytree(tiny_meta, meta)
+    tok_file = meta / "tokenizer" / "text_tokenizer.json"
+    tok_file.write_text(tok_file.read_text().replace('"<image>"', '"<reserved08707>"'))  # as Meta ships it
+    placeholder = chameleon.load(meta).tokenizer.vocab["<reserved08707>"]
+    assert main(["convert", str(meta), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocabulary_map"]["<image>"] == placeholder
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == placeholder
+    image = open_image(PHOTO)
+    inputs = processor(text="What is this?<image>", images=[image], return_tensors="pt")
+    hf = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.isfinite(hf(**inputs).logits).all()
+        codes = hf.model.get_image_tokens(inputs["pixel_values"]).flatten()
+    ours = chameleon.load(tmp_path / "hf")
+    assert codes.tolist() == ours.tokenizer.code_to_id[ours.vqgan.encode_image(image).flatten()].tolist()
