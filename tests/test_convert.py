@@ -206,3 +206,76 @@ def test_meta_image_placeholder_becomes_hf_image_token(tiny_meta, tmp_path):
         codes = hf.model.get_image_tokens(inputs["pixel_values"]).flatten()
     ours = chameleon.load(tmp_path / "hf")
     assert codes.tolist() == ours.tokenizer.code_to_id[ours.vqgan.encode_image(image).flatten()].tolist()
+
+
+def _meta_model_parallel_logits(path, ids: list[int]) -> torch.Tensor:
+    """Meta's model-parallel forward written out from its reference code, on the raw shard files:
+    each rank embeds a slice of dim, runs its own heads with its own q/k-norm (adjacent-pair RoPE),
+    and its slice of the FFN; wo/w2 outputs are summed (all-reduce), logits gathered over vocab."""
+    import torch.nn.functional as F
+
+    p = json.loads((path / "params.json").read_text())
+    p = {**p, **p["model"], **json.loads((path / "consolidate_params.json").read_text())}
+    shards = [torch.load(f) for f in sorted(path.glob("consolidated.*.pth"))]
+    assert len(shards) == p["model_parallel_size"]
+    hd = p["dim"] // p["n_heads"]
+    local_q, local_kv = p["n_heads"] // len(shards), (p["n_kv_heads"] or p["n_heads"]) // len(shards)
+    eps, t = p["norm_eps"], len(ids)
+    angles = torch.arange(t).float()[:, None] / p["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
+    rot = torch.polar(torch.ones_like(angles), angles)[:, None]
+
+    def rope(x):
+        return torch.view_as_real(torch.view_as_complex(x.reshape(t, -1, hd // 2, 2)) * rot).reshape(x.shape)
+
+    def rms(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def attention(x, pre):
+        out = 0
+        for s in shards:
+            q, k, v = (x @ s[pre + f"attention.{w}.weight"].T for w in ("wq", "wk", "wv"))
+            q, k, v = q.view(t, local_q, hd), k.view(t, local_kv, hd), v.view(t, local_kv, hd)
+            q = F.layer_norm(q, (hd,), s[pre + "attention.q_normalization.weight"], s[pre + "attention.q_normalization.bias"])
+            k = F.layer_norm(k, (hd,), s[pre + "attention.k_normalization.weight"], s[pre + "attention.k_normalization.bias"])
+            k, v = (z.repeat_interleave(local_q // local_kv, 1) for z in (rope(k), v))
+            o = F.scaled_dot_product_attention(rope(q).transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
+            out = out + o.transpose(0, 1).reshape(t, -1) @ s[pre + "attention.wo.weight"].T
+        return out
+
+    def ffn(x, pre):
+        return sum((F.silu(x @ s[pre + "feed_forward.w1.weight"].T) * (x @ s[pre + "feed_forward.w3.weight"].T)) @ s[pre + "feed_forward.w2.weight"].T
+                   for s in shards)
+
+    h = torch.cat([s["tok_embeddings.weight"][ids] for s in shards], dim=-1)
+    for i in range(p["n_layers"]):
+        pre, s0 = f"layers.{i}.", shards[0]
+        if p["swin_norm"]:
+            h = h + rms(attention(h, pre), s0[pre + "attention_norm.weight"])
+            h = h + rms(ffn(h, pre), s0[pre + "ffn_norm.weight"])
+        else:
+            h = h + attention(rms(h, s0[pre + "attention_norm.weight"]), pre)
+            h = h + ffn(rms(h, s0[pre + "ffn_norm.weight"]), pre)
+    h = rms(h, shards[0]["norm.weight"])
+    return torch.cat([h @ s["output.weight"].T for s in shards], dim=-1)
+
+
+def test_meta_shards_follow_metas_model_parallel_layout(tmp_path):
+    """30B-like: 4 shards, GQA (2 query heads and 1 KV head per shard), swin_norm, a distinct q/k-norm
+    per shard. The merged model's logits equal Meta's model-parallel forward on the raw files, and so
+    do transformers' after conversion to HF."""
+    from dataclasses import replace
+
+    from chameleon.config import preset
+    from chameleon.tiny import build_tiny_model
+
+    args = replace(preset("tiny"), dim=64, n_heads=8, n_kv_heads=4, model_parallel_size=4, swin_norm=True)
+    meta = build_tiny_model(tmp_path / "meta", "meta", args=args)
+    ours = chameleon.load(meta)
+    ids = ours.encode_prompt(TEXT)
+    expected = _meta_model_parallel_logits(meta, ids)
+    assert main(["convert", str(meta), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(torch.tensor([ids]))[0], expected, atol=1e-5, rtol=0)
+        text = ~torch.isin(torch.arange(expected.shape[-1]), ours.tokenizer.code_to_id)  # HF masks image logits
+        torch.testing.assert_close(hf(input_ids=torch.tensor([ids])).logits[0][:, text], expected[:, text], atol=1e-5, rtol=0)
