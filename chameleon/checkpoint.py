@@ -258,14 +258,9 @@ def _meta_tokenizer_dir(path: Path) -> Path:
 
 
 def _read_meta(path: Path) -> Checkpoint:
-    source = str(path / "params.json")
-    fields = ModelArgs.model_fields(read_json(path / "params.json"), source)  # each file's values checked under its name
-    extra = path / "consolidate_params.json"
-    if extra.is_file():
-        consolidate = read_json(extra)
-        ModelArgs.check_fields(consolidate, str(extra))
-        fields, source = {**fields, **consolidate}, f"{source} with {extra.name}"
-    args = ModelArgs.from_dict(fields, source)
+    # each file's values are checked under its own name
+    configs = [path / "params.json"] + [f for f in [path / "consolidate_params.json"] if f.is_file()]
+    args = ModelArgs.from_meta([(str(f), read_json(f)) for f in configs])
     files = sorted(path.glob("consolidated.*.pth"))
     single = path / "consolidated.pth"
     if single.is_file():

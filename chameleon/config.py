@@ -69,12 +69,21 @@ def _check_value(value: Any, annotation: Any, name: str, source: str) -> None:
         raise InputError(f"{source}: field '{name}' must be {what}, got {value!r}")
 
 
-def _unknown(keys: Any, known: set[str], source: str, what: str) -> None:
-    """A typo must not silently fall back to a default."""
+def _unknown(keys: Any, known: set[str], source: str, what: str, foreign: bool = False) -> None:
+    """A typo must not silently fall back to a default. `foreign`: a file another tool wrote (Meta's
+    params.json and vqgan.yaml, HF's config.json), whose own loaders ignore fields they do not use
+    (training settings, taming's **ignore_kwargs, transformers' generic metadata); there only a key
+    that looks like a misspelt known field is an error, and the rest are ignored as those loaders
+    ignore them: refusing them would refuse real checkpoints over fields that change nothing."""
     unknown = sorted(set(keys) - known)
+    if foreign:
+        unknown = [k for k in unknown if difflib.get_close_matches(k, known, 1, cutoff=MISSPELT)]
     if unknown:
         hints = [f"{k} (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown]
         raise InputError(f"{source}: unknown {what}: {', '.join(hints)}; known: {', '.join(sorted(known))}")
+
+
+MISSPELT = 0.85  # difflib similarity above which an unknown key reads as a misspelling ('n_layer' 0.93)
 
 
 def _object(value: Any, name: str, source: str) -> dict[str, Any]:
@@ -103,14 +112,18 @@ class _Checked:
         self.validate(type(self).__name__)
 
     @classmethod
-    def check_fields(cls, values: Any, source: str, names: dict[str, str] | None = None) -> None:
-        """Names and types of some fields, as read from a file."""
+    def check_fields(cls, values: Any, source: str, names: dict[str, str] | None = None, foreign: bool = False) -> dict[str, Any]:
+        """Names and types of some fields, as read from a file; returns the known ones (see
+        `_unknown` for `foreign`)."""
         if not isinstance(values, dict):
             raise InputError(f"{source}: expected a JSON object of fields, got {values!r}")
         hints = typing.get_type_hints(cls, include_extras=True)
-        _unknown(values, {f.name for f in dataclasses.fields(cls)}, source, "field(s)")  # type: ignore[arg-type]
-        for name, value in values.items():
+        names_ = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        _unknown(values, names_, source, "field(s)", foreign)
+        known = {name: value for name, value in values.items() if name in names_}
+        for name, value in known.items():
             _check_value(value, hints[name], (names or {}).get(name, name), source)
+        return known
 
     @classmethod
     def from_dict(cls: type[Checked], values: dict[str, Any], source: str, names: dict[str, str] | None = None) -> Checked:
@@ -180,20 +193,25 @@ class ModelArgs(_Checked):
 
     # --- Meta params.json -------------------------------------------------------------------
     @classmethod
-    def model_fields(cls, params: Any, source: str = "params.json") -> dict[str, Any]:
-        """The "model" sub-dict (Meta's layout) or a flat dict, checked; top-level keys beside
-        "model" are training metadata, ignored."""
-        if not isinstance(params, dict):
-            raise InputError(f"{source}: expected a JSON object with model fields, got {params!r}")
-        model = params.get("model", params)
-        if not isinstance(model, dict):
-            raise InputError(f"{source}: field 'model' must be an object of model fields, got {model!r}")
-        cls.check_fields(model, source)
-        return model
+    def from_meta(cls, files: list[tuple[str, Any]]) -> "ModelArgs":
+        """Fields as Meta's loader reads them from its (source, parsed JSON) files, params.json then
+        consolidate_params.json: the top level, then a "model" object inside it, each later one
+        winning. Its loader ignores keys that are not fields, so this does too unless they look
+        misspelt (see `_unknown`)."""
+        fields_: dict[str, Any] = {}
+        for source, values in files:
+            if not isinstance(values, dict):
+                raise InputError(f"{source}: expected a JSON object with model fields, got {values!r}")
+            model = values.get("model", {})
+            if not isinstance(model, dict):
+                raise InputError(f"{source}: field 'model' must be an object of model fields, got {model!r}")
+            fields_.update(cls.check_fields({k: v for k, v in values.items() if k != "model"}, source, foreign=True))
+            fields_.update(cls.check_fields(model, source, foreign=True))
+        return cls.from_dict(fields_, " with ".join(Path(s).name if i else s for i, (s, _) in enumerate(files)))
 
     @classmethod
     def from_params(cls, params: Any, source: str = "params.json") -> "ModelArgs":
-        return cls.from_dict(cls.model_fields(params, source), source)
+        return cls.from_meta([(source, params)])
 
     def to_params(self) -> dict[str, Any]:
         return {"model": dataclasses.asdict(self)}
@@ -231,7 +249,7 @@ class ModelArgs(_Checked):
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "ModelArgs":
-        _unknown(cfg, HF_KNOWN_KEYS, source, "field(s) for a Chameleon config")
+        _unknown(cfg, HF_KNOWN_KEYS, source, "field(s) for a Chameleon config", foreign=True)
         cfg = {k: v for k, v in cfg.items() if not (v is None and k in HF_OPTIONAL)}  # null: HF's default
         _check_fixed(cfg, {"model_type": "chameleon", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}, source)
         rope = _object(cfg.get("rope_parameters"), "rope_parameters", source)
@@ -363,6 +381,7 @@ class VQGANConfig(_Checked):
         for key in ("embed_dim", "n_embed"):
             if key not in params:
                 raise InputError(f"{source}: missing model.params.{key}")
+        dd = cls.check_fields(dd, source, foreign=True)  # taming's Encoder takes **ignore_kwargs
         return cls.from_dict({"embed_dim": params["embed_dim"], "n_embed": params["n_embed"], **dd}, source)
 
     def to_yaml_dict(self) -> dict[str, Any]:
@@ -379,7 +398,7 @@ class VQGANConfig(_Checked):
     @classmethod
     def from_hf(cls, vq: Any, source: str = "config.json") -> "VQGANConfig":
         vq = _object(vq, "vq_config", source)
-        _unknown(vq, HF_VQ_KNOWN_KEYS, source, "vq_config field(s)")
+        _unknown(vq, HF_VQ_KNOWN_KEYS, source, "vq_config field(s)", foreign=True)
         _check_fixed(vq, {"model_type": "chameleon_vqgan", "attn_type": "vanilla"}, source, "vq_config.")
         fields_, names = {}, {}
         for ours, theirs in {**HF_VQ_NAMES, "out_ch": "out_channels"}.items():

@@ -228,3 +228,33 @@ def test_hf_config_as_transformers_writes_it(copy):
     vq["ch"] = 2 * vq["ch"]
     (ckpt / "config.json").write_text(json.dumps(cfg))
     assert VQGANConfig.from_hf(vq).ch == vq["ch"]
+
+
+def test_fields_the_formats_own_loaders_ignore(copy):
+    """Meta's loader reads params.json's top level, its "model" object and consolidate_params.json
+    (later wins) and ignores keys that are not model fields; taming's VQGAN takes **ignore_kwargs;
+    transformers keeps any key. Such keys load here too; a key that looks misspelt stays an error."""
+    meta, hf = copy("meta"), copy("hf")
+    expected, expected_vq = read_checkpoint(meta).args, read_checkpoint(meta).vq_config
+    params = json.loads((meta / "params.json").read_text())
+    params["model"].update(attn_dropout=0.1, z_loss_weight=1e-5, init_std=0.02)
+    params.update(seed=1, optim={"lr": 1e-4}, model_parallel_size=expected.model_parallel_size)
+    (meta / "params.json").write_text(json.dumps(params))
+    (meta / "consolidate_params.json").unlink()  # the shard count now comes from params.json's top level
+    set_value(meta / VQ_YAML, DD + "resamp_with_conv", True)
+    set_value(meta / VQ_YAML, "model.params.image_key", "image")
+    loaded = read_checkpoint(meta)
+    assert (loaded.args, loaded.vq_config) == (expected, expected_vq)
+    assert expected.model_parallel_size == 2
+    params["model"]["swin_nrom"] = True
+    (meta / "params.json").write_text(json.dumps(params))
+    expect_error(meta, "params.json", "swin_nrom (did you mean 'swin_norm'?)")
+
+    expected = read_checkpoint(hf).args
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg.update(qk_layernorm=True, pretraining_tp=1)
+    cfg["vq_config"]["resamp_with_conv"] = True
+    (hf / "config.json").write_text(json.dumps(cfg))
+    assert read_checkpoint(hf).args == expected
+    set_value(hf / "config.json", "num_hiden_layers", 3)
+    expect_error(hf, "config.json", "num_hiden_layers (did you mean 'num_hidden_layers'?)")
