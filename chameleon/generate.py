@@ -31,7 +31,7 @@ class GenerationOptions:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
-    repetition_penalty: float = 1.0  # applied to text tokens (prompt and output)
+    repetition_penalty: float = 1.0  # applied to text tokens and boi (prompt and output), as Meta does
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     seed: int = 0
@@ -351,12 +351,14 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
     text_bias.masked_fill_(not_text, float("-inf"))
     if opts.mode != "image" and not bool(torch.isfinite(text_bias).any()):
         raise InputError("logit_bias: -inf on every text token (and the end tokens) leaves nothing to generate")
-    text_seen = None  # text tokens seen per prompt, kept only when a repetition penalty needs them
+    text_seen = None  # text tokens (and boi) seen per prompt, kept only when a repetition penalty needs them
     if opts.repetition_penalty != 1.0:
         text_seen = torch.zeros(n_prompts, vocab, dtype=torch.bool, device=device)
         for i, r in enumerate(rows):
             text_seen[i, torch.tensor(r.prompt, device=device)] = True
-        text_seen &= ~not_text
+        # Meta penalises every token of the context, so begin-of-image too (which interleaved text
+        # may pick) once an image is in it; the other non-text tokens are never picked in text.
+        text_seen &= ~not_text | (torch.arange(vocab, device=device) == tok.boi_id)
 
     # Prefill, left-padded: every stream ends at slot max_len - 1.
     pads = [max_len - len(s) for s in streams]
@@ -467,6 +469,8 @@ def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, im
         r.codes_left = n_codes
         r.text_run = []
         r.out.append(t)
+        if text_seen is not None:  # an image is in the context now, and Meta penalises its boi (see _generate)
+            text_seen[i, t] = True
         return t
     if r.codes_left > 0:
         r.codes_left -= 1

@@ -494,3 +494,36 @@ def test_each_image_gets_a_fresh_unconditional_row(tiny_model, compile_):
                 last = [tiny_model(torch.tensor([s]))[0, -1, tok.code_to_id] for s in streams]
             expected = tok.code_to_id[cfg_mix(*last, opts.cfg_text_scale, opts.cfg_image_scale).argmax()]
             assert out[k] == expected, (start, k)
+
+
+def test_repetition_penalty_counts_begin_of_image_once_an_image_is_in_context(tiny_model, monkeypatch):
+    """Meta's text decoder penalises every token of its context, so in interleaved mode begin-of-image
+    too once an image is there (in the prompt, or generated): with boi's logit just above the best
+    penalised text logit, a text-only prompt opens an image, the same text after an image does not;
+    and after a generated image the next text step sees boi as seen."""
+    from PIL import Image
+
+    from conftest import PHOTO
+
+    tok, n, vocab = tiny_model.tokenizer, tiny_model.image_seq_len, tiny_model.config.vocab_size
+    penalty = 2.0
+    firsts = []
+    for prompt in (tiny_model.encode_prompt("Draw a cat:"), tiny_model.encode_prompt([Image.open(PHOTO), "Draw a cat:"])):
+        with torch.no_grad():
+            logits = tiny_model(torch.tensor([prompt]))[0, -1]
+        text = logits.masked_fill(generate_module.non_text_mask(tok, vocab, logits.device), float("-inf"))
+        seen = torch.zeros(vocab, dtype=torch.bool)
+        seen[prompt] = True
+        best = float(apply_repetition_penalty(text, seen, penalty).max())
+        # boi above the best text token unpenalised, below it penalised (x / 2 or x * 2).
+        bias = best + 0.2 * abs(best) - float(logits[tok.boi_id])
+        opts = GenerationOptions(mode="interleaved", max_new_tokens=n + 2, repetition_penalty=penalty, logit_bias={tok.boi_id: bias})
+        firsts.append(generate(tiny_model, [prompt], opts)[0][0])
+    assert firsts[0] == tok.boi_id and firsts[1] != tok.boi_id
+
+    boi_seen = []
+    penalise = generate_module.apply_repetition_penalty
+    monkeypatch.setattr(generate_module, "apply_repetition_penalty", lambda x, s, p: boi_seen.append(bool(s[tok.boi_id])) or penalise(x, s, p))
+    opts = GenerationOptions(mode="interleaved", max_new_tokens=n + 4, repetition_penalty=1.2, logit_bias={tok.boi_id: 100.0})
+    out = generate(tiny_model, [tiny_model.encode_prompt("Draw a cat:")], opts)[0]
+    assert out[0] == tok.boi_id and out[n + 1] == tok.eoi_id and boi_seen[0] is False and boi_seen[1:] and all(boi_seen[1:])
