@@ -8,9 +8,12 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import torch
+
+from chameleon.errors import InputError
 
 PHOTO = Path(__file__).resolve().parent / "data" / "images" / "skimage" / "chelsea.png"
 
@@ -35,10 +38,21 @@ def cmd_demo(args) -> int:
     from chameleon.vqgan import open_image
 
     out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--out {out}: cannot create it ({err.strerror or err})") from None
     model_dir = out / "tiny-chameleon"
     if not (model_dir / "config.json").is_file():
         print(f"building the tiny random Chameleon in {model_dir}")
-        build_tiny_model(model_dir, "hf", seed=0)
+        # built aside and renamed: an interrupted build leaves no half-written model that a rerun would load
+        partial = out / "tiny-chameleon.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        build_tiny_model(partial, "hf", seed=0)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        partial.rename(model_dir)
     model = chameleon.load(model_dir)
     segments = [open_image(PHOTO), "Describe this cat, then draw another one."]
     # A random model rarely opens an image by itself: a logit bias on begin-of-image makes the

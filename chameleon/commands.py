@@ -147,16 +147,31 @@ def cmd_generate(args) -> int:
     from chameleon.chameleon import interleave
     from chameleon.vqgan import open_image
 
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:  # the API allows 0; a command that makes nothing is a mistake
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     images = [open_image(p) for p in args.image]
     segments = interleave(args.prompt, images, source="--prompt")
     opts = generation_options(args)  # the flags are checked before the model loads
     dtype = parse_dtype(args.dtype)
     out = Path(args.out)
-    _fresh_output_dir(out)  # before the model loads and generates: nothing computed is lost
-    model = chameleon.load(args.model, device=args.device, dtype=dtype)
-    opts = replace(opts, max_new_tokens=token_budget(args.max_new_tokens, args.mode, model.image_seq_len))
-    record = run_generation(model, segments, opts, out, {"model": str(args.model), "seed": args.seed},
-                            fit_context=args.max_new_tokens is None)
+    made = _fresh_output_dir(out)  # before the model loads and generates: nothing computed is lost
+    before = set(out.iterdir())
+    try:
+        model = chameleon.load(args.model, device=args.device, dtype=dtype)
+        opts = replace(opts, max_new_tokens=token_budget(args.max_new_tokens, args.mode, model.image_seq_len))
+        record = run_generation(model, segments, opts, out, {"model": str(args.model), "seed": args.seed},
+                                fit_context=args.max_new_tokens is None)
+    except BaseException as err:
+        # No empty or half-written --out left behind (a rerun would refuse its output.txt): remove
+        # what this run added, and the directories it made.
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+        else:
+            for child in set(out.iterdir()) - before:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        if isinstance(err, OSError) and err.filename and Path(out).resolve() in Path(err.filename).resolve().parents:
+            raise InputError(f"--out {out}: cannot write {err.filename} ({err.strerror or err})") from None
+        raise
     print(json.dumps(record, indent=2))
     return 0
 
@@ -191,17 +206,20 @@ def token_budget(max_new_tokens: int | None, mode: str, image_seq_len: int) -> i
 GENERATION_FILES = ("generation.json", "output.txt", "index.html")
 
 
-def _fresh_output_dir(out: Path) -> None:
-    """Create --out, refusing one that holds an earlier generation (it would be overwritten)."""
+def _fresh_output_dir(out: Path) -> Path | None:
+    """Create --out, refusing one that holds an earlier generation (it would be overwritten).
+    Returns the topmost directory this made (to remove if the generation fails), else None."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
     earlier = [name for name in GENERATION_FILES if (out / name).exists()]
     if earlier:
         raise InputError(f"--out {out}: already holds a generation ({', '.join(earlier)}); choose a new directory")
+    made = next((p for p in reversed([out.absolute(), *out.absolute().parents]) if not p.exists()), None)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"--out {out}: cannot create it ({err.strerror or err})") from None
+    return made
 
 
 def _parse_size(text: str | None) -> int | None:

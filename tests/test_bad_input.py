@@ -235,7 +235,8 @@ def test_generate_errors_name_the_flags(tiny_hf, tmp_path, capsys):
         (["--top-p", "2"], r"error: --top-p must be a finite number in \(0, 1\], got 2.0"),
         (["--image-top-p", "0"], r"error: --image-top-p must be a finite number in \(0, 1\], got 0.0"),
         (["--temperature", "nan"], r"error: --temperature must be a finite number >= 0, got nan"),
-        (["--max-new-tokens", "-1"], r"error: --max-new-tokens must be >= 0, got -1"),
+        (["--max-new-tokens", "-1"], r"error: --max-new-tokens must be >= 1, got -1"),
+        (["--max-new-tokens", "0"], r"error: --max-new-tokens must be >= 1, got 0"),  # an empty generation
         (["--stop", ""], r"error: --stop must be non-empty strings .*, got \[''\]"),
         (["--dtype", "float64"], r"error: --dtype 'float64': expected one of float32, fp32, bfloat16, bf16, float16, fp16"),
     ]:
@@ -255,3 +256,28 @@ def test_dtype_names_are_one_set_everywhere(tiny_hf, tmp_path, monkeypatch):
     assert main(argv) == 0
     assert main(["convert", str(tiny_hf), str(tmp_path / "fp16"), "--to", "hf", "--dtype", "float16"]) == 0
     assert load_file(tmp_path / "fp16" / "model.safetensors")["lm_head.weight"].dtype == torch.float16
+
+
+def test_failed_generate_leaves_no_output_behind(tiny_hf, tmp_path, capsys):
+    """A generate that fails removes the --out directories it made, and what it wrote into an existing
+    one (a half-written generation would make a rerun refuse --out); what was there stays."""
+    nested = tmp_path / "new" / "a" / "b"
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi", "--out", str(nested)]) == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    (mine / "prompt_image_1.png").mkdir(parents=True)  # in the way of a file the generation writes
+    (mine / "notes.txt").write_text("keep")
+    argv = ["generate", "--model", str(tiny_hf), "--prompt", "hi", "--image", str(PHOTO), "--max-new-tokens", "2", "--out", str(mine)]
+    assert main(argv) == 2
+    assert re.search(r"error: --out .*mine: cannot write .*prompt_image_1.png \(Is a directory\)", capsys.readouterr().err)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "prompt_image_1.png"]
+    (mine / "prompt_image_1.png").rmdir()
+    assert main(argv) == 0  # the rerun is not refused for a leftover output.txt
+
+
+def test_demo_refuses_a_bad_out(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "file"), "--skip-suite"]) == 2
+    assert "error: --out" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
+    assert main(["demo", "--out", str(tmp_path / "file" / "sub"), "--skip-suite"]) == 2
+    assert "cannot create it" in capsys.readouterr().err

@@ -146,6 +146,8 @@ def test_malformed_references(tmp_path, content, message):
 def test_unreadable_references(tmp_path):
     with pytest.raises(InputError, match="coco_karpathy_tset.*coco_karpathy_test"):
         load_references("coco_karpathy_tset")
+    with pytest.raises(InputError, match=r"caption references '.*': is a directory; expected a JSON file"):
+        load_references(tmp_path)
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(InputError, match="bad.json: not valid JSON"):
@@ -162,6 +164,8 @@ def test_unreadable_references(tmp_path):
         ([{"image_id": 1, "caption": "x"}, {"image_id": 1, "caption": "y"}], "row 1: image_id 1 has a second caption"),
         ([{"image_id": 1, "caption": "x"}, {"image_id": "1", "caption": "y"}],
          r"preds.json: row 1: image_id '1' has a second caption \(row 0 has image_id 1\)"),
+        ([{"image_id": 1, "caption": "x"}, {"image_id": 2, "caption": "a \ud800 cat"}],  # JSON's lone surrogate
+         r"preds.json: row 1: field 'caption' is not valid Unicode text \(surrogates not allowed: '\\ud800' at character 2\)"),
     ],
 )
 def test_malformed_results(tmp_path, content, message):
@@ -334,3 +338,32 @@ def test_responses_captions_keyed_by_the_samples_item_id(tmp_path, capsys):
     assert warnings == [f"warning: {responses}: 2 response line(s) matched no request of this run (line 3: item_id "
                         f"'coco/2'; line 4: request_hash '{'f' * 64}'): keys are the samples files' request_hash or "
                         "item_id (the image id for captioning)"]
+
+
+def test_cli_score_captions_unwritable_outputs_and_repeated_metrics(tmp_path, capsys, monkeypatch):
+    """An --out / --per-item that cannot be created is refused before scoring where the directory is
+    there (os.access says yes to root, so the file is tried), and at writing otherwise, after the
+    metrics are printed; never a traceback. A repeated --metrics adds to the list."""
+    import benchmarks.captioning.commands as commands
+    from benchmarks.captioning.scoring import CaptionScores
+
+    asked = []
+    monkeypatch.setattr(commands, "score_captions", lambda refs, preds, metrics=None, progress=None:
+                        asked.append(metrics) or CaptionScores({"CIDEr": 1.0}, {1: {"CIDEr": 1.0}}))
+    refs, preds = tmp_path / "refs.json", tmp_path / "preds.json"
+    refs.write_text(json.dumps({"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "a cat"}]}))
+    preds.write_text('[{"image_id": 1, "caption": "a cat"}]')
+    base = ["score-captions", "--annotations", str(refs), "--results", str(preds), "--quiet"]
+    assert cli_main(base + ["--metrics", "BLEU", "--metrics", "CIDEr", "METEOR"]) == 0
+    assert asked == [["BLEU", "CIDEr", "METEOR"]]
+    capsys.readouterr()
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc (a directory no file can be created in, even by root)")
+    assert cli_main(base + ["--out", "/proc/chameleon-bench-metrics.json"]) == 2
+    assert capsys.readouterr().err == "error: --out /proc/chameleon-bench-metrics.json: cannot be written (No such file or directory)\n"
+    assert len(asked) == 1  # refused before scoring
+    assert cli_main(base + ["--per-item", "/proc/chameleon-bench/items.jsonl"]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {"CIDEr": 1.0}
+    assert captured.err.startswith("error: --per-item /proc/chameleon-bench/items.jsonl: cannot be written (")
+    assert "the metrics are printed above" in captured.err

@@ -36,22 +36,22 @@ def test_shipped_suites_load():
 
 
 @pytest.mark.parametrize("text, match", [
-    (GOOD.replace("shots", "shot"), r"s\.yaml: benchmarks\[0\]: unknown key 'shot'; did you mean 'shots'\? \(allowed: .*limit"),
+    (GOOD.replace("shots", "shot"), r"s\.yaml: benchmarks\[0\] \('m'\): unknown key 'shot'; did you mean 'shots'\? \(allowed: .*limit"),
     ("name: t\nbenchmark: []\n", r"s\.yaml: unknown key 'benchmark'; did you mean 'benchmarks'\?"),
-    (GOOD.replace("shots: 5", "shots: five"), r"benchmarks\[0\]: 'shots' must be int, got 'five'"),
+    (GOOD.replace("shots: 5", "shots: five"), r"s\.yaml: benchmarks\[0\] \('m'\): 'shots' must be an integer >= 0, got 'five'"),
     (GOOD.replace("mmlu, shots: 5", "gsm8k, k: 4"), r"benchmark 'm': k=4 samples need generation.do_sample"),
     (GOOD.replace("shots: 5", "generation: {temprature: 0.6}"), r"generation: unknown key 'temprature'; did you mean 'temperature'"),
     (GOOD.replace("mmlu, shots: 5", "mmlu, subset: all"), r"apply to captioning"),
     (GOOD + "  - {name: m, benchmark: gsm8k}\n", r"benchmark 'm': duplicate name"),
     ("name: t\nbenchmarks: [\n", r"s\.yaml: not valid YAML"),
     # values in range, each reported with the file, the benchmark and the key
-    (GOOD + "batch_size: 0\n", r"s\.yaml: 'batch_size' must be >= 1, got 0"),
-    (GOOD + "batch_size: -3\n", r"s\.yaml: 'batch_size' must be >= 1, got -3"),
-    (GOOD + "seed: -1\n", r"s\.yaml: 'seed' must be >= 0, got -1"),
+    (GOOD + "batch_size: 0\n", r"s\.yaml: 'batch_size' must be an integer >= 1, got 0"),
+    (GOOD + "batch_size: -3\n", r"s\.yaml: 'batch_size' must be an integer >= 1, got -3"),
+    (GOOD + "seed: -1\n", r"s\.yaml: 'seed' must be an integer >= 0, got -1"),
     (GOOD + "backend: chamelon\n", r"s\.yaml: 'backend' must be one of chameleon, hf, responses, got 'chamelon'"),
-    (GOOD.replace("shots: 5", "limit: -1"), r"s\.yaml: benchmarks\[0\]: 'limit' must be >= 1 or null, got -1"),
-    (GOOD.replace("shots: 5", "limit: true"), r"benchmarks\[0\]: 'limit' must be int or NoneType, got True"),
-    (GOOD.replace("shots: 5", "shots: -2"), r"benchmarks\[0\]: 'shots' must be >= 0, got -2"),
+    (GOOD.replace("shots: 5", "limit: -1"), r"s\.yaml: benchmarks\[0\] \('m'\): 'limit' must be an integer >= 1, or null for all items, got -1"),
+    (GOOD.replace("shots: 5", "limit: true"), r"s\.yaml: benchmarks\[0\] \('m'\): 'limit' must be an integer >= 1, or null for all items, got True"),
+    (GOOD.replace("shots: 5", "shots: -2"), r"benchmarks\[0\] \('m'\): 'shots' must be an integer >= 0, got -2"),
     (GOOD.replace("shots: 5", "shots: 6"), r"benchmark 'm': 'shots' must be 0\.\.5 for mmlu, got 6"),
     (GOOD.replace("mmlu, shots: 5", "mmlu, k: 2, generation: {do_sample: true, temperature: 1}"),
      r"benchmark 'm': mmlu is scored by log-likelihood; 'k' must be 1"),
@@ -59,17 +59,27 @@ def test_shipped_suites_load():
     (GOOD.replace("mmlu, shots: 5", "coco, k: 2"), r"benchmark 'm': k and maj_at apply to text benchmarks only"),
     (GOOD.replace("mmlu, shots: 5", "coco, metrics: [CIDEr, Bleu5]"), r"benchmark 'm': 'metrics': unknown caption metric 'Bleu5'"),
     (GOOD.replace("mmlu", "mmlu2"), r"s\.yaml: benchmark 'm': unknown benchmark 'mmlu2'; did you mean 'mmlu'\?"),
-    (GOOD.replace("shots: 5", "generation: {max_gen_toks: -1}"), r"benchmark 'm' generation: 'max_gen_toks' must be >= 1, got -1"),
-    (GOOD.replace("shots: 5", "generation: {top_k: -1}"), r"benchmark 'm' generation: 'top_k' must be >= 0"),
-    (GOOD.replace("shots: 5", "generation: {top_p: 0}"), r"benchmark 'm' generation: 'top_p' must be in \(0, 1\], got 0"),
-    (GOOD.replace("shots: 5", "generation: {top_p: 1.5}"), r"'top_p' must be in \(0, 1\], got 1\.5"),
-    (GOOD.replace("shots: 5", "generation: {temperature: -0.5}"), r"generation: 'temperature' must be finite and >= 0"),
-    (GOOD.replace("shots: 5", "generation: {temperature: .nan}"), r"generation: 'temperature' must be finite and >= 0"),
+    (GOOD.replace("shots: 5", "generation: {max_gen_toks: -1}"), r"benchmark 'm' generation: 'max_gen_toks' must be an integer >= 1, got -1"),
+    (GOOD.replace("shots: 5", "generation: {top_k: -1}"), r"benchmark 'm' generation: 'top_k' must be an integer >= 0"),
+    (GOOD.replace("shots: 5", "generation: {top_p: 0}"), r"benchmark 'm' generation: 'top_p' must be a number in \(0, 1\], got 0"),
+    (GOOD.replace("shots: 5", "generation: {top_p: 1.5}"), r"'top_p' must be a number in \(0, 1\], got 1\.5"),
+    (GOOD.replace("shots: 5", "generation: {temperature: -0.5}"), r"generation: 'temperature' must be a finite number >= 0"),
+    (GOOD.replace("shots: 5", "generation: {temperature: .nan}"), r"generation: 'temperature' must be a finite number >= 0"),
     (GOOD.replace("shots: 5", "generation: {until: ['Q:', '']}"), r"s\.yaml: benchmark 'm' generation: 'until' must be a list of non-empty strings"),
     (GOOD.replace("shots: 5", "generation: {until: [3]}"), r"'until' must be a list of non-empty strings, got \[3\]"),
+    # wrong types are named in YAML's words, with the range, the file and the entry (index and name)
+    (GOOD.replace("shots: 5", "limit: '3'"), r"s\.yaml: benchmarks\[0\] \('m'\): 'limit' must be an integer >= 1, or null for all items, got '3'"),
+    (GOOD.replace("shots: 5", "limit: 1.5"), r"'limit' must be an integer >= 1, or null for all items, got 1\.5"),
+    (GOOD.replace("shots: 5", "generation: [1]"), r"benchmarks\[0\] \('m'\): 'generation' must be a mapping, got \[1\]"),
+    (GOOD.replace("shots: 5", "generation: {do_sample: 'yes'}"), r"'do_sample' must be true or false, got 'yes'"),
+    (GOOD.replace("shots: 5", "description: 5"), r"'description' must be a string, got 5"),
+    ("name: t\nbenchmarks:\n  - {name: 5, benchmark: mmlu}\n", r"s\.yaml: benchmarks\[0\]: 'name' must be a string, got 5"),
+    # the few-shot pool's keys without a pool would be ignored
+    (GOOD.replace("mmlu, shots: 5", "coco, exemplar_images: /data/coco/train2014"),
+     r"benchmark 'm': exemplar_images apply only with 'exemplars'"),
     # names become file names: no paths
-    (GOOD.replace("name: m", "name: ../../escaped"), r"benchmarks\[0\]: 'name' must be 1-100 characters .*got '\.\./\.\./escaped'"),
-    (GOOD.replace("name: m", "name: a/b"), r"benchmarks\[0\]: 'name' must be .*got 'a/b'"),
+    (GOOD.replace("name: m", "name: ../../escaped"), r"benchmarks\[0\] \('\.\./\.\./escaped'\): 'name' must be 1-100 characters .*got '\.\./\.\./escaped'"),
+    (GOOD.replace("name: m", "name: a/b"), r"benchmarks\[0\] \('a/b'\): 'name' must be .*got 'a/b'"),
     (GOOD + "  - {name: M, benchmark: gsm8k}\n", r"benchmark 'M': duplicate name"),
     # a key given twice is not last-wins
     (GOOD.replace("shots: 5", "shots: 5, shots: 1"), r"s\.yaml: not valid YAML \(line 3, column 42: found duplicate key 'shots'\)"),
@@ -379,3 +389,44 @@ def test_exemplar_pool_checked_before_out_is_claimed(tmp_path):
     with pytest.raises(InputError, match=r"s\.yaml: benchmark 'c': .*no_such_dir"):
         run_suite(suite, Backend(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_damaged_run_dir_is_named_and_keeps_the_cache(tmp_path):
+    """A file where the run directory has a directory (or the reverse) is an error naming it, without a
+    traceback; finished requests stay cached, results.json's temporary file is not left behind, and the
+    repaired directory resumes."""
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: t\nbackend: responses\nbenchmarks:\n  - {name: g, benchmark: gsm8k, shots: 0, limit: 2}\n")
+    responses = tmp_path / "r.jsonl"
+    responses.write_text('{"item_id": "chameleon_gsm8k_cot/0", "output": "The answer is 1."}\n'
+                         '{"item_id": "chameleon_gsm8k_cot/1", "output": "The answer is 2."}\n')
+    out = tmp_path / "run"
+    assert run_cli(REPO, "run", suite, "--model", responses, "--out", out).returncode == 0
+    cache = (out / "cache" / "rank0.jsonl").read_bytes()
+    (out / "results.json").unlink()
+    (out / "results.json").mkdir()
+    proc = run_cli(REPO, "run", suite, "--model", responses, "--out", out)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.search(r"error: --out .*run: cannot read or write .*run/results\.json \(Is a directory\); requests "
+                     r"finished so far stay in its cache/", proc.stderr), proc.stderr
+    assert not (out / "results.json.tmp").exists() and (out / "cache" / "rank0.jsonl").read_bytes() == cache
+    (out / "results.json").rmdir()
+    (out / "samples" / "g.jsonl").unlink()
+    (out / "samples").rmdir()
+    (out / "samples").write_text("")
+    proc = run_cli(REPO, "run", suite, "--model", responses, "--out", out)
+    assert proc.returncode == 2 and "samples (a file where a directory belongs)" in proc.stderr, proc.stderr
+    (out / "samples").unlink()
+    proc = run_cli(REPO, "run", suite, "--model", responses, "--out", out)
+    assert proc.returncode == 0 and "0 requests computed, 2 cached" in proc.stderr, proc.stderr
+
+
+def test_responses_output_must_be_valid_unicode(tmp_path):
+    """JSON can spell a lone surrogate; it used to pass as a string and crash the run after the model's
+    requests (writing captions for the PTB tokenizer)."""
+    from benchmarks.backends.responses import ResponsesBackend
+
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"item_id": "1", "output": "a cat"}\n{"item_id": "2", "output": "a \\ud800 dog"}\n')
+    with pytest.raises(InputError, match=r"r\.jsonl:2: field 'output' must be a string of valid Unicode text"):
+        ResponsesBackend(str(path))

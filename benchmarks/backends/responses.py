@@ -27,12 +27,24 @@ from benchmarks.backends.base import MixedModalLM, instance_hash, item_id, sampl
 from chameleon.errors import InputError
 
 
+def _is_text(v) -> bool:
+    """A str that is valid Unicode: JSON can spell a lone surrogate ("\\ud800"), which no file or
+    tokenizer downstream can encode."""
+    if not isinstance(v, str):
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # Each field's test and what it must be (a wrong type is refused, never coerced).
 FIELDS = {
     "request_hash": (lambda v: isinstance(v, str) and v != "", "a non-empty string (lm-eval's request hash)"),
     "item_id": (lambda v: isinstance(v, str) and v != "", 'a non-empty string: "<task>/<doc_id>", or the image id for captioning'),
     "sample": (lambda v: type(v) is int and v >= 0, "a non-negative integer"),
-    "output": (lambda v: isinstance(v, str), "a string"),
+    "output": (_is_text, "a string of valid Unicode text (no lone surrogate such as \\ud800)"),
     "loglikelihood": (lambda v: type(v) in (int, float) and v <= 0, "a number <= 0 (a log-probability)"),
     "is_greedy": (lambda v: isinstance(v, bool), "true or false"),
 }

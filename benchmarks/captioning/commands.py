@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=Path, metavar="METRICS", help="also write the metrics JSON here")
     parser.add_argument("--per-item", type=Path, metavar="JSONL",
                         help="write each image's scores, one JSON object per line (for paired comparisons)")
-    parser.add_argument("--metrics", nargs="+", metavar="NAME",
+    parser.add_argument("--metrics", nargs="+", action="extend", metavar="NAME",  # repeated: all of them
                         help=f"metrics to compute (default all): {' '.join(METRIC_GROUPS)}")
     parser.add_argument("--subset", action="store_true",
                         help="score only the reference images that have a prediction (as coco-caption's "
@@ -69,6 +69,11 @@ def load_results(path: Path) -> dict:
             raise InputError(f"{path}: row {i}: field 'image_id' must be an integer or string, got {image_id!r}")
         if not isinstance(caption, str):
             raise InputError(f"{path}: row {i}: field 'caption' must be a string, got {caption!r:.80}")
+        try:
+            caption.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate ("\ud800" in the JSON) is no text the tokenizer can read
+            raise InputError(f"{path}: row {i}: field 'caption' is not valid Unicode text ({err.reason}: "
+                             f"{caption[err.start:err.end]!r} at character {err.start})") from None
         first = rows_by_id.setdefault(str(image_id), i)  # "1" and 1 name the same image (match_ids)
         if first != i:
             raise InputError(f"{path}: row {i}: image_id {image_id!r} has a second caption (row {first} has "
@@ -110,6 +115,12 @@ def check_outputs(args) -> None:
             raise InputError(f"{flag} {path}: {parent} is a file, not a directory")
         if not os.access(path if path.exists() else parent, os.W_OK):
             raise InputError(f"{flag} {path}: not writable")
+        if parent == resolved.parent and not path.exists():  # os.access says yes to root: try it
+            try:
+                path.open("a").close()
+                path.unlink()
+            except OSError as err:
+                raise InputError(f"{flag} {path}: cannot be written ({err.strerror or err})") from None
         taken[flag] = resolved
 
 
@@ -133,13 +144,18 @@ def run(args) -> int:
     for name, reason in scores.skipped.items():
         print(f"score-captions: {name} skipped: {reason}", file=sys.stderr)
     text = json.dumps(scores.corpus, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
-    if args.per_item:
-        args.per_item.parent.mkdir(parents=True, exist_ok=True)
-        with args.per_item.open("w", encoding="utf-8") as handle:
-            for image_id, values in scores.per_item.items():
-                handle.write(json.dumps({"image_id": image_id, **values}) + "\n")
+    print(text)  # first: the scores are shown even if a file below cannot be written
+    for flag, path in (("--out", args.out), ("--per-item", args.per_item)):
+        if path is None:
+            continue
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", encoding="utf-8") as handle:
+                if flag == "--out":
+                    handle.write(text + "\n")
+                else:
+                    for image_id, values in scores.per_item.items():
+                        handle.write(json.dumps({"image_id": image_id, **values}) + "\n")
+        except OSError as err:
+            raise InputError(f"{flag} {path}: cannot be written ({err.strerror or err}); the metrics are printed above") from None
     return 0

@@ -51,6 +51,8 @@ def reference_path(source: str | Path) -> Path:
 def load_references(source: str | Path = "coco_karpathy_test", split: str = "test") -> list[CaptionItem]:
     """Items of a shipped set (by name) or of a local JSON file, in file order."""
     path = reference_path(source)
+    if path.is_dir():
+        raise InputError(f"caption references {str(source)!r}: is a directory; expected a JSON file")
     if not path.is_file():
         raise InputError(
             f"caption references {str(source)!r}: no such file; expected a local JSON file or one of "

@@ -90,9 +90,17 @@ def run_command(args) -> int:
         raise InputError(f"--model {args.model}: expected a checkpoint directory for backend {kind}")
     check_image_input(suite, kind, args.model, image_input_problem(kind, args.model))  # before the model loads
     backend = load_backend(kind, args.model, **kwargs)
-    results = run_suite(suite, backend, args.out, limit=args.limit, images_dirs=images_dirs,
-                        data_dir=args.data_dir, dist=dist, chunk_size=args.chunk_size, command=sys.argv,
-                        verbose=verbose, inputs_checked=True)
+    try:
+        results = run_suite(suite, backend, args.out, limit=args.limit, images_dirs=images_dirs,
+                            data_dir=args.data_dir, dist=dist, chunk_size=args.chunk_size, command=sys.argv,
+                            verbose=verbose, inputs_checked=True)
+    except OSError as err:  # a damaged run directory (cache/ a file, ...) or a full disk: name it, no traceback
+        if not (err.filename and args.out.resolve() in Path(err.filename).resolve().parents):
+            raise
+        reason = "a file where a directory belongs" if isinstance(err, FileExistsError) else err.strerror or err
+        path = err.filename2 or err.filename  # a rename names its target second
+        raise InputError(f"--out {args.out}: cannot read or write {path} ({reason}); "
+                         "requests finished so far stay in its cache/: fix this and rerun the command to resume") from None
     if dist.is_main:
         print(format_results_table(results))
         print(f"results: {args.out / 'results.json'}")

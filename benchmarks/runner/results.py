@@ -53,28 +53,37 @@ def package_versions() -> dict:
     return out
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def _replace_atomic(path: Path, write) -> None:
+    """`write(file)` into path.tmp, then rename it over `path`; a failure (full disk, ^C) leaves
+    `path` as it was and no .tmp behind."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_file():
+            tmp.unlink()
+        raise
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    _replace_atomic(path, lambda f: f.write((json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()))
 
 
 def write_jsonl_atomic(path: Path, records) -> str:
     """Write records and return the file's sha256."""
-    tmp = path.with_name(path.name + ".tmp")
     h = hashlib.sha256()
-    with open(tmp, "wb") as f:
+
+    def write(f):
         for rec in records:
             line = (json.dumps(rec, sort_keys=True) + "\n").encode()
             h.update(line)
             f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    _replace_atomic(path, write)
     return h.hexdigest()
 
 

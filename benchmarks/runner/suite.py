@@ -51,21 +51,25 @@ BENCH_KEYS = {"name": str, "benchmark": str, "shots": int, "k": int, "limit": (i
 SUBSETS = ("all", "with_images")  # captioning: every reference item, or those whose image is present
 GEN_KEYS = {"max_gen_toks": int, "temperature": (int, float), "top_p": (int, float), "top_k": int,
             "do_sample": bool, "until": list}
-# Allowed values of the keys above, checked after their types: (test, what is expected)
+# Allowed values of the keys above, checked after their types: (test, what is expected). The
+# wording serves both a wrong type and a value out of range.
 RANGES = {
-    "seed": (lambda v: v >= 0, ">= 0"),
-    "batch_size": (lambda v: v >= 1, ">= 1"),
-    "shots": (lambda v: v >= 0, ">= 0"),
-    "k": (lambda v: v >= 1, ">= 1"),
-    "limit": (lambda v: v is None or v >= 1, ">= 1 or null"),
+    "seed": (lambda v: v >= 0, "an integer >= 0"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "shots": (lambda v: v >= 0, "an integer >= 0"),
+    "k": (lambda v: v >= 1, "an integer >= 1"),
+    "limit": (lambda v: v is None or v >= 1, "an integer >= 1, or null for all items"),
     "maj_at": (lambda v: all(type(j) is int and j >= 1 for j in v), "a list of integers >= 1"),
     "metrics": (lambda v: all(isinstance(m, str) for m in v), "a list of metric names"),
-    "max_gen_toks": (lambda v: v >= 1, ">= 1"),
-    "temperature": (lambda v: 0 <= v < math.inf, "finite and >= 0"),
-    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "top_k": (lambda v: v >= 0, ">= 0 (0: no top-k)"),
+    "max_gen_toks": (lambda v: v >= 1, "an integer >= 1"),
+    "temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: v >= 0, "an integer >= 0 (0: no top-k)"),
     "until": (lambda v: all(isinstance(x, str) and x for x in v), "a list of non-empty strings"),
 }
+# What a type is called in a YAML file (not Python's names: 'NoneType', 'dict')
+TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list",
+              dict: "a mapping", type(None): "null"}
 # A benchmark's name is the file name of its samples (samples/<name>.jsonl): no paths
 SAFE_NAME = re.compile(r"[^./\\\x00-\x1f][^/\\\x00-\x1f]{0,99}")  # no separators, no leading dot
 
@@ -116,11 +120,10 @@ def _check_keys(obj: dict, allowed: dict, where: str) -> None:
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise InputError(f"{where}: unknown key '{key}'{hint} (allowed: {', '.join(sorted(allowed))})")
         types = allowed[key] if isinstance(allowed[key], tuple) else (allowed[key],)
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            want = " or ".join(t.__name__ for t in types)
-            raise InputError(f"{where}: '{key}' must be {want}, got {value!r}")
         test, want = RANGES.get(key, (None, None))
-        if test and not test(value):
+        if not want:
+            want = "a number" if types == (int, float) else " or ".join(TYPE_WORDS[t] for t in types)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types) or (test and not test(value)):
             raise InputError(f"{where}: '{key}' must be {want}, got {value!r}")
 
 
@@ -177,7 +180,8 @@ def load_suite(suite: str) -> Suite:
         raise InputError(f"{path}: 'benchmarks' must list at least one benchmark")
     specs, names = [], set()
     for i, b in enumerate(data["benchmarks"]):
-        where = f"{path}: benchmarks[{i}]"
+        name = b.get("name") if isinstance(b, dict) else None
+        where = f"{path}: benchmarks[{i}]" + (f" ({name!r})" if isinstance(name, str) else "")  # find it in a long file
         if not isinstance(b, dict):
             raise InputError(f"{where}: expected a mapping")
         _check_keys(b, BENCH_KEYS, where)
@@ -200,7 +204,7 @@ def load_suite(suite: str) -> Suite:
         if spec.kind == "text":
             _check_text(spec, BENCHMARKS[spec.benchmark], b.keys() & CAPTIONING_KEYS.keys(), where)
         else:
-            _check_captioning(spec, where)
+            _check_captioning(spec, b.keys(), where)
         if spec.k > 1 and not (spec.generation.get("do_sample") and spec.generation.get("temperature", 1.0) > 0):
             raise InputError(f"{where}: k={spec.k} samples need generation.do_sample: true and temperature > 0")
         specs.append(spec)
@@ -221,11 +225,15 @@ def _check_text(spec: BenchmarkSpec, bench, captioning_keys: set, where: str) ->
         raise InputError(f"{where}: 'maj_at' needs k > 1 and values in 1..k={spec.k}, got {spec.maj_at}")
 
 
-def _check_captioning(spec: BenchmarkSpec, where: str) -> None:
+def _check_captioning(spec: BenchmarkSpec, given: set, where: str) -> None:
     from benchmarks.captioning.scoring import resolve_metrics
 
     if spec.k != 1 or spec.maj_at:
         raise InputError(f"{where}: k and maj_at apply to text benchmarks only (one caption per image)")
+    pool_keys = sorted({"exemplar_split", "exemplar_images"} & given)
+    if pool_keys and not spec.exemplars:  # they describe the `exemplars` pool; alone they would be ignored
+        raise InputError(f"{where}: {', '.join(pool_keys)} apply only with 'exemplars' (a few-shot pool file); "
+                         "without it the shots come from the scored split and the run's images")
     if spec.subset not in SUBSETS:
         raise InputError(f"{where}: 'subset' must be one of {', '.join(SUBSETS)}, got {spec.subset!r}")
     try:
