@@ -100,7 +100,10 @@ class Chameleon(nn.Module):
         codes = self.vqgan.encode_image(image)
         return [self.tokenizer.boi_id, *self.tokenizer.codes_to_ids(codes), self.tokenizer.eoi_id]
 
-    def encode_prompt(self, segments: list[Segment] | str, bos: bool = True) -> list[int]:
+    def encode_prompt(self, segments: list[Segment] | str, bos: bool = True, end_turn: bool = False) -> list[int]:
+        """`<s>`, then each segment (text, or an image as boi + codes + eoi). `end_turn`: close the
+        prompt with the end-of-turn token, as chat-tuned checkpoints expect a user turn to end
+        (Meta's chat format; transformers' ChameleonProcessor appends it by default)."""
         if isinstance(segments, str):
             segments = [segments]
         ids = [self.tokenizer.bos_id] if bos else []
@@ -111,7 +114,7 @@ class Chameleon(nn.Module):
                 ids += self.encode_image(seg)
             else:
                 raise InputError(f"prompt segment {i}: expected text or a PIL image, got {type(seg).__name__}")
-        return ids
+        return ids + [self.tokenizer.eot_id] if end_turn else ids
 
     def decode_output(self, ids: list[int]) -> list[Segment]:
         """Generated ids -> text and image segments. An image cut short (no room left) is dropped."""

@@ -69,6 +69,9 @@ def register(sub) -> None:
     g.add_argument("--image", action="append", default=[], metavar="FILE", help="prompt image (repeatable)")
     g.add_argument("--mode", choices=["text", "image", "interleaved"], default="text", help="what may be generated")
     g.add_argument("--out", required=True, help="output directory (new, or without an earlier generation in it)")
+    g.add_argument("--chat", action="store_true", help=(
+        "end the prompt with the end-of-turn token (<reserved08706>), the turn format of chat-tuned checkpoints "
+        "(transformers' ChameleonProcessor adds it by default); without it the model continues the prompt"))
     g.add_argument("--max-new-tokens", type=int, default=None, help=(
         f"token budget; default: {TEXT_TOKENS}, and in interleaved mode {TEXT_TOKENS} plus one image (boi + the "
         "model's image codes + eoi: 1026 on the 7B), since an image starts only where all its tokens fit; the "
@@ -108,14 +111,16 @@ def register(sub) -> None:
     c.set_defaults(func=cmd_convert)
 
 
-def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | None = None, fit_context: bool = False) -> dict:
+def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | None = None, fit_context: bool = False,
+                   chat: bool = False) -> dict:
     """Generate, then write output.txt, the images, generation.json and index.html into `out`.
-    `fit_context`: a default token budget, cut to what the model's context leaves after the prompt."""
+    `fit_context`: a default token budget, cut to what the model's context leaves after the prompt.
+    `chat`: the prompt ends its turn (see Chameleon.encode_prompt)."""
     from chameleon.generate import generate
     from reports.generation import write_generation_page
 
     model.require_decoder_for(opts.mode)
-    prompt_ids = model.encode_prompt(segments)
+    prompt_ids = model.encode_prompt(segments, end_turn=chat)
     room = model.config.max_seq_len - len(prompt_ids)
     if fit_context and 0 < room < opts.max_new_tokens:
         opts = replace(opts, max_new_tokens=room)
@@ -128,6 +133,7 @@ def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | No
     (out / "output.txt").write_text(text)
     record = {
         "mode": opts.mode,
+        "chat": chat,
         "prompt_tokens": len(prompt_ids),
         "new_tokens": len(new_ids),
         "seconds": round(seconds, 3),
@@ -160,7 +166,7 @@ def cmd_generate(args) -> int:
         model = chameleon.load(args.model, device=args.device, dtype=dtype)
         opts = replace(opts, max_new_tokens=token_budget(args.max_new_tokens, args.mode, model.image_seq_len))
         record = run_generation(model, segments, opts, out, {"model": str(args.model), "seed": args.seed},
-                                fit_context=args.max_new_tokens is None)
+                                fit_context=args.max_new_tokens is None, chat=args.chat)
     except BaseException as err:
         # No empty or half-written --out left behind (a rerun would refuse its output.txt): remove
         # what this run added, and the directories it made.

@@ -82,3 +82,21 @@ def test_help_states_each_default_once(capsys):
         assert "(default: None)" not in text and "(default: [])" not in text, command
         assert "float32 (fp32) | bfloat16 (bf16) | float16 (fp16)" in text, command
     assert "--device DEVICE torch device, e.g. cpu, cuda, cuda:1 (under torchrun, cuda is each process's own GPU); default: cpu" in text
+
+
+def test_chat_ends_the_prompt_turn(tiny_hf, tmp_path):
+    """--chat closes the prompt with end-of-turn, as chat-tuned checkpoints expect; the output is
+    what the API gives for that prompt."""
+    from chameleon.generate import GenerationOptions, generate
+
+    model = chameleon.load(tiny_hf)
+    ids = model.encode_prompt("Say hi.", end_turn=True)
+    assert ids == model.encode_prompt("Say hi.") + [model.tokenizer.eot_id]
+    base = ["generate", "--model", str(tiny_hf), "--prompt", "Say hi.", "--temperature", "0", "--max-new-tokens", "8"]
+    assert main([*base, "--chat", "--out", str(tmp_path / "chat")]) == 0
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    chat, plain = (json.loads((tmp_path / d / "generation.json").read_text()) for d in ("chat", "plain"))
+    assert chat["chat"] and not plain["chat"]
+    assert chat["prompt_tokens"] == len(ids) == plain["prompt_tokens"] + 1
+    opts = GenerationOptions(max_new_tokens=8, temperature=0.0, repetition_penalty=1.2)
+    assert chat["new_ids"] == generate(model, [ids], opts)[0]
