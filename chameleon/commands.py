@@ -209,7 +209,7 @@ def token_budget(max_new_tokens: int | None, mode: str, image_seq_len: int) -> i
     return max_new_tokens
 
 
-GENERATION_FILES = ("generation.json", "output.txt", "index.html")
+GENERATION_FILES = ("generation.json", "output.txt", "index.html", "prompt_image_*.png", "output_image_*.png")
 
 
 def _fresh_output_dir(out: Path) -> Path | None:
@@ -217,7 +217,7 @@ def _fresh_output_dir(out: Path) -> Path | None:
     Returns the topmost directory this made (to remove if the generation fails), else None."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
-    earlier = [name for name in GENERATION_FILES if (out / name).exists()]
+    earlier = sorted(p.name for pattern in GENERATION_FILES for p in out.glob(pattern)) if out.is_dir() else []
     if earlier:
         raise InputError(f"--out {out}: already holds a generation ({', '.join(earlier)}); choose a new directory")
     made = next((p for p in reversed([out.absolute(), *out.absolute().parents]) if not p.exists()), None)

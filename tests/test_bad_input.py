@@ -162,6 +162,11 @@ def test_generate_checks_its_output_and_device_before_working(tiny_hf, tmp_path,
     before = (done / "generation.json").read_text()
     assert main([*base, "--out", str(done), "--seed", "1"]) == 2
     assert "already holds a generation" in capsys.readouterr().err and (done / "generation.json").read_text() == before
+    images_only = tmp_path / "images_only"  # an earlier run's image, kept while its text went elsewhere
+    images_only.mkdir()
+    (images_only / "prompt_image_1.png").write_bytes(b"mine")
+    assert main([*base, "--image", str(PHOTO), "--out", str(images_only)]) == 2
+    assert "prompt_image_1.png" in capsys.readouterr().err and (images_only / "prompt_image_1.png").read_bytes() == b"mine"
     for device in ("bogus", "cuda:7"):
         assert main([*base, "--out", str(tmp_path / device), "--device", device]) == 2
         assert f"device '{device}'" in capsys.readouterr().err
