@@ -10,9 +10,11 @@ import torch
 
 from conftest import cut_at_stop_strings
 from chameleon.errors import InputError
-from chameleon.generate import GenerationOptions, apply_repetition_penalty, cfg_mix, filter_top_k_top_p, generate
+from chameleon.generate import GenerationOptions, cfg_mix, generate
+from chameleon.sampling import apply_repetition_penalty, filter_top_k_top_p
 
 generate_module = importlib.import_module("chameleon.generate")  # the attribute chameleon.generate is the function
+sampling_module = importlib.import_module("chameleon.sampling")
 PROMPTS = ["Natalia sold clips to 48 of her friends", "Weng earns", "A robe takes 2 bolts of blue fiber and half that much white fiber."]
 
 
@@ -273,7 +275,7 @@ def test_sampling_filters():
 def _grid_counts(probs: torch.Tensor, top_p: float, n: int) -> torch.Tensor:
     """How often each token of one (V,) row is drawn at n evenly spaced uniform numbers."""
     u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    picks = generate_module._draw(probs.expand(n, -1).contiguous(), top_p, u)
+    picks = sampling_module._draw(probs.expand(n, -1).contiguous(), top_p, u)
     return torch.bincount(picks, minlength=probs.shape[-1])
 
 
@@ -297,10 +299,10 @@ def test_draws_follow_the_filtered_distribution(monkeypatch, shape, top_k, top_p
     each route is taken."""
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-    monkeypatch.setattr(generate_module, "NUCLEUS_CANDIDATES", (16, 256))
+    monkeypatch.setattr(sampling_module, "NUCLEUS_CANDIDATES", (16, 256))
     widths = []
-    pick = generate_module._nucleus_pick
-    monkeypatch.setattr(generate_module, "_nucleus_pick", lambda p, *a: widths.append(p.shape[-1]) or pick(p, *a))
+    pick = sampling_module._nucleus_pick
+    monkeypatch.setattr(sampling_module, "_nucleus_pick", lambda p, *a: widths.append(p.shape[-1]) or pick(p, *a))
     logits = _logits_shaped(shape, seed=top_k)
     kept = filter_top_k_top_p(logits, top_k, top_p)
     hf = logits
@@ -310,7 +312,7 @@ def test_draws_follow_the_filtered_distribution(monkeypatch, shape, top_k, top_p
         hf = TopPLogitsWarper(top_p)(None, hf)
     assert torch.equal(torch.isfinite(kept), torch.isfinite(hf))
     n = 20_000
-    counts = _grid_counts(generate_module._top_k(logits, top_k).softmax(-1), top_p, n)
+    counts = _grid_counts(sampling_module._top_k(logits, top_k).softmax(-1), top_p, n)
     assert (counts[~torch.isfinite(kept[0])] == 0).all()
     assert (counts - kept.softmax(-1)[0] * n).abs().max() <= 1.0 + 1e-6
     if (top_k, top_p) == (0, 0.9):  # 16 candidates, then 256, then all; all at once where 16 hold under half
@@ -325,10 +327,10 @@ def test_draw_rows_are_independent_of_their_batch():
     logits = torch.randn(6, 6000, generator=g) * torch.tensor([8.0, 0.2, 8.0, 0.2, 2.0, 0.5])[:, None]
     logits = logits.bfloat16().float()  # as a bf16 model's: many tied logits, whose order must not matter
     sizes = torch.isfinite(filter_top_k_top_p(logits / 0.9, 0, 0.9)).sum(-1)
-    assert sorted({sum(int(s) > n for n in generate_module.NUCLEUS_CANDIDATES) for s in sizes}) == [0, 1, 2], sizes
+    assert sorted({sum(int(s) > n for n in sampling_module.NUCLEUS_CANDIDATES) for s in sizes}) == [0, 1, 2], sizes
     seeds = range(6)
-    batch = generate_module._pick_rows(logits, 0.9, 0, 0.9, [torch.Generator().manual_seed(s) for s in seeds])
-    alone = [generate_module.sample(logits[i], 0.9, 0, 0.9, torch.Generator().manual_seed(s)) for i, s in enumerate(seeds)]
+    batch = sampling_module.pick_rows(logits, 0.9, 0, 0.9, [torch.Generator().manual_seed(s) for s in seeds])
+    alone = [sampling_module.sample(logits[i], 0.9, 0, 0.9, torch.Generator().manual_seed(s)) for i, s in enumerate(seeds)]
     assert batch.tolist() == alone
 
 
@@ -337,7 +339,7 @@ def test_draw_at_the_ends_of_the_unit_interval_and_zero_weights():
     the rounding of a narrower float): the pick is then the last token with weight."""
     weights = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0, 0.0]])
     for u, expected in ((0.0, 1), (0.2499, 1), (0.25, 3), (1 - 2**-53, 3), (1.0, 3)):
-        assert int(generate_module._invert_cdf(weights, torch.tensor([u], dtype=torch.float64))) == expected, u
+        assert int(sampling_module._invert_cdf(weights, torch.tensor([u], dtype=torch.float64))) == expected, u
 
 
 def test_logit_bias_banning_every_text_token_is_refused(tiny_model):
@@ -522,7 +524,7 @@ def test_repetition_penalty_counts_begin_of_image_once_an_image_is_in_context(ti
     assert firsts[0] == tok.boi_id and firsts[1] != tok.boi_id
 
     boi_seen = []
-    penalise = generate_module.apply_repetition_penalty
+    penalise = sampling_module.apply_repetition_penalty
     monkeypatch.setattr(generate_module, "apply_repetition_penalty", lambda x, s, p: boi_seen.append(bool(s[tok.boi_id])) or penalise(x, s, p))
     opts = GenerationOptions(mode="interleaved", max_new_tokens=n + 4, repetition_penalty=1.2, logit_bias={tok.boi_id: 100.0})
     out = generate(tiny_model, [tiny_model.encode_prompt("Draw a cat:")], opts)[0]

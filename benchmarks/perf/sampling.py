@@ -1,5 +1,5 @@
 """Time of one sampled pick (temperature, top-p) from (batch, 65,536) logits: this stack's
-`_pick_rows` vs what transformers' `generate` runs per step (its temperature and top-p warpers,
+`pick_rows` vs what transformers' `generate` runs per step (its temperature and top-p warpers,
 softmax, torch.multinomial), side by side in one run, rounds in turns.
 
 The cost of top-p depends on how many tokens its nucleus keeps, so the logits come in several
@@ -13,14 +13,13 @@ flat, a nucleus of most of the vocabulary).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
 
 import torch
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-generate_module = importlib.import_module("chameleon.generate")  # (chameleon.generate is also the function)
+import chameleon.sampling as sampling_module
 
 
 def logits_of(shape: str, batch: int, vocab: int, g: torch.Generator) -> torch.Tensor:
@@ -52,13 +51,13 @@ def main() -> None:
     for batch in map(int, a.batches.split(",")):
         for shape in a.shapes.split(","):
             logits = logits_of(shape, batch, a.vocab, torch.Generator().manual_seed(0))
-            kept = torch.isfinite(generate_module.filter_top_k_top_p(logits / a.temperature, 0, a.top_p)).sum(-1)
+            kept = torch.isfinite(sampling_module.filter_top_k_top_p(logits / a.temperature, 0, a.top_p)).sum(-1)
             generators = [torch.Generator().manual_seed(i) for i in range(batch)]
             hf_generator = torch.Generator().manual_seed(0)
 
             def ours():
                 for _ in range(a.calls):
-                    generate_module._pick_rows(logits, a.temperature, 0, a.top_p, generators)
+                    sampling_module.pick_rows(logits, a.temperature, 0, a.top_p, generators)
 
             def transformers_():
                 for _ in range(a.calls):
