@@ -109,7 +109,7 @@ class _Row:
         self.out: list[int] = []
         self.text_run: list[int] = []  # text tokens since the last image, for stop strings
         self.codes_left = 0  # >0: inside an image
-        self.forced: list[int] = []  # tokens the next steps must emit (eoi after an image's codes; an open image)
+        self.forced: list[int] = []  # tokens the next steps must emit (eoi after an image's codes; boi in image mode)
         self.done = False
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
@@ -176,7 +176,8 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
             raise InputError(f"logit_bias: {t} is not a token id: expected 0..{args.vocab_size - 1}")
     # A prompt ending inside an image (begin-of-image, maybe some of its codes) asks for that image,
     # as Meta's decoder reads a prompt ending in boi: it is generated as if the boi and codes were
-    # the output's first tokens, which they become (fed one step each, then the rest sampled).
+    # the output's first tokens, which they become. They are prefilled with the prompt (the two
+    # guidance rows get them too), and the rest is sampled.
     open_images = [_open_image(p, tok, n_codes, i) for i, p in enumerate(prompts)]
     if any(open_images):
         i = next(i for i, o in enumerate(open_images) if o)
@@ -187,6 +188,8 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
         prompts = [p[: len(p) - len(o)] for p, o in zip(prompts, open_images)]
         if not all(prompts):
             raise InputError(f"prompt {[len(p) for p in prompts].index(0)} is only an open image: start it with <s> (encode_prompt does)")
+    if opts.mode == "image" and all(len(o) <= 1 for o in open_images):
+        open_images = [[] for _ in prompts]  # boi alone: image mode starts every row with it anyway
     budget = opts.max_new_tokens
     if opts.mode == "image":
         budget = n_codes + 2  # boi + codes + eoi, whatever max_new_tokens says
@@ -198,22 +201,26 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
 
     guided = opts.guided
     rows = [_Row(p, opts, row_seed(opts.seed, p)) for p in prompts]
-    # Image mode starts every row with boi in one lockstep block; rows given some of their codes
-    # take the per-row loop instead, every row then forced to begin with boi.
-    per_row_image = opts.mode == "image" and any(len(o) > 1 for o in open_images)
     for r, opened in zip(rows, open_images):
-        if opts.mode == "interleaved" or per_row_image:
-            r.forced = opened or ([tok.boi_id] if per_row_image else [])
+        if opened:  # the state after choosing them
+            r.out, r.codes_left = list(opened), n_codes - (len(opened) - 1)
+            r.forced = [tok.eoi_id] if r.codes_left == 0 else []
+    # Image mode starts every row with boi in one lockstep block; a batch with rows given some of
+    # their codes takes the per-row loop instead, the other rows then forced to begin with boi.
+    per_row_image = opts.mode == "image" and any(open_images)
+    if per_row_image:
+        for r, opened in zip(rows, open_images):
+            r.forced = r.forced if opened else [tok.boi_id]
     # Row layout in the cache: [full_0..full_{B-1}, image_only_0.., uncond_0..] when guided.
-    streams = [r.prompt for r in rows]
+    streams = [r.prompt + o for r, o in zip(rows, open_images)]
     if guided:
-        streams += [_image_only_prompt(r.prompt, tok) for r in rows]
-        streams += [[tok.bos_id] for _ in rows]
+        streams += [_image_only_prompt(r.prompt, tok) + o for r, o in zip(rows, open_images)]
+        streams += [[tok.bos_id] + o for o in open_images]
     n_rows, n_prompts = len(streams), len(rows)
     max_len = max(len(s) for s in streams)
-    total = max_len + budget
+    total = max_len + budget - min(len(o) for o in open_images)  # given tokens count in the budget
     if use_compile:  # a compiled step has static shapes: round the cache up so calls share graphs
-        total = min(args.max_seq_len, -(-total // CACHE_BUCKET) * CACHE_BUCKET)
+        total = max(total, min(args.max_seq_len, -(-total // CACHE_BUCKET) * CACHE_BUCKET))
         cache = _reusable_cache(model.transformer, n_rows, total)
     else:
         cache = model.new_cache(n_rows, total)
@@ -232,8 +239,8 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
     text_seen = None  # text tokens (and boi) seen per prompt, kept only when a repetition penalty needs them
     if opts.repetition_penalty != 1.0:
         text_seen = torch.zeros(n_prompts, vocab, dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):
-            text_seen[i, torch.tensor(r.prompt, device=device)] = True
+        for i, stream in enumerate(streams[:n_prompts]):
+            text_seen[i, torch.tensor(stream, device=device)] = True
         # Meta penalises every token of the context, so begin-of-image too (which interleaved text
         # may pick) once an image is in it; the other non-text tokens are never picked in text.
         text_seen &= ~not_text | (torch.arange(vocab, device=device) == tok.boi_id)
@@ -358,7 +365,8 @@ def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, im
         return t
     if t == tok.eoi_id:
         r.out.append(t)
-        r.done = opts.mode == "image"  # one image, then the end
+        # one image, then the end; or no budget left (an image's given codes took none of the steps)
+        r.done = opts.mode == "image" or len(r.out) >= opts.max_new_tokens
         return t
     # text token
     if t in (tok.eos_id, tok.eot_id) or t in opts.stop_ids:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -154,11 +155,11 @@ def test_prompt_ending_in_begin_of_image_continues_that_image(tiny_model):
 
 @pytest.mark.parametrize("mode", ["image", "interleaved"])
 @pytest.mark.parametrize("compile_", [False, True])
-def test_prompt_ending_inside_an_image_continues_it(tiny_model, mode, compile_):
+def test_prompt_ending_inside_an_image_continues_it(tiny_model, mode, compile_, monkeypatch):
     """A prompt ending in boi plus some codes: the output is that image, its given codes and then the
     rest, as if the model had drawn the given ones itself. Greedy codes with 3-way guidance give
     exactly the image of a free run; the batch may mix rows given 0, 1 or k codes (and, in image
-    mode, a row with no image started)."""
+    mode, a row with no image started). The given codes are prefilled, not fed a step each."""
     tok, n = tiny_model.tokenizer, tiny_model.image_seq_len
     ids = [tiny_model.encode_prompt(p) for p in PROMPTS]
     opts = GenerationOptions(mode=mode, max_new_tokens=n + 6, image_temperature=0.0, compile=compile_,
@@ -174,6 +175,11 @@ def test_prompt_ending_inside_an_image_continues_it(tiny_model, mode, compile_):
         assert all(len(o) == n + 2 for o in out)
     whole = generate(tiny_model, [ids[2] + free[2][: n + 1]], opts)[0]  # all codes given: only eoi follows
     assert whole[: n + 2] == free[2][: n + 2]
+    steps = []
+    decode_step = generate_module._decode_step
+    monkeypatch.setattr(generate_module, "_decode_step", lambda *a: (lambda step: lambda *b: steps.append(1) or step(*b))(decode_step(*a)))
+    half = generate(tiny_model, [given[2]], replace(opts, max_new_tokens=n + 2))[0]
+    assert half == free[2][: n + 2] and len(steps) <= n - n // 2 + 2, len(steps)  # the codes left, eoi, and no more
     with pytest.raises(InputError, match="text mode cannot continue an image"):
         generate(tiny_model, given[1:], GenerationOptions())
     with pytest.raises(InputError, match="followed by other tokens than image codes"):
