@@ -78,3 +78,14 @@ def test_text_loop_on_gpu_stop_strings_and_sampling(gpu_model):
     opts = GenerationOptions(max_new_tokens=30, temperature=0.9, top_p=0.9, repetition_penalty=1.3, seed=7, stop_strings=stops[:1], compile=True)
     batched = generate(gpu_model, prompts, opts)
     assert batched == generate(gpu_model, prompts, opts) == [generate(gpu_model, [p], opts)[0] for p in prompts]
+
+
+def test_open_image_continued_through_cuda_graphs(gpu_model):
+    """A prompt ending inside an image, its given codes prefilled: greedy guided codes through the
+    CUDA-graph step finish the image a free run drew, beside a row given none."""
+    n = gpu_model.image_seq_len
+    prompts = [gpu_model.encode_prompt(p) for p in PROMPTS[:2]]
+    opts = GenerationOptions(mode="image", image_temperature=0.0, compile=True)
+    free = generate(gpu_model, prompts, opts)
+    given = [prompts[0], prompts[1] + free[1][: n // 2 + 1]]
+    assert generate(gpu_model, given, opts) == free
