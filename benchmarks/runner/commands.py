@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ def parse_images_dirs(values: list[str]) -> dict[str, Path]:
 
 def run_command(args) -> int:
     from benchmarks.backends import image_input_problem, load_backend
-    from benchmarks.runner.dist import init_dist
+    from benchmarks.runner.dist import PeerFailed, init_dist
     from benchmarks.runner.progress import configure_console
     from benchmarks.runner.results import format_results_table
     from benchmarks.runner.run import check_image_input, check_inputs, check_out_dir, run_suite
@@ -94,8 +95,13 @@ def run_command(args) -> int:
         results = run_suite(suite, backend, args.out, limit=args.limit, images_dirs=images_dirs,
                             data_dir=args.data_dir, dist=dist, chunk_size=args.chunk_size, command=sys.argv,
                             verbose=verbose, inputs_checked=True)
+    except PeerFailed:  # another torchrun process failed first and printed why; torchrun stops the rest
+        raise InputError(f"--out {args.out}: another process of this torchrun job failed (its error is above); "
+                         "this one stops too. Requests finished so far stay in its cache/: rerun the command "
+                         "to resume") from None
     except OSError as err:  # a damaged run directory (cache/ a file, ...) or a full disk: name it, no traceback
-        if not (err.filename and args.out.resolve() in Path(err.filename).resolve().parents):
+        # compared as written, not resolved: a file or folder of --out may be a symlink to elsewhere (or nowhere)
+        if not (err.filename and Path(os.path.abspath(args.out)) in Path(os.path.abspath(err.filename)).parents):
             raise
         reason = "a file where a directory belongs" if isinstance(err, FileExistsError) else err.strerror or err
         path = err.filename2 or err.filename  # a rename names its target second

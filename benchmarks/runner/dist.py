@@ -10,6 +10,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 
+class PeerFailed(RuntimeError):
+    """A collective failed because another process of the job stopped (its own error says why)."""
+
+
+@contextmanager
+def _peers_alive():
+    # A process that fails exits, and gloo then fails this one's pending collective at once with a
+    # RuntimeError about a closed connection; its traceback would bury the first process's error.
+    try:
+        yield
+    except RuntimeError as err:
+        raise PeerFailed(str(err)) from err
+
+
 @dataclass(frozen=True)
 class Dist:
     rank: int = 0
@@ -30,7 +44,8 @@ class Dist:
         import torch.distributed as tdist
 
         out = [None] * self.world_size
-        tdist.all_gather_object(out, obj)
+        with _peers_alive():
+            tdist.all_gather_object(out, obj)
         return out
 
     def broadcast(self, obj):
@@ -41,7 +56,8 @@ class Dist:
         if self.world_size > 1:
             import torch.distributed as tdist
 
-            tdist.barrier()
+            with _peers_alive():
+                tdist.barrier()
 
 
 def init_dist() -> Dist:
