@@ -217,7 +217,7 @@ def _fresh_output_dir(out: Path) -> Path | None:
     Returns the topmost directory this made (to remove if the generation fails), else None."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
-    earlier = sorted(p.name for pattern in GENERATION_FILES for p in out.glob(pattern)) if out.is_dir() else []
+    earlier = sorted(p.name for pattern in GENERATION_FILES for p in out.glob(pattern) if p.is_file()) if out.is_dir() else []
     if earlier:
         raise InputError(f"--out {out}: already holds a generation ({', '.join(earlier)}); choose a new directory")
     made = next((p for p in reversed([out.absolute(), *out.absolute().parents]) if not p.exists()), None)

@@ -244,13 +244,16 @@ ACCEPTED_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"}
 MAX_ASPECT_RATIO = 32  # preprocessing scales the short side to 512: a 20000x1 image would need 10 GB
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file, naming the file in any error."""
+def open_image(path: str | Path, decode: bool = True) -> Image.Image | None:
+    """Open and fully decode an image file, naming the file in any error. `decode=False`: check
+    only what its header says (size, mode), fast, and return None."""
     if Path(path).is_dir():
         raise InputError(f"{path}: expected an image file, got a directory")
     try:
         with Image.open(path) as img:
             check_image(img, str(path))  # before decoding: the header gives size and mode
+            if not decode:
+                return None
             img.load()
             return img.copy()
     except FileNotFoundError:

@@ -266,6 +266,30 @@ def test_missing_caption_images_fail_before_out_is_claimed(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_unusable_caption_image_fails_before_out_is_claimed(tmp_path):
+    """An image preprocessing cannot take (here 3300x90, too elongated) is named from its header
+    before any work, not when the run reaches its item."""
+    from PIL import Image
+
+    from benchmarks.runner.run import run_suite
+
+    class Backend:
+        def describe(self):
+            return MODEL
+
+    images = tmp_path / "coco"
+    images.mkdir()
+    for f in (REPO / "benchmarks/data/images/coco").glob("*.jpg"):
+        (images / f.name).write_bytes(f.read_bytes())
+    bad = images / "COCO_val2014_000000199764.jpg"
+    Image.new("RGB", (3300, 90)).save(bad)
+    text = "name: s\nbenchmarks:\n  - {name: g, benchmark: gsm8k, limit: 1}\n  - {name: c, benchmark: coco, limit: 1}\n"
+    suite = load_suite(str(suite_file(tmp_path, text)))
+    with pytest.raises(InputError, match=rf"benchmark 'c': {bad}: a 3300x90 image is too elongated"):
+        run_suite(suite, Backend(), tmp_path / "out", images_dirs={"coco": images})
+    assert not (tmp_path / "out").exists()
+
+
 CAPTIONING = "name: s\nbenchmarks:\n  - {name: g, benchmark: gsm8k, limit: 1}\n  - {name: c, benchmark: coco, limit: 1}\n"
 
 

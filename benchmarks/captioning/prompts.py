@@ -18,6 +18,7 @@ from PIL import Image
 
 from benchmarks.captioning.references import CaptionItem
 from chameleon.errors import InputError
+from chameleon.vqgan import open_image
 
 Segment = str | Image.Image
 
@@ -61,13 +62,9 @@ def select_exemplars(query_id: Hashable, pool: Sequence[CaptionItem], settings: 
 
 
 def load_image(image: Image.Image | str | Path) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        with Image.open(image) as handle:
-            return handle.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise InputError(f"image {str(image)!r} cannot be read ({err})") from None
+    """A file's image in its own mode: the model's preprocessing turns it to RGB as Meta does
+    (transparency blended onto white, where a plain convert("RGB") would make it black)."""
+    return image if isinstance(image, Image.Image) else open_image(image)
 
 
 def build_prompt(query_image, exemplars: Sequence[tuple[Image.Image | str | Path, str]], settings: CaptionSettings) -> list[Segment]:

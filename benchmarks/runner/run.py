@@ -42,6 +42,7 @@ def check_inputs(suite: Suite, data_dir: str | Path | None = None, images_dirs: 
     from benchmarks.captioning.references import load_references
     from benchmarks.text.data import check_task_data
     from benchmarks.text.run import BENCHMARKS
+    from chameleon.vqgan import open_image
 
     text = [s for s in suite.benchmarks if s.kind == "text"]
     if text:
@@ -52,6 +53,8 @@ def check_inputs(suite: Suite, data_dir: str | Path | None = None, images_dirs: 
             references = load_references(spec.references or DEFAULT_REFERENCES[spec.benchmark])
             image_dir = Path((images_dirs or {}).get(spec.benchmark) or DEFAULT_IMAGES[spec.benchmark])
             found, _ = find_images(spec, references, image_dir)
+            for path in found.values():  # headers only: an unusable image is named now, not hours in
+                open_image(path, decode=False)
             exemplar_pool(spec, references=references, found=found, image_dir=image_dir)
         except InputError as err:
             raise InputError(f"{suite.path}: {err}" if str(err).startswith("benchmark '") else
