@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # one write: under torchrun every process may report at once, and print's two writes
+        # (text, then newline) of two processes could run together on one line
+        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.flush()
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
