@@ -308,7 +308,7 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
                     visible[i + n_prompts] = visible[i + 2 * n_prompts] = True
                     if t == tok.boi_id:  # each image's unconditional row is `<s> boi`, as in Meta's decoder
                         uncond = i + 2 * n_prompts
-                        cache.valid[uncond, max_len:cur] = False
+                        cache.valid[uncond, pads[uncond] + 1 : cur] = False  # all after its <s> (a prefilled open image too)
                         next_pos[uncond] = 1
             if not any(visible):
                 break

@@ -486,7 +486,7 @@ def test_each_image_gets_a_fresh_unconditional_row(tiny_model, compile_):
     """Guidance streams as Meta's image decoder builds them for every image: the full sequence; the
     image-only one (`<s>` plus every image so far); and the unconditional `<s> boi` plus the current
     image's codes. Checked by recomputing the three streams from scratch for greedy codes of the
-    first and the second image of one output."""
+    first and the second image of one output, also when the first image was given in part."""
     tok, n = tiny_model.tokenizer, tiny_model.image_seq_len
     prompt = tiny_model.encode_prompt(PROMPTS[1])
     opts = GenerationOptions(mode="interleaved", max_new_tokens=2 * (n + 2) + 2, logit_bias={tok.boi_id: 100.0}, image_temperature=0.0, compile=compile_)
@@ -502,6 +502,9 @@ def test_each_image_gets_a_fresh_unconditional_row(tiny_model, compile_):
                 last = [tiny_model(torch.tensor([s]))[0, -1, tok.code_to_id] for s in streams]
             expected = tok.code_to_id[cfg_mix(*last, opts.cfg_text_scale, opts.cfg_image_scale).argmax()]
             assert out[k] == expected, (start, k)
+    # Continued from inside the first image (its given codes prefilled), the second image's
+    # unconditional row holds none of the first: the same output.
+    assert generate(tiny_model, [prompt + out[: starts[0] + 1 + n // 2]], opts)[0] == out
 
 
 def test_repetition_penalty_counts_begin_of_image_once_an_image_is_in_context(tiny_model, monkeypatch):
