@@ -445,6 +445,26 @@ def test_damaged_run_dir_is_named_and_keeps_the_cache(tmp_path):
     assert proc.returncode == 0 and "0 requests computed, 2 cached" in proc.stderr, proc.stderr
 
 
+def test_full_disk_is_named_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """A write to an open cache file on a full disk names no file; it is still an error about --out
+    (exit 2, no traceback), not an uncaught OSError. The disk is made full by the store's write."""
+    import errno
+
+    from benchmarks.cli import main
+    from benchmarks.runner import store
+
+    def full(self, items):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.RecordStore, "put_many", full)
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: t\nbackend: responses\nbenchmarks:\n  - {name: g, benchmark: gsm8k, shots: 0, limit: 1}\n")
+    responses = tmp_path / "r.jsonl"
+    responses.write_text('{"item_id": "chameleon_gsm8k_cot/0", "output": "The answer is 1."}\n')
+    assert main(["run", str(suite), "--model", str(responses), "--out", str(tmp_path / "run")]) == 2
+    assert re.search(r"error: --out .*run: cannot read or write its files \(No space left on device\)", capsys.readouterr().err)
+
+
 def test_responses_output_must_be_valid_unicode(tmp_path):
     """JSON can spell a lone surrogate; it used to pass as a string and crash the run after the model's
     requests (writing captions for the PTB tokenizer)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -95,16 +96,18 @@ def run_command(args) -> int:
         results = run_suite(suite, backend, args.out, limit=args.limit, images_dirs=images_dirs,
                             data_dir=args.data_dir, dist=dist, chunk_size=args.chunk_size, command=sys.argv,
                             verbose=verbose, inputs_checked=True)
-    except PeerFailed:  # another torchrun process failed first and printed why; torchrun stops the rest
-        raise InputError(f"--out {args.out}: another process of this torchrun job failed (its error is above); "
-                         "this one stops too. Requests finished so far stay in its cache/: rerun the command "
-                         "to resume") from None
+    except PeerFailed as err:  # another torchrun process failed first and printed why; torchrun stops the rest
+        raise InputError(f"--out {args.out}: another process of this torchrun job stopped ({err}; its own error, "
+                         "if any, is above); this one stops too. Requests finished so far stay in its cache/: "
+                         "rerun the command to resume") from None
     except OSError as err:  # a damaged run directory (cache/ a file, ...) or a full disk: name it, no traceback
         # compared as written, not resolved: a file or folder of --out may be a symlink to elsewhere (or nowhere)
-        if not (err.filename and Path(os.path.abspath(args.out)) in Path(os.path.abspath(err.filename)).parents):
+        in_out = err.filename and Path(os.path.abspath(args.out)) in Path(os.path.abspath(err.filename)).parents
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)  # a write to an open file names none
+        if not (in_out or full):
             raise
         reason = "a file where a directory belongs" if isinstance(err, FileExistsError) else err.strerror or err
-        path = err.filename2 or err.filename  # a rename names its target second
+        path = err.filename2 or err.filename or "its files"  # a rename names its target second
         raise InputError(f"--out {args.out}: cannot read or write {path} ({reason}); "
                          "requests finished so far stay in its cache/: fix this and rerun the command to resume") from None
     if dist.is_main:

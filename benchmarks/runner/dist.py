@@ -14,14 +14,21 @@ class PeerFailed(RuntimeError):
     """A collective failed because another process of the job stopped (its own error says why)."""
 
 
+# What gloo says when a peer process has gone (it exits on its own error)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
 @contextmanager
 def _peers_alive():
     # A process that fails exits, and gloo then fails this one's pending collective at once with a
     # RuntimeError about a closed connection; its traceback would bury the first process's error.
+    # Other collective errors (a timeout, a bug) keep their own message and traceback.
     try:
         yield
     except RuntimeError as err:
-        raise PeerFailed(str(err)) from err
+        if not any(s in str(err) for s in PEER_GONE):
+            raise
+        raise PeerFailed(str(err).strip().splitlines()[0]) from err
 
 
 @dataclass(frozen=True)
