@@ -47,16 +47,18 @@ def test_cuda_graph_greedy_matches_eager(gpu_model, tiny_model):
 
 @pytest.mark.parametrize("mode", ["image", "interleaved"])
 def test_sampled_guided_generation_on_gpu(gpu_model, mode):
-    """Sampling with 3-way guidance through the CUDA-graph step: well-formed images, seeded
-    (the same output twice), and each row as if alone in its batch."""
+    """Sampling with 3-way guidance through the CUDA-graph step: well-formed images and seeded (the
+    same output twice). Not asserted: each row as if alone in its batch. On a GPU the kernels
+    differ with the batch shape, and over 1,024 sampled codes a last-bit change of the logits
+    flipped a draw once in ~5 runs on an H200 (README: batch independence holds as far as the
+    logits do)."""
     tok, n = gpu_model.tokenizer, gpu_model.image_seq_len
     prompts = [gpu_model.encode_prompt(p) for p in PROMPTS[:2]]
     opts = GenerationOptions(mode=mode, max_new_tokens=n + 20, temperature=0.8, seed=3, logit_bias={tok.boi_id: 3.0}, compile=True)
     code_ids = set(tok.code_to_id.tolist())
     batched = generate(gpu_model, prompts, opts)
     assert batched == generate(gpu_model, prompts, opts)
-    assert batched == [generate(gpu_model, [p], opts)[0] for p in prompts]
-    for out in batched:
+    for out in batched + [generate(gpu_model, [p], opts)[0] for p in prompts]:
         if mode == "image":
             assert out[0] == tok.boi_id and out[-1] == tok.eoi_id and len(out) == n + 2
         if tok.boi_id in out:
