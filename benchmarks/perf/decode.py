@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from chameleon.config import ModelArgs, VQGANConfig, preset
 from chameleon.errors import InputError
@@ -181,6 +182,10 @@ def copy_bandwidth(device) -> float:
     return 2 * x.numel() * x.element_size() / t  # bytes read + written per second
 
 
+# SDPA backends that take the additive mask the KV cache needs (flash attention takes none)
+SDPA_BACKENDS = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="100M", help="model shape: 100M (CPU default), 7B, 30B, tiny")
@@ -198,8 +203,13 @@ def main() -> None:
     p.add_argument("--hf-caches", default="dynamic,static", help="transformers' caches to time: dynamic (its default), static")
     p.add_argument("--no-fuse", action="store_true", help="GPU: keep q/k/v and w1/w3 as separate matrices (ablation)")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="also profile our first row's decode of N tokens (kernel table)")
+    p.add_argument("--sdpa-backend", default=None, choices=sorted(SDPA_BACKENDS), help=(
+        "experiment: restrict F.scaled_dot_product_attention to one backend for the whole run, both stacks "
+        "(math: plain matmul/softmax, which inductor compiles and fuses; default: PyTorch's choice, cuDNN on an H200)"))
     p.add_argument("--json", default=None, help="write the results here too")
     a = p.parse_args()
+    if a.sdpa_backend:  # chosen when a step is compiled, so it must hold from the start
+        sdpa_kernel(SDPA_BACKENDS[a.sdpa_backend]).__enter__()
     device = torch.device(a.device)
     dtypes = (a.dtypes or ("bf16" if device.type == "cuda" else "fp32,bf16")).split(",")
     torch.manual_seed(0)
@@ -216,7 +226,7 @@ def main() -> None:
     compile_ = device.type == "cuda"
     repeats = a.repeats or (2 if device.type == "cuda" else 5)
     report = {"machine": platform.processor() or platform.machine(), "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
-              "preset": a.preset, "shape": a.shape, "fused": not a.no_fuse, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "repeats": repeats, "rows": []}
+              "preset": a.preset, "shape": a.shape, "fused": not a.no_fuse, "sdpa_backend": a.sdpa_backend or "default", "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "repeats": repeats, "rows": []}
 
     def save(report):
         if a.json:

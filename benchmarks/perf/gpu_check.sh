@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The GPU check, sized for one device call (at most 9m50s on an H100/H200). Stages, each in its
 # own process with its own time limit, most important first, so a slow stage costs only itself:
-#   cuda_tests   tests/test_cuda.py: GPU logits vs CPU, CUDA-graph step vs eager, sampled guided generation
+#   cuda_tests   tests/test_cuda.py: GPU logits vs CPU, CUDA-graph step vs eager, sampled guided
+#                generation, an open image continued through CUDA graphs
 #   decode_7b    7B-shaped random weights in bf16, batch 1: decode speed as a fraction of the
 #                memory-bandwidth roofline, and one 512x512 image (3-way CFG + VQGAN decoding)
-#   vs_hf_7b     the same against transformers' generate (default and static cache) at batch 1 and 4
-#   tuned_7b     experiment: decode_7b's batch-1 decode with inductor's coordinate-descent tuning of
-#                its generated kernels (as gpt-fast compiles; slower to compile), to compare with
-#                decode_7b's figure
+#   attn_math_7b, attn_efficient_7b
+#                experiments: decode_7b's batch-1 decode with attention restricted to one SDPA
+#                backend (math: matmul/softmax compiled by inductor; efficient: mem-efficient
+#                kernel). PyTorch picks cuDNN's, 8.3 us a layer for one query over 256 slots on an
+#                H200 (RESULTS.md, run 3); adopt the faster if it beats decode_7b
 # Not run by default (STAGES="..." in a second call):
+#   vs_hf_7b     decode_7b against transformers' generate (default and static cache) at batch 1 and 4
+#   tuned_7b     decode_7b with inductor's coordinate-descent tuning of its generated kernels (as
+#                gpt-fast compiles): measured once, 62.7% vs 72.4% of roofline, so not adopted
 #   profile_7b   the kernels of 16 greedy decode steps (about a minute)
 #   text_loop_7b greedy text with stop strings (lm-eval's generate_until), sampled text and an
 #                interleaved image: device loops vs the per-row loop
@@ -23,7 +28,7 @@ mkdir -p "$OUT"
 # DECODE_ARGS: another shape or device, e.g. "--preset tiny --device cpu" to rehearse this script.
 DECODE="python3 benchmarks/perf/decode.py ${DECODE_ARGS:---preset 7B --device cuda} --dtypes bf16 --new-tokens 128"
 
-STAGES="${STAGES:-cuda_tests decode_7b vs_hf_7b tuned_7b}"  # a subset reruns only those
+STAGES="${STAGES:-cuda_tests decode_7b attn_math_7b attn_efficient_7b}"  # a subset reruns only those
 
 stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in $OUT/run.txt
     local name=$1 limit=$2 start=$SECONDS
@@ -39,6 +44,8 @@ stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in 
 } 2>&1 | tee "$OUT/run.txt"
 stage cuda_tests "${CUDA_TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 stage decode_7b "${DECODE_S:-200}" $DECODE --batches 1 --no-hf --image --json "$OUT/decode_7b.json"
+stage attn_math_7b "${ATTN_S:-120}" $DECODE --batches 1 --no-hf --sdpa-backend math --json "$OUT/attn_math_7b.json"
+stage attn_efficient_7b "${ATTN_S:-120}" $DECODE --batches 1 --no-hf --sdpa-backend efficient --json "$OUT/attn_efficient_7b.json"
 stage vs_hf_7b "${VS_HF_S:-150}" $DECODE --batches "${VS_HF_BATCHES:-1,4}" --json "$OUT/vs_hf_7b.json"
 stage tuned_7b "${TUNED_S:-140}" env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $DECODE --batches 1 --no-hf --json "$OUT/tuned_7b.json"
 stage profile_7b "${PROFILE_S:-60}" $DECODE --batches 1 --no-hf --new-tokens 32 --profile 16
