@@ -367,3 +367,23 @@ def test_cli_score_captions_unwritable_outputs_and_repeated_metrics(tmp_path, ca
     assert json.loads(captured.out) == {"CIDEr": 1.0}
     assert captured.err.startswith("error: --per-item /proc/chameleon-bench/items.jsonl: cannot be written (")
     assert "the metrics are printed above" in captured.err
+
+
+def test_prompt_images_keep_transparency_for_the_models_preprocessing(tmp_path):
+    """A caption image file is read in its own mode: preprocessing then blends transparency onto
+    white, as Meta does (a plain convert("RGB") made transparent pixels black)."""
+    import numpy as np
+
+    from benchmarks.captioning.prompts import load_image
+    from chameleon.vqgan import preprocess
+
+    rgba = np.zeros((64, 64, 4), dtype=np.uint8)
+    rgba[:, :32] = (200, 10, 10, 255)  # left half opaque red, right half fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "half.png")
+    image = load_image(tmp_path / "half.png")
+    white = Image.new("RGB", (64, 64), "white")
+    white.paste(Image.fromarray(rgba, "RGBA"), mask=Image.fromarray(rgba[:, :, 3]))
+    assert image.mode == "RGBA" and preprocess(image, 64).equal(preprocess(white, 64))
+    with pytest.raises(InputError, match=r"half\.txt: not a readable image"):
+        (tmp_path / "half.txt").write_text("no")
+        load_image(tmp_path / "half.txt")
