@@ -387,3 +387,25 @@ def test_prompt_images_keep_transparency_for_the_models_preprocessing(tmp_path):
     with pytest.raises(InputError, match=r"half\.txt: not a readable image"):
         (tmp_path / "half.txt").write_text("no")
         load_image(tmp_path / "half.txt")
+
+
+def test_prompts_showing_one_file_share_its_image(tmp_path):
+    """Every captioning prompt is built before the model runs: a file shown by several prompts (a
+    query here, a shot there) is decoded once and its image shared, not held once per prompt."""
+    from benchmarks.runner.captioning import run_captioning
+    from benchmarks.runner.suite import load_suite
+
+    class Recorder:  # stands in for a model: only the requests it is given are looked at
+        failures: dict = {}
+
+        def generate_until(self, requests):
+            self.requests = requests
+            return ["a photo."] * len(requests)
+
+    (tmp_path / "s.yaml").write_text("name: s\nbenchmarks:\n  - {name: c, benchmark: coco, shots: 2}\n")
+    lm = Recorder()
+    _, records = run_captioning(load_suite(str(tmp_path / "s.yaml")).benchmarks[0], lm, images_dir=None, limit=None, seed=1234)
+    shown = [(image["file"], id(obj)) for rec, req in zip([r for r in records if not r["failed"]], lm.requests)
+             for image, obj in zip(rec["images"], req.args[2]["visual"])]
+    files = {f for f, _ in shown}
+    assert len(shown) > len(files) and len(set(shown)) == len(files)  # files recur; one image object each

@@ -67,12 +67,14 @@ def load_image(image: Image.Image | str | Path) -> Image.Image:
     return image if isinstance(image, Image.Image) else open_image(image)
 
 
-def build_prompt(query_image, exemplars: Sequence[tuple[Image.Image | str | Path, str]], settings: CaptionSettings) -> list[Segment]:
-    """Segments for one query: each exemplar's image and captioned template, then image and cue."""
+def build_prompt(query_image, exemplars: Sequence[tuple[Image.Image | str | Path, str]], settings: CaptionSettings,
+                 load=load_image) -> list[Segment]:
+    """Segments for one query: each exemplar's image and captioned template, then image and cue.
+    `load`: reads an image file (a caching one lets prompts that show one file share its image)."""
     segments: list[Segment] = []
     for image, caption in exemplars:
-        segments += [load_image(image), settings.shot_template.format(caption=exemplar_text(caption))]
-    return segments + [load_image(query_image), settings.query_cue]
+        segments += [load(image), settings.shot_template.format(caption=exemplar_text(caption))]
+    return segments + [load(query_image), settings.query_cue]
 
 
 def caption_prompt(item: CaptionItem, images: Mapping[Hashable, Path], pool: Sequence[CaptionItem],
