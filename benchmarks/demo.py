@@ -13,8 +13,6 @@ from pathlib import Path
 
 import torch
 
-from chameleon.errors import InputError
-
 PHOTO = Path(__file__).resolve().parent / "data" / "images" / "skimage" / "chelsea.png"
 
 
@@ -32,18 +30,13 @@ def register(sub) -> None:
 
 def cmd_demo(args) -> int:
     import chameleon
-    from chameleon.commands import run_generation
+    from chameleon.commands import make_out_dir, run_generation
     from chameleon.generate import GenerationOptions
     from chameleon.tiny import build_tiny_model
     from chameleon.vqgan import open_image
 
     out: Path = args.out
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"--out {out}: cannot create it ({err.strerror or err})") from None
+    make_out_dir(out)
     model_dir = out / "tiny-chameleon"
     if not (model_dir / "config.json").is_file():
         print(f"building the tiny random Chameleon in {model_dir}")

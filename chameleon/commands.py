@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -175,7 +176,7 @@ def cmd_generate(args) -> int:
         else:
             for child in set(out.iterdir()) - before:
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-        if isinstance(err, OSError) and err.filename and Path(out).resolve() in Path(err.filename).resolve().parents:
+        if isinstance(err, OSError) and names_file_in(err, out):
             raise InputError(f"--out {out}: cannot write {err.filename} ({err.strerror or err})") from None
         raise
     print(json.dumps(record, indent=2))
@@ -215,17 +216,28 @@ GENERATION_FILES = ("generation.json", "output.txt", "index.html", "prompt_image
 def _fresh_output_dir(out: Path) -> Path | None:
     """Create --out, refusing one that holds an earlier generation (it would be overwritten).
     Returns the topmost directory this made (to remove if the generation fails), else None."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
     earlier = sorted(p.name for pattern in GENERATION_FILES for p in out.glob(pattern) if p.is_file()) if out.is_dir() else []
     if earlier:
         raise InputError(f"--out {out}: already holds a generation ({', '.join(earlier)}); choose a new directory")
+    return make_out_dir(out)
+
+
+def make_out_dir(out: Path) -> Path | None:
+    """Create --out and its parents; returns the topmost directory this made (None: --out existed)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
     made = next((p for p in reversed([out.absolute(), *out.absolute().parents]) if not p.exists()), None)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"--out {out}: cannot create it ({err.strerror or err})") from None
     return made
+
+
+def names_file_in(err: OSError, directory: Path) -> bool:
+    """Whether an OSError is about a file inside `directory`, the paths compared as written, not
+    resolved: a file or folder in it may be a symlink to elsewhere (or nowhere)."""
+    return bool(err.filename) and Path(os.path.abspath(directory)) in Path(os.path.abspath(err.filename)).parents
 
 
 def _parse_size(text: str | None) -> int | None:

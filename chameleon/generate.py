@@ -109,7 +109,7 @@ class _Row:
         self.out: list[int] = []
         self.text_run: list[int] = []  # text tokens since the last image, for stop strings
         self.codes_left = 0  # >0: inside an image
-        self.forced: list[int] = []  # tokens the next steps must emit (eoi after an image's codes; boi in image mode)
+        self.pending: int | None = None  # a token the next step must emit (eoi after an image's codes; boi in image mode)
         self.done = False
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
@@ -201,16 +201,15 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
 
     guided = opts.guided
     rows = [_Row(p, opts, row_seed(opts.seed, p)) for p in prompts]
+    # Image mode starts every row with boi in one lockstep block; a batch with rows given some of
+    # their codes takes the per-row loop instead, the other rows then made to begin with boi.
+    per_row_image = opts.mode == "image" and any(open_images)
     for r, opened in zip(rows, open_images):
         if opened:  # the state after choosing them
             r.out, r.codes_left = list(opened), n_codes - (len(opened) - 1)
-            r.forced = [tok.eoi_id] if r.codes_left == 0 else []
-    # Image mode starts every row with boi in one lockstep block; a batch with rows given some of
-    # their codes takes the per-row loop instead, the other rows then forced to begin with boi.
-    per_row_image = opts.mode == "image" and any(open_images)
-    if per_row_image:
-        for r, opened in zip(rows, open_images):
-            r.forced = r.forced if opened else [tok.boi_id]
+            r.pending = tok.eoi_id if r.codes_left == 0 else None
+        elif per_row_image:
+            r.pending = tok.boi_id
     # Row layout in the cache: [full_0..full_{B-1}, image_only_0.., uncond_0..] when guided.
     streams = [r.prompt + o for r, o in zip(rows, open_images)]
     if guided:
@@ -301,7 +300,7 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
                     continue
                 next_tokens[i] = t
                 visible[i] = True
-                if guided and (r.codes_left > 0 or r.forced[:1] == [tok.eoi_id] or t in (tok.boi_id, tok.eoi_id)):
+                if guided and (r.codes_left > 0 or r.pending == tok.eoi_id or t in (tok.boi_id, tok.eoi_id)):
                     # Image tokens (and their brackets) condition all three rows: every code, the
                     # last one included (chosen as the count reaches 0, with eoi pending).
                     next_tokens[i + n_prompts] = next_tokens[i + 2 * n_prompts] = t
@@ -333,8 +332,8 @@ def _progress_bar(enabled: bool, total: int, mode: str):
 
 def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, image_ids, text_bias, text_seen, slots_left) -> int | None:
     """Pick row i's next token from the last logits, update its state, and return it."""
-    if r.forced:
-        t = r.forced.pop(0)
+    if r.pending is not None:
+        t, r.pending = r.pending, None
     elif r.codes_left > 0:
         # Only image codes may follow: sample among their logits alone (8192 of 65,536).
         code_logits = codes[i]
@@ -361,7 +360,7 @@ def _choose(r: _Row, i, logits, codes, n_prompts, guided, opts, tok, n_codes, im
         r.codes_left -= 1
         r.out.append(t)
         if r.codes_left == 0:
-            r.forced.append(tok.eoi_id)  # exactly N codes, then end-of-image
+            r.pending = tok.eoi_id  # exactly N codes, then end-of-image
         return t
     if t == tok.eoi_id:
         r.out.append(t)
@@ -604,7 +603,7 @@ def _image_block_length(rows: list[_Row], steps_left: int) -> int:
     """Steps the per-row loop may hand to `_image_block`: while every row still going is inside an
     image with no token pending, as many as the row nearest its image's end has codes left."""
     going = [r for r in rows if not r.done]
-    if not going or any(r.codes_left == 0 or r.forced for r in going):
+    if not going or any(r.codes_left == 0 or r.pending is not None for r in going):
         return 0
     block = min(min(r.codes_left for r in going), steps_left)
     return block if block >= LOCKSTEP_MIN_CODES else 0
@@ -645,7 +644,7 @@ def _image_block(block, logits, rows, n_prompts, guided, opts, tok, image_ids, c
         r.out.extend(codes)
         r.codes_left -= block
         if r.codes_left == 0:
-            r.forced.append(tok.eoi_id)  # exactly N codes, then end-of-image
+            r.pending = tok.eoi_id  # exactly N codes, then end-of-image
     fed_set = set(fed)
     return logits, [p + block * (i in fed_set) for i, p in enumerate(next_pos)]
 
@@ -676,7 +675,7 @@ def _spans_holding(spans: list[tuple[int, int]], ids: dict[str, torch.Tensor]):
     def spans_of(rows) -> tuple[int, ...] | None:
         need: set[int] = set()
         for r in rows:
-            if not r.done and not r.forced:
+            if not r.done and r.pending is None:
                 need |= per_phase["image" if r.codes_left > 0 else "text"]
         return None if need == everything else tuple(sorted(need))
 

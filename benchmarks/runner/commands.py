@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import errno
-import os
 import re
 import sys
 from pathlib import Path
 
-from chameleon.commands import DTYPE_HELP, parse_dtype
+from chameleon.commands import DTYPE_HELP, names_file_in, parse_dtype
 from chameleon.errors import InputError
 
 
@@ -101,10 +100,8 @@ def run_command(args) -> int:
                          "if any, is above); this one stops too. Requests finished so far stay in its cache/: "
                          "rerun the command to resume") from None
     except OSError as err:  # a damaged run directory (cache/ a file, ...) or a full disk: name it, no traceback
-        # compared as written, not resolved: a file or folder of --out may be a symlink to elsewhere (or nowhere)
-        in_out = err.filename and Path(os.path.abspath(args.out)) in Path(os.path.abspath(err.filename)).parents
         full = err.errno in (errno.ENOSPC, errno.EDQUOT)  # a write to an open file names none
-        if not (in_out or full):
+        if not (names_file_in(err, args.out) or full):
             raise
         reason = "a file where a directory belongs" if isinstance(err, FileExistsError) else err.strerror or err
         path = err.filename2 or err.filename or "its files"  # a rename names its target second
