@@ -44,6 +44,10 @@ class GenerationOptions:
     cfg_image_scale: float = 1.2
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to text-phase logits
     compile: bool | None = None  # compile the decode step; default: on CUDA only
+    # Experimental, compiled greedy text only: N decode steps per call of the compiled step; on
+    # CUDA each N-step call is replayed from a CUDA graph captured here (`_GreedyGraphs`) instead
+    # of torch.compile's one-step reduce-overhead graphs. None: the latter.
+    graph_steps: int | None = None
     progress: bool = False
 
     def __post_init__(self):
@@ -53,6 +57,8 @@ class GenerationOptions:
             raise InputError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.graph_steps is not None and self.graph_steps < 1:
+            raise InputError(f"graph_steps must be >= 1 (None: off), got {self.graph_steps}")
         for name, ok, expected in (
             ("temperature", lambda v: v >= 0, " >= 0"),
             ("image_temperature", lambda v: v >= 0, " >= 0"),
@@ -270,7 +276,7 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
         # Text mode runs on the device text loop; plain greedy picks inside a compiled graph.
         pick = _text_pick(opts, rows, device, text_seen) if opts.mode == "text" else None
         if opts.mode == "text" and pick is None and use_compile:  # a graph of its own, not the logits step below
-            return _text_loop(*text_loop_args)
+            return _text_loop(*text_loop_args, graph_steps=opts.graph_steps)
         step_fn = _decode_step(model, use_compile, weights)
         if opts.mode == "image" and not per_row_image:
             return _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress)
@@ -495,46 +501,49 @@ def _text_pick(opts: GenerationOptions, rows: list[_Row], device: torch.device, 
     return pick
 
 
-def _text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, pad_id, progress, stop_strings=None, step_fn=None, spans=None, pick=None) -> list[list[int]]:
+def _text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, pad_id, progress, stop_strings=None, step_fn=None, spans=None, pick=None, graph_steps=None) -> list[list[int]]:
     """Text for all rows without leaving the device: no per-token host sync, so a GPU runs ahead
     of Python; a row that ended keeps decoding into slots nobody reads until every row has ended.
     Stop strings are checked whenever the loop looks at the host (`_StopStringScan`). Eager or
     compiled logits steps run `step_fn`, and the pick is greedy or `pick` (`_text_pick`); without a
     `step_fn`, the compiled greedy step runs, with the greedy pick inside the graph, so that a CUDA
     graph replay is all the per-token work (around a logits-only graph the pick was ~10 eager
-    kernels, ~0.3 ms per token on an H200 against a 7B step of ~4.3 ms in the graph)."""
+    kernels, ~0.3 ms per token on an H200 against a 7B step of ~4.3 ms in the graph), in calls of
+    `graph_steps` steps where given (the budget's remainder one step a call)."""
     n_rows, device = logits.shape[0], logits.device
     if budget == 0:  # (a compiled cache may hold no slot for a first token)
         return [[] for _ in range(n_rows)]
+    chunk = 1
     if step_fn is None:
         state = _compiled_greedy_state(model.transformer, cache, logits.shape[-1])
-        compiled = _compiled_greedy_step(model.transformer, cache)
-
-        def step(slot: int) -> None:
-            compiled(cache, state)
+        steps = _greedy_steps(model.transformer, cache, state, graph_steps)
+        chunk = graph_steps or 1
     else:
         state = _TextState(n_rows, cache.max_seq_len, logits.shape[-1], device)
 
-        def step(slot: int) -> None:
-            cache.valid[:, slot] = True
-            state.advance(step_fn(state.tokens, slot, state.positions, cache, spans), pick)
+        def steps(first_slot: int, n: int) -> None:
+            for slot in range(first_slot, first_slot + n):
+                cache.valid[:, slot] = True
+                state.advance(step_fn(state.tokens, slot, state.positions, cache, spans), pick)
 
     state.reset(text_bias, stop_ids, pad_id, next_pos, cur)
     state.advance(logits, pick)  # the first token, from the prefill
-    check_every = _host_look_every(device)
+    look_every = _host_look_every(device)
     if progress is not None:
         progress.update(1)
-    picked = 1
+    picked, looked = 1, 0
     while picked < budget:
-        if picked % check_every == 0:
+        if picked - looked >= look_every:
+            looked = picked
             if stop_strings is not None:
                 stop_strings.catch_up(state, cur, picked)
             if bool(state.done.all()):
                 break
-        step(cur + picked - 1)
-        picked += 1
+        n = chunk if picked + chunk <= budget else 1
+        steps(cur + picked - 1, n)
+        picked += n
         if progress is not None:
-            progress.update(1)
+            progress.update(n)
     texts = state.texts(cur, budget, pad_id)
     if stop_strings is None:
         return texts
@@ -551,18 +560,87 @@ def _compiled_greedy_state(transformer, cache, vocab: int) -> _TextState:
     return state
 
 
-def _compiled_greedy_step(transformer, cache):
+def _compiled_greedy_step(transformer, cache, mode: str | None = None):
     """The compiled greedy step for this model (see `_text_loop`): mark the input's slot
-    valid, run it, advance. Like `_decode_step`, it checks the fused tensors first."""
+    valid, run it, advance. Like `_decode_step`, it checks the fused tensors first. One per
+    compile mode, kept on the model; `_compile_mode`'s by default."""
     _prepare_compiled(transformer, cache)
-    if getattr(transformer, "_compiled_greedy", None) is None:
+    mode = mode or _compile_mode(transformer)
+    compiled = getattr(transformer, "_compiled_greedy", None)
+    if compiled is None:
+        compiled = transformer._compiled_greedy = {}
+    if mode not in compiled:
 
         def greedy_step(cache, state):
             cache.valid.index_fill_(1, state.slot, True)
             state.advance(transformer(state.tokens, cache=cache, input_pos=state.slot, positions=state.positions, kv_len=None)[:, -1])
 
-        transformer._compiled_greedy = torch.compile(greedy_step, mode=_compile_mode(transformer), fullgraph=True, dynamic=False)
-    return transformer._compiled_greedy
+        compiled[mode] = torch.compile(greedy_step, mode=mode, fullgraph=True, dynamic=False)
+    return compiled[mode]
+
+
+def _greedy_steps(transformer, cache, state: _TextState, graph_steps: int | None):
+    """A function (first slot, n) that runs n compiled greedy steps (the slots are in `state`).
+    With `graph_steps` on CUDA, the steps are replayed from `_GreedyGraphs`; otherwise each is a
+    call of the compiled step (CUDA graphs of one step by torch.compile's reduce-overhead mode)."""
+    if graph_steps is not None and cache.valid.is_cuda:
+        return _GreedyGraphs.of(transformer, cache, state).run
+    compiled = _compiled_greedy_step(transformer, cache)
+
+    def steps(first_slot: int, n: int) -> None:
+        for _ in range(n):
+            compiled(cache, state)
+
+    return steps
+
+
+class _GreedyGraphs:
+    """Greedy steps replayed from CUDA graphs captured here around the inductor-compiled step
+    (compiled without CUDA graphs), one graph per number of steps a call asks for. A replay is
+    one graph launch: a call of a reduce-overhead step first checks its hundreds of inputs
+    (~0.15 ms per token between replays on an H200, RESULTS.md run 3), and one graph may hold
+    several steps. A graph reads and writes the addresses it was captured with, so it is kept
+    on the model for as long as the cache, the state and the weights are the tensors it saw."""
+
+    WARM_UP_STEPS = 3  # uncaptured steps first: compilation, autotuning, lazy library set-up
+
+    def __init__(self, key, step, cache, state):
+        self.key, self.step, self.cache, self.state = key, step, cache, state
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.warm = 0
+        self.pool = torch.cuda.graph_pool_handle()  # graphs run one at a time: they share a pool
+
+    @staticmethod
+    def of(transformer, cache, state: _TextState) -> "_GreedyGraphs":
+        step = _compiled_greedy_step(transformer, cache, mode="default")  # (checks the fused tensors)
+        tensors = [*transformer.parameters(), *(f.tensor for f in transformer.fused_tensors()), *cache.tensors(), *vars(state).values()]
+        key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors)
+        graphs = getattr(transformer, "_greedy_graphs", None)
+        if graphs is None or graphs.key != key or graphs.cache is not cache or graphs.state is not state:
+            transformer._greedy_graphs = None  # free the old graphs' memory first
+            graphs = transformer._greedy_graphs = _GreedyGraphs(key, step, cache, state)
+        return graphs
+
+    def run(self, first_slot: int, n: int) -> None:
+        graph = self.graphs.get(n)
+        if graph is not None:
+            graph.replay()
+            return
+        if self.warm < self.WARM_UP_STEPS:  # on a side stream, as CUDA graph capture wants
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(n):
+                    self.step(self.cache, self.state)
+            torch.cuda.current_stream().wait_stream(side)
+            self.warm += n
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            for _ in range(n):  # recorded, not run
+                self.step(self.cache, self.state)
+        self.graphs[n] = graph
+        graph.replay()
 
 
 def _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress) -> list[list[int]]:
@@ -659,7 +737,7 @@ def _reusable_cache(transformer, n_rows: int, total: int):
     if cache is not None and (cache.batch_size, cache.max_seq_len, cache.k[0].dtype, cache.k[0].device) == (n_rows, total, dtype, device):
         cache.valid.zero_()
         return cache
-    transformer._decode_cache = None  # free the old one before allocating
+    transformer._decode_cache = transformer._greedy_graphs = None  # free the old one (and graphs using it) before allocating
     transformer._decode_cache = transformer.new_cache(n_rows, total)
     return transformer._decode_cache
 

@@ -91,3 +91,27 @@ def test_open_image_continued_through_cuda_graphs(gpu_model):
     free = generate(gpu_model, prompts, opts)
     given = [prompts[0], prompts[1] + free[1][: n // 2 + 1]]
     assert generate(gpu_model, given, opts) == free
+
+
+@pytest.mark.parametrize("graph_steps", [1, 16])
+def test_greedy_steps_replayed_from_captured_graphs(gpu_model, graph_steps):
+    """`graph_steps`: greedy text replayed from CUDA graphs captured by the generator (N steps a
+    replay, the budget's remainder one step a replay) gives the eager tokens: rows stopped by a
+    stop id and by a stop string, another batch size between calls (new cache, graphs captured
+    anew), and repeated calls, which replay the graphs already captured."""
+    tok = gpu_model.tokenizer
+    prompts = [gpu_model.encode_prompt(p) for p in PROMPTS]
+    base = dict(max_new_tokens=45, logit_bias={tok.eos_id: -1e9})
+    free = generate(gpu_model, prompts, GenerationOptions(compile=False, **base))
+    stops = dict(stop_ids=(free[1][20],), stop_strings=(tok.decode_text(free[0][2:4]),))
+    for opts in (base, dict(**base, **stops)):
+        eager = generate(gpu_model, prompts, GenerationOptions(compile=False, **opts))
+        graphed = GenerationOptions(compile=True, graph_steps=graph_steps, **opts)
+        assert generate(gpu_model, prompts[:1], graphed) == eager[:1]
+        assert generate(gpu_model, prompts, graphed) == eager
+        captured = dict(gpu_model.transformer._greedy_graphs.graphs)
+        assert generate(gpu_model, prompts, graphed) == eager
+        assert gpu_model.transformer._greedy_graphs.graphs == captured  # the same graph objects, replayed
+        if "stop_ids" not in opts:  # 44 steps: the first call's uncaptured, then calls of N, then of 1
+            assert set(captured) == {1, graph_steps}
+    assert eager != free

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from conftest import cut_at_stop_strings
+from chameleon.config import preset
 from chameleon.errors import InputError
 from chameleon.generate import GenerationOptions, cfg_mix, generate
 from chameleon.sampling import apply_repetition_penalty, filter_top_k_top_p
+from chameleon.tiny import TINY_VQ, random_model
 
 generate_module = importlib.import_module("chameleon.generate")  # the attribute chameleon.generate is the function
 sampling_module = importlib.import_module("chameleon.sampling")
@@ -378,6 +380,33 @@ def test_compiled_greedy_loop_stops_rows_like_eager(tiny_model):
     assert generate(tiny_model, prompts[:1], compiled) == eager[:1]
     assert generate(tiny_model, prompts, compiled) == eager
     assert generate(tiny_model, prompts, GenerationOptions(max_new_tokens=40, compile=True)) == free
+
+
+@pytest.mark.parametrize("graph_steps", [1, 6, 16])
+def test_compiled_greedy_steps_in_calls_of_several(tiny_model, graph_steps, monkeypatch):
+    """`graph_steps` runs the compiled greedy step N steps a call (on CUDA, one graph replay; here
+    the chunking alone, compiled for CPU): rows stopped by a stop id and by a stop string, looks
+    every 16 steps as on a GPU, a budget that is no multiple of N, and a repeated call all give
+    the eager loop's tokens."""
+    generate_module = importlib.import_module("chameleon.generate")
+    monkeypatch.setattr(generate_module, "_host_look_every", lambda device: 16)
+    tok = tiny_model.tokenizer
+    prompts = [tiny_model.encode_prompt(p) for p in PROMPTS]
+    free = generate(tiny_model, prompts, GenerationOptions(max_new_tokens=37))
+    stops = dict(stop_ids=(free[1][20],), stop_strings=(tok.decode_text(free[0][2:4]),))
+    for opts in (dict(max_new_tokens=37), dict(max_new_tokens=37, **stops)):
+        eager = generate(tiny_model, prompts, GenerationOptions(**opts))
+        chunked = GenerationOptions(compile=True, graph_steps=graph_steps, **opts)
+        assert generate(tiny_model, prompts, chunked) == eager == generate(tiny_model, prompts, chunked)
+    assert eager != free and all(len(o) == 37 for o in free)
+    # Up to the end of the context, where a call of N steps would overrun the cache.
+    short = random_model(replace(preset("tiny"), max_seq_len=48), TINY_VQ, seed=1)
+    prompt = [short.encode_prompt(PROMPTS[0])]
+    opts = dict(max_new_tokens=48 - len(prompt[0]), logit_bias={short.tokenizer.eos_id: -1e9, short.tokenizer.eot_id: -1e9})
+    eager = generate(short, prompt, GenerationOptions(**opts))
+    assert len(eager[0]) == opts["max_new_tokens"] and generate(short, prompt, GenerationOptions(compile=True, graph_steps=graph_steps, **opts)) == eager
+    with pytest.raises(InputError, match="graph_steps must be >= 1"):
+        GenerationOptions(graph_steps=0)
 
 
 def test_compiled_generation_reuses_its_cache(tiny_model):

@@ -81,9 +81,9 @@ def build_pair(args, vq: VQGANConfig, device, dtype, with_hf=True, fuse=True):
     return ours, hf
 
 
-def greedy(tok, new_tokens: int, compile_: bool) -> GenerationOptions:
+def greedy(tok, new_tokens: int, compile_: bool, graph_steps: int | None = None) -> GenerationOptions:
     """Greedy text with eos kept out, so that every run decodes exactly `new_tokens` tokens."""
-    return GenerationOptions(max_new_tokens=new_tokens, temperature=0.0, logit_bias={tok.eos_id: -1e9, tok.eot_id: -1e9}, compile=compile_)
+    return GenerationOptions(max_new_tokens=new_tokens, temperature=0.0, logit_bias={tok.eos_id: -1e9, tok.eot_id: -1e9}, compile=compile_, graph_steps=graph_steps)
 
 
 def random_prompts(tok, batch: int, length: int, seed: int) -> torch.Tensor:
@@ -100,9 +100,9 @@ class Competitor:
         self.name, self.run = name, run
 
 
-def ours_competitor(model, prompts, compile_) -> Competitor:
+def ours_competitor(model, prompts, compile_, graph_steps=None) -> Competitor:
     tok = model.tokenizer
-    return Competitor("ours", lambda n: generate(model, prompts, greedy(tok, n, compile_)))
+    return Competitor("ours", lambda n: generate(model, prompts, greedy(tok, n, compile_, graph_steps)))
 
 
 def hf_competitor(hf, prompts, device, cache_impl, tok) -> Competitor:
@@ -151,13 +151,13 @@ def time_side_by_side(competitors, batch, prompt_len, new_tokens, device, repeat
                for name, b in best.items()}, outputs
 
 
-def profile_ours(model, prompts, new_tokens, device, compile_) -> None:
+def profile_ours(model, prompts, new_tokens, device, compile_, graph_steps=None) -> None:
     """Print the kernels that take the device's time in a greedy decode (where the roofline is lost)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        generate(model, prompts, greedy(model.tokenizer, new_tokens, compile_))
+        generate(model, prompts, greedy(model.tokenizer, new_tokens, compile_, graph_steps))
         sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90), flush=True)
@@ -206,6 +206,9 @@ def main() -> None:
     p.add_argument("--sdpa-backend", default=None, choices=sorted(SDPA_BACKENDS), help=(
         "experiment: restrict F.scaled_dot_product_attention to one backend for the whole run, both stacks "
         "(math: plain matmul/softmax, which inductor compiles and fuses; default: PyTorch's choice, cuDNN on an H200)"))
+    p.add_argument("--graph-steps", type=int, default=None, metavar="N", help=(
+        "experiment: our greedy decode replays CUDA graphs of N steps captured by the generator, instead of "
+        "torch.compile's one-step reduce-overhead graphs (GenerationOptions.graph_steps)"))
     p.add_argument("--json", default=None, help="write the results here too")
     a = p.parse_args()
     if a.sdpa_backend:  # chosen when a step is compiled, so it must hold from the start
@@ -226,7 +229,7 @@ def main() -> None:
     compile_ = device.type == "cuda"
     repeats = a.repeats or (2 if device.type == "cuda" else 5)
     report = {"machine": platform.processor() or platform.machine(), "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
-              "preset": a.preset, "shape": a.shape, "fused": not a.no_fuse, "sdpa_backend": a.sdpa_backend or "default", "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "repeats": repeats, "rows": []}
+              "preset": a.preset, "shape": a.shape, "fused": not a.no_fuse, "sdpa_backend": a.sdpa_backend or "default", "graph_steps": a.graph_steps, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "repeats": repeats, "rows": []}
 
     def save(report):
         if a.json:
@@ -247,7 +250,7 @@ def main() -> None:
             row = {"dtype": dtype_name, "batch": batch}
             report["rows"].append(row)  # filled in place; saved as it grows
             prompts = random_prompts(ours.tokenizer, batch, a.prompt_len, seed=0).tolist()
-            competitors = [ours_competitor(ours, prompts, compile_)]
+            competitors = [ours_competitor(ours, prompts, compile_, a.graph_steps)]
             if hf is not None:
                 competitors += [hf_competitor(hf, prompts, device, cache, ours.tokenizer) for cache in ("dynamic", "static") if cache in a.hf_caches.split(",")]
             for speeds, outputs in time_side_by_side(competitors, batch, a.prompt_len, a.new_tokens, device, repeats):
@@ -267,7 +270,7 @@ def main() -> None:
                 save(report)  # a long GPU run keeps what it has measured if it is cut short
             print(json.dumps(row, indent=1), flush=True)
             if a.profile and len(report["rows"]) == 1:
-                profile_ours(ours, prompts, a.profile, device, compile_)
+                profile_ours(ours, prompts, a.profile, device, compile_, a.graph_steps)
         del hf
     if "fp32" in last_logits and "bf16" in last_logits:
         # bf16 greedy tokens of two stacks part at near-ties; what matters is that neither is less

@@ -2,15 +2,21 @@
 # The GPU check, sized for one device call (at most 9m50s on an H100/H200). Stages, each in its
 # own process with its own time limit, most important first, so a slow stage costs only itself:
 #   cuda_tests   tests/test_cuda.py: GPU logits vs CPU, CUDA-graph step vs eager, sampled guided
-#                generation, an open image continued through CUDA graphs
+#                generation, an open image continued through CUDA graphs, greedy steps replayed
+#                from graphs the generator captures (graph_steps)
 #   decode_7b    7B-shaped random weights in bf16, batch 1: decode speed as a fraction of the
-#                memory-bandwidth roofline, and one 512x512 image (3-way CFG + VQGAN decoding)
-#   attn_math_7b, attn_efficient_7b
-#                experiments: decode_7b's batch-1 decode with attention restricted to one SDPA
-#                backend (math: matmul/softmax compiled by inductor; efficient: mem-efficient
-#                kernel). PyTorch picks cuDNN's, 8.3 us a layer for one query over 256 slots on an
-#                H200 (RESULTS.md, run 3); adopt the faster if it beats decode_7b
+#                memory-bandwidth roofline (the default: torch.compile's one-step reduce-overhead
+#                graphs; 72.4% on an H200, RESULTS.md run 3)
+#   graphs_7b    experiment: the same decode replaying graphs of 16 greedy steps captured by the
+#                generator (`--graph-steps 16`), without reduce-overhead's per-call input checks
+#                (~0.15 ms per token between replays in run 3's profile); adopt it if it beats decode_7b
+#   graphs_math_7b
+#                graphs_7b with attention as plain matmul/softmax compiled by inductor instead of
+#                cuDNN's kernel (8.3 us a layer for one query over 256 slots in run 3)
 # Not run by default (STAGES="..." in a second call):
+#   image_7b     one 512x512 image: 1,024 codes with 3-way CFG, then VQGAN decoding (5.65 s in run 3)
+#   attn_math_7b, attn_efficient_7b
+#                decode_7b with attention restricted to one SDPA backend (math, mem-efficient)
 #   vs_hf_7b     decode_7b against transformers' generate (default and static cache) at batch 1 and 4
 #   tuned_7b     decode_7b with inductor's coordinate-descent tuning of its generated kernels (as
 #                gpt-fast compiles): measured once, 62.7% vs 72.4% of roofline, so not adopted
@@ -28,7 +34,7 @@ mkdir -p "$OUT"
 # DECODE_ARGS: another shape or device, e.g. "--preset tiny --device cpu" to rehearse this script.
 DECODE="python3 benchmarks/perf/decode.py ${DECODE_ARGS:---preset 7B --device cuda} --dtypes bf16 --new-tokens 128"
 
-STAGES="${STAGES:-cuda_tests decode_7b attn_math_7b attn_efficient_7b}"  # a subset reruns only those
+STAGES="${STAGES:-cuda_tests decode_7b graphs_7b graphs_math_7b}"  # a subset reruns only those
 
 stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in $OUT/run.txt
     local name=$1 limit=$2 start=$SECONDS
@@ -42,8 +48,11 @@ stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in 
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/run.txt"
-stage cuda_tests "${CUDA_TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-stage decode_7b "${DECODE_S:-200}" $DECODE --batches 1 --no-hf --image --json "$OUT/decode_7b.json"
+stage cuda_tests "${CUDA_TESTS_S:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+stage decode_7b "${DECODE_S:-120}" $DECODE --batches 1 --no-hf --json "$OUT/decode_7b.json"
+stage graphs_7b "${GRAPHS_S:-120}" $DECODE --batches 1 --no-hf --graph-steps 16 --json "$OUT/graphs_7b.json"
+stage graphs_math_7b "${GRAPHS_S:-120}" $DECODE --batches 1 --no-hf --graph-steps 16 --sdpa-backend math --json "$OUT/graphs_math_7b.json"
+stage image_7b "${IMAGE_S:-150}" $DECODE --batches 1 --no-hf --new-tokens 8 --image --json "$OUT/image_7b.json"
 stage attn_math_7b "${ATTN_S:-120}" $DECODE --batches 1 --no-hf --sdpa-backend math --json "$OUT/attn_math_7b.json"
 stage attn_efficient_7b "${ATTN_S:-120}" $DECODE --batches 1 --no-hf --sdpa-backend efficient --json "$OUT/attn_efficient_7b.json"
 stage vs_hf_7b "${VS_HF_S:-150}" $DECODE --batches "${VS_HF_BATCHES:-1,4}" --json "$OUT/vs_hf_7b.json"
