@@ -133,6 +133,13 @@ def test_karpathy_dataset_json(tmp_path):
         ({"foo": 1}, r"unknown caption reference format"),
         ({"images": [{"id": 1}, {"id": "1"}], "annotations": [{"image_id": 1, "caption": "x"}, {"image_id": "1", "caption": "y"}]},
          r"row 1: image id '1' appears twice"),  # one image to a results file
+        # JSON's lone surrogate, which the scorers' PTB tokenizer cannot encode
+        ([{"image": "val2014/COCO_val2014_000000000001.jpg", "caption": ["a", "a \ud800 cat"]}],
+         r"row 0: field 'caption'\[1\] is not valid Unicode text \(surrogates not allowed: '\\ud800' at character 2\)"),
+        ({"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "\udfff"}]},
+         r"annotations\[0\]: field 'caption' is not valid Unicode text"),
+        ({"images": [{"filename": "1.jpg", "split": "test", "sentences": [{"raw": "x\ud800"}]}]},
+         r"images\[0\]: field 'sentences\[\].raw'\[0\] is not valid Unicode text"),
     ],
 )
 def test_malformed_references(tmp_path, content, message):

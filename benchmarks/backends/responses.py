@@ -24,19 +24,11 @@ from pathlib import Path
 from lm_eval.api.registry import register_model
 
 from benchmarks.backends.base import MixedModalLM, instance_hash, item_id, sample_indices
-from chameleon.errors import InputError
+from chameleon.errors import InputError, unicode_problem
 
 
 def _is_text(v) -> bool:
-    """A str that is valid Unicode: JSON can spell a lone surrogate ("\\ud800"), which no file or
-    tokenizer downstream can encode."""
-    if not isinstance(v, str):
-        return False
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return isinstance(v, str) and unicode_problem(v) is None
 
 
 # Each field's test and what it must be (a wrong type is refused, never coerced).

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks.captioning.references import SHIPPED, load_references, reference_path
 from benchmarks.captioning.scoring import METRIC_GROUPS, score_captions
-from chameleon.errors import InputError
+from chameleon.errors import InputError, unicode_problem
 
 DESCRIPTION = """\
 Score generated captions against references with pycocoevalcap (PTB tokenizer, BLEU-1..4,
@@ -69,11 +69,8 @@ def load_results(path: Path) -> dict:
             raise InputError(f"{path}: row {i}: field 'image_id' must be an integer or string, got {image_id!r}")
         if not isinstance(caption, str):
             raise InputError(f"{path}: row {i}: field 'caption' must be a string, got {caption!r:.80}")
-        try:
-            caption.encode("utf-8")
-        except UnicodeEncodeError as err:  # a lone surrogate ("\ud800" in the JSON) is no text the tokenizer can read
-            raise InputError(f"{path}: row {i}: field 'caption' is not valid Unicode text ({err.reason}: "
-                             f"{caption[err.start:err.end]!r} at character {err.start})") from None
+        if problem := unicode_problem(caption):
+            raise InputError(f"{path}: row {i}: field 'caption' is not valid Unicode text ({problem})")
         first = rows_by_id.setdefault(str(image_id), i)  # "1" and 1 name the same image (match_ids)
         if first != i:
             raise InputError(f"{path}: row {i}: image_id {image_id!r} has a second caption (row {first} has "

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from chameleon.errors import InputError
+from chameleon.errors import InputError, unicode_problem
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SHIPPED = {
@@ -84,7 +84,14 @@ def load_references(source: str | Path = "coco_karpathy_test", split: str = "tes
 def _captions(path: Path, where: str, field: str, value) -> list[str]:
     if not isinstance(value, list) or not value or not all(isinstance(c, str) and c.strip() for c in value):
         raise InputError(f"{path}: {where}: field {field!r} must be a non-empty list of non-empty strings, got {value!r:.80}")
+    for j, caption in enumerate(value):
+        _unicode_text(path, f"{where}: field {field!r}[{j}]", caption)
     return value
+
+
+def _unicode_text(path: Path, where: str, text: str) -> None:
+    if problem := unicode_problem(text):  # the scorers' tokenizer cannot encode it
+        raise InputError(f"{path}: {where} is not valid Unicode text ({problem})")
 
 
 def _field(path: Path, where: str, row, field: str, kind: type | tuple[type, ...]):
@@ -125,6 +132,7 @@ def _from_coco_annotations(path: Path, data: dict) -> list[CaptionItem]:
     for i, ann in enumerate(annotations):
         image_id = _field(path, f"annotations[{i}]", ann, "image_id", (int, str))
         caption = _field(path, f"annotations[{i}]", ann, "caption", str)
+        _unicode_text(path, f"annotations[{i}]: field 'caption'", caption)
         if image_id not in captions:
             raise InputError(f"{path}: annotations[{i}]: image_id {image_id!r} is not in 'images'")
         captions[image_id].append(caption)
