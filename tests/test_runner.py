@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -338,8 +339,7 @@ def torchrun_failing(*args) -> subprocess.CompletedProcess:
     # teardown at exit after printing its error, as its peer went at the same moment
     codes = re.findall(r"exitcode\s*: (-?\d+)", proc.stderr)
     assert codes and set(codes) <= {"2", "-15", "-6"}, codes
-    if codes.count("2") == 2:
-        assert PEER_FAILED in proc.stderr
+    proc.both_exited_2 = codes.count("2") == 2
     return proc
 
 
@@ -358,21 +358,46 @@ def test_torchrun_one_process_damaged_cache_file(tiny_hf, tmp_path):
     (out / "cache/rank1.jsonl").symlink_to(tmp_path / "gone/rank1.jsonl")
     proc = torchrun_failing(tmp_path / "small.yaml", "--model", tiny_hf, "--out", out)
     assert f"error: --out {out}: cannot read or write {out}/cache/rank1.jsonl (No such file or directory)" in proc.stderr
+    if proc.both_exited_2:  # rank 0 reached its next collective before torchrun stopped it
+        assert PEER_FAILED in proc.stderr, proc.stderr[-3000:]
     (out / "cache/rank1.jsonl").unlink()
     res = torchrun_run(tmp_path / "small.yaml", "--model", tiny_hf, "--out", out)
     assert res["complete"] and all(b["computed_requests"] == 0 for b in res["benchmarks"].values())
 
 
-def test_torchrun_one_process_input_error_mid_run(tiny_hf, tmp_path):
-    """Rank 1 alone meets a bad image (its share of the captioning items): it exits with its error,
-    rank 0, waiting to gather answers, stops with a short one, and both keep their finished requests."""
+def test_one_process_failing_stops_the_other_with_a_short_error(tiny_hf, tmp_path):
+    """Two processes of one gloo group, started as torchrun starts them but without torchrun, whose
+    SIGTERM races the outcome: rank 1 fails on its cache file; rank 0, at its next collective,
+    stops with a one-line error quoting gloo (exit 2, no traceback) instead of gloo's traceback."""
+    (tmp_path / "small.yaml").write_text(SMALL)
+    out = tmp_path / "run"
+    cli("run", tmp_path / "small.yaml", "--model", tiny_hf, "--out", out)
+    (out / "cache/rank1.jsonl").symlink_to(tmp_path / "gone/rank1.jsonl")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.cli", "run", str(tmp_path / "small.yaml"), "--model", str(tiny_hf), "--out", str(out)],
+                              cwd=REPO, stderr=subprocess.PIPE, text=True,
+                              env={**ENV, "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in (0, 1)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    # -6: once in a while gloo aborts in its teardown at exit, after the error was printed
+    assert all(p.returncode in (2, -6) for p in procs), ([p.returncode for p in procs], errors)
+    assert f"error: --out {out}: cannot read or write {out}/cache/rank1.jsonl (No such file or directory)" in errors[1]
+    assert f"error: --out {out}: {PEER_FAILED}" in errors[0] and "Traceback" not in errors[0], errors[0]
+
+
+def test_torchrun_bad_image_after_a_benchmark(tiny_hf, tmp_path):
+    """A captioning image whose pixels are cut, found once the first benchmark is done: every
+    process builds every prompt (request hashes cover the images' pixels), so each meets it
+    before the model runs on captioning, names the file, and keeps its finished requests."""
     (tmp_path / "small.yaml").write_text(SMALL)
     images = tmp_path / "coco"
     images.mkdir()
     shipped = REPO / "benchmarks/data/images/coco"
     for f in shipped.glob("*.jpg"):
         (images / f.name).write_bytes(f.read_bytes())
-    bad = images / "COCO_val2014_000000199764.jpg"  # the 2nd item: rank 1's
+    bad = images / "COCO_val2014_000000199764.jpg"  # the 2nd item
     bad.write_bytes(bad.read_bytes()[:3000])  # its header passes the check before the run; its pixels are cut
     run = ("--model", tiny_hf, "--out", tmp_path / "run", "--images-dir", f"coco={images}")
     proc = torchrun_failing(tmp_path / "small.yaml", *run)
