@@ -351,3 +351,27 @@ def test_responses_loglikelihood_needs_the_request_hash(tmp_path):
     assert len(backend.failures) == 2
     assert all(why.endswith("a loglikelihood response needs the request_hash: an item asks one per choice")
                for why in backend.failures.values())
+
+
+def test_request_hash_is_lm_evals_with_each_image_digested_once(monkeypatch):
+    """request_hash equals lm-eval's hash_args (its cache key) for requests with images, and
+    PNG-encodes each image object once however many requests show it."""
+    import lm_eval.utils
+    from lm_eval.api.model import hash_args
+
+    photo = Image.open(PHOTO)
+    photo.load()
+    rgba = Image.new("RGBA", (8, 6), (10, 20, 30, 128))
+    requests = [
+        ("<image>A photo of", {"until": ["\n"]}, {"visual": [photo]}),
+        ("<image>x<image>", {"max_gen_toks": 4}, {"visual": [rgba, photo]}),
+        ("<image>A photo of", {"until": ["\n"]}, {"visual": [photo.copy()]}),  # another object, same pixels: same key
+        ("no image", {"until": []}),
+    ]
+    want = [hash_args("generate_until", args) for args in requests]
+    encoded = []
+    real = lm_eval.utils.convert_pil_to_hash
+    monkeypatch.setattr(lm_eval.utils, "convert_pil_to_hash", lambda image: encoded.append(image) or real(image))
+    got = [request_hash("generate_until", args) for args in requests] + [request_hash("generate_until", requests[0])]
+    assert got[:4] == want and got[4] == want[0] == want[2] and len(set(want)) == 3
+    assert len(encoded) == 3  # photo, rgba, the copy: each once
