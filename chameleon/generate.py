@@ -600,7 +600,10 @@ class _GreedyGraphs:
     one graph launch: a call of a reduce-overhead step first checks its hundreds of inputs
     (~0.15 ms per token between replays on an H200, RESULTS.md run 3), and one graph may hold
     several steps. A graph reads and writes the addresses it was captured with, so it is kept
-    on the model for as long as the cache, the state and the weights are the tensors it saw."""
+    on the model for as long as the cache, the state and the weights are the tensors it saw,
+    and the global state dynamo guards on (grad mode, TF32, deterministic algorithms...) is
+    the one its warm-up compiled under: a replay checks no guard, and a capture must not
+    recompile (compilation cannot run inside a capture)."""
 
     WARM_UP_STEPS = 3  # uncaptured steps first: compilation, autotuning, lazy library set-up
 
@@ -608,6 +611,10 @@ class _GreedyGraphs:
         self.key, self.step, self.cache, self.state = key, step, cache, state
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.warm = 0
+        self.device = cache.valid.device
+        self.global_state = torch._C._dynamo.guards.GlobalStateGuard()
+        with torch.cuda.device(self.device):  # (the model's GPU, which need not be the current one)
+            self.stream = torch.cuda.Stream()  # warm-up and capture, off the current stream
         self.pool = torch.cuda.graph_pool_handle()  # graphs run one at a time: they share a pool
 
     @staticmethod
@@ -616,7 +623,7 @@ class _GreedyGraphs:
         tensors = [*transformer.parameters(), *(f.tensor for f in transformer.fused_tensors()), *cache.tensors(), *vars(state).values()]
         key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors)
         graphs = getattr(transformer, "_greedy_graphs", None)
-        if graphs is None or graphs.key != key or graphs.cache is not cache or graphs.state is not state:
+        if graphs is None or graphs.key != key or graphs.cache is not cache or graphs.state is not state or not graphs.global_state.check():
             transformer._greedy_graphs = None  # free the old graphs' memory first
             graphs = transformer._greedy_graphs = _GreedyGraphs(key, step, cache, state)
         return graphs
@@ -624,23 +631,33 @@ class _GreedyGraphs:
     def run(self, first_slot: int, n: int) -> None:
         graph = self.graphs.get(n)
         if graph is not None:
+            graph.replay()  # (on the current stream of the device it was captured on)
+            return
+        with torch.cuda.device(self.device):
+            if self.warm < self.WARM_UP_STEPS:  # on a side stream, as CUDA graph capture wants
+                self.stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.stream):
+                    for _ in range(n):
+                        self.step(self.cache, self.state)
+                torch.cuda.current_stream().wait_stream(self.stream)
+                self.warm += n
+                return
+            graph = torch.cuda.CUDAGraph()
+            # cuBLAS keeps one workspace per (handle, stream) in a process-wide map, and a captured
+            # GEMM embeds its address. Emptied before the capture, the map gets a workspace for it
+            # from this graph's pool, which lives as long as the graph does; emptied after, no other
+            # capture or eager call inherits it, and no other graph's reset (which drops its capture
+            # stream's entries) or reduce-overhead recording (which empties the map) frees memory
+            # this graph still uses. Inductor's CUDA graph trees do the same (clear_cublas_manager).
+            torch._C._cuda_clearCublasWorkspaces()
+            try:
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                    for _ in range(n):  # recorded, not run
+                        self.step(self.cache, self.state)
+            finally:
+                torch._C._cuda_clearCublasWorkspaces()
+            self.graphs[n] = graph
             graph.replay()
-            return
-        if self.warm < self.WARM_UP_STEPS:  # on a side stream, as CUDA graph capture wants
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(n):
-                    self.step(self.cache, self.state)
-            torch.cuda.current_stream().wait_stream(side)
-            self.warm += n
-            return
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            for _ in range(n):  # recorded, not run
-                self.step(self.cache, self.state)
-        self.graphs[n] = graph
-        graph.replay()
 
 
 def _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress) -> list[list[int]]:

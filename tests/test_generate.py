@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import replace
 
@@ -407,6 +408,89 @@ def test_compiled_greedy_steps_in_calls_of_several(tiny_model, graph_steps, monk
     assert len(eager[0]) == opts["max_new_tokens"] and generate(short, prompt, GenerationOptions(compile=True, graph_steps=graph_steps, **opts)) == eager
     with pytest.raises(InputError, match="graph_steps must be >= 1"):
         GenerationOptions(graph_steps=0)
+
+
+class _FakeGraph:
+    """A CUDA graph emulated on CPU (see below): replay runs the steps recorded in its capture."""
+
+    def __init__(self):
+        self.steps = None
+
+    def replay(self):
+        self.steps()
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.mark.parametrize("graph_steps", [1, 6])
+def test_greedy_graphs_bookkeeping_with_emulated_cuda_graphs(tiny_model, graph_steps, monkeypatch):
+    """`_GreedyGraphs` on CPU, with torch's CUDA graph API emulated: a capture records the steps
+    without running them (the tensors they write are restored after it), a replay runs them.
+    Warm-up steps, captures (one per size, the cuBLAS workspaces emptied before and after each),
+    replays and the reuse of graphs across calls give the eager tokens; graphs are captured anew
+    for another cache, and after a change of the global state dynamo guards on."""
+    events = []
+
+    @contextlib.contextmanager
+    def capture(graph, pool=None, stream=None, capture_error_mode="global"):
+        graphs = tiny_model.transformer._greedy_graphs
+        tensors = [*graphs.cache.tensors(), *vars(graphs.state).values()]
+        before = [t.clone() for t in tensors]
+        step, calls = graphs.step, []
+        graphs.step = lambda cache, state: calls.append((cache, state))
+        events.append("capture")
+        try:
+            yield
+        finally:
+            graphs.step = step
+            for t, b in zip(tensors, before):  # recorded, not run
+                t.copy_(b)
+            graph.steps = lambda: [step(*c) for c in calls]
+            events.append(f"captured {len(calls)}")
+
+    monkeypatch.setattr(generate_module, "_host_look_every", lambda device: 16)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: events.append("clear"), raising=False)
+    plain = generate_module._greedy_steps
+    monkeypatch.setattr(generate_module, "_greedy_steps", lambda transformer, cache, state, n: (
+        generate_module._GreedyGraphs.of(transformer, cache, state).run if n else plain(transformer, cache, state, n)))
+
+    tok = tiny_model.tokenizer
+    prompts = [tiny_model.encode_prompt(p) for p in PROMPTS]
+    opts = dict(max_new_tokens=39, logit_bias={tok.eos_id: -1e9, tok.eot_id: -1e9})
+    eager = generate(tiny_model, prompts, GenerationOptions(**opts))
+    graphed = GenerationOptions(compile=True, graph_steps=graph_steps, **opts)
+    tiny_model.transformer._greedy_graphs = None
+    assert generate(tiny_model, prompts, graphed) == eager
+    graphs = tiny_model.transformer._greedy_graphs
+    # 38 steps: warm-up (3 calls of 1, or 1 call of 6), then calls of N while they fit, then of 1.
+    sizes = {graph_steps, 1}
+    assert set(graphs.graphs) == sizes and events == ["clear", "capture", f"captured {graph_steps}", "clear"] + (
+        ["clear", "capture", "captured 1", "clear"] if graph_steps > 1 else [])
+    assert graphs.warm == (3 if graph_steps == 1 else graph_steps)
+    captured, events[:] = dict(graphs.graphs), []
+    assert generate(tiny_model, prompts, graphed) == eager  # replays only
+    assert tiny_model.transformer._greedy_graphs is graphs and graphs.graphs == captured and events == []
+    assert generate(tiny_model, prompts[:1], graphed) == [generate(tiny_model, prompts[:1], GenerationOptions(**opts))[0]]
+    assert tiny_model.transformer._greedy_graphs is not graphs and "capture" in events  # another cache: captured anew
+    graphs = tiny_model.transformer._greedy_graphs
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = not tf32
+    try:
+        assert generate(tiny_model, prompts[:1], graphed) == [generate(tiny_model, prompts[:1], GenerationOptions(**opts))[0]]
+        assert tiny_model.transformer._greedy_graphs is not graphs  # not replayed under another global state
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        tiny_model.transformer._greedy_graphs = None
 
 
 def test_compiled_generation_reuses_its_cache(tiny_model):
