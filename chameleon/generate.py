@@ -586,8 +586,14 @@ def _greedy_steps(transformer, cache, state: _TextState, graph_steps: int | None
     if graph_steps is not None and cache.valid.is_cuda:
         return _GreedyGraphs.of(transformer, cache, state).run
     compiled = _compiled_greedy_step(transformer, cache)
+    first = True
 
     def steps(first_slot: int, n: int) -> None:
+        nonlocal first
+        if first:  # (a new cache shape compiles here)
+            first, n = False, n - 1
+            with _new_shapes_allowed():
+                compiled(cache, state)
         for _ in range(n):
             compiled(cache, state)
 
@@ -636,7 +642,7 @@ class _GreedyGraphs:
         with torch.cuda.device(self.device):
             if self.warm < self.WARM_UP_STEPS:  # on a side stream, as CUDA graph capture wants
                 self.stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(self.stream):
+                with torch.cuda.stream(self.stream), _new_shapes_allowed():
                     for _ in range(n):
                         self.step(self.cache, self.state)
                 torch.cuda.current_stream().wait_stream(self.stream)
@@ -793,10 +799,12 @@ def _decode_step(model, use_compile: bool, weights):
     prepared: set[int] = set()
 
     def step(tokens, cur, positions, cache, spans):
-        if id(cache) not in prepared:
+        slot.fill_(cur)  # a device-side fill: unlike torch.tensor([cur], device=...), no host sync
+        if id(cache) not in prepared:  # (a new cache shape compiles here)
             _prepare_compiled(transformer, cache)
             prepared.add(id(cache))
-        slot.fill_(cur)  # a device-side fill: unlike torch.tensor([cur], device=...), no host sync
+            with _new_shapes_allowed():
+                return compiled(tokens, cache, slot, positions)
         return compiled(tokens, cache, slot, positions)
 
     return step
@@ -810,6 +818,17 @@ def _prepare_compiled(transformer, cache) -> None:
     transformer.check_fused()
     for t in [f.tensor for f in transformer.fused_tensors()] + cache.tensors():
         torch._dynamo.mark_static_address(t)
+
+
+# Compiled steps have static shapes: each cache shape (rows, slots; slots rounded up to
+# CACHE_BUCKET) is compiled once. A suite of benchmarks meets more shapes than dynamo's default
+# limit of 8 per function, past which a fullgraph compile is a hard error, not a fallback.
+RECOMPILE_LIMIT = 64
+
+
+def _new_shapes_allowed():
+    """Around a compiled step's first call on a cache (not every call: ~15 us each)."""
+    return torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit))
 
 
 def _compile_mode(transformer) -> str:

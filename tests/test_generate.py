@@ -493,6 +493,19 @@ def test_greedy_graphs_bookkeeping_with_emulated_cuda_graphs(tiny_model, graph_s
         tiny_model.transformer._greedy_graphs = None
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy step", "logits step"])
+def test_compiled_steps_compile_past_dynamos_default_limit(tiny_model, sampled):
+    """Every cache shape is compiled once; a suite meets more than dynamo's default limit of 8
+    shapes per function, past which a fullgraph compile is a hard error (the limit lowered to 2
+    here to meet it sooner). Each shape must compile, and give the eager tokens."""
+    model = random_model(preset("tiny"), TINY_VQ, seed=2)
+    prompt = model.encode_prompt(PROMPTS[0])
+    opts = dict(max_new_tokens=4, **(dict(temperature=0.9, seed=3) if sampled else {}))
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for rows in (1, 2, 3, 4):
+            assert generate(model, [prompt] * rows, GenerationOptions(compile=True, **opts)) == generate(model, [prompt] * rows, GenerationOptions(**opts))
+
+
 def test_compiled_generation_reuses_its_cache(tiny_model):
     """CUDA graphs are recorded against the cache's addresses: calls of one shape share one cache,
     and a reused cache gives the same tokens."""

@@ -140,7 +140,7 @@ def time_side_by_side(competitors, batch, prompt_len, new_tokens, device, repeat
     best, outputs = {}, {}
     for c in in_turns(competitors, repeats):
         if c.name not in best:
-            c.run(8)  # warm-up (and compile), just before its first timed run
+            c.run(new_tokens)  # warm-up (compile, capture every graph a timed run replays), just before its first timed run
             best[c.name] = {"prefill_s": float("inf"), "total_s": float("inf")}
         t1, _ = timed(lambda: c.run(1), device)
         tn, outputs[c.name] = timed(lambda: c.run(new_tokens), device)
