@@ -375,3 +375,24 @@ def test_request_hash_is_lm_evals_with_each_image_digested_once(monkeypatch):
     got = [request_hash("generate_until", args) for args in requests] + [request_hash("generate_until", requests[0])]
     assert got[:4] == want and got[4] == want[0] == want[2] and len(set(want)) == 3
     assert len(encoded) == 3  # photo, rgba, the copy: each once
+
+
+def test_images_digested_ahead_in_threads(monkeypatch):
+    """digest_images computes each distinct image's digest once, ahead, in threads; request_hash
+    then encodes nothing and gives lm-eval's key."""
+    import threading
+
+    import lm_eval.utils
+    from lm_eval.api.model import hash_args
+
+    from benchmarks.backends.base import digest_images
+
+    images = [Image.new("RGB", (64, 48), (i, 2 * i, 3 * i)) for i in range(6)]
+    requests = [(f"<image><image> {i}", {}, {"visual": [images[i], images[(i + 1) % 6]]}) for i in range(6)]
+    want = [hash_args("generate_until", r) for r in requests]
+    threads, real = set(), lm_eval.utils.convert_pil_to_hash
+    monkeypatch.setattr(lm_eval.utils, "convert_pil_to_hash", lambda im: threads.add(threading.current_thread().name) or real(im))
+    digest_images(im for r in requests for im in r[2]["visual"])
+    assert all(name != threading.main_thread().name for name in threads)
+    monkeypatch.setattr(lm_eval.utils, "convert_pil_to_hash", None)  # nothing left to encode
+    assert [request_hash("generate_until", r) for r in requests] == want

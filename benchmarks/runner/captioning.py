@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lm_eval.api.instance import Instance
 
-from benchmarks.backends.base import IMAGE_PLACEHOLDER, instance_hash, parse_gen_kwargs
+from benchmarks.backends.base import IMAGE_PLACEHOLDER, digest_images, instance_hash, parse_gen_kwargs
 from benchmarks.captioning.prompts import CaptionSettings, build_prompt, load_image, postprocess_caption, prompt_images
 from benchmarks.captioning.references import SHIPPED_COCO_IMAGES, load_references, reference_path, resolve_images
 from benchmarks.captioning.scoring import METRIC_GROUPS, METRIC_NAMES, resolve_metrics, score_captions
@@ -80,11 +80,13 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
         files = [f for f, _ in shots] + [query_file]  # prompt order
         request = Instance("generate_until", {"image_id": item.image_id, "item_id": rec["item_id"]}, (context, gen_kwargs, {"visual": images}), 0, (spec.name, n, 1))
         requests.append(request)
-        rec.update(prompt=context, request_hash=instance_hash(request),
-                   images=[{"file": display_path(f), "sha256": file_digest(f)} for f in files])
+        rec.update(prompt=context, request_hash=None, images=[{"file": display_path(f), "sha256": file_digest(f)} for f in files])
         data_files.update((f, file_digest(f)) for f in files)
         records.append(rec)
         present.append(rec)
+    digest_images(image for request in requests for image in request.args[2]["visual"])  # (the slow part of hashing)
+    for rec, request in zip(present, requests):
+        rec["request_hash"] = instance_hash(request)
     outputs = lm.generate_until(requests) if requests else []
     preds = {}
     for rec, out in zip(present, outputs):
