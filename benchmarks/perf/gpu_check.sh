@@ -20,7 +20,8 @@
 #   vs_hf_7b     decode_7b against transformers' generate (default and static cache) at batch 1 and 4
 #   tuned_7b     decode_7b with inductor's coordinate-descent tuning of its generated kernels (as
 #                gpt-fast compiles): measured once, 62.7% vs 72.4% of roofline, so not adopted
-#   profile_7b   the kernels of 16 greedy decode steps (about a minute)
+#   profile_7b   the kernels of 16 greedy decode steps (about a minute); PROFILE_ARGS="--graph-steps 16
+#                --profile 48" profiles replays of captured 16-step graphs instead
 #   text_loop_7b greedy text with stop strings (lm-eval's generate_until), sampled text and an
 #                interleaved image: device loops vs the per-row loop
 #   unfused_7b   ablation (measured once: 62.9% vs 71.9% of roofline): batch 1 with q/k/v and
@@ -48,15 +49,15 @@ stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in 
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/run.txt"
-stage cuda_tests "${CUDA_TESTS_S:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-stage decode_7b "${DECODE_S:-120}" $DECODE --batches 1 --no-hf --json "$OUT/decode_7b.json"
-stage graphs_7b "${GRAPHS_S:-120}" $DECODE --batches 1 --no-hf --graph-steps 16 --json "$OUT/graphs_7b.json"
-stage graphs_math_7b "${GRAPHS_S:-120}" $DECODE --batches 1 --no-hf --graph-steps 16 --sdpa-backend math --json "$OUT/graphs_math_7b.json"
+stage cuda_tests "${CUDA_TESTS_S:-110}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+stage decode_7b "${DECODE_S:-150}" $DECODE --batches 1 --no-hf --json "$OUT/decode_7b.json"
+stage graphs_7b "${GRAPHS_S:-150}" $DECODE --batches 1 --no-hf --graph-steps 16 --json "$OUT/graphs_7b.json"
+stage graphs_math_7b "${GRAPHS_MATH_S:-130}" $DECODE --batches 1 --no-hf --graph-steps 16 --sdpa-backend math --json "$OUT/graphs_math_7b.json"
 stage image_7b "${IMAGE_S:-150}" $DECODE --batches 1 --no-hf --new-tokens 8 --image --json "$OUT/image_7b.json"
 stage attn_math_7b "${ATTN_S:-120}" $DECODE --batches 1 --no-hf --sdpa-backend math --json "$OUT/attn_math_7b.json"
 stage attn_efficient_7b "${ATTN_S:-120}" $DECODE --batches 1 --no-hf --sdpa-backend efficient --json "$OUT/attn_efficient_7b.json"
 stage vs_hf_7b "${VS_HF_S:-150}" $DECODE --batches "${VS_HF_BATCHES:-1,4}" --json "$OUT/vs_hf_7b.json"
 stage tuned_7b "${TUNED_S:-140}" env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $DECODE --batches 1 --no-hf --json "$OUT/tuned_7b.json"
-stage profile_7b "${PROFILE_S:-60}" $DECODE --batches 1 --no-hf --new-tokens 32 --profile 16
+stage profile_7b "${PROFILE_S:-60}" $DECODE --batches 1 --no-hf --new-tokens 32 --profile 16 ${PROFILE_ARGS:-}
 stage text_loop_7b "${TEXT_LOOP_S:-200}" python3 benchmarks/perf/text_loop.py ${TEXT_LOOP_ARGS:---preset 7B --device cuda} --batches 1,8 --repeats 2
 stage unfused_7b "${UNFUSED_S:-75}" $DECODE --batches 1 --no-hf --no-fuse
