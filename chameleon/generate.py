@@ -553,7 +553,7 @@ def _text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos,
 
 def _compiled_greedy_state(transformer, cache, vocab: int) -> _TextState:
     state = getattr(transformer, "_greedy_state", None)
-    if state is None or state.out.shape != (cache.batch_size, cache.max_seq_len) or state.out.device != cache.valid.device:
+    if state is None or state.out.shape != (cache.batch_size, cache.max_seq_len) or state.out.device != cache.valid.device or not _writable(state.out):
         state = transformer._greedy_state = _TextState(cache.batch_size, cache.max_seq_len, vocab, cache.valid.device)
         for t in vars(state).values():  # updated in place by the graph
             torch._dynamo.mark_static_address(t)
@@ -750,6 +750,13 @@ def _image_block(block, logits, rows, n_prompts, guided, opts, tok, image_ids, c
     return logits, [p + block * (i in fed_set) for i, p in enumerate(next_pos)]
 
 
+def _writable(t: torch.Tensor) -> bool:
+    """Whether generation may update a tensor kept on the model in place: not one made under
+    torch.inference_mode() when it runs outside (an in-place update of an inference tensor outside
+    inference mode is an error)."""
+    return not t.is_inference() or torch.is_inference_mode_enabled()
+
+
 def _reusable_cache(transformer, n_rows: int, total: int):
     """The KV cache for compiled steps, kept on the model and reused while its shape fits. A CUDA
     graph is recorded against its inputs' addresses: a fresh cache per call would make torch
@@ -757,7 +764,7 @@ def _reusable_cache(transformer, n_rows: int, total: int):
     keeps its last cache, and one model runs one compiled generation at a time."""
     cache = getattr(transformer, "_decode_cache", None)
     dtype, device = transformer.output.weight.dtype, transformer.output.weight.device
-    if cache is not None and (cache.batch_size, cache.max_seq_len, cache.k[0].dtype, cache.k[0].device) == (n_rows, total, dtype, device):
+    if cache is not None and (cache.batch_size, cache.max_seq_len, cache.k[0].dtype, cache.k[0].device) == (n_rows, total, dtype, device) and _writable(cache.valid):
         cache.valid.zero_()
         return cache
     transformer._decode_cache = transformer._greedy_graphs = None  # free the old one (and graphs using it) before allocating

@@ -517,6 +517,22 @@ def test_compiled_generation_reuses_its_cache(tiny_model):
     assert tiny_model.transformer._decode_cache is cache
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_compiled_generation_after_one_in_inference_mode(tiny_model, sampled):
+    """The cache (and greedy state) kept on the model by a compiled generation run under
+    torch.inference_mode() are inference tensors: a later generation outside it must not update
+    them in place (an error), and gives the eager tokens; so does one inside it again."""
+    prompts = [tiny_model.encode_prompt(p) for p in PROMPTS[:2]]
+    opts = dict(max_new_tokens=6, **(dict(temperature=0.9, seed=3) if sampled else {}))
+    eager = generate(tiny_model, prompts, GenerationOptions(**opts))
+    compiled = GenerationOptions(compile=True, **opts)
+    with torch.inference_mode():
+        assert generate(tiny_model, prompts, compiled) == eager
+    assert generate(tiny_model, prompts, compiled) == eager
+    with torch.inference_mode():
+        assert generate(tiny_model, prompts, compiled) == eager
+
+
 @pytest.mark.parametrize("mode", ["image", "interleaved"])
 def test_guided_batches_equal_one_by_one(tiny_model, mode):
     """Rows of one batch may be in different phases (text, image, done): each is computed as if alone."""
