@@ -829,13 +829,22 @@ def _prepare_compiled(transformer, cache) -> None:
 
 # Compiled steps have static shapes: each cache shape (rows, slots; slots rounded up to
 # CACHE_BUCKET) is compiled once. A suite of benchmarks meets more shapes than dynamo's default
-# limit of 8 per function, past which a fullgraph compile is a hard error, not a fallback.
-RECOMPILE_LIMIT = 64
+# limit of 8 per function, past which a fullgraph compile is a hard error, not a fallback. Rows
+# take every value up to the batch size (batch remainders, maj@k groups, shards, resumed chunks;
+# 3 rows a prompt in guided image generation) and slots up to max_seq_len / CACHE_BUCKET values,
+# so a long run can meet more than 64 shapes (a limit of 64 failed on the 65th). The first call
+# on a cache, which compiles at most one new shape, therefore runs with both of dynamo's limits
+# raised to this: the per-function one, and the one over the process (each model's step is a
+# closure of one shared code object, so every model's shapes count there). Later calls keep
+# dynamo's limits: a step that recompiled on every call would still fail.
+RECOMPILE_LIMIT = 4096
 
 
 def _new_shapes_allowed():
     """Around a compiled step's first call on a cache (not every call: ~15 us each)."""
-    return torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit))
+    config = torch._dynamo.config
+    return config.patch(recompile_limit=max(RECOMPILE_LIMIT, config.recompile_limit),
+                        accumulated_recompile_limit=max(RECOMPILE_LIMIT, config.accumulated_recompile_limit))
 
 
 def _compile_mode(transformer) -> str:

@@ -506,6 +506,20 @@ def test_compiled_steps_compile_past_dynamos_default_limit(tiny_model, sampled):
             assert generate(model, [prompt] * rows, GenerationOptions(compile=True, **opts)) == generate(model, [prompt] * rows, GenerationOptions(**opts))
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy step", "logits step"])
+def test_compiled_steps_compile_past_dynamos_process_wide_limit(tiny_model, sampled):
+    """Dynamo also caps the compilations of one code object over the process (256 by default),
+    and every model's compiled step shares its code object: a new shape must compile past that
+    cap too (lowered to 2 here), with the per-function limit lowered as well, and give the eager
+    tokens (a fixed raised limit of 64 failed on the 65th shape of one model)."""
+    model = random_model(preset("tiny"), TINY_VQ, seed=4)
+    prompt = model.encode_prompt(PROMPTS[1])
+    opts = dict(max_new_tokens=3, **(dict(temperature=0.9, seed=3) if sampled else {}))
+    with torch._dynamo.config.patch(recompile_limit=1, accumulated_recompile_limit=2):
+        for rows in (1, 2, 3, 4):
+            assert generate(model, [prompt] * rows, GenerationOptions(compile=True, **opts)) == generate(model, [prompt] * rows, GenerationOptions(**opts))
+
+
 def test_compiled_generation_reuses_its_cache(tiny_model):
     """CUDA graphs are recorded against the cache's addresses: calls of one shape share one cache,
     and a reused cache gives the same tokens."""
