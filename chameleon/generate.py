@@ -20,6 +20,7 @@ import torch
 
 from chameleon.config import as_real
 from chameleon.errors import InputError
+from chameleon.model import KVCache
 from chameleon.sampling import apply_repetition_penalty, pick_rows, sample
 
 MODES = ("text", "image", "interleaved")
@@ -552,9 +553,14 @@ def _text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos,
 
 
 def _compiled_greedy_state(transformer, cache, vocab: int) -> _TextState:
-    state = getattr(transformer, "_greedy_state", None)
-    if state is None or state.out.shape != (cache.batch_size, cache.max_seq_len) or state.out.device != cache.valid.device or not _writable(state.out):
-        state = transformer._greedy_state = _TextState(cache.batch_size, cache.max_seq_len, vocab, cache.valid.device)
+    """The state of the compiled greedy step for this cache's shape, kept on the model per shape
+    (small: a token per slot and row), so that a shape seen before gets its addresses back (as
+    the cache does, see `_reusable_cache`)."""
+    states = transformer.__dict__.setdefault("_greedy_states", {})
+    key = (cache.batch_size, cache.max_seq_len, vocab, cache.valid.device)
+    state = states.get(key)
+    if state is None or not _writable(state.out):
+        state = states[key] = _TextState(cache.batch_size, cache.max_seq_len, vocab, cache.valid.device)
         for t in vars(state).values():  # updated in place by the graph
             torch._dynamo.mark_static_address(t)
     return state
@@ -758,18 +764,47 @@ def _writable(t: torch.Tensor) -> bool:
 
 
 def _reusable_cache(transformer, n_rows: int, total: int):
-    """The KV cache for compiled steps, kept on the model and reused while its shape fits. A CUDA
-    graph is recorded against its inputs' addresses: a fresh cache per call would make torch
-    re-record the graphs in every call (and stop using them past a limit). The price: the model
-    keeps its last cache, and one model runs one compiled generation at a time."""
-    cache = getattr(transformer, "_decode_cache", None)
+    """The KV cache for compiled steps. A CUDA graph is recorded against its inputs' addresses,
+    and torch.compile's graph trees keep every recording and check them in turn at each call: a
+    cache at new addresses in each call would add a recording per call. So every cache is a view
+    at the start of buffers kept on the model (`_CacheStore`), which grow to the largest shape
+    asked for: a shape seen before gets its addresses back, however shapes alternate between
+    calls (batch remainders, maj@k groups, prompt lengths). The price: the model keeps buffers of
+    its largest cache, and one model runs one compiled generation at a time."""
     dtype, device = transformer.output.weight.dtype, transformer.output.weight.device
-    if cache is not None and (cache.batch_size, cache.max_seq_len, cache.k[0].dtype, cache.k[0].device) == (n_rows, total, dtype, device) and _writable(cache.valid):
+    store = getattr(transformer, "_cache_store", None)
+    if store is None or not store.holds(n_rows * total, dtype, device):
+        size = max(n_rows * total, store.size if store is not None and store.dtype == dtype else 0)
+        transformer._cache_store = transformer._greedy_graphs = None  # free the old buffers (and graphs using them) first
+        store = transformer._cache_store = _CacheStore(transformer.args, size, dtype, device)
+    return store.cache(n_rows, total)
+
+
+class _CacheStore:
+    """Flat buffers behind the compiled path's caches (see `_reusable_cache`): keys and values per
+    layer, and `valid`; each shape's cache is a view at their start, made once and kept."""
+
+    def __init__(self, args, size: int, dtype: torch.dtype, device: torch.device):
+        self.args, self.size, self.dtype, self.device = args, size, dtype, device
+        per_slot = args.kv_heads * args.head_dim
+        self.k = [torch.zeros(size * per_slot, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(size * per_slot, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.valid = torch.zeros(size, dtype=torch.bool, device=device)
+        self.caches: dict[tuple[int, int], KVCache] = {}
+
+    def holds(self, slots: int, dtype: torch.dtype, device: torch.device) -> bool:
+        return slots <= self.size and (dtype, device) == (self.dtype, self.device) and _writable(self.valid)
+
+    def cache(self, n_rows: int, total: int) -> KVCache:
+        cache = self.caches.get((n_rows, total))
+        if cache is None:
+            shape, n = (n_rows, self.args.kv_heads, total, self.args.head_dim), n_rows * total
+            cache = self.caches[n_rows, total] = KVCache.from_tensors(
+                [k[: n * shape[1] * shape[3]].view(shape) for k in self.k],
+                [v[: n * shape[1] * shape[3]].view(shape) for v in self.v],
+                self.valid[:n].view(n_rows, total))
         cache.valid.zero_()
         return cache
-    transformer._decode_cache = transformer._greedy_graphs = None  # free the old one (and graphs using it) before allocating
-    transformer._decode_cache = transformer.new_cache(n_rows, total)
-    return transformer._decode_cache
 
 
 def _spans_holding(spans: list[tuple[int, int]], ids: dict[str, torch.Tensor]):

@@ -306,6 +306,15 @@ class KVCache(nn.Module):
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.register_buffer("valid", torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device), persistent=False)
 
+    @classmethod
+    def from_tensors(cls, k: list[torch.Tensor], v: list[torch.Tensor], valid: torch.Tensor) -> "KVCache":
+        """A cache over given tensors (e.g. views of larger buffers), shaped as `__init__` makes them."""
+        cache = cls.__new__(cls)
+        nn.Module.__init__(cache)
+        cache.k, cache.v = list(k), list(v)
+        cache.register_buffer("valid", valid, persistent=False)
+        return cache
+
     @property
     def batch_size(self) -> int:
         return self.valid.shape[0]

@@ -521,14 +521,31 @@ def test_compiled_steps_compile_past_dynamos_process_wide_limit(tiny_model, samp
 
 
 def test_compiled_generation_reuses_its_cache(tiny_model):
-    """CUDA graphs are recorded against the cache's addresses: calls of one shape share one cache,
-    and a reused cache gives the same tokens."""
-    prompts = [tiny_model.encode_prompt(p) for p in PROMPTS[:2]]
-    opts = GenerationOptions(max_new_tokens=6, compile=True)
-    first = generate(tiny_model, prompts, opts)
-    cache = tiny_model.transformer._decode_cache
-    assert generate(tiny_model, prompts[::-1], opts) == first[::-1]
-    assert tiny_model.transformer._decode_cache is cache
+    """CUDA graphs are recorded against the cache's addresses (torch.compile's graph trees keep a
+    recording per new address): each shape's cache, and its greedy state, keep their addresses
+    however shapes alternate between calls, and reused ones give the eager tokens. A larger shape
+    grows the buffers behind them all."""
+    model = random_model(preset("tiny"), TINY_VQ, seed=5)
+    prompts = [model.encode_prompt(p) for p in PROMPTS]
+
+    def addresses():
+        cache = model.transformer._cache_store.caches
+        states = model.transformer._greedy_states
+        return ({shape: [t.data_ptr() for t in c.tensors()] for shape, c in cache.items()},
+                {key[:2]: [t.data_ptr() for t in vars(s).values()] for key, s in states.items()})
+
+    seen = None
+    for rows, n in [(2, 6), (1, 6), (2, 5), (1, 300), (2, 6), (1, 300), (1, 6)]:  # 300: a second slot bucket
+        opts = dict(max_new_tokens=n, logit_bias={model.tokenizer.eos_id: -1e9})
+        assert generate(model, prompts[:rows], GenerationOptions(compile=True, **opts)) == generate(model, prompts[:rows], GenerationOptions(**opts))
+        now = addresses()
+        if seen is not None:
+            assert all(now[i][shape] == seen[i][shape] for i in (0, 1) for shape in seen[i])  # kept, not moved
+        seen = now
+    assert set(seen[0]) == {(2, 256), (1, 256), (1, 512)} == set(seen[1])
+    store = model.transformer._cache_store
+    generate(model, prompts, GenerationOptions(max_new_tokens=300, compile=True))  # 3 x 512 slots: more than the buffers hold
+    assert model.transformer._cache_store is not store and model.transformer._cache_store.size == 3 * 512
 
 
 @pytest.mark.parametrize("sampled", [False, True])
