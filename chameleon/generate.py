@@ -775,7 +775,9 @@ def _reusable_cache(transformer, n_rows: int, total: int):
     store = getattr(transformer, "_cache_store", None)
     if store is None or not store.holds(n_rows * total, dtype, device):
         size = max(n_rows * total, store.size if store is not None and store.dtype == dtype else 0)
-        transformer._cache_store = transformer._greedy_graphs = None  # free the old buffers (and graphs using them) first
+        # Free the old buffers (and the graphs using them) before allocating: this local name
+        # held them too, so the old and the new buffers would have been alive at once.
+        store = transformer._cache_store = transformer._greedy_graphs = None
         store = transformer._cache_store = _CacheStore(transformer.args, size, dtype, device)
     return store.cache(n_rows, total)
 
@@ -878,8 +880,11 @@ RECOMPILE_LIMIT = 4096
 def _new_shapes_allowed():
     """Around a compiled step's first call on a cache (not every call: ~15 us each)."""
     config = torch._dynamo.config
-    return config.patch(recompile_limit=max(RECOMPILE_LIMIT, config.recompile_limit),
-                        accumulated_recompile_limit=max(RECOMPILE_LIMIT, config.accumulated_recompile_limit))
+    # torch < 2.7 names the limits cache_size_limit and accumulated_cache_size_limit (later
+    # versions keep those as aliases of the recompile_limit names)
+    names = ("recompile_limit", "accumulated_recompile_limit") if hasattr(config, "recompile_limit") \
+        else ("cache_size_limit", "accumulated_cache_size_limit")
+    return config.patch(**{name: max(RECOMPILE_LIMIT, getattr(config, name)) for name in names})
 
 
 def _compile_mode(transformer) -> str:

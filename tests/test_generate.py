@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -546,6 +547,51 @@ def test_compiled_generation_reuses_its_cache(tiny_model):
     store = model.transformer._cache_store
     generate(model, prompts, GenerationOptions(max_new_tokens=300, compile=True))  # 3 x 512 slots: more than the buffers hold
     assert model.transformer._cache_store is not store and model.transformer._cache_store.size == 3 * 512
+
+
+def test_cache_buffers_freed_before_new_ones_are_allocated(monkeypatch):
+    """A cache store replaced (a larger shape; or buffers made under torch.inference_mode(), met
+    outside it) is freed before its successor is allocated: a 7B cache is tens of GB, and both at
+    once would double the peak."""
+    model = random_model(preset("tiny"), TINY_VQ, seed=6)
+    transformer, alive = model.transformer, []
+    init = generate_module._CacheStore.__init__
+
+    def tracked_init(self, *args, **kwargs):
+        alive.append([ref() is not None for ref in refs])
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(generate_module._CacheStore, "__init__", tracked_init)
+    refs = []
+    generate_module._reusable_cache(transformer, 1, 256)
+    refs = [weakref.ref(t) for t in transformer._cache_store.k]
+    generate_module._reusable_cache(transformer, 2, 256)  # grows
+    with torch.inference_mode():
+        refs = [weakref.ref(t) for t in transformer._cache_store.k]
+        generate_module._reusable_cache(transformer, 3, 256)  # grows, inference tensors
+    refs = [weakref.ref(t) for t in transformer._cache_store.k]
+    generate_module._reusable_cache(transformer, 3, 256)  # outside: not writable, allocated afresh
+    assert alive == [[], [False, False], [False, False], [False, False]]
+
+
+def test_new_shapes_allowed_under_torchs_older_limit_names(monkeypatch):
+    """torch < 2.7 (README allows 2.5.1) names dynamo's limits cache_size_limit and
+    accumulated_cache_size_limit, and has no recompile_limit: the first call on a cache must not
+    fail there, and raises those."""
+    patched = {}
+
+    class OldConfig:
+        cache_size_limit, accumulated_cache_size_limit = 8, 5000
+
+        @staticmethod
+        def patch(**changes):
+            patched.update(changes)
+            return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch._dynamo, "config", OldConfig)
+    with generate_module._new_shapes_allowed():
+        pass
+    assert patched == {"cache_size_limit": generate_module.RECOMPILE_LIMIT, "accumulated_cache_size_limit": 5000}
 
 
 @pytest.mark.parametrize("sampled", [False, True])
