@@ -402,8 +402,8 @@ def _ends_in_stop_string(tokens: list[int], strings: tuple[str, ...], decode) ->
 class _TextState:
     """What the device text loop reads and updates in place: each row's next input token, its RoPE
     position and slot, whether it ended, and its tokens so far by slot (pad once it ended). The
-    compiled greedy step keeps one on the model, like the cache: CUDA graphs are recorded against
-    addresses."""
+    compiled greedy step keeps one per cache shape on the model, like the caches: CUDA graphs are
+    recorded against addresses (`_compiled_greedy_state`)."""
 
     def __init__(self, n_rows: int, n_slots: int, vocab: int, device):
         def zeros(*shape, dtype=torch.long):
