@@ -380,7 +380,11 @@ def test_one_process_failing_stops_the_other_with_a_short_error(tiny_hf, tmp_pat
                               cwd=REPO, stderr=subprocess.PIPE, text=True,
                               env={**ENV, "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
              for r in (0, 1)]
-    errors = [p.communicate(timeout=120)[1] for p in procs]
+    try:
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+    finally:  # (a hang fails the test; it must not leave the processes behind)
+        for p in procs:
+            p.kill()
     # -6: once in a while gloo aborts in its teardown at exit, after the error was printed
     assert all(p.returncode in (2, -6) for p in procs), ([p.returncode for p in procs], errors)
     assert f"error: --out {out}: cannot read or write {out}/cache/rank1.jsonl (No such file or directory)" in errors[1]

@@ -21,7 +21,7 @@
 #   tuned_7b     decode_7b with inductor's coordinate-descent tuning of its generated kernels (as
 #                gpt-fast compiles): measured once, 62.7% vs 72.4% of roofline, so not adopted
 #   profile_7b   the kernels of 16 greedy decode steps (about a minute); PROFILE_ARGS="--graph-steps 16
-#                --profile 48" profiles replays of captured 16-step graphs instead
+#                --profile 49" profiles 3 replays of a captured 16-step graph instead
 #   text_loop_7b greedy text with stop strings (lm-eval's generate_until), sampled text and an
 #                interleaved image: device loops vs the per-row loop
 #   unfused_7b   ablation (measured once: 62.9% vs 71.9% of roofline): batch 1 with q/k/v and
