@@ -12,6 +12,7 @@ serves all of them.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -780,6 +781,16 @@ def _reusable_cache(transformer, n_rows: int, total: int):
         store = transformer._cache_store = transformer._greedy_graphs = None
         store = transformer._cache_store = _CacheStore(transformer.args, size, dtype, device)
     return store.cache(n_rows, total)
+
+
+def free_generation_buffers(model) -> None:
+    """Free what compiled generation keeps on a model between calls: its KV-cache buffers (as
+    large as its largest cache so far), greedy states and captured graphs. The next compiled call
+    allocates them again (and records its CUDA graphs again)."""
+    transformer = getattr(model, "transformer", model)
+    transformer._cache_store = transformer._greedy_graphs = None
+    transformer.__dict__.pop("_greedy_states", None)
+    gc.collect()  # torch.compile's tracing leaves reference cycles that reach the first call's tensors
 
 
 class _CacheStore:

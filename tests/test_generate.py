@@ -768,3 +768,20 @@ def test_repetition_penalty_counts_begin_of_image_once_an_image_is_in_context(ti
     opts = GenerationOptions(mode="interleaved", max_new_tokens=n + 4, repetition_penalty=1.2, logit_bias={tok.boi_id: 100.0})
     out = generate(tiny_model, [tiny_model.encode_prompt("Draw a cat:")], opts)[0]
     assert out[0] == tok.boi_id and out[n + 1] == tok.eoi_id and boi_seen[0] is False and boi_seen[1:] and all(boi_seen[1:])
+
+
+def test_free_generation_buffers(tiny_model):
+    """What compiled generation keeps on the model (cache buffers, greedy states) is freed on
+    request, and the next compiled call allocates it again with the same tokens."""
+    import weakref
+
+    from chameleon.generate import free_generation_buffers
+
+    prompts = [tiny_model.encode_prompt(p) for p in PROMPTS[:2]]
+    opts = GenerationOptions(max_new_tokens=5, compile=True)
+    first = generate(tiny_model, prompts, opts)
+    kept = [weakref.ref(t) for t in [*tiny_model.transformer._cache_store.k, tiny_model.transformer._cache_store.valid]]
+    kept += [weakref.ref(s.out) for s in tiny_model.transformer._greedy_states.values()]
+    free_generation_buffers(tiny_model)
+    assert all(r() is None for r in kept)
+    assert generate(tiny_model, prompts, opts) == first
