@@ -229,6 +229,7 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
     if use_compile:  # a compiled step has static shapes: round the cache up so calls share graphs
         total = max(total, min(args.max_seq_len, -(-total // CACHE_BUCKET) * CACHE_BUCKET))
         cache = _reusable_cache(model.transformer, n_rows, total)
+        _prepare_compiled(model.transformer, cache)  # once, before any compiled step
     else:
         cache = model.new_cache(n_rows, total)
 
@@ -515,11 +516,10 @@ def _text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos,
     n_rows, device = logits.shape[0], logits.device
     if budget == 0:  # (a compiled cache may hold no slot for a first token)
         return [[] for _ in range(n_rows)]
-    chunk = 1
+    chunk = graph_steps or 1  # (given with the compiled greedy step only)
     if step_fn is None:
         state = _compiled_greedy_state(model.transformer, cache, logits.shape[-1])
         steps = _greedy_steps(model.transformer, cache, state, graph_steps)
-        chunk = graph_steps or 1
     else:
         state = _TextState(n_rows, cache.max_seq_len, logits.shape[-1], device)
 
@@ -567,11 +567,9 @@ def _compiled_greedy_state(transformer, cache, vocab: int) -> _TextState:
     return state
 
 
-def _compiled_greedy_step(transformer, cache, mode: str | None = None):
+def _compiled_greedy_step(transformer, mode: str | None = None):
     """The compiled greedy step for this model (see `_text_loop`): mark the input's slot
-    valid, run it, advance. Like `_decode_step`, it checks the fused tensors first. One per
-    compile mode, kept on the model; `_compile_mode`'s by default."""
-    _prepare_compiled(transformer, cache)
+    valid, run it, advance. One per compile mode, kept on the model; `_compile_mode`'s by default."""
     mode = mode or _compile_mode(transformer)
     compiled = getattr(transformer, "_compiled_greedy", None)
     if compiled is None:
@@ -592,15 +590,9 @@ def _greedy_steps(transformer, cache, state: _TextState, graph_steps: int | None
     call of the compiled step (CUDA graphs of one step by torch.compile's reduce-overhead mode)."""
     if graph_steps is not None and cache.valid.is_cuda:
         return _GreedyGraphs.of(transformer, cache, state).run
-    compiled = _compiled_greedy_step(transformer, cache)
-    first = True
+    compiled = _first_call_may_compile(_compiled_greedy_step(transformer))
 
     def steps(first_slot: int, n: int) -> None:
-        nonlocal first
-        if first:  # (a new cache shape compiles here)
-            first, n = False, n - 1
-            with _new_shapes_allowed():
-                compiled(cache, state)
         for _ in range(n):
             compiled(cache, state)
 
@@ -632,7 +624,7 @@ class _GreedyGraphs:
 
     @staticmethod
     def of(transformer, cache, state: _TextState) -> "_GreedyGraphs":
-        step = _compiled_greedy_step(transformer, cache, mode="default")  # (checks the fused tensors)
+        step = _compiled_greedy_step(transformer, mode="default")
         tensors = [*transformer.parameters(), *(f.tensor for f in transformer.fused_tensors()), *cache.tensors(), *vars(state).values()]
         key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors)
         graphs = getattr(transformer, "_greedy_graphs", None)
@@ -798,24 +790,22 @@ class _CacheStore:
     layer, and `valid`; each shape's cache is a view at their start, made once and kept."""
 
     def __init__(self, args, size: int, dtype: torch.dtype, device: torch.device):
-        self.args, self.size, self.dtype, self.device = args, size, dtype, device
-        per_slot = args.kv_heads * args.head_dim
-        self.k = [torch.zeros(size * per_slot, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(size * per_slot, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.args, self.size, self.dtype, self.device = args, size, dtype, device  # size: rows x slots
+        self.per_slot = args.kv_heads * args.head_dim
+        self.k = [torch.zeros(size * self.per_slot, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(size * self.per_slot, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.valid = torch.zeros(size, dtype=torch.bool, device=device)
         self.caches: dict[tuple[int, int], KVCache] = {}
 
-    def holds(self, slots: int, dtype: torch.dtype, device: torch.device) -> bool:
-        return slots <= self.size and (dtype, device) == (self.dtype, self.device) and _writable(self.valid)
+    def holds(self, size: int, dtype: torch.dtype, device: torch.device) -> bool:
+        return size <= self.size and (dtype, device) == (self.dtype, self.device) and _writable(self.valid)
 
     def cache(self, n_rows: int, total: int) -> KVCache:
         cache = self.caches.get((n_rows, total))
         if cache is None:
-            shape, n = (n_rows, self.args.kv_heads, total, self.args.head_dim), n_rows * total
+            shape, n = (n_rows, self.args.kv_heads, total, self.args.head_dim), n_rows * total * self.per_slot
             cache = self.caches[n_rows, total] = KVCache.from_tensors(
-                [k[: n * shape[1] * shape[3]].view(shape) for k in self.k],
-                [v[: n * shape[1] * shape[3]].view(shape) for v in self.v],
-                self.valid[:n].view(n_rows, total))
+                [k[:n].view(shape) for k in self.k], [v[:n].view(shape) for v in self.v], self.valid[: n_rows * total].view(n_rows, total))
         cache.valid.zero_()
         return cache
 
@@ -849,24 +839,18 @@ def _decode_step(model, use_compile: bool, weights):
 
     if not use_compile:
         return eager
-    compiled = _compiled_step(transformer)
+    compiled = _first_call_may_compile(_compiled_step(transformer))
     slot = torch.zeros(1, dtype=torch.long, device=model.device)
-    prepared: set[int] = set()
 
     def step(tokens, cur, positions, cache, spans):
         slot.fill_(cur)  # a device-side fill: unlike torch.tensor([cur], device=...), no host sync
-        if id(cache) not in prepared:  # (a new cache shape compiles here)
-            _prepare_compiled(transformer, cache)
-            prepared.add(id(cache))
-            with _new_shapes_allowed():
-                return compiled(tokens, cache, slot, positions)
         return compiled(tokens, cache, slot, positions)
 
     return step
 
 
 def _prepare_compiled(transformer, cache) -> None:
-    """Before a compiled step runs in a generation: the graph cannot check that fused weights are
+    """Before the compiled steps of a generation run: the graph cannot check that fused weights are
     current (see inference_weights), so check here, once (weights do not change while
     generating). Fused tensors are not parameters and the cache is mutated in place by the graph:
     static addresses let CUDA graphs replay them instead of copying them in at every replay."""
@@ -886,6 +870,22 @@ def _prepare_compiled(transformer, cache) -> None:
 # closure of one shared code object, so every model's shapes count there). Later calls keep
 # dynamo's limits: a step that recompiled on every call would still fail.
 RECOMPILE_LIMIT = 4096
+
+
+def _first_call_may_compile(compiled):
+    """`compiled` (a step, made once per generation), its first call, where a new cache shape
+    compiles, under `_new_shapes_allowed`."""
+    first = True
+
+    def call(*args):
+        nonlocal first
+        if first:
+            first = False
+            with _new_shapes_allowed():
+                return compiled(*args)
+        return compiled(*args)
+
+    return call
 
 
 def _new_shapes_allowed():

@@ -495,32 +495,20 @@ def test_greedy_graphs_bookkeeping_with_emulated_cuda_graphs(tiny_model, graph_s
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy step", "logits step"])
-def test_compiled_steps_compile_past_dynamos_default_limit(tiny_model, sampled):
+@pytest.mark.parametrize("context, limits", [(232, dict(recompile_limit=2)), (240, dict(recompile_limit=1, accumulated_recompile_limit=2))],
+                         ids=["per-function limit", "process-wide limit"])
+def test_compiled_steps_compile_past_dynamos_limits(tiny_model, sampled, context, limits):
     """Every cache shape is compiled once; a suite meets more than dynamo's default limit of 8
-    shapes per function, past which a fullgraph compile is a hard error (the limit lowered to 2
-    here to meet it sooner). Each shape must compile, and give the eager tokens. (A context of
-    its own, 232 slots, gives shapes no other test compiles: a step compiled for another model
-    of the same shapes serves this one, and would leave nothing to compile here.)"""
-    model = random_model(replace(preset("tiny"), max_seq_len=232), TINY_VQ, seed=2)
+    shapes per function, past which a fullgraph compile is a hard error. Dynamo also caps the
+    compilations of one code object over the process (256 by default), and every model's compiled
+    step shares its code object (a fixed raised limit of 64 failed on the 65th shape of one
+    model). With each limit lowered here to meet it sooner, each shape must compile, and give the
+    eager tokens. (A context of its own gives shapes no other test compiles: a step compiled for
+    another model of the same shapes serves this one, and would leave nothing to compile here.)"""
+    model = random_model(replace(preset("tiny"), max_seq_len=context), TINY_VQ, seed=2)
     prompt = model.encode_prompt(PROMPTS[0])
     opts = dict(max_new_tokens=4, **(dict(temperature=0.9, seed=3) if sampled else {}))
-    with torch._dynamo.config.patch(recompile_limit=2):
-        for rows in (1, 2, 3, 4):
-            compiled = _compilations()
-            assert generate(model, [prompt] * rows, GenerationOptions(compile=True, **opts)) == generate(model, [prompt] * rows, GenerationOptions(**opts))
-            assert _compilations() == compiled + 1
-
-
-@pytest.mark.parametrize("sampled", [False, True], ids=["greedy step", "logits step"])
-def test_compiled_steps_compile_past_dynamos_process_wide_limit(tiny_model, sampled):
-    """Dynamo also caps the compilations of one code object over the process (256 by default),
-    and every model's compiled step shares its code object: a new shape must compile past that
-    cap too (lowered to 2 here), with the per-function limit lowered as well, and give the eager
-    tokens (a fixed raised limit of 64 failed on the 65th shape of one model)."""
-    model = random_model(replace(preset("tiny"), max_seq_len=240), TINY_VQ, seed=4)  # shapes of its own (see above)
-    prompt = model.encode_prompt(PROMPTS[1])
-    opts = dict(max_new_tokens=3, **(dict(temperature=0.9, seed=3) if sampled else {}))
-    with torch._dynamo.config.patch(recompile_limit=1, accumulated_recompile_limit=2):
+    with torch._dynamo.config.patch(**limits):
         for rows in (1, 2, 3, 4):
             compiled = _compilations()
             assert generate(model, [prompt] * rows, GenerationOptions(compile=True, **opts)) == generate(model, [prompt] * rows, GenerationOptions(**opts))

@@ -77,6 +77,9 @@ def request_hash(kind: str, args: tuple) -> str:
     return hashlib.sha256(json.dumps([kind] + list(args), default=_hash_default).encode("utf-8")).hexdigest()
 
 
+_IMAGE_DIGEST = "_chameleon_bench_request_digest"  # an image's digest, kept on the image object
+
+
 def _hash_default(obj):
     from PIL import Image
 
@@ -86,9 +89,6 @@ def _hash_default(obj):
     if digest is None:  # (PIL images are never changed in place here: loaded, then only read)
         digest = obj.__dict__[_IMAGE_DIGEST] = _multimodal_cache_default(obj)
     return digest
-
-
-_IMAGE_DIGEST = "_chameleon_bench_request_digest"
 
 
 def digest_images(images) -> None:
