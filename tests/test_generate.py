@@ -431,13 +431,17 @@ def test_greedy_graphs_bookkeeping_with_emulated_cuda_graphs(tiny_model, graph_s
     """`_GreedyGraphs` on CPU, with torch's CUDA graph API emulated: a capture records the steps
     without running them (the tensors they write are restored after it), a replay runs them.
     Warm-up steps, captures (one per size, the cuBLAS workspaces emptied before and after each),
-    replays and the reuse of graphs across calls give the eager tokens; graphs are captured anew
-    for another cache, and after a change of the global state dynamo guards on."""
+    replays and the reuse of graphs across calls give the eager tokens; each cache shape keeps its
+    graphs, in one pool, and they are captured anew after a change of the global state dynamo
+    guards on, and for a cache at other addresses."""
     events = []
+
+    def of_shape(n_rows):
+        return next(g for (rows, *_), g in tiny_model.transformer._greedy_graphs.items() if rows == n_rows)
 
     @contextlib.contextmanager
     def capture(graph, pool=None, stream=None, capture_error_mode="global"):
-        graphs = tiny_model.transformer._greedy_graphs
+        graphs = next(g for g in tiny_model.transformer._greedy_graphs.values() if g.stream is stream)
         tensors = [*graphs.cache.tensors(), *vars(graphs.state).values()]
         before = [t.clone() for t in tensors]
         step, calls = graphs.step, []
@@ -470,9 +474,9 @@ def test_greedy_graphs_bookkeeping_with_emulated_cuda_graphs(tiny_model, graph_s
     opts = dict(max_new_tokens=39, logit_bias={tok.eos_id: -1e9, tok.eot_id: -1e9})
     eager = generate(tiny_model, prompts, GenerationOptions(**opts))
     graphed = GenerationOptions(compile=True, graph_steps=graph_steps, **opts)
-    tiny_model.transformer._greedy_graphs = None
+    generate_module.free_generation_buffers(tiny_model)
     assert generate(tiny_model, prompts, graphed) == eager
-    graphs = tiny_model.transformer._greedy_graphs
+    graphs = of_shape(len(prompts))
     # 38 steps: warm-up (3 calls of 1, or 1 call of 6), then calls of N while they fit, then of 1.
     sizes = {graph_steps, 1}
     assert set(graphs.graphs) == sizes and events == ["clear", "capture", f"captured {graph_steps}", "clear"] + (
@@ -480,18 +484,23 @@ def test_greedy_graphs_bookkeeping_with_emulated_cuda_graphs(tiny_model, graph_s
     assert graphs.warm == (3 if graph_steps == 1 else graph_steps)
     captured, events[:] = dict(graphs.graphs), []
     assert generate(tiny_model, prompts, graphed) == eager  # replays only
-    assert tiny_model.transformer._greedy_graphs is graphs and graphs.graphs == captured and events == []
-    assert generate(tiny_model, prompts[:1], graphed) == [generate(tiny_model, prompts[:1], GenerationOptions(**opts))[0]]
-    assert tiny_model.transformer._greedy_graphs is not graphs and "capture" in events  # another cache: captured anew
-    graphs = tiny_model.transformer._greedy_graphs
+    assert of_shape(len(prompts)) is graphs and graphs.graphs == captured and events == []
+    one = [generate(tiny_model, prompts[:1], GenerationOptions(**opts))[0]]
+    assert generate(tiny_model, prompts[:1], graphed) == one and "capture" in events  # another shape: its own graphs
+    assert of_shape(1) is not graphs and of_shape(1).pool is graphs.pool
+    events[:] = []
+    assert generate(tiny_model, prompts, graphed) == eager and of_shape(len(prompts)) is graphs and events == []  # kept
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = not tf32
     try:
-        assert generate(tiny_model, prompts[:1], graphed) == [generate(tiny_model, prompts[:1], GenerationOptions(**opts))[0]]
-        assert tiny_model.transformer._greedy_graphs is not graphs  # not replayed under another global state
+        assert generate(tiny_model, prompts, graphed) == eager
+        assert of_shape(len(prompts)) is not graphs  # not replayed under another global state
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        tiny_model.transformer._greedy_graphs = None
+    graphs = of_shape(len(prompts))
+    generate_module.free_generation_buffers(tiny_model)  # the cache at other addresses next time
+    assert generate(tiny_model, prompts, graphed) == eager and of_shape(len(prompts)) is not graphs
+    generate_module.free_generation_buffers(tiny_model)
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy step", "logits step"])
@@ -763,13 +772,11 @@ def test_free_generation_buffers(tiny_model):
     request, and the next compiled call allocates it again with the same tokens."""
     import weakref
 
-    from chameleon.generate import free_generation_buffers
-
     prompts = [tiny_model.encode_prompt(p) for p in PROMPTS[:2]]
     opts = GenerationOptions(max_new_tokens=5, compile=True)
     first = generate(tiny_model, prompts, opts)
     kept = [weakref.ref(t) for t in [*tiny_model.transformer._cache_store.k, tiny_model.transformer._cache_store.valid]]
     kept += [weakref.ref(s.out) for s in tiny_model.transformer._greedy_states.values()]
-    free_generation_buffers(tiny_model)
+    generate_module.free_generation_buffers(tiny_model)
     assert all(r() is None for r in kept)
     assert generate(tiny_model, prompts, opts) == first
