@@ -13,7 +13,7 @@ from PIL import Image
 from benchmarks.backends import load_backend, request_hash
 from benchmarks.backends.base import parse_gen_kwargs
 from chameleon.errors import InputError
-from conftest import PHOTO
+from conftest import PHOTO, REPO
 
 LL = [  # (context, continuation): shared contexts, single- and multi-token continuations, empty context
     ("Question: 2+2?\nAnswer:", " A"), ("Question: 2+2?\nAnswer:", " B"), ("Question: 2+2?\nAnswer:", " C"),
@@ -396,3 +396,27 @@ def test_images_digested_ahead_in_threads(monkeypatch):
     assert all(name != threading.main_thread().name for name in threads)
     monkeypatch.setattr(lm_eval.utils, "convert_pil_to_hash", None)  # nothing left to encode
     assert [request_hash("generate_until", r) for r in requests] == want
+
+
+def test_file_images_hash_as_their_pixels_and_errors_name_the_file(ours, tmp_path, monkeypatch):
+    """A FileImage's request hash is lm-eval's for its decoded image; digest_images reads it in a
+    thread, and an unreadable file is the InputError naming it. The backend keeps each digested
+    image's ids, at most IMAGE_MEMO of them."""
+    from lm_eval.api.model import hash_args
+
+    from benchmarks.backends.base import FileImage, digest_images
+
+    files = [FileImage(PHOTO), FileImage(REPO / "benchmarks/data/images/skimage/astronaut.png")]
+    args = ("<image> and <image>", {"max_gen_toks": 2}, {"visual": files})
+    digest_images(files)
+    assert request_hash("generate_until", args) == hash_args("generate_until", (*args[:2], {"visual": [f.read() for f in files]}))
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(PHOTO.read_bytes()[:3000])
+    with pytest.raises(InputError, match="cut.jpg: image is truncated"):
+        digest_images([FileImage(bad), *(FileImage(PHOTO) for _ in range(20))])
+    monkeypatch.setattr(ours, "IMAGE_MEMO", 1)
+    first = ours.image_ids(files[0])
+    assert ours.image_ids(files[1]) != first and ours.image_ids(files[0]) == first == ours.encode_image(files[0].read())
+    assert len(ours._image_memo) == 1
+    with pytest.raises(InputError, match="expected a PIL image, got int"):
+        ours.image_ids(3)

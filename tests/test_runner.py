@@ -411,3 +411,32 @@ def test_torchrun_bad_image_after_a_benchmark(tiny_hf, tmp_path):
     (images / "COCO_val2014_000000199764.jpg").write_bytes((shipped / "COCO_val2014_000000199764.jpg").read_bytes())
     res = torchrun_run(tmp_path / "small.yaml", *run)
     assert res["complete"] and res["benchmarks"]["gsm8k"]["computed_requests"] == 0  # kept, not recomputed
+
+
+def test_captioning_reads_images_when_needed_and_encodes_each_once(tiny_hf, tmp_path, monkeypatch):
+    """Captioning prompts hold FileImages, not decoded photos (a COCO run held ~1.1 MB per photo per
+    process); each file is VQ-encoded once however many prompts show it; request hashes are
+    lm-eval's `hash_args` of the decoded images."""
+    from lm_eval.api.model import hash_args
+
+    from benchmarks.backends import load_backend
+    from benchmarks.backends.base import FileImage
+    from benchmarks.runner import load_suite, run_suite
+
+    path = tmp_path / "cap.yaml"
+    path.write_text("name: cap\nbenchmarks:\n  - {name: coco, benchmark: coco, shots: 2, subset: with_images, limit: 4,"
+                    " generation: {max_gen_toks: 3}}\n")
+    lm = load_backend("chameleon", str(tiny_hf))
+    encoded, requests = [], []
+    real_encode, real_generate = lm.model.encode_image, lm.generate_until
+    monkeypatch.setattr(lm.model, "encode_image", lambda image: encoded.append(image) or real_encode(image))
+    monkeypatch.setattr(lm, "generate_until", lambda reqs, **kw: requests.extend(reqs) or real_generate(reqs, **kw))
+    lm.batch_size = 2
+    run_suite(load_suite(str(path)), lm, tmp_path / "run", progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "run/samples/coco.jsonl").read_text().splitlines()]
+    shown = [f["file"] for r in recs for f in r["images"]]
+    assert len(recs) == 4 and len(shown) == 12 and len(encoded) == len(set(shown)) < 12
+    for rec, req in zip(recs, requests):
+        context, gen_kwargs, aux = req.args
+        assert all(isinstance(image, FileImage) for image in aux["visual"])
+        assert rec["request_hash"] == hash_args("generate_until", (context, gen_kwargs, {"visual": [im.read() for im in aux["visual"]]}))

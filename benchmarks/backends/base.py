@@ -2,8 +2,9 @@
 
 A backend is an lm-eval `LM` (loglikelihood, loglikelihood_rolling, generate_until) that also
 accepts images: following lm-eval's multimodal convention, a request's args may carry a third
-element `{"visual": [PIL images]}` and its context the `<image>` placeholder where each goes.
-`generate_interleaved` returns mixed-modal output (text and images).
+element `{"visual": [images]}` and its context the `<image>` placeholder where each goes. An image
+is a PIL image, or a `FileImage`: a file decoded only when its pixels are needed (the runner's
+captioning prompts). `generate_interleaved` returns mixed-modal output (text and images).
 """
 
 from __future__ import annotations
@@ -13,15 +14,47 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from lm_eval.api.model import LM, _multimodal_cache_default
+from PIL import Image
 
 from chameleon.chameleon import IMAGE_MARKER as IMAGE_PLACEHOLDER  # noqa: F401  (lm-eval's DEFAULT_IMAGE_PLACEHOLDER too)
 from chameleon.chameleon import interleave
 from chameleon.errors import InputError
+from chameleon.vqgan import open_image
 
-Segment = Any  # str | PIL.Image.Image
+Segment = Any  # str | PIL.Image.Image | FileImage
+_IMAGE_DIGEST = "_chameleon_bench_request_digest"  # what lm-eval hashes for an image, kept on the image object
+
+
+class FileImage:
+    """An image file a request shows, decoded each time its pixels are needed: once to hash it (the
+    digest is kept) and when a backend encodes a prompt showing it. A captioning run builds every
+    prompt before the model runs, and holding each photo decoded until then cost ~1.1 MB a photo per
+    process (2-shot COCO test: ~5,000 photos, ~10,000 more from a separate few-shot pool)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def read(self) -> Image.Image:
+        """The file's image in its own mode; an unreadable file is an InputError naming it."""
+        return open_image(self.path)
+
+    def __repr__(self) -> str:
+        return f"FileImage({str(self.path)!r})"
+
+
+def pixels(image) -> Image.Image:
+    """A request image as a PIL image."""
+    return image.read() if isinstance(image, FileImage) else image
+
+
+def known_digest(image) -> str | None:
+    """An image's content digest where its request hash was computed already (always, under the runner)."""
+    tagged = image.__dict__.get(_IMAGE_DIGEST) if isinstance(image, (Image.Image, FileImage)) else None
+    return json.dumps(tagged, sort_keys=True) if tagged is not None else None  # lm-eval's {type tag: sha256}
 
 
 @dataclass(frozen=True)
@@ -77,32 +110,33 @@ def request_hash(kind: str, args: tuple) -> str:
     return hashlib.sha256(json.dumps([kind] + list(args), default=_hash_default).encode("utf-8")).hexdigest()
 
 
-_IMAGE_DIGEST = "_chameleon_bench_request_digest"  # an image's digest, kept on the image object
-
-
 def _hash_default(obj):
-    from PIL import Image
-
-    if not isinstance(obj, Image.Image):
+    if not isinstance(obj, (Image.Image, FileImage)):
         return _multimodal_cache_default(obj)
     digest = obj.__dict__.get(_IMAGE_DIGEST)
     if digest is None:  # (PIL images are never changed in place here: loaded, then only read)
-        digest = obj.__dict__[_IMAGE_DIGEST] = _multimodal_cache_default(obj)
+        digest = obj.__dict__[_IMAGE_DIGEST] = _pixels_digest(obj)
     return digest
 
 
-def digest_images(images) -> None:
-    """Compute the request-hash digests of these images ahead, in threads (Pillow's PNG encoder
-    releases the GIL: 2x on this 2-core machine), one share of the machine's cores per process
-    of a torchrun job. `request_hash` then finds each on its image."""
-    from PIL import Image
+def _pixels_digest(image) -> str:
+    return _multimodal_cache_default(pixels(image))  # a FileImage's key is that of its PIL image
 
-    todo = list({id(im): im for im in images if isinstance(im, Image.Image) and _IMAGE_DIGEST not in im.__dict__}.values())
+
+def digest_images(images) -> None:
+    """Compute the request-hash digests of these images ahead, in threads (Pillow's decoders and
+    PNG encoder release the GIL: 2x on this 2-core machine), one share of the machine's cores per
+    process of a torchrun job. `request_hash` then finds each on its image. An unreadable file
+    raises its InputError, the first in order, without reading the files after it."""
+    todo = list({id(im): im for im in images if isinstance(im, (Image.Image, FileImage)) and _IMAGE_DIGEST not in im.__dict__}.values())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = max(1, min(len(todo), cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
-    with ThreadPoolExecutor(workers) as pool:
-        for image, digest in zip(todo, pool.map(_multimodal_cache_default, todo)):
+    pool = ThreadPoolExecutor(workers)
+    try:
+        for image, digest in zip(todo, pool.map(_pixels_digest, todo)):
             image.__dict__[_IMAGE_DIGEST] = digest
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def sample_seed(settings: GenSettings, sample_index: int) -> int:

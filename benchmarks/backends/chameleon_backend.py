@@ -41,6 +41,7 @@ class ChameleonBackend(TokenLM):
         self.max_length = int(self.model.config.max_seq_len)
         self.eot_token_id = self.tok.eos_id
         self.image_bounds = (self.tok.boi_id, self.tok.eoi_id)
+        self.prompt_start = [self.tok.bos_id]
         self.not_greedy = non_text_mask(self.tok, self.model.config.vocab_size, self.model.device)
 
     @property
@@ -52,8 +53,8 @@ class ChameleonBackend(TokenLM):
                 "device": self.device_name}
 
     # --- tokenization -------------------------------------------------------------------------
-    def encode_prompt(self, segments: list[Segment]) -> list[int]:
-        return self.model.encode_prompt(list(segments), bos=True)
+    def encode_image(self, image) -> list[int]:
+        return self.model.encode_image(image)
 
     def encode_text(self, text: str) -> list[int]:
         return self.tok.encode_text(text)

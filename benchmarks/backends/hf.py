@@ -20,7 +20,7 @@ try:  # config fields of the wrong type, with huggingface_hub's strict dataclass
 except ImportError:
     StrictDataclassError = ValueError
 
-from benchmarks.backends.base import GenSettings, Segment
+from benchmarks.backends.base import GenSettings
 from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score
 from chameleon.checkpoint import PROCESSOR_FILES
 from chameleon.errors import InputError
@@ -86,6 +86,7 @@ class HFBackend(TokenLM):
         if add_bos_token is None:
             add_bos_token = self.is_chameleon or self.tokenizer("a")["input_ids"][:1] == [self.tokenizer.bos_token_id]
         self.add_bos = bool(add_bos_token) and self.bos_id is not None
+        self.prompt_start = [self.bos_id] if self.add_bos else []
         # Generation ends at any of the checkpoint's end ids (generation_config may list several).
         listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         listed = listed if isinstance(listed, (list, tuple)) else [listed]
@@ -113,12 +114,6 @@ class HFBackend(TokenLM):
     def prefix_token_id(self) -> int:  # what an empty context is scored after (lm-eval's rule)
         return self.bos_id if self.bos_id is not None else self.eot_token_id
 
-    def encode_prompt(self, segments: list[Segment]) -> list[int]:
-        ids = [self.bos_id] if self.add_bos else []
-        for seg in segments:
-            ids += self.encode_text(seg) if isinstance(seg, str) else self._image_ids(seg)
-        return ids
-
     @classmethod
     def checkpoint_image_problem(cls, pretrained) -> str | None:
         path = Path(pretrained)
@@ -135,7 +130,7 @@ class HFBackend(TokenLM):
         return None
 
     @torch.no_grad()
-    def _image_ids(self, image) -> list[int]:
+    def encode_image(self, image) -> list[int]:
         """boi, the VQ codes as tokens, eoi. Only the image processor is used: the processor's text
         path would append the tokenizer's sep_token and needs `<image>` in the vocabulary."""
         if self.image_problem:

@@ -12,14 +12,16 @@ scoring tokens that do not spell the continuation).
 
 from __future__ import annotations
 
-from collections import defaultdict
+from array import array
+from collections import OrderedDict, defaultdict
 
 import torch
+from PIL import Image
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from benchmarks.backends.base import (
-    GenSettings, MixedModalLM, Segment, instance_hash, parse_gen_kwargs, sample_indices, sample_seed, to_segments,
-    truncate_at_stops,
+    FileImage, GenSettings, MixedModalLM, Segment, instance_hash, known_digest, parse_gen_kwargs, pixels, sample_indices,
+    sample_seed, to_segments, truncate_at_stops,
 )
 from chameleon.errors import InputError
 
@@ -40,16 +42,18 @@ class TokenLM(MixedModalLM):
         super().__init__()
         self.batch_size = int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
+        self._image_memo: OrderedDict[str, array] = OrderedDict()  # image digest -> its ids
 
     # --- to implement -------------------------------------------------------------------------
     max_length: int
     eot_token_id: int
+    prompt_start: list[int] = []  # what every prompt begins with (bos, where the model takes one)
     image_bounds: tuple[int, int] | None = None  # (begin, end of image) ids where prompts hold images
 
-    def encode_prompt(self, segments: list[Segment]) -> list[int]:  # with bos
+    def encode_text(self, text: str) -> list[int]:  # no bos
         raise NotImplementedError
 
-    def encode_text(self, text: str) -> list[int]:  # no bos
+    def encode_image(self, image: Image.Image) -> list[int]:  # begin of image, its codes, end of image
         raise NotImplementedError
 
     def decode_text(self, ids: list[int]) -> str:
@@ -63,6 +67,32 @@ class TokenLM(MixedModalLM):
         """New token ids per prompt; greedy when seed is None, else each row sampled from a stream
         seeded by (seed, its prompt), as `chameleon.generate` does."""
         raise NotImplementedError
+
+    # --- prompts -------------------------------------------------------------------------------
+    def encode_prompt(self, segments: list[Segment]) -> list[int]:
+        ids = list(self.prompt_start)
+        for seg in segments:
+            ids += self.encode_text(seg) if isinstance(seg, str) else self.image_ids(seg)
+        return ids
+
+    IMAGE_MEMO = 16384  # images whose ids are kept: ~4 KB each at 1,024 codes
+
+    def image_ids(self, image) -> list[int]:
+        """`encode_image` of a request image, kept by its content digest where that is known (always
+        under the runner): 2-shot captioning shows each photo ~3 times, and loglikelihood encodes a
+        context twice (alone, and with its continuation)."""
+        if not isinstance(image, (Image.Image, FileImage)):
+            raise InputError(f"request image: expected a PIL image, got {type(image).__name__}")
+        key = known_digest(image)
+        if key in self._image_memo:
+            self._image_memo.move_to_end(key)
+            return list(self._image_memo[key])
+        ids = self.encode_image(pixels(image))
+        if key is not None:
+            self._image_memo[key] = array("l", ids)
+            if len(self._image_memo) > self.IMAGE_MEMO:
+                self._image_memo.popitem(last=False)
+        return ids
 
     # --- lm-eval interface --------------------------------------------------------------------
     def encode_pair(self, segments: list[Segment], continuation: str) -> TokenPair:

@@ -70,7 +70,7 @@ def load_image(image: Image.Image | str | Path) -> Image.Image:
 def build_prompt(query_image, exemplars: Sequence[tuple[Image.Image | str | Path, str]], settings: CaptionSettings,
                  load=load_image) -> list[Segment]:
     """Segments for one query: each exemplar's image and captioned template, then image and cue.
-    `load`: reads an image file (a caching one lets prompts that show one file share its image)."""
+    `load`: makes a file the prompt's image (the runner's gives one `FileImage` per file, read when needed)."""
     segments: list[Segment] = []
     for image, caption in exemplars:
         segments += [load(image), settings.shot_template.format(caption=exemplar_text(caption))]

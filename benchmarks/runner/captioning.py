@@ -16,8 +16,8 @@ from pathlib import Path
 
 from lm_eval.api.instance import Instance
 
-from benchmarks.backends.base import IMAGE_PLACEHOLDER, digest_images, instance_hash, parse_gen_kwargs
-from benchmarks.captioning.prompts import CaptionSettings, build_prompt, load_image, postprocess_caption, prompt_images
+from benchmarks.backends.base import IMAGE_PLACEHOLDER, FileImage, digest_images, instance_hash, parse_gen_kwargs
+from benchmarks.captioning.prompts import CaptionSettings, build_prompt, postprocess_caption, prompt_images
 from benchmarks.captioning.references import SHIPPED_COCO_IMAGES, load_references, reference_path, resolve_images
 from benchmarks.captioning.scoring import METRIC_GROUPS, METRIC_NAMES, resolve_metrics, score_captions
 from benchmarks.runner.results import display_path, mean_entry, metric_entry, sha256_file
@@ -56,10 +56,10 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
     images_by_id = {**pool_images, **found}  # scored items win where ids coincide
     gen_hash = parse_gen_kwargs(gen_kwargs).digest()
     file_digest = functools.cache(sha256_file)  # shot images recur across items
-    # Every prompt is built before the model runs: a file shown by several prompts (as a shot, or a
-    # query and shots) is decoded once and its image shared, not held once per prompt (2-shot COCO
-    # would hold ~15,000 decoded images instead of ~5,000). Preprocessing never changes an image.
-    load_shared = functools.cache(load_image)
+    # Every prompt is built before the model runs, showing each file as one FileImage: read to hash
+    # it (once, below) and whenever a backend encodes it, never held decoded meanwhile (2-shot COCO
+    # test would hold ~5,000 photos, ~5.5 GB, per process; a separate few-shot pool adds more).
+    file_image = functools.cache(FileImage)
     ref_path = reference_path(ref_source)
     # What the scores depend on, for results.json: the references, the few-shot pool (its captions
     # are in every prompt), and below every image a prompt shows.
@@ -76,7 +76,7 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
             records.append(rec)
             continue
         query_file, shots = prompt_images(item, images_by_id, pool, settings)
-        context, images = _render(build_prompt(query_file, shots, settings, load=load_shared))
+        context, images = _render(build_prompt(query_file, shots, settings, load=file_image))
         files = [f for f, _ in shots] + [query_file]  # prompt order
         request = Instance("generate_until", {"image_id": item.image_id, "item_id": rec["item_id"]}, (context, gen_kwargs, {"visual": images}), 0, (spec.name, n, 1))
         requests.append(request)
@@ -84,7 +84,7 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
         data_files.update((f, file_digest(f)) for f in files)
         records.append(rec)
         present.append(rec)
-    digest_images(image for request in requests for image in request.args[2]["visual"])  # (the slow part of hashing)
+    digest_images(image for request in requests for image in request.args[2]["visual"])  # reads each file; the slow part
     for rec, request in zip(present, requests):
         rec["request_hash"] = instance_hash(request)
     outputs = lm.generate_until(requests) if requests else []
