@@ -420,3 +420,53 @@ def test_file_images_hash_as_their_pixels_and_errors_name_the_file(ours, tmp_pat
     assert len(ours._image_memo) == 1
     with pytest.raises(InputError, match="expected a PIL image, got int"):
         ours.image_ids(3)
+
+
+def test_image_digests_shared_by_processes(tmp_path, monkeypatch):
+    """Under torchrun each process reads and hashes its share of the images and they exchange the
+    digests (two ranks as threads here, gathering through a barrier); an unreadable file in one
+    share is the same InputError in every process."""
+    import threading
+
+    from benchmarks.backends.base import FileImage, _pixels_digest, digest_images, known_digest
+
+    class ThreadDist:
+        def __init__(self, rank, board, barrier):
+            self.rank, self.world_size, self.board, self.barrier = rank, 2, board, barrier
+
+        def all_gather(self, obj):
+            self.board[self.rank] = obj
+            self.barrier.wait(timeout=60)
+            return list(self.board)
+
+    files = sorted((REPO / "benchmarks/data/images/coco").glob("*.jpg"))[:5]
+    bad = tmp_path / "cut.jpg"
+    bad.write_bytes(files[0].read_bytes()[:3000])
+    want = [json.dumps(_pixels_digest(FileImage(f)), sort_keys=True) for f in files]
+    reads = []
+    real = FileImage.read
+    monkeypatch.setattr(FileImage, "read", lambda self: reads.append(self.path) or real(self))
+
+    def run(paths):
+        board, barrier, out = [None, None], threading.Barrier(2), {}
+
+        def rank(r):
+            images = [FileImage(p) for p in paths]
+            images += images[:2]  # shown again: hashed once
+            try:
+                digest_images(images, ThreadDist(r, board, barrier))
+                out[r] = [known_digest(im) for im in images[:len(paths)]]
+            except InputError as err:
+                out[r] = str(err)
+
+        threads = [threading.Thread(target=rank, args=(r,), name=f"rank{r}") for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+    assert run(files) == {0: want, 1: want}
+    assert sorted(reads) == files  # each file read once, by one of the two
+    out = run([*files[:3], bad, files[4]])  # the bad file is in rank 1's share
+    assert out[0] == out[1] and "cut.jpg: image is truncated" in out[0]

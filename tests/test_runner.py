@@ -392,9 +392,9 @@ def test_one_process_failing_stops_the_other_with_a_short_error(tiny_hf, tmp_pat
 
 
 def test_torchrun_bad_image_after_a_benchmark(tiny_hf, tmp_path):
-    """A captioning image whose pixels are cut, found once the first benchmark is done: every
-    process builds every prompt (request hashes cover the images' pixels), so each meets it
-    before the model runs on captioning, names the file, and keeps its finished requests."""
+    """A captioning image whose pixels are cut, found once the first benchmark is done: the
+    process whose share of the images holds it meets it when hashing them, before the model runs
+    on captioning; every process names the file and keeps its finished requests."""
     (tmp_path / "small.yaml").write_text(SMALL)
     images = tmp_path / "coco"
     images.mkdir()

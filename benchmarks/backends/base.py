@@ -123,20 +123,38 @@ def _pixels_digest(image) -> str:
     return _multimodal_cache_default(pixels(image))  # a FileImage's key is that of its PIL image
 
 
-def digest_images(images) -> None:
+def digest_images(images, dist=None) -> None:
     """Compute the request-hash digests of these images ahead, in threads (Pillow's decoders and
-    PNG encoder release the GIL: 2x on this 2-core machine), one share of the machine's cores per
-    process of a torchrun job. `request_hash` then finds each on its image. An unreadable file
-    raises its InputError, the first in order, without reading the files after it."""
+    PNG encoder release the GIL: 2x on this 2-core machine). `request_hash` then finds each on its
+    image. Under torchrun (`dist`, the runner's `Dist`; every process passes the same images in
+    the same order) each process computes a contiguous share with its share of the cores and the
+    processes exchange them. An unreadable file raises its InputError, the first in order, in
+    every process, without reading the files after it in that share."""
     todo = list({id(im): im for im in images if isinstance(im, (Image.Image, FileImage)) and _IMAGE_DIGEST not in im.__dict__}.values())
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    share = [len(todo) * r // world for r in range(world + 1)]
+    mine = todo[share[rank]:share[rank + 1]]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = max(1, min(len(todo), cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    workers = max(1, min(len(mine), cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    digests, error = [], None
     pool = ThreadPoolExecutor(workers)
     try:
-        for image, digest in zip(todo, pool.map(_pixels_digest, todo)):
-            image.__dict__[_IMAGE_DIGEST] = digest
+        for digest in pool.map(_pixels_digest, mine):
+            digests.append(digest)
+    except InputError as err:
+        error = (share[rank] + len(digests), str(err))
     finally:
         pool.shutdown(cancel_futures=True)
+    listing = hashlib.sha256(repr([str(im.path) if isinstance(im, FileImage) else None for im in todo]).encode()).hexdigest()
+    parts = dist.all_gather((listing, digests, error)) if dist is not None else [(listing, digests, error)]
+    if any(other != listing for other, _, _ in parts):  # a bug, not bad input
+        raise RuntimeError("digest_images: the processes were given different images")
+    for r, (_, got, _) in enumerate(parts):
+        for image, digest in zip(todo[share[r]:], got):
+            image.__dict__[_IMAGE_DIGEST] = digest
+    errors = [e for _, _, e in parts if e is not None]
+    if errors:
+        raise InputError(min(errors)[1])
 
 
 def sample_seed(settings: GenSettings, sample_index: int) -> int:

@@ -84,7 +84,8 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
         data_files.update((f, file_digest(f)) for f in files)
         records.append(rec)
         present.append(rec)
-    digest_images(image for request in requests for image in request.args[2]["visual"])  # reads each file; the slow part
+    # reads each file: the slow part, shared by the processes of a torchrun job
+    digest_images([image for request in requests for image in request.args[2]["visual"]], getattr(lm, "dist", None))
     for rec, request in zip(present, requests):
         rec["request_hash"] = instance_hash(request)
     outputs = lm.generate_until(requests) if requests else []
