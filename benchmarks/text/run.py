@@ -88,6 +88,26 @@ def _request_building_bars(enabled: bool):
         task_module.tqdm = saved
 
 
+@contextmanager
+def _no_environment_probe():
+    """simple_evaluate ends by probing the environment for its results: `git describe` in the
+    working directory, which prints "fatal: not a git repository" to the terminal outside one (once
+    per benchmark, amid the progress bars), and torch's collect_env, which runs pip and nvidia-smi
+    (0.3-1.3 s a benchmark here). The runner reads neither (results.json records its own
+    provenance), so both are skipped for the duration."""
+    import lm_eval.evaluator as evaluator
+
+    quiet = {"get_git_commit_hash": lambda: None, "add_env_info": lambda results: None}
+    saved = {name: getattr(evaluator, name) for name in quiet if hasattr(evaluator, name)}
+    for name in saved:
+        setattr(evaluator, name, quiet[name])
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(evaluator, name, value)
+
+
 def text_task_manager(data_dir: str | Path | None = None, include_defaults: bool = False) -> TaskManager:
     """A TaskManager that knows the `chameleon_*` tasks, reading files under `data_dir`.
 
@@ -172,7 +192,7 @@ def run_text_benchmark(
         raise InputError(f"limit must be a positive integer, got {limit!r}")
     tm = text_task_manager(data_dir)
     task = task_spec(tm, benchmark, k, maj_at)
-    with _request_building_bars(lm_eval_bars), warnings.catch_warnings():
+    with _request_building_bars(lm_eval_bars), _no_environment_probe(), warnings.catch_warnings():
         # lm-eval takes a softmax of every multiple-choice item's loglikelihoods, used only by its
         # brier_score metric (none of our tasks); an item whose requests all failed (-inf
         # placeholders) makes it NaN, and numpy warns. Harmless: that softmax goes unused, and the
