@@ -83,6 +83,11 @@ def test_images_in_lm_eval_multimodal_convention(ours, hf):
     # transformers' processor with the files our HF directories carry: the same VQ codes and output
     assert hf.encode_prompt(["A photo:", image]) == ours.encode_prompt(["A photo:", image])
     assert hf.generate_until([req]) == [out]
+    # the image as a file read when needed (the runner's captioning prompts): the same output
+    from benchmarks.backends.base import FileImage
+
+    from_file = Instance("generate_until", {}, (*req.args[:2], {"visual": [FileImage(PHOTO)]}), 0)
+    assert ours.generate_until([from_file]) == hf.generate_until([from_file]) == [out]
     with pytest.raises(InputError, match="placeholder"):
         ours.generate_until([Instance("generate_until", {}, ("a <image> b <image>", {}, {"visual": [image]}), 0)])
 
