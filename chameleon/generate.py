@@ -612,19 +612,27 @@ class _GreedyGraphs:
 
     WARM_UP_STEPS = 3  # uncaptured steps first: compilation, autotuning, lazy library set-up
 
-    def __init__(self, key, step, cache, state, pool):
-        self.key, self.step, self.cache, self.state, self.pool = key, step, cache, state, pool
+    KEPT_SHAPES = 8  # cache shapes whose graphs are kept, the most recently used
+
+    def __init__(self, key, step, cache, state):
+        self.key, self.step, self.cache, self.state = key, step, cache, state
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.warm = 0
         self.device = cache.valid.device
         self.global_state = torch._C._dynamo.guards.GlobalStateGuard()
         with torch.cuda.device(self.device):  # (the model's GPU, which need not be the current one)
             self.stream = torch.cuda.Stream()  # warm-up and capture, off the current stream
+        # This shape's graphs share a pool (they run one at a time), which goes with them. (A pool
+        # shared across shapes would need one capture stream for all, since the allocator reuses
+        # a block only on its stream, and a fresh id once its graphs are gone: the allocator
+        # refuses a capture into a pool whose graphs were all freed.)
+        self.pool = torch.cuda.graph_pool_handle()
 
     @staticmethod
     def of(transformer, cache, state: _TextState) -> "_GreedyGraphs":
-        """This cache shape's graphs, kept on the model per shape (as the cache and the state are:
-        harness batches alternate shapes), captured anew where they no longer apply."""
+        """This cache shape's graphs, kept on the model for the KEPT_SHAPES shapes used last (as
+        the cache and the state are kept per shape: harness batches alternate shapes), captured
+        anew where they no longer apply."""
         step = _compiled_greedy_step(transformer, mode="default")
         tensors = [*transformer.parameters(), *(f.tensor for f in transformer.fused_tensors()), *cache.tensors(), *vars(state).values()]
         key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors)
@@ -632,15 +640,13 @@ class _GreedyGraphs:
         if every is None:
             every = transformer._greedy_graphs = {}
         shape = (cache.batch_size, cache.max_seq_len, cache.valid.device)
-        graphs = every.get(shape)
+        graphs = every.pop(shape, None)  # (put back last: the most recently used)
         if graphs is None or graphs.key != key or graphs.cache is not cache or graphs.state is not state or not graphs.global_state.check():
-            every.pop(shape, None)  # free the old graphs' memory first
-            # Graphs run one at a time and keep nothing in their pool between replays (they write
-            # the cache and the state), so all of a device's graphs share one pool.
-            pools = transformer.__dict__.setdefault("_graph_pools", {})
-            if shape[2] not in pools:
-                pools[shape[2]] = torch.cuda.graph_pool_handle()
-            graphs = every[shape] = _GreedyGraphs(key, step, cache, state, pools[shape[2]])
+            graphs = None  # free the old graphs' memory first
+            while len(every) >= _GreedyGraphs.KEPT_SHAPES:
+                every.pop(next(iter(every)))
+            graphs = _GreedyGraphs(key, step, cache, state)
+        every[shape] = graphs
         return graphs
 
     def run(self, first_slot: int, n: int) -> None:
@@ -792,7 +798,6 @@ def free_generation_buffers(model) -> None:
     transformer = getattr(model, "transformer", model)
     transformer._cache_store = transformer._greedy_graphs = None
     transformer.__dict__.pop("_greedy_states", None)
-    transformer.__dict__.pop("_graph_pools", None)
     gc.collect()  # torch.compile's tracing leaves reference cycles that reach the first call's tensors
 
 

@@ -432,8 +432,8 @@ def test_greedy_graphs_bookkeeping_with_emulated_cuda_graphs(tiny_model, graph_s
     without running them (the tensors they write are restored after it), a replay runs them.
     Warm-up steps, captures (one per size, the cuBLAS workspaces emptied before and after each),
     replays and the reuse of graphs across calls give the eager tokens; each cache shape keeps its
-    graphs, in one pool, and they are captured anew after a change of the global state dynamo
-    guards on, and for a cache at other addresses."""
+    graphs (the KEPT_SHAPES used last), and they are captured anew after a change of the global
+    state dynamo guards on, and for a cache at other addresses."""
     events = []
 
     def of_shape(n_rows):
@@ -487,9 +487,13 @@ def test_greedy_graphs_bookkeeping_with_emulated_cuda_graphs(tiny_model, graph_s
     assert of_shape(len(prompts)) is graphs and graphs.graphs == captured and events == []
     one = [generate(tiny_model, prompts[:1], GenerationOptions(**opts))[0]]
     assert generate(tiny_model, prompts[:1], graphed) == one and "capture" in events  # another shape: its own graphs
-    assert of_shape(1) is not graphs and of_shape(1).pool is graphs.pool
+    assert of_shape(1) is not graphs and len(tiny_model.transformer._greedy_graphs) == 2
     events[:] = []
     assert generate(tiny_model, prompts, graphed) == eager and of_shape(len(prompts)) is graphs and events == []  # kept
+    monkeypatch.setattr(generate_module._GreedyGraphs, "KEPT_SHAPES", 2)
+    assert generate(tiny_model, prompts[:2], graphed) == [generate(tiny_model, prompts[:2], GenerationOptions(**opts))[0],
+                                                          generate(tiny_model, prompts[1:2], GenerationOptions(**opts))[0]]
+    assert [rows for rows, *_ in tiny_model.transformer._greedy_graphs] == [len(prompts), 2]  # 1 row, used least recently, dropped
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = not tf32
     try:
