@@ -404,8 +404,9 @@ def test_images_digested_ahead_in_threads(monkeypatch):
 
 
 def test_file_images_hash_as_their_pixels_and_errors_name_the_file(ours, tmp_path, monkeypatch):
-    """A FileImage's request hash is lm-eval's for its decoded image; digest_images reads it in a
-    thread, and an unreadable file is the InputError naming it. The backend keeps each digested
+    """A FileImage's request hash is lm-eval's for its decoded image (a CMYK one's, which lm-eval
+    cannot hash, its own); digest_images reads it in a thread, and an unreadable file, or one
+    changed since it was hashed, is the InputError naming it. The backend keeps each digested
     image's ids, at most IMAGE_MEMO of them."""
     from lm_eval.api.model import hash_args
 
@@ -419,6 +420,22 @@ def test_file_images_hash_as_their_pixels_and_errors_name_the_file(ours, tmp_pat
     bad.write_bytes(PHOTO.read_bytes()[:3000])
     with pytest.raises(InputError, match="cut.jpg: image is truncated"):
         digest_images([FileImage(bad), *(FileImage(PHOTO) for _ in range(20))])
+    # CMYK (which PNG, and so hash_args, cannot hold) gets a key of its own, from its pixels
+    cmyk = [tmp_path / "cmyk0.jpg", tmp_path / "cmyk1.jpg"]
+    for i, path in enumerate(cmyk):
+        Image.new("CMYK", (40, 30), (10 * i, 20, 30, 40)).save(path)
+    with pytest.raises(OSError, match="cannot write mode CMYK as PNG"):
+        hash_args("generate_until", ("<image>", {}, {"visual": [Image.open(cmyk[0])]}))
+    keys = [request_hash("generate_until", ("<image>", {}, {"visual": [FileImage(p)]})) for p in cmyk + cmyk[:1]]
+    assert keys[0] == keys[2] != keys[1]
+    # a file changed after its first read: its hash would describe other content
+    changing = tmp_path / "changing.png"
+    shutil.copyfile(PHOTO, changing)
+    image = FileImage(changing)
+    digest_images([image])
+    Image.new("RGB", (8, 8)).save(changing)
+    with pytest.raises(InputError, match="changing.png: image file changed during the run"):
+        image.read()
     monkeypatch.setattr(ours, "IMAGE_MEMO", 1)
     first = ours.image_ids(files[0])
     assert ours.image_ids(files[1]) != first and ours.image_ids(files[0]) == first == ours.encode_image(files[0].read())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -120,6 +121,7 @@ def test_results_and_samples_schema(baseline):
     for path, digest in res["data_files"].items():
         assert (REPO / path).is_file() and len(digest) == 64
     mmlu = res["benchmarks"]["mmlu"]
+    assert mmlu["lm_eval"]["lm_eval_version"] == importlib.metadata.version("lm_eval")
     m = mmlu["metrics"][mmlu["primary_metric"]]
     assert m["n"] == 57 and 0 <= m["value"] <= 1
     coco = res["benchmarks"]["coco"]

@@ -37,10 +37,22 @@ class FileImage:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.seen: tuple[int, int] | None = None  # (size, mtime) at the first read
 
     def read(self) -> Image.Image:
-        """The file's image in its own mode; an unreadable file is an InputError naming it."""
-        return open_image(self.path)
+        """The file's image in its own mode; an unreadable file, or one changed since its first read
+        (its request hash and sample record describe that content), is an InputError naming it."""
+        try:
+            stat = self.path.stat()
+            now = (stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            now = None  # open_image names the problem
+        if self.seen is not None and now != self.seen:
+            raise InputError(f"{self.path}: image file changed during the run (its request hash is of the content "
+                             f"read first); rerun the same command to resume with the new content")
+        image = open_image(self.path)
+        self.seen = self.seen or now
+        return image
 
     def __repr__(self) -> str:
         return f"FileImage({str(self.path)!r})"
@@ -119,8 +131,16 @@ def _hash_default(obj):
     return digest
 
 
-def _pixels_digest(image) -> str:
-    return _multimodal_cache_default(pixels(image))  # a FileImage's key is that of its PIL image
+def _pixels_digest(image):
+    """What lm-eval's `hash_args` puts in a request's key for an image: a digest of its PNG encoding
+    (a FileImage's is its PIL image's). PNG cannot hold CMYK, YCbCr or PA images, which the model
+    takes and on which hash_args fails; theirs is a digest of mode, size and pixel bytes."""
+    image = pixels(image)
+    try:
+        return _multimodal_cache_default(image)
+    except OSError:
+        raw = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\n".encode() + image.tobytes()).hexdigest()
+        return {"__pil_image_pixels_sha256__": raw}
 
 
 def digest_images(images, dist=None) -> None:

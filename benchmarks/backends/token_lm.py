@@ -89,7 +89,7 @@ class TokenLM(MixedModalLM):
             return list(self._image_memo[key])
         ids = self.encode_image(pixels(image))
         if key is not None:
-            self._image_memo[key] = array("l", ids)
+            self._image_memo[key] = array("i", ids)  # (4 bytes an id)
             if len(self._image_memo) > self.IMAGE_MEMO:
                 self._image_memo.popitem(last=False)
         return ids

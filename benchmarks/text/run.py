@@ -94,10 +94,14 @@ def _no_environment_probe():
     working directory, which prints "fatal: not a git repository" to the terminal outside one (once
     per benchmark, amid the progress bars), and torch's collect_env, which runs pip and nvidia-smi
     (0.3-1.3 s a benchmark here). The runner reads neither (results.json records its own
-    provenance), so both are skipped for the duration."""
+    provenance), so both are skipped for the duration; of the latter's fields, lm_eval_version
+    (read into results.json) is kept."""
+    from importlib.metadata import version
+
     import lm_eval.evaluator as evaluator
 
-    quiet = {"get_git_commit_hash": lambda: None, "add_env_info": lambda results: None}
+    quiet = {"get_git_commit_hash": lambda: None,
+             "add_env_info": lambda results: results.update(lm_eval_version=version("lm_eval"))}
     saved = {name: getattr(evaluator, name) for name in quiet if hasattr(evaluator, name)}
     for name in saved:
         setattr(evaluator, name, quiet[name])
