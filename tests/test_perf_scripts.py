@@ -49,3 +49,14 @@ def test_sampling_benchmark():
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [(r["batch"], r["shape"]) for r in rows] == [(b, s) for b in (1, 3) for s in ("zipf1.5", "zipf1.2", "zipf1.0", "normal")]
     assert all(r["speedup"] > 0 and 0 < r["nucleus_median"] <= 5000 for r in rows)
+
+
+def test_caption_prompts_benchmark(tmp_path):
+    out = tmp_path / "caption_prompts.json"
+    cmd = [sys.executable, "benchmarks/perf/caption_prompts.py", "--photos", "3,6", "--json", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["photos"] for r in report["rows"]] == [3, 6] and all(r["peak_rss_mib"] > 0 for r in report["rows"])
+    assert report["decoded_photo_mib"] > 0.5  # the shipped COCO photos are ~640x480 RGB
