@@ -60,3 +60,16 @@ def test_caption_prompts_benchmark(tmp_path):
     report = json.loads(out.read_text())
     assert [r["photos"] for r in report["rows"]] == [3, 6] and all(r["peak_rss_mib"] > 0 for r in report["rows"])
     assert report["decoded_photo_mib"] > 0.5  # the shipped COCO photos are ~640x480 RGB
+
+
+def test_decode_benchmark_restricts_attention_for_the_whole_run(tmp_path):
+    """--sdpa-backend holds for the run (a dropped sdpa_kernel context restored every backend at
+    once, so the flag did nothing), and the report says which backends were left enabled."""
+    out = tmp_path / "decode.json"
+    cmd = [sys.executable, "benchmarks/perf/decode.py", "--preset", "tiny", "--device", "cpu", "--dtypes", "fp32", "--batches", "1",
+           "--new-tokens", "4", "--repeats", "1", "--no-hf", "--sdpa-backend", "math", "--json", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["sdpa_backend"] == "math" and report["sdpa_enabled"] == ["math"]

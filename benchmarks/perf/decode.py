@@ -15,6 +15,7 @@ Targets (see issue): CPU decode >= 2x transformers' default at batch 1; GPU deco
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import platform
@@ -186,6 +187,13 @@ def copy_bandwidth(device) -> float:
 SDPA_BACKENDS = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
+def sdpa_enabled() -> list[str]:
+    """The SDPA backends torch may choose from now (what --sdpa-backend left enabled)."""
+    flags = {"flash": torch.backends.cuda.flash_sdp_enabled, "efficient": torch.backends.cuda.mem_efficient_sdp_enabled,
+             "math": torch.backends.cuda.math_sdp_enabled, "cudnn": torch.backends.cuda.cudnn_sdp_enabled}
+    return [name for name, enabled in flags.items() if enabled()]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="100M", help="model shape: 100M (CPU default), 7B, 30B, tiny")
@@ -211,8 +219,11 @@ def main() -> None:
         "torch.compile's one-step reduce-overhead graphs (GenerationOptions.graph_steps)"))
     p.add_argument("--json", default=None, help="write the results here too")
     a = p.parse_args()
-    if a.sdpa_backend:  # chosen when a step is compiled, so it must hold from the start
-        sdpa_kernel(SDPA_BACKENDS[a.sdpa_backend]).__enter__()
+    # Chosen when a step is compiled, so it must hold from the start: entered for the whole run,
+    # with the context manager kept (a dropped one is closed at once, restoring every backend).
+    restricted = contextlib.ExitStack()
+    if a.sdpa_backend:
+        restricted.enter_context(sdpa_kernel(SDPA_BACKENDS[a.sdpa_backend]))
     device = torch.device(a.device)
     dtypes = (a.dtypes or ("bf16" if device.type == "cuda" else "fp32,bf16")).split(",")
     torch.manual_seed(0)
@@ -229,7 +240,7 @@ def main() -> None:
     compile_ = device.type == "cuda"
     repeats = a.repeats or (2 if device.type == "cuda" else 5)
     report = {"machine": platform.processor() or platform.machine(), "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
-              "preset": a.preset, "shape": a.shape, "fused": not a.no_fuse, "sdpa_backend": a.sdpa_backend or "default", "graph_steps": a.graph_steps, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "repeats": repeats, "rows": []}
+              "preset": a.preset, "shape": a.shape, "fused": not a.no_fuse, "sdpa_backend": a.sdpa_backend or "default", "sdpa_enabled": sdpa_enabled(), "graph_steps": a.graph_steps, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "repeats": repeats, "rows": []}
 
     def save(report):
         if a.json:

@@ -5,21 +5,21 @@
 #                generation, an open image continued through CUDA graphs, greedy steps replayed
 #                from graphs the generator captures (graph_steps)
 #   decode_7b    7B-shaped random weights in bf16, batch 1: decode speed as a fraction of the
-#                memory-bandwidth roofline (the default: torch.compile's one-step reduce-overhead
-#                graphs; 72.4% on an H200, RESULTS.md run 3)
-#   graphs_7b    experiment: the same decode replaying graphs of 16 greedy steps captured by the
-#                generator (`--graph-steps 16`), without reduce-overhead's per-call input checks
-#                (~0.15 ms per token between replays in run 3's profile); adopt it if it beats decode_7b
+#                memory-bandwidth roofline (torch.compile's one-step reduce-overhead graphs;
+#                71.5-72.4% on an H200, RESULTS.md runs 3 and 4)
+#   graphs_7b    the same decode replaying graphs of 16 greedy steps captured by the generator
+#                (`--graph-steps 16`): 71.8% in run 4, +0.8%, so not the default
+#   image_7b     one 512x512 image: 1,024 codes with 3-way CFG, then VQGAN decoding (5.65 s in run 3)
+# Not run by default (STAGES="..." in a second call):
 #   graphs_math_7b
 #                graphs_7b with attention as plain matmul/softmax compiled by inductor instead of
-#                cuDNN's kernel (8.3 us a layer for one query over 256 slots in run 3)
-# Not run by default (STAGES="..." in a second call):
-#   image_7b     one 512x512 image: 1,024 codes with 3-way CFG, then VQGAN decoding (5.65 s in run 3)
+#                cuDNN's kernel: 65.3% in run 4 (more kernels), so not adopted
 #   attn_math_7b, attn_efficient_7b
 #                decode_7b with attention restricted to one SDPA backend (math, mem-efficient)
 #   vs_hf_7b     decode_7b against transformers' generate (default and static cache) at batch 1 and 4
 #   tuned_7b     decode_7b with inductor's coordinate-descent tuning of its generated kernels (as
 #                gpt-fast compiles): measured once, 62.7% vs 72.4% of roofline, so not adopted
+#                (GEMM autotuning, TORCHINDUCTOR_MAX_AUTOTUNE_GEMM=1: 70.0% in run 4, not adopted)
 #   profile_7b   the kernels of 16 greedy decode steps (about a minute); PROFILE_ARGS="--graph-steps 16
 #                --profile 49" profiles 3 replays of a captured 16-step graph instead
 #   text_loop_7b greedy text with stop strings (lm-eval's generate_until), sampled text and an
@@ -35,7 +35,7 @@ mkdir -p "$OUT"
 # DECODE_ARGS: another shape or device, e.g. "--preset tiny --device cpu" to rehearse this script.
 DECODE="python3 benchmarks/perf/decode.py ${DECODE_ARGS:---preset 7B --device cuda} --dtypes bf16 --new-tokens 128"
 
-STAGES="${STAGES:-cuda_tests decode_7b graphs_7b graphs_math_7b}"  # a subset reruns only those
+STAGES="${STAGES:-cuda_tests decode_7b graphs_7b image_7b}"  # a subset reruns only those
 
 stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in $OUT/run.txt
     local name=$1 limit=$2 start=$SECONDS
