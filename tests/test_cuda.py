@@ -50,6 +50,24 @@ def test_cuda_graph_greedy_matches_eager(gpu_model, tiny_model):
     assert generate(tiny_model, prompts, GenerationOptions(**opts)) == eager
 
 
+def test_compiled_generation_over_alternating_shapes(gpu_model):
+    """As harness batches alternate cache shapes (batch remainders, prompt lengths), compiled greedy
+    text over four shapes, each met twice, gives the eager tokens, and a shape met again gets its
+    cache back at the same addresses (torch.compile's graph trees then replay, not record)."""
+    prompts = [gpu_model.encode_prompt(p) for p in PROMPTS]
+    long = [gpu_model.encode_prompt(" ".join(PROMPTS) * 8)]  # past the first 256-slot bucket
+    opts = dict(max_new_tokens=20, logit_bias={gpu_model.tokenizer.eos_id: -1e9})
+    skips = counters["inductor"]["cudagraph_skips"]
+    addresses = []
+    for _ in range(2):  # the first batch has the largest cache: the buffers never grow
+        for batch in [prompts, prompts[:1], long, prompts[:2]]:
+            assert generate(gpu_model, batch, GenerationOptions(compile=True, **opts)) == generate(gpu_model, batch, GenerationOptions(compile=False, **opts))
+        store = gpu_model.transformer._cache_store
+        addresses.append({shape: (c.valid.data_ptr(), c.k[0].data_ptr()) for shape, c in store.caches.items()})
+    assert addresses[0] == addresses[1] and len(addresses[0]) >= 4
+    assert counters["inductor"]["cudagraph_skips"] == skips
+
+
 @pytest.mark.parametrize("mode", ["image", "interleaved"])
 def test_sampled_guided_generation_on_gpu(gpu_model, mode):
     """Sampling with 3-way guidance through the CUDA-graph step: well-formed images and seeded (the

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, sized for one device call (at most 9m50s on an H100/H200). Stages, each in its
 # own process with its own time limit, most important first, so a slow stage costs only itself:
-#   cuda_tests   tests/test_cuda.py: GPU logits vs CPU, CUDA-graph step vs eager, sampled guided
-#                generation, an open image continued through CUDA graphs, greedy steps replayed
-#                from graphs the generator captures (graph_steps)
+#   cuda_tests   tests/test_cuda.py: GPU logits vs CPU, CUDA-graph step vs eager (also over cache
+#                shapes that alternate, as harness batches do), sampled guided generation, an open
+#                image continued through CUDA graphs, greedy steps replayed from graphs the
+#                generator captures (graph_steps); 67 s with 8 tests in run 4
 #   decode_7b    7B-shaped random weights in bf16, batch 1: decode speed as a fraction of the
 #                memory-bandwidth roofline (torch.compile's one-step reduce-overhead graphs;
 #                71.5-72.4% on an H200, RESULTS.md runs 3 and 4)
@@ -49,9 +50,9 @@ stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in 
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/run.txt"
-stage cuda_tests "${CUDA_TESTS_S:-110}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-stage decode_7b "${DECODE_S:-150}" $DECODE --batches 1 --no-hf --json "$OUT/decode_7b.json"
-stage graphs_7b "${GRAPHS_S:-150}" $DECODE --batches 1 --no-hf --graph-steps 16 --json "$OUT/graphs_7b.json"
+stage cuda_tests "${CUDA_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+stage decode_7b "${DECODE_S:-120}" $DECODE --batches 1 --no-hf --json "$OUT/decode_7b.json"
+stage graphs_7b "${GRAPHS_S:-120}" $DECODE --batches 1 --no-hf --graph-steps 16 --json "$OUT/graphs_7b.json"
 stage graphs_math_7b "${GRAPHS_MATH_S:-130}" $DECODE --batches 1 --no-hf --graph-steps 16 --sdpa-backend math --json "$OUT/graphs_math_7b.json"
 stage image_7b "${IMAGE_S:-150}" $DECODE --batches 1 --no-hf --new-tokens 8 --image --json "$OUT/image_7b.json"
 stage attn_math_7b "${ATTN_S:-120}" $DECODE --batches 1 --no-hf --sdpa-backend math --json "$OUT/attn_math_7b.json"
