@@ -58,7 +58,7 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
     file_digest = functools.cache(sha256_file)  # shot images recur across items
     # Every prompt is built before the model runs, showing each file as one FileImage: read to hash
     # it (once, below) and whenever a backend encodes it, never held decoded meanwhile (2-shot COCO
-    # test would hold ~5,000 photos, ~5.5 GB, per process; a separate few-shot pool adds more).
+    # test would hold ~5,000 photos, ~5.4 GiB, per process; a separate few-shot pool adds more).
     file_image = functools.cache(FileImage)
     ref_path = reference_path(ref_source)
     # What the scores depend on, for results.json: the references, the few-shot pool (its captions
