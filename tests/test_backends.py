@@ -428,6 +428,10 @@ def test_file_images_hash_as_their_pixels_and_errors_name_the_file(ours, tmp_pat
         hash_args("generate_until", ("<image>", {}, {"visual": [Image.open(cmyk[0])]}))
     keys = [request_hash("generate_until", ("<image>", {}, {"visual": [FileImage(p)]})) for p in cmyk + cmyk[:1]]
     assert keys[0] == keys[2] != keys[1]
+    # PA pixels are palette indices: two PA images alike but for their palettes differ
+    red, blue = (Image.new("P", (4, 4), 0) for _ in range(2))
+    red.putpalette([255, 0, 0] * 256), blue.putpalette([0, 0, 255] * 256)
+    assert len({request_hash("generate_until", ("<image>", {}, {"visual": [im.convert("PA")]})) for im in (red, blue)}) == 2
     # a file changed after its first read: its hash would describe other content
     changing = tmp_path / "changing.png"
     shutil.copyfile(PHOTO, changing)
@@ -477,7 +481,8 @@ def test_image_digests_shared_by_processes(tmp_path, monkeypatch):
             images += images[:2]  # shown again: hashed once
             try:
                 digest_images(images, ThreadDist(r, board, barrier))
-                out[r] = [known_digest(im) for im in images[:len(paths)]]
+                # every file stamped, the other share's too: a change before its read is refused
+                out[r] = [known_digest(im) for im in images[:len(paths)]] if all(im.seen for im in images) else "unstamped"
             except InputError as err:
                 out[r] = str(err)
 

@@ -37,17 +37,21 @@ class FileImage:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.seen: tuple[int, int] | None = None  # (size, mtime) at the first read
+        self.seen: tuple[int, int, int] | None = None  # (inode, size, mtime) when first seen
+
+    def stamp(self) -> tuple[int, int, int] | None:
+        """(inode, size, mtime) of the file now; None where stat fails (open_image names why)."""
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
     def read(self) -> Image.Image:
         """The file's image in its own mode; an unreadable file, or one changed since its first read
         (its request hash and sample record describe that content), is an InputError naming it."""
-        try:
-            stat = self.path.stat()
-            now = (stat.st_size, stat.st_mtime_ns)
-        except OSError:
-            now = None  # open_image names the problem
-        if self.seen is not None and now != self.seen:
+        now = self.stamp()
+        if self.seen is not None and now is not None and now != self.seen:
             raise InputError(f"{self.path}: image file changed during the run (its request hash is of the content "
                              f"read first); rerun the same command to resume with the new content")
         image = open_image(self.path)
@@ -139,8 +143,11 @@ def _pixels_digest(image):
     try:
         return _multimodal_cache_default(image)
     except OSError:
-        raw = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\n".encode() + image.tobytes()).hexdigest()
-        return {"__pil_image_pixels_sha256__": raw}
+        raw = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\n".encode())
+        if image.palette is not None:  # a PA image's pixels are indices into its palette
+            raw.update(f"{image.palette.mode}\n".encode() + image.palette.tobytes())
+        raw.update(image.tobytes())
+        return {"__pil_image_pixels_sha256__": raw.hexdigest()}
 
 
 def digest_images(images, dist=None) -> None:
@@ -151,6 +158,9 @@ def digest_images(images, dist=None) -> None:
     processes exchange them. An unreadable file raises its InputError, the first in order, in
     every process, without reading the files after it in that share."""
     todo = list({id(im): im for im in images if isinstance(im, (Image.Image, FileImage)) and _IMAGE_DIGEST not in im.__dict__}.values())
+    for image in todo:  # every process, its share or not: a file changed after this is refused when read
+        if isinstance(image, FileImage) and image.seen is None:
+            image.seen = image.stamp()
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     share = [len(todo) * r // world for r in range(world + 1)]
     mine = todo[share[rank]:share[rank + 1]]

@@ -9,7 +9,7 @@
 #                memory-bandwidth roofline (torch.compile's one-step reduce-overhead graphs;
 #                71.5-72.4% on an H200, RESULTS.md runs 3 and 4)
 #   graphs_7b    the same decode replaying graphs of 16 greedy steps captured by the generator
-#                (`--graph-steps 16`): 71.8% in run 4, +0.8%, so not the default
+#                (`--graph-steps 16`): +0.8% and +3.0% in run 4's two runs, so not the default
 #   image_7b     one 512x512 image: 1,024 codes with 3-way CFG, then VQGAN decoding (5.65 s in run 3)
 # Not run by default (STAGES="..." in a second call):
 #   graphs_math_7b
