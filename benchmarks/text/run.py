@@ -96,12 +96,17 @@ def _no_environment_probe():
     (0.3-1.3 s a benchmark here). The runner reads neither (results.json records its own
     provenance), so both are skipped for the duration; of the latter's fields, lm_eval_version
     (read into results.json) is kept."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     import lm_eval.evaluator as evaluator
 
-    quiet = {"get_git_commit_hash": lambda: None,
-             "add_env_info": lambda results: results.update(lm_eval_version=version("lm_eval"))}
+    def lm_eval_version(results: dict) -> None:
+        try:
+            results["lm_eval_version"] = version("lm_eval")
+        except PackageNotFoundError as err:  # (lm-eval records the error too, as its version)
+            results["lm_eval_version"] = str(err)
+
+    quiet = {"get_git_commit_hash": lambda: None, "add_env_info": lm_eval_version}
     saved = {name: getattr(evaluator, name) for name in quiet if hasattr(evaluator, name)}
     for name in saved:
         setattr(evaluator, name, quiet[name])
