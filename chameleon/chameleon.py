@@ -232,4 +232,10 @@ def _available_device(device: str | torch.device) -> torch.device:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:
             raise InputError(f"device {str(device)!r}: this machine has {count} CUDA device(s)")
+    elif device.type == "meta":
+        raise InputError(f"device {str(device)!r}: holds no data; expected a device to run on (e.g. cpu, cuda)")
+    elif device.type != "cpu":
+        backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+        if not getattr(backend, "is_available", lambda: False)():
+            raise InputError(f"device {str(device)!r}: not available in this torch build or on this machine")
     return device

@@ -140,6 +140,11 @@ def test_karpathy_dataset_json(tmp_path):
          r"annotations\[0\]: field 'caption' is not valid Unicode text"),
         ({"images": [{"filename": "1.jpg", "split": "test", "sentences": [{"raw": "x\ud800"}]}]},
          r"images\[0\]: field 'sentences\[\].raw'\[0\] is not valid Unicode text"),
+
+        # a reference with no words scores nothing (and CIDEr fails when every reference is so)
+        ({"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "   "}]}, r"annotations\[0\]: field 'caption' has no words"),
+        ([{"image": "val2014/COCO_val2014_000000000001.jpg", "caption": ["a cat", "..."]}],
+         r"row 0: field 'caption'\[1\] has no words \('\.\.\.'\); expected caption text"),
     ],
 )
 def test_malformed_references(tmp_path, content, message):
@@ -416,3 +421,10 @@ def test_prompts_showing_one_file_share_its_image(tmp_path):
              for image, obj in zip(rec["images"], req.args[2]["visual"])]
     files = {f for f, _ in shown}
     assert len(shown) > len(files) and len(set(shown)) == len(files)  # files recur; one image object each
+
+
+def test_references_without_words_refused_by_the_scorer():
+    """Given directly (not from a file, whose loader refuses them), references that tokenize to
+    nothing are named, not passed on to CIDEr, which fails on them with a bare ValueError."""
+    with pytest.raises(InputError, match=r"references of 1 image\(s\) are empty once tokenized .* ids \[2\]"):
+        score_captions({1: ["a cat on a mat"], 2: ["...", " - "]}, {1: "a cat", 2: "a dog"}, metrics=["CIDEr"])

@@ -47,7 +47,10 @@ def test_shipped_suites_load():
     # values in range, each reported with the file, the benchmark and the key
     (GOOD + "batch_size: 0\n", r"s\.yaml: 'batch_size' must be an integer >= 1, got 0"),
     (GOOD + "batch_size: -3\n", r"s\.yaml: 'batch_size' must be an integer >= 1, got -3"),
-    (GOOD + "seed: -1\n", r"s\.yaml: 'seed' must be an integer >= 0, got -1"),
+    (GOOD + "seed: -1\n", r"s\.yaml: 'seed' must be an integer in 0\.\.4294967295 .*, got -1"),
+    (GOOD + "seed: 4294967296\n", r"s\.yaml: 'seed' must be an integer in 0\.\.4294967295 \(numpy's seed range"),
+    (GOOD.replace("mmlu, shots: 5", "coco, metrics: []"), r"'metrics' must be a non-empty list of metric names \(leave it out for all\), got \[\]"),
+    (GOOD.replace("mmlu, shots: 5", "coco, shots: 0, exemplars: pool.json"), r"benchmark 'm': 'exemplars' \(a few-shot pool\) needs 'shots' >= 1"),
     (GOOD + "backend: chamelon\n", r"s\.yaml: 'backend' must be one of chameleon, hf, responses, got 'chamelon'"),
     (GOOD.replace("shots: 5", "limit: -1"), r"s\.yaml: benchmarks\[0\] \('m'\): 'limit' must be an integer >= 1, or null for all items, got -1"),
     (GOOD.replace("shots: 5", "limit: true"), r"s\.yaml: benchmarks\[0\] \('m'\): 'limit' must be an integer >= 1, or null for all items, got True"),
@@ -103,6 +106,10 @@ def test_unknown_suite_name():
     (["--data-dir", "missing"], r"--data-dir '.*missing' is not a directory"),
     (["--data-dir", "."], r"expected 'gsm8k/test\.jsonl' under --data-dir '"),
     (["--dtype", "float64"], r"--dtype 'float64': expected one of float32, fp32, bfloat16, bf16, float16, fp16"),
+    (["--device", "meta"], r"--device 'meta': holds no data; expected a device to run on"),
+    (["--device", "nonsense"], r"--device 'nonsense': not a torch device"),
+    (["--device", "mps"], r"--device 'mps': not available in this torch build or on this machine"),
+    (["--data-dir", ""], r"--data-dir: empty path"),
     (["--data-dir", "data"], r"gsm8k/test\.jsonl: line 2: not UTF-8 text \(byte 0xff\)"),
     (["--data-dir", "data", "--out", "afile/sub"], r"--out .*afile/sub: .*afile is a file, not a directory"),
 ])
@@ -474,3 +481,24 @@ def test_responses_output_must_be_valid_unicode(tmp_path):
     path.write_text('{"item_id": "1", "output": "a cat"}\n{"item_id": "2", "output": "a \\ud800 dog"}\n')
     with pytest.raises(InputError, match=r"r\.jsonl:2: field 'output' must be a string of valid Unicode text"):
         ResponsesBackend(str(path))
+
+
+def test_generation_budget_and_caption_pool_checked_before_any_benchmark(tmp_path):
+    """A max_gen_toks that leaves the model no room for a prompt, and more caption shots than the
+    scored split has exemplars for, are refused before any benchmark runs (they failed when their
+    benchmark's turn came, after earlier ones had run into --out)."""
+    from benchmarks.runner.run import check_generation_room, check_inputs
+
+    class Backend:
+        max_length = 2048
+
+    roomy = load_suite(str(suite_file(tmp_path, GOOD.replace("shots: 5", "generation: {max_gen_toks: 2047}"))))
+    check_generation_room(roomy, Backend())
+    greedy = load_suite(str(suite_file(tmp_path, GOOD.replace("mmlu, shots: 5", "gsm8k, generation: {max_gen_toks: 2048}"))))
+    with pytest.raises(InputError, match=r"s\.yaml: benchmark 'm': generation max_gen_toks 2048 leaves no room for a prompt "
+                                         r"in the model's context of 2048 tokens; expected fewer\. Nothing was run"):
+        check_generation_room(greedy, Backend())
+    shots = load_suite(str(suite_file(tmp_path, GOOD.replace("mmlu, shots: 5", "coco, shots: 12, subset: with_images"))))
+    with pytest.raises(InputError, match=r"s\.yaml: benchmark 'm': 12-shot prompts draw their exemplars from the scored "
+                                         r"split's items with an image, the query excluded: 4 have one, 13 are needed"):
+        check_inputs(shots)

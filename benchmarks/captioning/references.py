@@ -85,13 +85,18 @@ def _captions(path: Path, where: str, field: str, value) -> list[str]:
     if not isinstance(value, list) or not value or not all(isinstance(c, str) and c.strip() for c in value):
         raise InputError(f"{path}: {where}: field {field!r} must be a non-empty list of non-empty strings, got {value!r:.80}")
     for j, caption in enumerate(value):
-        _unicode_text(path, f"{where}: field {field!r}[{j}]", caption)
+        _reference_text(path, f"{where}: field {field!r}[{j}]", caption)
     return value
 
 
-def _unicode_text(path: Path, where: str, text: str) -> None:
-    if problem := unicode_problem(text):  # the scorers' tokenizer cannot encode it
+def _reference_text(path: Path, where: str, text: str) -> None:
+    """A reference the scorers can use: words after PTB tokenization, which drops punctuation (a
+    blank or punctuation-only reference would score nothing, and CIDEr fails when all are), and
+    text its tokenizer can encode."""
+    if problem := unicode_problem(text):
         raise InputError(f"{path}: {where} is not valid Unicode text ({problem})")
+    if not any(ch.isalnum() for ch in text):
+        raise InputError(f"{path}: {where} has no words ({text!r:.40}); expected caption text")
 
 
 def _field(path: Path, where: str, row, field: str, kind: type | tuple[type, ...]):
@@ -132,7 +137,7 @@ def _from_coco_annotations(path: Path, data: dict) -> list[CaptionItem]:
     for i, ann in enumerate(annotations):
         image_id = _field(path, f"annotations[{i}]", ann, "image_id", (int, str))
         caption = _field(path, f"annotations[{i}]", ann, "caption", str)
-        _unicode_text(path, f"annotations[{i}]: field 'caption'", caption)
+        _reference_text(path, f"annotations[{i}]: field 'caption'", caption)
         if image_id not in captions:
             raise InputError(f"{path}: annotations[{i}]: image_id {image_id!r} is not in 'images'")
         captions[image_id].append(caption)

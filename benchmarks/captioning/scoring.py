@@ -236,6 +236,10 @@ def score_captions(
             gts[k] = tokens[pos : pos + len(refs)]
             pos += len(refs)
         res = {k: [tokens[pos + i]] for i, k in enumerate(ids)}
+        empty = [k for k in ids if not any(ref.strip() for ref in gts[k])]
+        if empty:  # punctuation only: nothing to score against (and CIDEr fails on it)
+            raise InputError(f"references of {len(empty)} image(s) are empty once tokenized (punctuation only), "
+                             f"e.g. ids {empty[:5]}; expected caption text")
 
         corpus: dict[str, float] = {}
         per_item: dict[Hashable, dict[str, float]] = {k: {} for k in ids}

@@ -150,7 +150,12 @@ def exemplar_pool(spec: BenchmarkSpec, *, references: list, found: dict, image_d
     train, as the paper's protocol implies), or else the scored split itself (each query excluded
     from its own shots)."""
     if not spec.exemplars:
-        return [it for it in references if it.image_id in found], {}
+        pool = [it for it in references if it.image_id in found]
+        if spec.shots and len(pool) <= spec.shots:  # each query is left out of its own shots
+            raise InputError(f"benchmark '{spec.name}': {spec.shots}-shot prompts draw their exemplars from the scored "
+                             f"split's items with an image, the query excluded: {len(pool)} have one, {spec.shots + 1} "
+                             f"are needed (or name a pool with 'exemplars')")
+        return pool, {}
     if spec.shots == 0:
         return [], {}
     pool_dir = Path(spec.exemplar_images) if spec.exemplar_images else image_dir

@@ -64,10 +64,13 @@ def run_command(args) -> int:
     from benchmarks.runner.dist import PeerFailed, init_dist
     from benchmarks.runner.progress import configure_console
     from benchmarks.runner.results import format_results_table
-    from benchmarks.runner.run import check_image_input, check_inputs, check_out_dir, run_suite
+    from benchmarks.runner.run import check_generation_room, check_image_input, check_inputs, check_out_dir, run_suite
     from benchmarks.runner.suite import load_suite
+    from chameleon.chameleon import _available_device
 
     suite = load_suite(args.suite)
+    if args.data_dir is not None and not str(args.data_dir).strip():
+        raise InputError("--data-dir: empty path; give the directory with the full benchmark files, or leave the flag out")
     if args.limit is not None and args.limit < 1:
         raise InputError(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size is not None and args.batch_size < 1:
@@ -87,10 +90,16 @@ def run_command(args) -> int:
     kind = args.backend or suite.backend
     kwargs = {} if kind == "responses" else {"batch_size": args.batch_size or suite.batch_size,
                                              "device": dist.device(args.device), "dtype": dtype}
+    if kind != "responses":  # before the model loads, for every backend
+        try:
+            _available_device(kwargs["device"])
+        except InputError as err:
+            raise InputError(re.sub(r"^device ", "--device ", str(err))) from None
     if kind != "responses" and not Path(args.model).is_dir():
         raise InputError(f"--model {args.model}: expected a checkpoint directory for backend {kind}")
     check_image_input(suite, kind, args.model, image_input_problem(kind, args.model))  # before the model loads
     backend = load_backend(kind, args.model, **kwargs)
+    check_generation_room(suite, backend)
     try:
         results = run_suite(suite, backend, args.out, limit=args.limit, images_dirs=images_dirs,
                             data_dir=args.data_dir, dist=dist, chunk_size=args.chunk_size, command=sys.argv,

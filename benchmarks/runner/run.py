@@ -70,6 +70,17 @@ def check_image_input(suite: Suite, backend: str, model, problem: str | None) ->
                          f"{backend} cannot give --model {model}: {problem}. Nothing was run")
 
 
+def check_generation_room(suite: Suite, backend) -> None:
+    """Refuse a suite's max_gen_toks that leaves the model no room for a prompt, before any
+    benchmark runs (the backend would refuse it only when that benchmark's turn came)."""
+    room = getattr(backend, "max_length", None)
+    for spec in suite.benchmarks:
+        wanted = spec.generation.get("max_gen_toks")
+        if room is not None and wanted is not None and wanted >= room:
+            raise InputError(f"{suite.path}: benchmark '{spec.name}': generation max_gen_toks {wanted} leaves no room "
+                             f"for a prompt in the model's context of {room} tokens; expected fewer. Nothing was run")
+
+
 def run_identity(suite: Suite, model: dict, *, limit=None, images_dirs=None, data_dir=None) -> dict:
     """What a run's results depend on besides the weights: a rerun into the same --out must match it.
     Inputs as they take effect: the shipped data and images (given or by default) are null, so the

@@ -54,13 +54,13 @@ GEN_KEYS = {"max_gen_toks": int, "temperature": (int, float), "top_p": (int, flo
 # Allowed values of the keys above, checked after their types: (test, what is expected). The
 # wording serves both a wrong type and a value out of range.
 RANGES = {
-    "seed": (lambda v: v >= 0, "an integer >= 0"),
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in 0..4294967295 (numpy's seed range, which lm-eval seeds)"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "shots": (lambda v: v >= 0, "an integer >= 0"),
     "k": (lambda v: v >= 1, "an integer >= 1"),
     "limit": (lambda v: v is None or v >= 1, "an integer >= 1, or null for all items"),
     "maj_at": (lambda v: all(type(j) is int and j >= 1 for j in v), "a list of integers >= 1"),
-    "metrics": (lambda v: all(isinstance(m, str) for m in v), "a list of metric names"),
+    "metrics": (lambda v: bool(v) and all(isinstance(m, str) for m in v), "a non-empty list of metric names (leave it out for all)"),
     "max_gen_toks": (lambda v: v >= 1, "an integer >= 1"),
     "temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
@@ -234,6 +234,8 @@ def _check_captioning(spec: BenchmarkSpec, given: set, where: str) -> None:
     if pool_keys and not spec.exemplars:  # they describe the `exemplars` pool; alone they would be ignored
         raise InputError(f"{where}: {', '.join(pool_keys)} apply only with 'exemplars' (a few-shot pool file); "
                          "without it the shots come from the scored split and the run's images")
+    if spec.exemplars and spec.shots == 0:  # a pool nothing is drawn from would be recorded, unread
+        raise InputError(f"{where}: 'exemplars' (a few-shot pool) needs 'shots' >= 1; 0-shot prompts show no exemplars")
     if spec.subset not in SUBSETS:
         raise InputError(f"{where}: 'subset' must be one of {', '.join(SUBSETS)}, got {spec.subset!r}")
     try:

@@ -123,6 +123,7 @@ def text_task_manager(data_dir: str | Path | None = None, include_defaults: bool
     `data_dir` None reads the subsets shipped in benchmarks/data. With `include_defaults`
     lm-eval's own (hub) tasks, e.g. `gsm8k_cot`, `minerva_math`, `mmlu`, stay available too.
     """
+    data_dir = data_dir or None  # "" is unset, as resolve_data_files reads it (not the working directory)
     if data_dir is not None:
         data_dir = Path(data_dir).expanduser().resolve()
         if not data_dir.is_dir():
