@@ -262,6 +262,9 @@ def test_cli_score_captions(tmp_path, capsys):
     assert cli_main(["score-captions", "--annotations", "coco_karpathy_test", "--results", str(DEMO_RESULTS)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(DEMO_RESULTS) in err and "not in the references" in err
+    assert cli_main(argv[:5] + ["--metrics", "CIDEX", "--out", str(tmp_path / "never.json")]) == 2  # before any file is read
+    assert capsys.readouterr().err.startswith("error: --metrics: unknown caption metric 'CIDEX'")
+    assert not (tmp_path / "never.json").exists()
 
 
 def test_cli_subprocess_exit_codes(tmp_path):

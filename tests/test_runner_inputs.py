@@ -93,9 +93,11 @@ def test_suite_validation(tmp_path, text, match):
         load_suite(str(suite_file(tmp_path, text)))
 
 
-def test_unknown_suite_name():
+def test_unknown_suite_name(tmp_path):
     with pytest.raises(InputError, match=r"suite 'papr': not a shipped suite \(paper, smoke\)"):
         load_suite("papr")
+    with pytest.raises(InputError, match=r"suite .*: a directory; expected a suite YAML file"):
+        load_suite(str(tmp_path))
 
 
 @pytest.mark.parametrize("extra, match", [

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.captioning.references import SHIPPED, load_references, reference_path
-from benchmarks.captioning.scoring import METRIC_GROUPS, score_captions
+from benchmarks.captioning.scoring import METRIC_GROUPS, resolve_metrics, score_captions
 from chameleon.errors import InputError, unicode_problem
 
 DESCRIPTION = """\
@@ -123,6 +123,11 @@ def check_outputs(args) -> None:
 
 def run(args) -> int:
     progress = None if args.quiet else (lambda msg: print(f"score-captions: {msg}", file=sys.stderr, flush=True))
+    if args.metrics:  # before any file is read or Java started
+        try:
+            resolve_metrics(args.metrics)
+        except InputError as err:
+            raise InputError(f"--metrics: {err}") from None
     check_outputs(args)
     items = load_references(args.annotations)
     references = {item.image_id: item.references for item in items}

@@ -151,7 +151,7 @@ def resolve_suite_path(suite: str) -> Path:
     path = Path(suite)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise InputError(f"suite {suite}: file not found")
+            raise InputError(f"suite {suite}: " + ("a directory; expected a suite YAML file" if path.is_dir() else "file not found"))
         return path
     shipped = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
     if suite not in shipped:
