@@ -204,7 +204,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     decoding (`Transformer.optimize_for_cpu_`); in bf16 that includes a packed copy of every matrix
     (2x faster decoding, 2x the weight memory; skipped, with a warning, where memory runs short)
     unless `pack_bf16=False`."""
-    device = _available_device(device)
+    device = available_device(device)
     ckpt = read_checkpoint(path)
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
     with torch.device("meta"):
@@ -222,7 +222,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     return model.eval()
 
 
-def _available_device(device: str | torch.device) -> torch.device:
+def available_device(device: str | torch.device) -> torch.device:
     """The device, checked before any weights are read."""
     try:
         device = torch.device(device)

@@ -642,7 +642,6 @@ class _GreedyGraphs:
         shape = (cache.batch_size, cache.max_seq_len, cache.valid.device)
         graphs = every.pop(shape, None)  # (put back last: the most recently used)
         if graphs is None or graphs.key != key or graphs.cache is not cache or graphs.state is not state or not graphs.global_state.check():
-            graphs = None  # free the old graphs' memory first
             while len(every) >= _GreedyGraphs.KEPT_SHAPES:
                 every.pop(next(iter(every)))
             graphs = _GreedyGraphs(key, step, cache, state)

@@ -390,7 +390,6 @@ def test_compiled_greedy_steps_in_calls_of_several(tiny_model, graph_steps, monk
     the chunking alone, compiled for CPU): rows stopped by a stop id and by a stop string, looks
     every 16 steps as on a GPU, a budget that is no multiple of N, and a repeated call all give
     the eager loop's tokens."""
-    generate_module = importlib.import_module("chameleon.generate")
     monkeypatch.setattr(generate_module, "_host_look_every", lambda device: 16)
     tok = tiny_model.tokenizer
     prompts = [tiny_model.encode_prompt(p) for p in PROMPTS]
@@ -643,7 +642,6 @@ def test_interleaved_image_codes_in_lockstep_equal_per_row(tiny_model, monkeypat
     is inside an image: the same tokens as choosing every code in the per-row loop. Here rows 0 and
     1 open their images at different steps, row 2 ends (a stop id) before either does, and the
     second image goes on after the first is over."""
-    generate_module = importlib.import_module("chameleon.generate")
     tok, n = tiny_model.tokenizer, tiny_model.image_seq_len
     prompts = [tiny_model.encode_prompt(p) for p in PROMPTS]
     scales = {} if guided else dict(cfg_text_scale=1.0, cfg_image_scale=1.0)
@@ -668,7 +666,6 @@ def test_interleaved_codes_independent_of_batch_with_a_separate_code_generator(t
     one; whether its codes run in a lockstep block or in the per-row loop depends on the other rows
     of its batch. Emulated here with a second CPU generator for codes: a row's output must not
     depend on its batch."""
-    generate_module = importlib.import_module("chameleon.generate")
 
     def code_generator(r, device):
         if r.device_generator is None:
@@ -693,7 +690,6 @@ def test_interleaved_codes_independent_of_batch_with_a_separate_code_generator(t
 def test_interleaved_second_image_lockstep_equals_per_row(tiny_model, monkeypatch):
     """A guided row's second image follows a first whose every code, the last included, reached
     the guidance rows, in the per-row loop as in a lockstep block."""
-    generate_module = importlib.import_module("chameleon.generate")
     tok, n = tiny_model.tokenizer, tiny_model.image_seq_len
     prompt = [tiny_model.encode_prompt(PROMPTS[0])]
     for temperature in (0.0, 0.7):

@@ -13,15 +13,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_script(script: str, *args) -> subprocess.CompletedProcess:
+    """benchmarks/perf/<script> with these arguments, offline; it must succeed."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, f"benchmarks/perf/{script}", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def test_decode_benchmark_side_by_side(tmp_path):
     # Decode time = fastest N-token run - fastest 1-token run: N must be large enough that timing
     # noise on a loaded machine cannot make it negative.
     out = tmp_path / "decode.json"
-    cmd = [sys.executable, "benchmarks/perf/decode.py", "--preset", "tiny", "--dtypes", "fp32", "--batches", "1,2",
-           "--new-tokens", "12", "--repeats", "2", "--hf-caches", "dynamic,static", "--json", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script("decode.py", "--preset", "tiny", "--dtypes", "fp32", "--batches", "1,2", "--new-tokens", "12", "--repeats", "2",
+               "--hf-caches", "dynamic,static", "--json", out)
     report = json.loads(out.read_text())
     assert [(r["dtype"], r["batch"]) for r in report["rows"]] == [("fp32", 1), ("fp32", 2)]
     for row in report["rows"]:
@@ -32,20 +38,14 @@ def test_decode_benchmark_side_by_side(tmp_path):
 
 
 def test_text_loop_benchmark(tmp_path):
-    cmd = [sys.executable, "benchmarks/perf/text_loop.py", "--preset", "tiny", "--batches", "1,3", "--new-tokens", "6", "--repeats", "1"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_script("text_loop.py", "--preset", "tiny", "--batches", "1,3", "--new-tokens", "6", "--repeats", "1")
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [(r["workload"], r["batch"]) for r in rows] == [(w, b) for w in ("greedy_stop_strings", "sampled", "interleaved_image") for b in (1, 3)]
     assert all(r["speedup"] > 0 for r in rows)
 
 
 def test_sampling_benchmark():
-    cmd = [sys.executable, "benchmarks/perf/sampling.py", "--vocab", "5000", "--batches", "1,3", "--rounds", "2", "--calls", "2"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_script("sampling.py", "--vocab", "5000", "--batches", "1,3", "--rounds", "2", "--calls", "2")
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [(r["batch"], r["shape"]) for r in rows] == [(b, s) for b in (1, 3) for s in ("zipf1.5", "zipf1.2", "zipf1.0", "normal")]
     assert all(r["speedup"] > 0 and 0 < r["nucleus_median"] <= 5000 for r in rows)
@@ -53,10 +53,7 @@ def test_sampling_benchmark():
 
 def test_caption_prompts_benchmark(tmp_path):
     out = tmp_path / "caption_prompts.json"
-    cmd = [sys.executable, "benchmarks/perf/caption_prompts.py", "--photos", "3,6", "--json", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script("caption_prompts.py", "--photos", "3,6", "--json", out)
     report = json.loads(out.read_text())
     assert [r["photos"] for r in report["rows"]] == [3, 6] and all(r["peak_rss_mib"] > 0 for r in report["rows"])
     assert report["decoded_photo_mib"] > 0.5  # the shipped COCO photos are ~640x480 RGB
@@ -66,10 +63,7 @@ def test_decode_benchmark_restricts_attention_for_the_whole_run(tmp_path):
     """--sdpa-backend holds for the run (a dropped sdpa_kernel context restored every backend at
     once, so the flag did nothing), and the report says which backends were left enabled."""
     out = tmp_path / "decode.json"
-    cmd = [sys.executable, "benchmarks/perf/decode.py", "--preset", "tiny", "--device", "cpu", "--dtypes", "fp32", "--batches", "1",
-           "--new-tokens", "4", "--repeats", "1", "--no-hf", "--sdpa-backend", "math", "--json", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script("decode.py", "--preset", "tiny", "--device", "cpu", "--dtypes", "fp32", "--batches", "1", "--new-tokens", "4",
+               "--repeats", "1", "--no-hf", "--sdpa-backend", "math", "--json", out)
     report = json.loads(out.read_text())
     assert report["sdpa_backend"] == "math" and report["sdpa_enabled"] == ["math"]

@@ -66,7 +66,7 @@ def run_command(args) -> int:
     from benchmarks.runner.results import format_results_table
     from benchmarks.runner.run import check_generation_room, check_image_input, check_inputs, check_out_dir, run_suite
     from benchmarks.runner.suite import load_suite
-    from chameleon.chameleon import _available_device
+    from chameleon.chameleon import available_device
 
     suite = load_suite(args.suite)
     if args.data_dir is not None and not str(args.data_dir).strip():
@@ -92,11 +92,11 @@ def run_command(args) -> int:
                                              "device": dist.device(args.device), "dtype": dtype}
     if kind != "responses":  # before the model loads, for every backend
         try:
-            _available_device(kwargs["device"])
+            available_device(kwargs["device"])
         except InputError as err:
             raise InputError(re.sub(r"^device ", "--device ", str(err))) from None
-    if kind != "responses" and not Path(args.model).is_dir():
-        raise InputError(f"--model {args.model}: expected a checkpoint directory for backend {kind}")
+        if not Path(args.model).is_dir():
+            raise InputError(f"--model {args.model}: expected a checkpoint directory for backend {kind}")
     check_image_input(suite, kind, args.model, image_input_problem(kind, args.model))  # before the model loads
     backend = load_backend(kind, args.model, **kwargs)
     check_generation_room(suite, backend)

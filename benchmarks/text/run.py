@@ -6,6 +6,7 @@ with `lm_eval.simple_evaluate`, so prompts, filters and metrics are lm-eval's.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -72,23 +73,29 @@ logging.getLogger("lm_eval.api.task").addFilter(_DropCustomDatasetHint())
 
 
 @contextmanager
+def _swapped(module, **replacements):
+    """The module's attributes of these names replaced for the duration (those it has: a name a
+    later lm-eval drops is left alone), then restored."""
+    saved = {name: getattr(module, name) for name in replacements if hasattr(module, name)}
+    for name in saved:
+        setattr(module, name, replacements[name])
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def _request_building_bars(enabled: bool):
     """lm-eval draws one tqdm bar per task while it builds requests (57 for MMLU) and has no option
     to turn them off; without `enabled` its module's `tqdm` is a disabled one for the duration."""
     if enabled:
-        yield
-        return
+        return contextlib.nullcontext()
     import lm_eval.api.task as task_module
 
-    saved = task_module.tqdm
-    task_module.tqdm = functools.partial(saved, disable=True)
-    try:
-        yield
-    finally:
-        task_module.tqdm = saved
+    return _swapped(task_module, tqdm=functools.partial(task_module.tqdm, disable=True))
 
 
-@contextmanager
 def _no_environment_probe():
     """simple_evaluate ends by probing the environment for its results: `git describe` in the
     working directory, which prints "fatal: not a git repository" to the terminal outside one (once
@@ -106,15 +113,7 @@ def _no_environment_probe():
         except PackageNotFoundError as err:  # (lm-eval records the error too, as its version)
             results["lm_eval_version"] = str(err)
 
-    quiet = {"get_git_commit_hash": lambda: None, "add_env_info": lm_eval_version}
-    saved = {name: getattr(evaluator, name) for name in quiet if hasattr(evaluator, name)}
-    for name in saved:
-        setattr(evaluator, name, quiet[name])
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(evaluator, name, value)
+    return _swapped(evaluator, get_git_commit_hash=lambda: None, add_env_info=lm_eval_version)
 
 
 def text_task_manager(data_dir: str | Path | None = None, include_defaults: bool = False) -> TaskManager:
