@@ -15,6 +15,7 @@ import contextlib
 import gc
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ from chameleon.model import KVCache
 from chameleon.sampling import apply_repetition_penalty, pick_rows, sample
 
 MODES = ("text", "image", "interleaved")
+KERNELS = ("torch", "triton")
 CACHE_BUCKET = 256
 
 
@@ -50,6 +52,11 @@ class GenerationOptions:
     # CUDA each N-step call is replayed from a CUDA graph captured here (`_GreedyGraphs`) instead
     # of torch.compile's one-step reduce-overhead graphs. None: the latter.
     graph_steps: int | None = None
+    # Experimental: "triton" runs batch-1 greedy text decode steps on fused Triton kernels
+    # (chameleon/kernels.py), on CUDA replayed from graphs the generator captures (`graph_steps`
+    # steps a graph, 1 by default). Where they do not apply (batch > 1, swin_norm, no triton, no
+    # GPU) the usual step runs, with a warning. "torch": the usual step.
+    kernels: str = "torch"
     progress: bool = False
 
     def __post_init__(self):
@@ -59,6 +66,8 @@ class GenerationOptions:
             raise InputError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if self.kernels not in KERNELS:
+            raise InputError(f"kernels {self.kernels!r}: expected one of {', '.join(KERNELS)}")
         if self.graph_steps is not None and self.graph_steps < 1:
             raise InputError(f"graph_steps must be >= 1 (None: off), got {self.graph_steps}")
         for name, ok, expected in (
@@ -278,8 +287,9 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
         text_loop_args = (model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, tok.pad_id, progress, stop_strings)
         # Text mode runs on the device text loop; plain greedy picks inside a compiled graph.
         pick = _text_pick(opts, rows, device, text_seen) if opts.mode == "text" else None
-        if opts.mode == "text" and pick is None and use_compile:  # a graph of its own, not the logits step below
-            return _text_loop(*text_loop_args, graph_steps=opts.graph_steps)
+        fused = _fused_decoder(model.transformer, cache) if opts.kernels == "triton" and opts.mode == "text" and pick is None else None
+        if opts.mode == "text" and pick is None and (use_compile or fused is not None):  # a graph of its own, not the logits step below
+            return _text_loop(*text_loop_args, graph_steps=opts.graph_steps, fused=fused)
         step_fn = _decode_step(model, use_compile, weights)
         if opts.mode == "image" and not per_row_image:
             return _image_loop(logits, rows, n_prompts, guided, opts, tok, n_codes, image_ids, cache, cur, next_pos, step_fn, spans_of, progress)
@@ -504,7 +514,7 @@ def _text_pick(opts: GenerationOptions, rows: list[_Row], device: torch.device, 
     return pick
 
 
-def _text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, pad_id, progress, stop_strings=None, step_fn=None, spans=None, pick=None, graph_steps=None) -> list[list[int]]:
+def _text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, pad_id, progress, stop_strings=None, step_fn=None, spans=None, pick=None, graph_steps=None, fused=None) -> list[list[int]]:
     """Text for all rows without leaving the device: no per-token host sync, so a GPU runs ahead
     of Python; a row that ended keeps decoding into slots nobody reads until every row has ended.
     Stop strings are checked whenever the loop looks at the host (`_StopStringScan`). Eager or
@@ -512,14 +522,15 @@ def _text_loop(model, logits, text_bias, stop_ids, budget, cache, cur, next_pos,
     `step_fn`, the compiled greedy step runs, with the greedy pick inside the graph, so that a CUDA
     graph replay is all the per-token work (around a logits-only graph the pick was ~10 eager
     kernels, ~0.3 ms per token on an H200 against a 7B step of ~4.3 ms in the graph), in calls of
-    `graph_steps` steps where given (the budget's remainder one step a call)."""
+    `graph_steps` steps where given (the budget's remainder one step a call); `fused` (a
+    `kernels.FusedDecoder`) runs that greedy step on fused Triton kernels instead."""
     n_rows, device = logits.shape[0], logits.device
     if budget == 0:  # (a compiled cache may hold no slot for a first token)
         return [[] for _ in range(n_rows)]
     chunk = graph_steps or 1  # (given with the compiled greedy step only)
     if step_fn is None:
         state = _compiled_greedy_state(model.transformer, cache, logits.shape[-1])
-        steps = _greedy_steps(model.transformer, cache, state, graph_steps)
+        steps = _greedy_steps(model.transformer, cache, state, graph_steps, fused)
     else:
         state = _TextState(n_rows, cache.max_seq_len, logits.shape[-1], device)
 
@@ -567,6 +578,18 @@ def _compiled_greedy_state(transformer, cache, vocab: int) -> _TextState:
     return state
 
 
+def _fused_decoder(transformer, cache):
+    """The Triton decoder for this model and cache (`GenerationOptions.kernels`), or None where
+    it does not apply, with a warning that says why."""
+    from chameleon import kernels  # (imports triton, only when asked for)
+
+    why = kernels.unsupported(transformer, cache)
+    if why is not None:
+        warnings.warn(f"kernels='triton' does not apply here ({why}): the usual decode step runs")
+        return None
+    return kernels.fused_decoder(transformer)
+
+
 def _compiled_greedy_step(transformer, mode: str | None = None):
     """The compiled greedy step for this model (see `_text_loop`): mark the input's slot
     valid, run it, advance. One per compile mode, kept on the model; `_compile_mode`'s by default."""
@@ -584,12 +607,29 @@ def _compiled_greedy_step(transformer, mode: str | None = None):
     return compiled[mode]
 
 
-def _greedy_steps(transformer, cache, state: _TextState, graph_steps: int | None):
+def _captures_graphs(cache) -> bool:
+    """Whether greedy steps on this cache may be captured as CUDA graphs (a function of its own:
+    tests emulate CUDA graphs on the CPU)."""
+    return cache.valid.is_cuda
+
+
+def _greedy_steps(transformer, cache, state: _TextState, graph_steps: int | None, fused=None):
     """A function (first slot, n) that runs n compiled greedy steps (the slots are in `state`).
     With `graph_steps` on CUDA, the steps are replayed from `_GreedyGraphs`; otherwise each is a
-    call of the compiled step (CUDA graphs of one step by torch.compile's reduce-overhead mode)."""
-    if graph_steps is not None and cache.valid.is_cuda:
-        return _GreedyGraphs.of(transformer, cache, state).run
+    call of the compiled step (CUDA graphs of one step by torch.compile's reduce-overhead mode).
+    With `fused` (a `kernels.FusedDecoder`), its greedy step runs instead: from `_GreedyGraphs`
+    on CUDA, one step at a time elsewhere (Triton's interpreter, for tests)."""
+    if fused is not None:
+        if _captures_graphs(cache):
+            return _GreedyGraphs.of(transformer, cache, state, fused.greedy_step, "triton").run
+
+        def interpreted(first_slot: int, n: int) -> None:
+            for _ in range(n):
+                fused.greedy_step(cache, state)
+
+        return interpreted
+    if graph_steps is not None and _captures_graphs(cache):
+        return _GreedyGraphs.of(transformer, cache, state, _compiled_greedy_step(transformer, mode="default"), "inductor").run
     compiled = _first_call_may_compile(_compiled_greedy_step(transformer))
 
     def steps(first_slot: int, n: int) -> None:
@@ -629,19 +669,18 @@ class _GreedyGraphs:
         self.pool = torch.cuda.graph_pool_handle()
 
     @staticmethod
-    def of(transformer, cache, state: _TextState) -> "_GreedyGraphs":
-        """This cache shape's graphs, kept on the model for the KEPT_SHAPES shapes used last (as
-        the cache and the state are kept per shape: harness batches alternate shapes), captured
-        anew where they no longer apply."""
-        step = _compiled_greedy_step(transformer, mode="default")
+    def of(transformer, cache, state: _TextState, step, kind: str) -> "_GreedyGraphs":
+        """This cache shape's graphs of `step` (one step function per `kind`), kept on the model
+        for the KEPT_SHAPES shapes used last (as the cache and the state are kept per shape:
+        harness batches alternate shapes), captured anew where they no longer apply."""
         tensors = [*transformer.parameters(), *(f.tensor for f in transformer.fused_tensors()), *cache.tensors(), *vars(state).values()]
         key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors)
         every = getattr(transformer, "_greedy_graphs", None)
         if every is None:
             every = transformer._greedy_graphs = {}
-        shape = (cache.batch_size, cache.max_seq_len, cache.valid.device)
+        shape = (cache.batch_size, cache.max_seq_len, cache.valid.device, kind)
         graphs = every.pop(shape, None)  # (put back last: the most recently used)
-        if graphs is None or graphs.key != key or graphs.cache is not cache or graphs.state is not state or not graphs.global_state.check():
+        if graphs is None or graphs.key != key or graphs.step != step or graphs.cache is not cache or graphs.state is not state or not graphs.global_state.check():
             while len(every) >= _GreedyGraphs.KEPT_SHAPES:
                 every.pop(next(iter(every)))
             graphs = _GreedyGraphs(key, step, cache, state)

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU, the Triton kernels (chameleon/kernels.py) run in Triton's interpreter, which must
+# be chosen before anything imports triton (torch.compile on CPU does, when it is installed).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "benchmarks" / "data"
@@ -89,3 +96,54 @@ def tiny_model(tiny_hf):
     import chameleon
 
     return chameleon.load(tiny_hf)
+
+
+class _FakeGraph:
+    """A CUDA graph emulated on CPU (see `emulate_cuda_graphs`): replay runs the steps recorded in its capture."""
+
+    def __init__(self):
+        self.steps = None
+
+    def replay(self):
+        self.steps()
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+
+def emulate_cuda_graphs(monkeypatch, transformer, events: list) -> None:
+    """Let `_GreedyGraphs` run on CPU, with torch's CUDA graph API emulated: a capture records the
+    steps without running them (the tensors they write are restored after it), a replay runs
+    them. `events` gets "capture", "captured N" and "clear" (cuBLAS workspaces emptied)."""
+    import torch
+
+    generate_module = importlib.import_module("chameleon.generate")
+
+    @contextlib.contextmanager
+    def capture(graph, pool=None, stream=None, capture_error_mode="global"):
+        graphs = next(g for g in transformer._greedy_graphs.values() if g.stream is stream)
+        tensors = [*graphs.cache.tensors(), *vars(graphs.state).values()]
+        before = [t.clone() for t in tensors]
+        step, calls = graphs.step, []
+        graphs.step = lambda cache, state: calls.append((cache, state))
+        events.append("capture")
+        try:
+            yield
+        finally:
+            graphs.step = step
+            for t, b in zip(tensors, before):  # recorded, not run
+                t.copy_(b)
+            graph.steps = lambda: [step(*c) for c in calls]
+            events.append(f"captured {len(calls)}")
+
+    monkeypatch.setattr(generate_module, "_captures_graphs", lambda cache: True)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", _FakeStream)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: events.append("clear"), raising=False)

@@ -22,8 +22,8 @@ PROMPTS = ["A photo of a cat sitting on a mat.", "Hi", "Describe the weather in 
 
 
 def _graphs_of(model, n_rows):
-    """The captured greedy graphs (`_GreedyGraphs`) of the model's cache with n_rows rows."""
-    return next(g for (rows, *_), g in model.transformer._greedy_graphs.items() if rows == n_rows)
+    """The captured greedy graphs (`_GreedyGraphs`) of the compiled step on the model's cache with n_rows rows."""
+    return next(g for (rows, *_, kind), g in model.transformer._greedy_graphs.items() if rows == n_rows and kind == "inductor")
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +146,49 @@ def test_greedy_steps_replayed_from_captured_graphs(gpu_model, graph_steps):
         if "stop_ids" not in opts:  # 44 steps: the first call's uncaptured, then calls of N, then of 1
             assert set(captured) == {1, graph_steps}
     assert eager != free
+
+
+@pytest.mark.parametrize("graph_steps", [None, 16])
+def test_fused_triton_kernels_on_gpu(gpu_model, graph_steps):
+    """kernels="triton" (compiled kernels, tuned on first use, replayed from captured graphs):
+    the eager tokens at batch 1, with a stop id and a stop string too, on every call, the graphs
+    captured once; a batch of 3 falls back to the usual step."""
+    tok = gpu_model.tokenizer
+    prompts = [gpu_model.encode_prompt(p) for p in PROMPTS]
+    base = dict(max_new_tokens=45, logit_bias={tok.eos_id: -1e9})
+    free = generate(gpu_model, prompts[:1], GenerationOptions(compile=False, **base))
+    for opts in (base, dict(**base, stop_ids=(free[0][30],), stop_strings=(tok.decode_text(free[0][10:12]),))):
+        eager = generate(gpu_model, prompts[:1], GenerationOptions(compile=False, **opts))
+        fused = GenerationOptions(kernels="triton", graph_steps=graph_steps, **opts)
+        assert generate(gpu_model, prompts[:1], fused) == eager
+        graphs = next(g for (rows, *_, kind), g in gpu_model.transformer._greedy_graphs.items() if rows == 1 and kind == "triton")
+        captured = dict(graphs.graphs)
+        assert generate(gpu_model, prompts[:1], fused) == eager
+        assert graphs.graphs == captured and captured  # replayed, not captured again
+    with pytest.warns(UserWarning, match="batch 1 only"):
+        assert generate(gpu_model, prompts, GenerationOptions(kernels="triton", **base)) == generate(gpu_model, prompts, GenerationOptions(compile=False, **base))
+
+
+def test_fused_triton_step_in_bf16_on_gpu(tiny_hf):
+    """In bf16 on a GPU (which rounds to nearest, unlike Triton's interpreter) the fused step's
+    logits are as close to the float32 ones as the reference forward's."""
+    from chameleon import kernels
+
+    def step(model, fused):
+        t = model.transformer
+        cache = t.new_cache(1, 256)
+        ids = torch.tensor([model.encode_prompt(PROMPTS[2])], device="cuda")
+        n = ids.shape[1]
+        cache.valid[:, : n + 1] = True
+        token, position, slot = torch.tensor([[77]], device="cuda"), torch.tensor([[n]], device="cuda"), torch.tensor([n], device="cuda")
+        with torch.no_grad():
+            t(ids, cache=cache, input_pos=0, kv_len=n)
+            if fused:
+                return kernels.FusedDecoder(t).step_logits(token, position, slot, cache).clone()
+            return t(token, cache=cache, input_pos=n, positions=position, kv_len=n + 1)[:, -1]
+
+    truth = step(chameleon.load(tiny_hf, device="cuda", dtype=torch.float32), fused=False)
+    bf16 = chameleon.load(tiny_hf, device="cuda", dtype=torch.bfloat16)
+    got, expected = step(bf16, fused=True), step(bf16, fused=False)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    assert (got - truth).abs().mean() <= 1.25 * (expected - truth).abs().mean()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cut_at_stop_strings
+from conftest import cut_at_stop_strings, emulate_cuda_graphs
 from chameleon.config import preset
 from chameleon.errors import InputError
 from chameleon.generate import GenerationOptions, cfg_mix, generate
@@ -410,21 +410,6 @@ def test_compiled_greedy_steps_in_calls_of_several(tiny_model, graph_steps, monk
         GenerationOptions(graph_steps=0)
 
 
-class _FakeGraph:
-    """A CUDA graph emulated on CPU (see below): replay runs the steps recorded in its capture."""
-
-    def __init__(self):
-        self.steps = None
-
-    def replay(self):
-        self.steps()
-
-
-class _FakeStream:
-    def wait_stream(self, other):
-        pass
-
-
 @pytest.mark.parametrize("graph_steps", [1, 6])
 def test_greedy_graphs_bookkeeping_with_emulated_cuda_graphs(tiny_model, graph_steps, monkeypatch):
     """`_GreedyGraphs` on CPU, with torch's CUDA graph API emulated: a capture records the steps
@@ -436,37 +421,10 @@ def test_greedy_graphs_bookkeeping_with_emulated_cuda_graphs(tiny_model, graph_s
     events = []
 
     def of_shape(n_rows):
-        return next(g for (rows, *_), g in tiny_model.transformer._greedy_graphs.items() if rows == n_rows)
+        return next(g for (rows, *_, kind), g in tiny_model.transformer._greedy_graphs.items() if rows == n_rows and kind == "inductor")
 
-    @contextlib.contextmanager
-    def capture(graph, pool=None, stream=None, capture_error_mode="global"):
-        graphs = next(g for g in tiny_model.transformer._greedy_graphs.values() if g.stream is stream)
-        tensors = [*graphs.cache.tensors(), *vars(graphs.state).values()]
-        before = [t.clone() for t in tensors]
-        step, calls = graphs.step, []
-        graphs.step = lambda cache, state: calls.append((cache, state))
-        events.append("capture")
-        try:
-            yield
-        finally:
-            graphs.step = step
-            for t, b in zip(tensors, before):  # recorded, not run
-                t.copy_(b)
-            graph.steps = lambda: [step(*c) for c in calls]
-            events.append(f"captured {len(calls)}")
-
+    emulate_cuda_graphs(monkeypatch, tiny_model.transformer, events)
     monkeypatch.setattr(generate_module, "_host_look_every", lambda device: 16)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", _FakeStream)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", capture)
-    monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: events.append("clear"), raising=False)
-    plain = generate_module._greedy_steps
-    monkeypatch.setattr(generate_module, "_greedy_steps", lambda transformer, cache, state, n: (
-        generate_module._GreedyGraphs.of(transformer, cache, state).run if n else plain(transformer, cache, state, n)))
 
     tok = tiny_model.tokenizer
     prompts = [tiny_model.encode_prompt(p) for p in PROMPTS]

@@ -67,3 +67,16 @@ def test_decode_benchmark_restricts_attention_for_the_whole_run(tmp_path):
                "--repeats", "1", "--no-hf", "--sdpa-backend", "math", "--json", out)
     report = json.loads(out.read_text())
     assert report["sdpa_backend"] == "math" and report["sdpa_enabled"] == ["math"]
+
+
+def test_decode_benchmark_times_the_fused_kernels(tmp_path):
+    """--triton times our decode on the fused Triton kernels beside the default path at batch 1
+    (here in Triton's interpreter: the figures mean nothing, the tokens must agree)."""
+    out = tmp_path / "decode.json"
+    run_script("decode.py", "--preset", "tiny", "--device", "cpu", "--dtypes", "fp32", "--batches", "1,2", "--new-tokens", "4",
+               "--prompt-len", "16", "--repeats", "1", "--no-hf", "--triton", "--json", out)
+    report = json.loads(out.read_text())
+    one, two = report["rows"]
+    assert report["triton"] is True and one["ours_triton"]["decode_tok_s"] > 0
+    assert one["same_tokens_as_ours_triton"] is True and one["leading_tokens_agreeing_ours_triton"] == [4]
+    assert "ours_triton" not in two  # batch 1 only

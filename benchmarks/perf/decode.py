@@ -82,9 +82,10 @@ def build_pair(args, vq: VQGANConfig, device, dtype, with_hf=True, fuse=True):
     return ours, hf
 
 
-def greedy(tok, new_tokens: int, compile_: bool, graph_steps: int | None = None) -> GenerationOptions:
+def greedy(tok, new_tokens: int, compile_: bool, graph_steps: int | None = None, kernels: str = "torch") -> GenerationOptions:
     """Greedy text with eos kept out, so that every run decodes exactly `new_tokens` tokens."""
-    return GenerationOptions(max_new_tokens=new_tokens, temperature=0.0, logit_bias={tok.eos_id: -1e9, tok.eot_id: -1e9}, compile=compile_, graph_steps=graph_steps)
+    return GenerationOptions(max_new_tokens=new_tokens, temperature=0.0, logit_bias={tok.eos_id: -1e9, tok.eot_id: -1e9}, compile=compile_,
+                             graph_steps=graph_steps, kernels=kernels)
 
 
 def random_prompts(tok, batch: int, length: int, seed: int) -> torch.Tensor:
@@ -101,9 +102,10 @@ class Competitor:
         self.name, self.run = name, run
 
 
-def ours_competitor(model, prompts, compile_, graph_steps=None) -> Competitor:
+def ours_competitor(model, prompts, compile_, graph_steps=None, kernels="torch") -> Competitor:
     tok = model.tokenizer
-    return Competitor("ours", lambda n: generate(model, prompts, greedy(tok, n, compile_, graph_steps)))
+    name = "ours" if kernels == "torch" else f"ours_{kernels}"
+    return Competitor(name, lambda n: generate(model, prompts, greedy(tok, n, compile_, graph_steps, kernels)))
 
 
 def hf_competitor(hf, prompts, device, cache_impl, tok) -> Competitor:
@@ -152,13 +154,13 @@ def time_side_by_side(competitors, batch, prompt_len, new_tokens, device, repeat
                for name, b in best.items()}, outputs
 
 
-def profile_ours(model, prompts, new_tokens, device, compile_, graph_steps=None) -> None:
+def profile_ours(model, prompts, new_tokens, device, compile_, graph_steps=None, kernels="torch") -> None:
     """Print the kernels that take the device's time in a greedy decode (where the roofline is lost)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        generate(model, prompts, greedy(model.tokenizer, new_tokens, compile_, graph_steps))
+        generate(model, prompts, greedy(model.tokenizer, new_tokens, compile_, graph_steps, kernels))
         sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90), flush=True)
@@ -217,6 +219,10 @@ def main() -> None:
     p.add_argument("--graph-steps", type=int, default=None, metavar="N", help=(
         "experiment: our greedy decode replays CUDA graphs of N steps captured by the generator, instead of "
         "torch.compile's one-step reduce-overhead graphs (GenerationOptions.graph_steps)"))
+    p.add_argument("--triton", action="store_true", help=(
+        "experiment: at batch 1, also time our greedy decode on the fused Triton kernels (chameleon/kernels.py, "
+        "GenerationOptions(kernels='triton'), replaying graphs of --triton-graph-steps steps), in turns with the default path"))
+    p.add_argument("--triton-graph-steps", type=int, default=16, metavar="N", help="with --triton: steps per captured graph (default 16)")
     p.add_argument("--json", default=None, help="write the results here too")
     a = p.parse_args()
     # Chosen when a step is compiled, so it must hold from the start: entered for the whole run,
@@ -240,7 +246,7 @@ def main() -> None:
     compile_ = device.type == "cuda"
     repeats = a.repeats or (2 if device.type == "cuda" else 5)
     report = {"machine": platform.processor() or platform.machine(), "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
-              "preset": a.preset, "shape": a.shape, "fused": not a.no_fuse, "sdpa_backend": a.sdpa_backend or "default", "sdpa_enabled": sdpa_enabled(), "graph_steps": a.graph_steps, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "repeats": repeats, "rows": []}
+              "preset": a.preset, "shape": a.shape, "fused": not a.no_fuse, "sdpa_backend": a.sdpa_backend or "default", "sdpa_enabled": sdpa_enabled(), "graph_steps": a.graph_steps, "triton": a.triton, "triton_graph_steps": a.triton_graph_steps if a.triton else None, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "repeats": repeats, "rows": []}
 
     def save(report):
         if a.json:
@@ -262,13 +268,16 @@ def main() -> None:
             report["rows"].append(row)  # filled in place; saved as it grows
             prompts = random_prompts(ours.tokenizer, batch, a.prompt_len, seed=0).tolist()
             competitors = [ours_competitor(ours, prompts, compile_, a.graph_steps)]
+            if a.triton and batch == 1:
+                competitors.append(ours_competitor(ours, prompts, compile_, a.triton_graph_steps, "triton"))
             if hf is not None:
                 competitors += [hf_competitor(hf, prompts, device, cache, ours.tokenizer) for cache in ("dynamic", "static") if cache in a.hf_caches.split(",")]
             for speeds, outputs in time_side_by_side(competitors, batch, a.prompt_len, a.new_tokens, device, repeats):
                 row["ours"] = speeds["ours"]
                 our_out = outputs["ours"]
-                if bw is not None:  # a decode step can take no less than reading every weight once
-                    row["fraction_of_roofline"] = (weight_bytes / bw) / (batch / row["ours"]["decode_tok_s"])
+                for name in ("ours", "ours_triton"):
+                    if bw is not None and name in speeds:  # a decode step can take no less than reading every weight once
+                        row[f"fraction_of_roofline{name[4:]}"] = (weight_bytes / bw) / (batch / speeds[name]["decode_tok_s"])
                 for name, speed in speeds.items():
                     if name == "ours":
                         continue
@@ -281,7 +290,9 @@ def main() -> None:
                 save(report)  # a long GPU run keeps what it has measured if it is cut short
             print(json.dumps(row, indent=1), flush=True)
             if a.profile and len(report["rows"]) == 1:
-                profile_ours(ours, prompts, a.profile, device, compile_, a.graph_steps)
+                for kernels, steps in (("torch", a.graph_steps), ("triton", a.triton_graph_steps))[: 2 if a.triton and batch == 1 else 1]:
+                    print(f"profile, kernels={kernels}:", flush=True)
+                    profile_ours(ours, prompts, a.profile, device, compile_, steps, kernels)
         del hf
     if "fp32" in last_logits and "bf16" in last_logits:
         # bf16 greedy tokens of two stacks part at near-ties; what matters is that neither is less
@@ -293,6 +304,10 @@ def main() -> None:
         }
     if bw is not None:
         report["roofline_tok_s_b1"] = bw / weight_bytes
+    if a.triton:  # the block sizes the kernels' first calls chose by timing
+        from chameleon import kernels
+
+        report["triton_configs"] = kernels.chosen_configs()
     if a.image:
         tok = ours.tokenizer
         prompt = [[tok.bos_id] + tok.encode_text("A watercolor painting of a red fox in the snow.")]

@@ -4,14 +4,21 @@
 #   cuda_tests   tests/test_cuda.py: GPU logits vs CPU, CUDA-graph step vs eager (also over cache
 #                shapes that alternate, as harness batches do), sampled guided generation, an open
 #                image continued through CUDA graphs, greedy steps replayed from graphs the
-#                generator captures (graph_steps); 67 s with 8 tests in run 4
-#   decode_7b    7B-shaped random weights in bf16, batch 1: decode speed as a fraction of the
-#                memory-bandwidth roofline (torch.compile's one-step reduce-overhead graphs;
-#                71.5-72.4% on an H200, RESULTS.md runs 3 and 4)
-#   graphs_7b    the same decode replaying graphs of 16 greedy steps captured by the generator
-#                (`--graph-steps 16`): +0.8% and +3.0% in run 4's two runs, so not the default
+#                generator captures (graph_steps), the fused Triton kernels (tokens, bf16
+#                precision); 67 s with 8 tests in run 4, 11 tests now
+#   triton_7b    7B-shaped random weights in bf16, batch 1, decode speed as a fraction of the
+#                memory-bandwidth roofline, two paths timed in turns in one process: the default
+#                (torch.compile's one-step reduce-overhead graphs; 71.5-72.4% on an H200, RESULTS.md
+#                runs 3 and 4) and the fused Triton kernels (chameleon/kernels.py, five kernels a
+#                layer, replayed from graphs of 16 steps; not yet measured: their block sizes are
+#                tuned on first use, and the report lists the choices)
 #   image_7b     one 512x512 image: 1,024 codes with 3-way CFG, then VQGAN decoding (5.65 s in run 3)
 # Not run by default (STAGES="..." in a second call):
+#   decode_7b    the default path alone (as in runs 1-4)
+#   graphs_7b    the default path replaying graphs of 16 greedy steps captured by the generator
+#                (`--graph-steps 16`): +0.8% and +3.0% in run 4's two runs, so not the default
+#   profile_triton_7b
+#                the kernels of 16 greedy decode steps on each path (default, then fused Triton)
 #   graphs_math_7b
 #                graphs_7b with attention as plain matmul/softmax compiled by inductor instead of
 #                cuDNN's kernel: 65.3% in run 4 (more kernels), so not adopted
@@ -36,7 +43,7 @@ mkdir -p "$OUT"
 # DECODE_ARGS: another shape or device, e.g. "--preset tiny --device cpu" to rehearse this script.
 DECODE="python3 benchmarks/perf/decode.py ${DECODE_ARGS:---preset 7B --device cuda} --dtypes bf16 --new-tokens 128"
 
-STAGES="${STAGES:-cuda_tests decode_7b graphs_7b image_7b}"  # a subset reruns only those
+STAGES="${STAGES:-cuda_tests triton_7b image_7b}"  # a subset reruns only those
 
 stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in $OUT/run.txt
     local name=$1 limit=$2 start=$SECONDS
@@ -50,7 +57,8 @@ stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in 
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/run.txt"
-stage cuda_tests "${CUDA_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+stage cuda_tests "${CUDA_TESTS_S:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+stage triton_7b "${TRITON_S:-240}" $DECODE --batches 1 --no-hf --triton --json "$OUT/triton_7b.json"
 stage decode_7b "${DECODE_S:-120}" $DECODE --batches 1 --no-hf --json "$OUT/decode_7b.json"
 stage graphs_7b "${GRAPHS_S:-120}" $DECODE --batches 1 --no-hf --graph-steps 16 --json "$OUT/graphs_7b.json"
 stage graphs_math_7b "${GRAPHS_MATH_S:-130}" $DECODE --batches 1 --no-hf --graph-steps 16 --sdpa-backend math --json "$OUT/graphs_math_7b.json"
@@ -59,6 +67,7 @@ stage attn_math_7b "${ATTN_S:-120}" $DECODE --batches 1 --no-hf --sdpa-backend m
 stage attn_efficient_7b "${ATTN_S:-120}" $DECODE --batches 1 --no-hf --sdpa-backend efficient --json "$OUT/attn_efficient_7b.json"
 stage vs_hf_7b "${VS_HF_S:-150}" $DECODE --batches "${VS_HF_BATCHES:-1,4}" --json "$OUT/vs_hf_7b.json"
 stage tuned_7b "${TUNED_S:-140}" env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $DECODE --batches 1 --no-hf --json "$OUT/tuned_7b.json"
+stage profile_triton_7b "${PROFILE_S:-150}" $DECODE --batches 1 --no-hf --new-tokens 32 --repeats 1 --triton --profile 16
 stage profile_7b "${PROFILE_S:-60}" $DECODE --batches 1 --no-hf --new-tokens 32 --profile 16 ${PROFILE_ARGS:-}
 stage text_loop_7b "${TEXT_LOOP_S:-200}" python3 benchmarks/perf/text_loop.py ${TEXT_LOOP_ARGS:---preset 7B --device cuda} --batches 1,8 --repeats 2
 stage unfused_7b "${UNFUSED_S:-75}" $DECODE --batches 1 --no-hf --no-fuse

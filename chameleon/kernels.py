@@ -1,0 +1,321 @@
+"""Fused Triton kernels for one-token decode steps at batch 1 (experimental, opt-in).
+
+A decode step at batch 1 is bound by reading the weights once. torch.compile's step runs ~14
+kernels a layer (cuBLAS GEMVs with split-K reductions, separate norm, RoPE and SiLU kernels), and
+the small ones and the gaps between them cost ~1 ms of a 7B step's ~4.6 ms on an H200
+(benchmarks/perf/RESULTS.md). Here a layer is five kernels:
+
+  1. q/k/v GEMV with the attention RMSNorm computed in its prologue;
+  2. per-head q/k LayerNorm, RoPE, the new slot's k/v written to the cache, attention over the
+     slots written so far (not the whole preallocated cache);
+  3. wo GEMV adding the residual in its epilogue;
+  4. w1/w3 GEMV with the FFN RMSNorm in its prologue and SiLU(w1 x) * w3 x in its epilogue;
+  5. w2 GEMV adding the residual.
+
+Every GEMV program reads whole rows (no split-K), so epilogues are elementwise. Values are rounded
+to the activations' dtype where the reference (`model.fused_block`) rounds, so results match it
+up to the order of floating-point sums. Block sizes are chosen per matrix shape by timing a few
+candidates on first use (`_tuned`).
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here when no GPU is
+present, before the kernels are defined): slow, but it lets tests check them on any machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from chameleon.model import KVCache
+
+# Triton reads the variable as it defines its own kernels (tl.zeros...), so only before its import.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # checked by `unsupported`
+    triton = None
+
+
+def unsupported(transformer, cache: KVCache) -> str | None:
+    """Why the fused decode step cannot serve this model and cache, or None if it can."""
+    args = transformer.args
+    device = transformer.output.weight.device
+    if triton is None:
+        return "triton is not installed"
+    if device.type == "cpu" and not INTERPRETED:
+        return "the model is on the CPU and triton was imported before TRITON_INTERPRET=1 was set"
+    if device.type not in ("cuda", "cpu"):
+        return f"the model is on {device.type}, not CUDA"
+    if cache.batch_size != 1:
+        return f"batch of {cache.batch_size} cache rows (batch 1 only)"
+    if args.swin_norm:
+        return "swin_norm (34B) normalises whole branch outputs, which a GEMV epilogue cannot"
+    if args.head_dim & (args.head_dim - 1):
+        return f"head_dim {args.head_dim} is not a power of 2"
+    if transformer.output.weight.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"weights in {transformer.output.weight.dtype}"
+    if any(m.fused is None or not all(f.current() for f in m.fused) for b in transformer.layers for m in (b.attention, b.feed_forward)):
+        return "weights not fused (call model.transformer.fuse_())"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(w_ptr, x_ptr, g_ptr, res_ptr, out_ptr, N, K, stride_wn, stride_wk, eps,
+                     NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, EVEN: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr):
+        """out[n] = W[n] . x for BLOCK_N rows a program. NORM: x is RMS-normalised (times g) first;
+        SWIGLU: rows n and N + n of W are the gate and up rows, out[n] = silu(gate) * up;
+        RESIDUAL: out[n] += res[n]. K_PAD: K rounded up to a power of 2 (NORM reads all of x at once)."""
+        act = x_ptr.dtype.element_ty
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        if NORM:  # every program sums x^2 itself (x is small and in L2: no extra kernel), in one load
+            every = tl.arange(0, K_PAD)
+            xs = tl.load(x_ptr + every, mask=every < K, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(xs * xs, axis=0) / K + eps)
+        # Products accumulate elementwise and are summed across lanes once, after the loop: a sum
+        # per iteration would put a cross-lane reduction (and a barrier) between the weight loads.
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            offs = rows[:, None] * stride_wn + cols[None, :] * stride_wk
+            if EVEN:
+                xv = tl.load(x_ptr + cols).to(tl.float32)
+                if NORM:
+                    xv = ((xv * rstd).to(act).to(tl.float32) * tl.load(g_ptr + cols).to(tl.float32)).to(act).to(tl.float32)
+                w = tl.load(w_ptr + offs, eviction_policy="evict_first")
+                if SWIGLU:
+                    w_up = tl.load(w_ptr + N * stride_wn + offs, eviction_policy="evict_first")
+            else:
+                col_ok = cols < K
+                xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+                if NORM:
+                    g = tl.load(g_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+                    xv = ((xv * rstd).to(act).to(tl.float32) * g).to(act).to(tl.float32)
+                ok = row_ok[:, None] & col_ok[None, :]
+                w = tl.load(w_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")
+                if SWIGLU:
+                    w_up = tl.load(w_ptr + N * stride_wn + offs, mask=ok, other=0.0, eviction_policy="evict_first")
+            acc += w.to(tl.float32) * xv[None, :]
+            if SWIGLU:
+                acc_up += w_up.to(tl.float32) * xv[None, :]
+        out = tl.sum(acc, axis=1).to(act).to(tl.float32)  # the reference's product is in the activations' dtype
+        if SWIGLU:
+            silu = (out * tl.sigmoid(out)).to(act).to(tl.float32)
+            out = (silu * tl.sum(acc_up, axis=1).to(act).to(tl.float32)).to(act).to(tl.float32)
+        if RESIDUAL:
+            out = (tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) + out).to(act).to(tl.float32)
+        tl.store(out_ptr + rows, out, mask=row_ok)
+
+    @triton.jit
+    def _head_norm_rope(src, heads, head_ok, w_ptr, b_ptr, d, cos, sin, eps,
+                        HD: tl.constexpr, QK_NORM: tl.constexpr):
+        """Heads `heads` (G,) of a fused q/k row at `src`: LayerNorm per head (weight and bias of
+        that head), then interleaved RoPE: (x[2i], x[2i+1]) rotated by angle i. Each lane also
+        loads its pair partner (d ^ 1), so the result stays in the contiguous layout. (G, HD)."""
+        act = src.dtype.element_ty
+        partner = d ^ 1
+        ok = head_ok[:, None]
+        x = tl.load(src + heads[:, None] * HD + d[None, :], mask=ok, other=0.0).to(tl.float32)
+        xp = tl.load(src + heads[:, None] * HD + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+        if QK_NORM:
+            mean = tl.sum(x, axis=1) / HD
+            var = tl.sum((x - mean[:, None]) * (x - mean[:, None]), axis=1) / HD
+            rstd = 1.0 / tl.sqrt(var + eps)
+            w = tl.load(w_ptr + heads[:, None] * HD + d[None, :], mask=ok, other=0.0).to(tl.float32)
+            wp = tl.load(w_ptr + heads[:, None] * HD + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + heads[:, None] * HD + d[None, :], mask=ok, other=0.0).to(tl.float32)
+            bp = tl.load(b_ptr + heads[:, None] * HD + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+            # layer_norm rounds its output; addcmul(bias, ., weight) rounds once more
+            x = (((x - mean[:, None]) * rstd[:, None]).to(act).to(tl.float32) * w + b).to(act).to(tl.float32)
+            xp = (((xp - mean[:, None]) * rstd[:, None]).to(act).to(tl.float32) * wp + bp).to(act).to(tl.float32)
+        even = (d % 2 == 0)[None, :]
+        return tl.where(even, x * cos[None, :] - xp * sin[None, :], xp * sin[None, :] + x * cos[None, :]).to(act)
+
+    @triton.jit
+    def _attention_kernel(qkv_ptr, norm_w_ptr, norm_b_ptr, rope_ptr, pos_ptr, slot_ptr, k_ptr, v_ptr, valid_ptr, out_ptr,
+                          stride_qkv, stride_cb, stride_ch, stride_cs, stride_valid, stride_out, eps, sm_scale,
+                          H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                          QK_NORM: tl.constexpr, BLOCK_S: tl.constexpr):
+        """One query token per row: program (b, kv head) normalises and rotates its k and its G
+        q heads, writes k and v into the cache at `slot`, and attends over the slots before it
+        that row b marks valid, and its own."""
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        act = qkv_ptr.dtype.element_ty
+        slot = tl.load(slot_ptr)
+        pos = tl.load(pos_ptr + b)
+        d = tl.arange(0, HD)
+        cos = tl.load(rope_ptr + pos * HD + (d // 2) * 2)  # table (positions, HD/2, [cos, sin])
+        sin = tl.load(rope_ptr + pos * HD + (d // 2) * 2 + 1)
+        row = qkv_ptr + b * stride_qkv
+        one = tl.arange(0, 1)
+        k_new = _head_norm_rope(row, H + kvh + one, one == 0, norm_w_ptr, norm_b_ptr, d, cos, sin, eps, HD, QK_NORM)
+        v_new = tl.load(row + (H + KV + kvh) * HD + d)
+        cache = b * stride_cb + kvh * stride_ch
+        tl.store(k_ptr + cache + slot * stride_cs + d, tl.reshape(k_new, [HD]))
+        tl.store(v_ptr + cache + slot * stride_cs + d, v_new)
+        g = tl.arange(0, G_PAD)
+        q = _head_norm_rope(row, kvh * G + g, g < G, norm_w_ptr, norm_b_ptr, d, cos, sin, eps, HD, QK_NORM).to(tl.float32)
+        # The new slot first (always visible), from registers: then m is finite from the start.
+        m = tl.sum(q * k_new.to(tl.float32), axis=1) * sm_scale  # (G_PAD,)
+        l_sum = tl.full([G_PAD], 1.0, dtype=tl.float32)
+        acc = tl.zeros([G_PAD, HD], dtype=tl.float32) + v_new.to(tl.float32)[None, :]
+        for s0 in range(0, slot, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            before = s < slot
+            seen = before & (tl.load(valid_ptr + b * stride_valid + s, mask=before, other=0) != 0)
+            keys = tl.load(k_ptr + cache + s[:, None] * stride_cs + d[None, :], mask=before[:, None], other=0.0).to(tl.float32)
+            values = tl.load(v_ptr + cache + s[:, None] * stride_cs + d[None, :], mask=before[:, None], other=0.0).to(tl.float32)
+            scores = tl.sum(q[:, None, :] * keys[None, :, :], axis=2) * sm_scale  # (G_PAD, BLOCK_S)
+            scores = tl.where(seen[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * values[None, :, :], axis=1)
+            m = m_new
+        out = (acc / l_sum[:, None]).to(act)
+        tl.store(out_ptr + b * stride_out + (kvh * G + g)[:, None] * HD + d[None, :], out, mask=(g < G)[:, None])
+
+
+# Candidates timed on first use of each shape: (BLOCK_N, BLOCK_K, num_warps) per GEMV, and
+# (BLOCK_S, num_warps) for attention. Interpreted: few, large programs (its cost is per program).
+# Larger tiles keep more loads in flight per thread (Triton does not software-pipeline loads that
+# feed no tl.dot); fully unrolled K loops spilled registers for w2 (K = 11,008).
+GEMV_CONFIGS = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 2048, 8), (8, 256, 4), (8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 8)]
+ATTENTION_CONFIGS = [(16, 4), (32, 4), (64, 4), (64, 8)]  # (128, 8) spills registers at head_dim 128
+INTERPRETED_CONFIG = {"gemv": (512, 64, 4), "attention": (64, 4)}
+_chosen: dict[tuple, tuple] = {}  # (kernel, its flags and shapes, dtypes, device) -> config
+
+
+def _tuned(key: tuple, launch, candidates: list[tuple]) -> tuple:
+    """The fastest of `candidates` for `key` (its first item names the kernel), timed once per
+    process with `launch(config)`. Timed launches repeat the same work: no kernel here reads what
+    it writes (the attention kernel rewrites one cache slot with the same values)."""
+    if INTERPRETED:
+        return INTERPRETED_CONFIG[key[0]]
+    config = _chosen.get(key)
+    if config is None:
+        from triton.testing import do_bench  # (flushes L2 between launches, as a decode step would)
+
+        times = {}
+        for c in candidates:
+            try:
+                times[c] = do_bench(lambda c=c: launch(c), warmup=5, rep=20)
+            except triton.runtime.errors.OutOfResources:  # (too many registers or too much shared memory)
+                continue
+        config = _chosen[key] = min(times, key=times.get)
+    return config
+
+
+def chosen_configs() -> dict[str, tuple]:
+    """The configurations `_tuned` chose so far, for reports."""
+    return {" ".join(map(str, key)): config for key, config in _chosen.items()}
+
+
+def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+         residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+    """out = W x (x: (K,), W: (N, K), or (2N, K) gate rows then up rows for `swiglu`), with x
+    RMS-normalised by `norm` first and `residual` added after, where given."""
+    n, k = w.shape[0] // (2 if swiglu else 1), w.shape[1]
+
+    def launch(config):
+        block_n, block_k, warps = config
+        even = n % block_n == 0 and k % block_k == 0
+        _gemv_kernel[(triton.cdiv(n, block_n),)](
+            w, x, x if norm is None else norm, x if residual is None else residual, out, n, k, w.stride(0), w.stride(1), eps,
+            NORM=norm is not None, RESIDUAL=residual is not None, SWIGLU=swiglu, EVEN=even,
+            BLOCK_N=block_n, BLOCK_K=block_k, K_PAD=triton.next_power_of_2(k) if norm is not None else 1, num_warps=warps)
+
+    flags = "".join(name for name, on in (("norm", norm is not None), ("+residual", residual is not None), ("+swiglu", swiglu)) if on)
+    launch(_tuned(("gemv", flags or "plain", n, k, w.stride(), w.dtype, out.dtype, w.device), launch, GEMV_CONFIGS))
+    return out
+
+
+def decode_attention(qkv, qk_norm, rope, positions, slot, cache_k, cache_v, valid, out, args) -> torch.Tensor:
+    """Attention of one new token per row (see `_attention_kernel`); qkv (B, (H + 2 KV) * hd)."""
+    heads, kv_heads, hd = args.n_heads, args.kv_heads, args.head_dim
+    group = heads // kv_heads
+    g_pad = triton.next_power_of_2(group)
+    weight, bias, eps = qk_norm if qk_norm is not None else (qkv, qkv, 0.0)
+
+    def launch(config):
+        block_s, warps = config
+        _attention_kernel[(qkv.shape[0], kv_heads)](
+            qkv, weight, bias, rope, positions, slot, cache_k, cache_v, valid, out,
+            qkv.stride(0), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), valid.stride(0), out.stride(0), eps, hd ** -0.5,
+            H=heads, KV=kv_heads, HD=hd, G=group, G_PAD=g_pad, QK_NORM=qk_norm is not None, BLOCK_S=block_s, num_warps=warps)
+
+    # (per cache length: the work grows with the slots written, but a graph replays one choice)
+    launch(_tuned(("attention", heads, kv_heads, hd, cache_k.shape[2], qkv.dtype, qkv.device), launch, ATTENTION_CONFIGS))
+    return out
+
+
+class FusedDecoder:
+    """Batch-1 decode steps on the kernels above, for one model's current weights; its buffers
+    are reused by every step (CUDA graphs replay them at fixed addresses)."""
+
+    def __init__(self, transformer):
+        self.transformer, self.args = transformer, transformer.args
+        self.weights = [
+            (b.attention_norm.weight, b.attention.fused[0].tensor,
+             (b.attention.fused[1].tensor, b.attention.fused[2].tensor, b.attention.q_norm.eps) if b.attention.qk_normalization else None,
+             b.attention.wo.weight, b.ffn_norm.weight, b.feed_forward.fused[0].tensor, b.feed_forward.w2.weight)
+            for b in transformer.layers
+        ]
+        self.key = self.weights_key(transformer)
+        args, w = self.args, transformer.output.weight
+        qkv_width = (args.n_heads + 2 * args.kv_heads) * args.head_dim
+
+        def empty(n, dtype=w.dtype):
+            return torch.empty(n, dtype=dtype, device=w.device)
+
+        self.x, self.h, self.qkv = empty(args.dim), empty(args.dim), empty(qkv_width)
+        self.attn, self.ffn = empty(args.n_heads * args.head_dim), empty(args.ffn_hidden_dim)
+        self.logits = empty(args.vocab_size, torch.float32)
+
+    @staticmethod
+    def weights_key(transformer) -> tuple:
+        return tuple((t.data_ptr(), t.shape, t.dtype) for t in (*transformer.parameters(), *(f.tensor for f in transformer.fused_tensors())))
+
+    def step_logits(self, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Float32 logits (1, vocab) for one token (tokens (1, 1), its RoPE position (1, 1)) written
+        at cache slot `slot` (1,), which the caller has marked valid."""
+        t, args = self.transformer, self.args
+        eps = args.norm_eps
+        rope = t.rope_freqs(self.x.device)
+        torch.index_select(t.tok_embeddings.weight, 0, tokens.view(1), out=self.x.view(1, -1))
+        for i, (attention_norm, qkv, qk_norm, wo, ffn_norm, w13, w2) in enumerate(self.weights):
+            gemv(qkv, self.x, self.qkv, norm=attention_norm, eps=eps)
+            decode_attention(self.qkv.view(1, -1), qk_norm, rope, positions, slot, cache.k[i], cache.v[i], cache.valid,
+                             self.attn.view(1, -1), args)
+            gemv(wo, self.attn, self.h, residual=self.x)
+            gemv(w13, self.h, self.ffn, norm=ffn_norm, eps=eps, swiglu=True)
+            gemv(w2, self.ffn, self.x, residual=self.h)
+        gemv(t.output.weight, self.x, self.logits, norm=t.norm.weight, eps=eps)
+        return self.logits.view(1, -1)
+
+    def greedy_step(self, cache: KVCache, state) -> None:
+        """The compiled greedy step's work (generate._compiled_greedy_step) on these kernels."""
+        cache.valid.index_fill_(1, state.slot, True)
+        state.advance(self.step_logits(state.tokens, state.positions, state.slot, cache))
+
+
+def fused_decoder(transformer) -> FusedDecoder:
+    """The model's decoder, kept on it while its weights are the tensors it was made for."""
+    decoder = getattr(transformer, "_fused_decoder", None)
+    stale = decoder is not None and decoder.x.is_inference() and not torch.is_inference_mode_enabled()  # (cannot be written now)
+    if decoder is None or stale or decoder.key != FusedDecoder.weights_key(transformer):
+        decoder = transformer._fused_decoder = None
+        decoder = transformer._fused_decoder = FusedDecoder(transformer)
+    return decoder
