@@ -157,23 +157,33 @@ def test_cli_typo_in_suite_exits_2(tmp_path):
 
 
 def test_run_dir_belongs_to_one_suite_and_settings(tmp_path):
-    """Another suite or --limit into a finished run's --out is refused with nothing changed; the
+    """Another suite or --limit into a finished run's --out is refused with nothing changed, naming
+    what differs (of another suite: its file, settings and benchmarks, not only two hashes); the
     same command resumes (responses backend: no model to load)."""
     one = "name: t\nbackend: responses\nbenchmarks:\n  - {name: g, benchmark: gsm8k, shots: 0, limit: 1}\n"
     suite_a, suite_b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     suite_a.write_text(one)
-    suite_b.write_text(one.replace("limit: 1", "limit: 2"))
+    suite_b.write_text(one.replace("limit: 1", "limit: 2, generation: {max_gen_toks: 8}").replace("name: t", "name: t\nseed: 3")
+                       + "  - {name: m, benchmark: mmlu, limit: 1}\n")
     responses = tmp_path / "r.jsonl"
     responses.write_text('{"request_hash": "x", "output": "The answer is 1."}\n')
     out = tmp_path / "run"
     assert run_cli(REPO, "run", suite_a, "--model", responses, "--out", out).returncode == 0
+    assert json.loads((out / "run.json").read_text())["suite"]["benchmarks"][0]["limit"] == 1
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    for other, diff in (([suite_b], "suite_sha256 '"), ([suite_a, "--limit", "1"], "limit None there, 1 now")):
+    for other, diff in (([suite_b], f"(suite path '{suite_a}' there, '{suite_b}' now; suite seed 0 there, 3 now; "
+                                    "benchmark 'm' now, not there; benchmark 'g' limit 1 there, 2 now; "
+                                    "benchmark 'g' generation.max_gen_toks None there, 8 now)"),
+                        ([suite_a, "--limit", "1"], "(limit None there, 1 now)"),
+                        ([suite_a], "(suite file text (sha256 ")):
+        if other == [suite_a]:  # its own file, edited in comments only: still another suite file
+            suite_a.write_text("# the same settings\n" + one)
         proc = run_cli(REPO, "run", *other, "--model", responses, "--out", out)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-        assert "holds a run of another suite or settings" in proc.stderr and diff in proc.stderr
+        assert "holds a run of another suite or settings" in proc.stderr and diff in proc.stderr, proc.stderr
         assert "Nothing was overwritten" in proc.stderr
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    suite_a.write_text(one)
     proc = run_cli(REPO, "run", suite_a, "--model", responses, "--out", out, "--batch-size", "3")
     assert proc.returncode == 0, proc.stderr  # batch size does not change results: resumed
     assert json.loads((out / "results.json").read_text())["complete"]

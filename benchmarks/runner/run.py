@@ -2,7 +2,8 @@
 
 RUN_DIR/
   run.json              the model (fingerprint) and run identity (suite, settings) this directory
-                        belongs to; another model, suite or setting -> InputError
+                        belongs to, and the resolved suite; another model, suite or setting ->
+                        InputError (for another suite, naming what differs)
   cache/rank*.jsonl     every finished request, appended and fsynced (resume after any kill)
   samples/<name>.jsonl  per-sample records of each benchmark
   results.json          versioned results (SCHEMA.md), rewritten after each benchmark
@@ -120,6 +121,51 @@ def _recorded_identity(out: Path, manifest: dict) -> dict:
         return {}
 
 
+def _recorded_suite(out: Path, manifest: dict) -> dict | None:
+    """The resolved suite the directory's run was started with: run.json's, or for a run.json of an
+    earlier version (none there) its results.json's, if any."""
+    if isinstance(manifest.get("suite"), dict):
+        return manifest["suite"]
+    try:
+        suite = json.loads((out / "results.json").read_text())["suite"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return suite if isinstance(suite, dict) else None
+
+
+def _suite_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two resolved suites (Suite.to_dict), "X there, Y now" where short: a
+    refusal showing only two file hashes would leave the user to find the edit."""
+    new = json.loads(json.dumps(new))  # as run.json holds it (lists, not tuples)
+
+    def fields(prefix: str, a: dict, b: dict) -> list[str]:
+        out = []
+        for key in dict.fromkeys([*a, *b]):
+            x, y = a.get(key), b.get(key)
+            if x == y:
+                continue
+            if isinstance(x, dict) and isinstance(y, dict):  # generation: name the setting
+                out += fields(f"{prefix}{key}.", x, y)
+            elif max(len(repr(x)), len(repr(y))) <= 100:  # paths fit; a long description does not
+                out.append(f"{prefix}{key} {x!r} there, {y!r} now")
+            else:
+                out.append(f"{prefix}{key} differs")
+        return out
+
+    changes = fields("suite ", {k: v for k, v in old.items() if k not in ("benchmarks", "sha256")},
+                     {k: v for k, v in new.items() if k not in ("benchmarks", "sha256")})
+    olds = {b.get("name"): b for b in old.get("benchmarks") or [] if isinstance(b, dict)}
+    news = {b["name"]: b for b in new["benchmarks"]}
+    changes += [f"benchmark {n!r} there, not now" for n in olds if n not in news]
+    changes += [f"benchmark {n!r} now, not there" for n in news if n not in olds]
+    for name in (n for n in news if n in olds):
+        changes += fields(f"benchmark {name!r} ", olds[name], news[name])
+    if [n for n in olds if n in news] != [n for n in news if n in olds]:
+        changes.append("benchmarks in another order")
+    return changes or [f"suite file text (sha256 {str(old.get('sha256'))[:16]} there, {new['sha256'][:16]} now; "
+                       "the same settings: comments or layout only)"]
+
+
 def _out_problem(out: Path) -> str | None:
     """Why `out` can be neither a new run directory nor an earlier run, as far as is known without
     the model (None: it may be)."""
@@ -140,7 +186,7 @@ def check_out_dir(out: Path) -> None:
         raise InputError(problem)
 
 
-def _claim(out: Path, model: dict, identity: dict) -> str | None:
+def _claim(out: Path, model: dict, identity: dict, suite: dict | None = None) -> str | None:
     """The reason `out` cannot be this run's directory, or None once it is."""
     manifest = out / "run.json"
     if manifest.is_file():
@@ -155,13 +201,17 @@ def _claim(out: Path, model: dict, identity: dict) -> str | None:
             return (f"--out {out} holds a run of another model ({owner.get('backend')} {owner.get('path')}, "
                     f"fingerprint {str(owner.get('fingerprint'))[:16]}), not of this one (fingerprint "
                     f"{model['fingerprint'][:16]}); use another --out. Nothing was overwritten")
-        recorded = _recorded_identity(out, data)
-        diff = [f"{k} {v!r} there, {identity.get(k)!r} now" for k, v in recorded.items() if v != identity.get(k)]
+        recorded, diff = _recorded_identity(out, data), []
+        for k, v in recorded.items():
+            if v == identity.get(k):
+                continue
+            old_suite = _recorded_suite(out, data) if k == "suite_sha256" and suite else None
+            diff += _suite_changes(old_suite, suite) if old_suite else [f"{k} {v!r} there, {identity.get(k)!r} now"]
         if diff:
             return (f"--out {out} holds a run of another suite or settings ({'; '.join(diff)}); rerun its own "
                     f"command to finish it, or use another --out. Nothing was overwritten")
         if "identity" not in data:
-            write_json_atomic(manifest, {**data, "identity": identity})
+            write_json_atomic(manifest, {**data, "identity": identity, **({"suite": suite} if suite else {})})
         return None
     problem = _out_problem(out)
     if problem:
@@ -171,14 +221,15 @@ def _claim(out: Path, model: dict, identity: dict) -> str | None:
     except OSError as err:
         return f"--out {out}: cannot create the directory ({err.strerror}); nothing was written"
     write_json_atomic(manifest, {"schema_version": SCHEMA_VERSION, "model": model, "identity": identity,
-                                 "created_at": _now()})
+                                 **({"suite": suite} if suite else {}), "created_at": _now()})
     return None
 
 
-def claim_run_dir(out: Path, model: dict, dist: Dist, identity: dict) -> None:
+def claim_run_dir(out: Path, model: dict, dist: Dist, identity: dict, suite: dict | None = None) -> None:
     """Make `out` the directory of this model's run `identity` (run_identity), or refuse (InputError)
-    without touching it; a directory of the same model and identity is resumed."""
-    error = _claim(out, model, identity) if dist.is_main else None
+    without touching it; a directory of the same model and identity is resumed. `suite`
+    (Suite.to_dict) is recorded with it, so that a refusal for another suite can say what differs."""
+    error = _claim(out, model, identity, suite) if dist.is_main else None
     error = dist.broadcast(error)
     if error:
         raise InputError(error)
@@ -199,7 +250,8 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
     if not inputs_checked:
         check_inputs(suite, data_dir, images_dirs)
     check_image_input(suite, model["backend"], model.get("path"), getattr(backend, "image_problem", None))
-    claim_run_dir(out, model, dist, run_identity(suite, model, limit=limit, images_dirs=images_dirs, data_dir=data_dir))
+    claim_run_dir(out, model, dist, run_identity(suite, model, limit=limit, images_dirs=images_dirs, data_dir=data_dir),
+                  suite.to_dict())
     store = RecordStore(out / "cache", shard=f"rank{dist.rank}")
     lm = ResumableLM(backend, store, dist, chunk_size=chunk_size or 4 * getattr(backend, "batch_size", 8))
     results = {
