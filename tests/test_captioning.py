@@ -113,8 +113,9 @@ def test_karpathy_dataset_json(tmp_path):
             {"filepath": "train2014", "filename": "COCO_train2014_000000000007.jpg", "cocoid": 7, "split": "train",
              "sentences": [{"raw": "A dog."}]}]
     path.write_text(json.dumps({"images": rows, "dataset": "coco"}))
-    assert load_references(path) == [CaptionItem(42, "val2014/COCO_val2014_000000000042.jpg", ["A cat.", "A kitten."])]
-    assert [i.image_id for i in load_references(path, split="train")] == [7]
+    assert load_references(path) == [CaptionItem(42, "val2014/COCO_val2014_000000000042.jpg", ["A cat.", "A kitten."], "test")]
+    assert [(i.image_id, i.split) for i in load_references(path, split="train")] == [(7, "train")]
+    assert {i.split for i in load_references("coco_karpathy_test")} == {None}  # a file without splits
 
 
 @pytest.mark.parametrize(

@@ -245,17 +245,18 @@ def test_caption_exemplars_from_a_separate_pool(tiny_hf, tmp_path):
     (tmp_path / "dataset_pool.json").write_text(json.dumps(pool))
     skimage = REPO / "benchmarks/data/images/skimage"
 
-    def suite(shots):
+    def suite(shots, pool="dataset_pool.json", extra=""):
         path = tmp_path / f"cap{shots}.yaml"
         path.write_text(f"name: cap\nbenchmarks:\n  - {{name: coco, benchmark: coco, shots: {shots}, subset: with_images, limit: 2,"
-                        f" generation: {{max_gen_toks: 4}}, exemplars: {tmp_path / 'dataset_pool.json'},"
-                        f" exemplar_images: {skimage}}}\n")
+                        f" generation: {{max_gen_toks: 4}}, exemplars: {tmp_path / pool},"
+                        f" exemplar_images: {skimage}{extra}}}\n")
         return load_suite(str(path))
 
     lm = load_backend("chameleon", str(tiny_hf))
     res = run_suite(suite(2), lm, tmp_path / "run")
     coco = res["benchmarks"]["coco"]
-    assert coco["n_scored"] == 2 and "dataset_pool.json (train split" in coco["prompt"]["exemplar_pool"]
+    assert coco["n_scored"] == 2 and coco["prompt"]["exemplar_pool"].endswith("dataset_pool.json (train split)")
+    assert coco["config"]["exemplar_split"] is None  # not given: the suite as written
     pool_key = next(k for k in res["data_files"] if k.endswith("dataset_pool.json"))  # hashed like every file read
     assert res["data_files"][pool_key] == hashlib.sha256((tmp_path / "dataset_pool.json").read_bytes()).hexdigest()
     for rec in (json.loads(x) for x in (tmp_path / "run/samples/coco.jsonl").read_text().splitlines()):
@@ -264,6 +265,15 @@ def test_caption_exemplars_from_a_separate_pool(tiny_hf, tmp_path):
         assert sum(c[1:].rstrip(".") in rec["prompt"] for c in captions.values()) == 2 and "a cat" not in rec["prompt"]
     with pytest.raises(InputError, match=r"dataset_pool.json \(train split\) have 3 item.*4-shot"):
         run_suite(suite(4), lm, tmp_path / "run4")
+    # A pool without splits (COCO annotations) is used whole, and results.json says so
+    coco_pool = {"images": [{"id": i, "file_name": f} for i, f in enumerate(captions)],
+                 "annotations": [{"image_id": i, "caption": c} for i, c in enumerate(captions.values())]}
+    (tmp_path / "coco_pool.json").write_text(json.dumps(coco_pool))
+    res = run_suite(suite(2, "coco_pool.json"), lm, tmp_path / "run_whole")
+    assert res["benchmarks"]["coco"]["prompt"]["exemplar_pool"].endswith("coco_pool.json (whole file: it has no splits)")
+    with pytest.raises(InputError, match=r"'exemplar_split' 'train' given, but exemplars file .*coco_pool\.json has no splits"):
+        run_suite(suite(2, "coco_pool.json", ", exemplar_split: train"), lm, tmp_path / "run_split")
+    assert not (tmp_path / "run_split").exists()
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nbenchmarks:\n  - {name: g, benchmark: gsm8k, exemplars: x.json}\n")
     with pytest.raises(InputError, match="exemplars apply to captioning"):

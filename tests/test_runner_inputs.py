@@ -427,10 +427,26 @@ def test_exemplar_pool_checked_before_out_is_claimed(tmp_path):
             return MODEL
 
     text = (f"name: s\nbenchmarks:\n  - {{name: c, benchmark: coco, shots: 2, limit: 1, exemplars: coco_karpathy_test, "
-            f"exemplar_split: test, exemplar_images: {tmp_path / 'no_such_dir'}}}\n")
+            f"exemplar_images: {tmp_path / 'no_such_dir'}}}\n")
     suite = load_suite(str(suite_file(tmp_path, text)))
     with pytest.raises(InputError, match=r"s\.yaml: benchmark 'c': .*no_such_dir"):
         run_suite(suite, Backend(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_exemplar_split_for_a_pool_without_splits_is_refused(tmp_path):
+    """An exemplar_split the pool file cannot honour (a COCO annotation file has no splits) was
+    ignored, the whole file used; now refused naming the file and the key, before --out is claimed.
+    Left out, the same pool is accepted (used whole)."""
+    from benchmarks.runner.run import check_inputs
+
+    text = "name: s\nbenchmarks:\n  - {name: c, benchmark: coco, shots: 1, limit: 1, exemplars: coco_caption_demo}\n"
+    check_inputs(load_suite(str(suite_file(tmp_path, text))))
+    suite = suite_file(tmp_path, text.replace("coco_caption_demo", "coco_caption_demo, exemplar_split: train"))
+    proc = run_cli(REPO, "run", suite, "--model", tmp_path, "--out", tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.search(r"s\.yaml: benchmark 'c': 'exemplar_split' 'train' given, but exemplars file \S*coco_caption_demo/"
+                     r"captions_val2014_fakecap1000_refs\.derived\.json has no splits", proc.stderr), proc.stderr
     assert not (tmp_path / "out").exists()
 
 

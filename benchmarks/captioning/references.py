@@ -36,6 +36,7 @@ class CaptionItem:
     image_id: str | int
     image_file: str  # relative name as the source gives it, e.g. "val2014/COCO_val2014_000000391895.jpg"
     references: list[str]
+    split: str | None = None  # of a Karpathy dataset_*.json; None: the file has no splits
 
 
 def coco_id_from_filename(name: str) -> int | None:
@@ -159,7 +160,7 @@ def _from_karpathy_dataset(path: Path, images: list, split: str) -> list[Caption
         image_id = image.get("cocoid", Path(name).stem)
         image_id = int(image_id) if str(image_id).isdigit() else image_id
         folder = image.get("filepath")
-        items.append(CaptionItem(image_id, f"{folder}/{name}" if folder else name, list(refs)))
+        items.append(CaptionItem(image_id, f"{folder}/{name}" if folder else name, list(refs), split))
     if not items:
         raise InputError(f"{path}: no images with split {split!r}")
     return items

@@ -116,7 +116,7 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
         "generation": gen_kwargs, "generation_hash": gen_hash,
         "prompt": {"shots": settings.shots, "shot_template": settings.shot_template, "query_cue": settings.query_cue,
                    "exemplar_seed": settings.seed, "postprocess": "first line, first sentence",
-                   "exemplar_pool": (f"{display_path(reference_path(spec.exemplars))} ({spec.exemplar_split} split where the file has splits)"
+                   "exemplar_pool": (f"{display_path(reference_path(spec.exemplars))} ({_pool_part(pool)})"
                                      if spec.exemplars else "the scored split, query excluded")},
         "data_files": data_files,
     }
@@ -159,12 +159,25 @@ def exemplar_pool(spec: BenchmarkSpec, *, references: list, found: dict, image_d
     if spec.shots == 0:
         return [], {}
     pool_dir = Path(spec.exemplar_images) if spec.exemplar_images else image_dir
-    items = load_references(spec.exemplars, split=spec.exemplar_split)
+    items = load_references(spec.exemplars, split=spec.exemplar_split or "train")
+    if spec.exemplar_split and all(it.split is None for it in items):  # it would be ignored: the whole file is the pool
+        raise InputError(
+            f"benchmark '{spec.name}': 'exemplar_split' {spec.exemplar_split!r} given, but exemplars file "
+            f"{reference_path(spec.exemplars)} has no splits to select from (only a Karpathy dataset_*.json has); leave "
+            f"'exemplar_split' out to use the whole file as the pool"
+        )
     pool_found, _ = resolve_images(items, pool_dir)
     pool = [it for it in items if it.image_id in pool_found]
     if len(pool) < spec.shots:
         raise InputError(
-            f"benchmark '{spec.name}': exemplars {spec.exemplars} ({spec.exemplar_split} split) have {len(pool)} "
+            f"benchmark '{spec.name}': exemplars {spec.exemplars} ({_pool_part(items)}) have {len(pool)} "
             f"item(s) with an image under {pool_dir}; {spec.shots}-shot prompts need at least {spec.shots}"
         )
     return pool, pool_found
+
+
+def _pool_part(items: list) -> str:
+    """Which part of the exemplars file the pool is, for results.json and errors."""
+    if not items:
+        return "no items"
+    return f"{items[0].split} split" if items[0].split else "whole file: it has no splits"
