@@ -114,12 +114,15 @@ def test_unknown_suite_name(tmp_path):
     (["--data-dir", ""], r"--data-dir: empty path"),
     (["--data-dir", "data"], r"gsm8k/test\.jsonl: line 2: not UTF-8 text \(byte 0xff\)"),
     (["--data-dir", "data", "--out", "afile/sub"], r"--out .*afile/sub: .*afile is a file, not a directory"),
+    (["--data-dir", "dirs"], r"test file '.*dirs/gsm8k/test\.jsonl' is a directory; expected 'gsm8k/test\.jsonl' under "
+                             r"--data-dir '.*dirs' to be a JSON Lines file \(one JSON object per line\)"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, extra, match):
     suite = suite_file(tmp_path, GOOD.replace("mmlu, shots: 5", "gsm8k, shots: 1"))
     (tmp_path / "data" / "gsm8k").mkdir(parents=True)
     (tmp_path / "data" / "gsm8k" / "test.jsonl").write_bytes(b'{"question": "q", "answer": "#### 1"}\n{"question": "\xff"}\n')
     (tmp_path / "afile").write_text("")
+    (tmp_path / "dirs" / "gsm8k" / "test.jsonl").mkdir(parents=True)
     proc = run_cli(tmp_path, "run", suite, "--model", tmp_path, "--out", tmp_path / "out", *extra)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")

@@ -136,6 +136,11 @@ def test_missing_files_and_bad_data_dir(tmp_path):
         text_task_manager(tmp_path).load("chameleon_mmlu_anatomy")
     with pytest.raises(InputError, match=r"data_dir .*nope.* is not a directory"):
         text_task_manager(tmp_path / "nope")
+    # a directory where the file belongs is named as one, with the file's format
+    (tmp_path / "mmlu" / "test" / "anatomy_test.csv").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"test file .*mmlu/test/anatomy_test.csv' is a directory; expected .* to be "
+                                         r"a CSV file with header question,choice0,choice1,choice2,choice3,answer"):
+        text_task_manager(tmp_path).load("chameleon_mmlu_anatomy")
 
 
 @pytest.mark.parametrize(

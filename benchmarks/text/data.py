@@ -25,6 +25,9 @@ from chameleon.errors import InputError
 SHIPPED_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 MMLU_HEADER = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
+# What a data file must be, by the suffix the task YAMLs give it (for errors)
+FILE_FORMATS = {".jsonl": "a JSON Lines file (one JSON object per line)",
+                ".csv": f"a CSV file with header {','.join(MMLU_HEADER)}"}
 
 # The `type` values of the MATH test split, in the order of lm-eval's minerva_math subtasks.
 MATH_SUBJECTS = {
@@ -47,6 +50,11 @@ def resolve_data_files(data_files: dict[str, str], data_dir: str | Path | None =
     for split, name in data_files.items():
         path = Path(name).expanduser()
         path = path if path.is_absolute() else base / path
+        if path.is_dir():  # "not found" would send the user looking for a file that is there
+            raise InputError(
+                f"{split} file {str(path)!r} is a directory; expected {name!r} under data_dir {str(base)!r} to be "
+                f"{FILE_FORMATS.get(path.suffix, 'a file')} (same layout as benchmarks/data/)"
+            )
         if not path.is_file():
             raise InputError(
                 f"{split} file {str(path)!r} not found; expected {name!r} under data_dir {str(base)!r} "
