@@ -133,7 +133,12 @@ def test_karpathy_dataset_json(tmp_path):
         ({"images": [{"id": 1}, {"id": 2}], "annotations": [{"image_id": 1, "caption": "x"}]}, r"1 images have no caption annotations"),
         ({"foo": 1}, r"unknown caption reference format"),
         ({"images": [{"id": 1}, {"id": "1"}], "annotations": [{"image_id": 1, "caption": "x"}, {"image_id": "1", "caption": "y"}]},
-         r"row 1: image id '1' appears twice"),  # one image to a results file
+         r"images\[1\]: image id '1' appears twice \(also images\[0\], \{'id': 1\}\)"),  # one image to a results file
+        # a repeated id with another file was merged, the last file_name winning
+        ({"images": [{"id": 7, "file_name": "a.jpg"}, {"id": 8}, {"id": 7, "file_name": "b.jpg"}],
+          "annotations": [{"image_id": 7, "caption": "x"}, {"image_id": 8, "caption": "y"}]},
+         r"refs\.json: images\[2\]: image id 7 appears twice \(also images\[0\], \{'id': 7, 'file_name': 'a\.jpg'\}\); "
+         r"expected one entry per image id"),
         # JSON's lone surrogate, which the scorers' PTB tokenizer cannot encode
         ([{"image": "val2014/COCO_val2014_000000000001.jpg", "caption": ["a", "a \ud800 cat"]}],
          r"row 0: field 'caption'\[1\] is not valid Unicode text \(surrogates not allowed: '\\ud800' at character 2\)"),
@@ -154,6 +159,17 @@ def test_malformed_references(tmp_path, content, message):
     with pytest.raises(InputError, match=message) as err:
         load_references(path)
     assert str(path) in str(err.value)
+
+
+def test_repeated_identical_coco_image_entry_is_one_image(tmp_path):
+    """An images entry repeated unchanged describes the same image: one item, all its captions."""
+    path = tmp_path / "refs.json"
+    image = {"id": 42, "file_name": "COCO_val2014_000000000042.jpg", "height": 480}
+    path.write_text(json.dumps({"images": [image, {"id": 5}, dict(image)],
+                                "annotations": [{"image_id": 42, "caption": "A cat."}, {"image_id": 5, "caption": "A dog."},
+                                                {"image_id": 42, "caption": "A kitten."}]}))
+    assert load_references(path) == [CaptionItem(42, "COCO_val2014_000000000042.jpg", ["A cat.", "A kitten."]),
+                                     CaptionItem(5, "5", ["A dog."])]
 
 
 def test_unreadable_references(tmp_path):
@@ -266,6 +282,22 @@ def test_cli_score_captions(tmp_path, capsys):
     assert cli_main(argv[:5] + ["--metrics", "CIDEX", "--out", str(tmp_path / "never.json")]) == 2  # before any file is read
     assert capsys.readouterr().err.startswith("error: --metrics: unknown caption metric 'CIDEX'")
     assert not (tmp_path / "never.json").exists()
+
+
+def test_cli_score_captions_refuses_a_repeated_image_id(tmp_path, capsys):
+    """The shipped demo references with one images entry repeated under another file name: exit 2
+    naming the file and the id, nothing written (it was merged silently)."""
+    refs = json.loads(DEMO_REFS.read_text())
+    first = refs["images"][0]
+    refs["images"].append({**first, "file_name": "elsewhere.jpg"})
+    path = tmp_path / "refs.json"
+    path.write_text(json.dumps(refs))
+    out = tmp_path / "metrics.json"
+    assert cli_main(["score-captions", "--annotations", str(path), "--results", str(DEMO_RESULTS), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: images[{len(refs['images']) - 1}]: image id {first['id']} appears twice "
+                          "(also images[0], "), err
+    assert not out.exists()
 
 
 def test_cli_subprocess_exit_codes(tmp_path):

@@ -3,7 +3,8 @@
 Formats understood (detected from the content):
 - Karpathy COCO test as shipped: `[{image: "val2014/COCO_val2014_%012d.jpg", caption: [..]}]`
 - Flickr30k Karpathy test as shipped: `[{split, image_name, captions: [..]}]`
-- COCO annotation files (`captions_val2014.json`): `{images: [{id, file_name}], annotations: [{image_id, caption}]}`
+- COCO annotation files (`captions_val2014.json`): `{images: [{id, file_name}], annotations: [{image_id, caption}]}`,
+  each image id once (an identical repeat of an entry is accepted)
 - Karpathy's `dataset_coco.json` / `dataset_flickr30k.json`: `{images: [{filename, sentences, split, ..}]}`,
   filtered to `split` ("test" by default; "restval" counts as train there).
 Hub dataset names are not loaded: everything here works offline from local files.
@@ -130,9 +131,15 @@ def _from_coco_annotations(path: Path, data: dict) -> list[CaptionItem]:
     images, annotations = data.get("images"), data.get("annotations")
     if not isinstance(images, list) or not isinstance(annotations, list):
         raise InputError(f"{path}: fields 'images' and 'annotations' must both be lists")
-    files: dict = {}
+    files, first = {}, {}
     for i, image in enumerate(images):
         image_id = _field(path, f"images[{i}]", image, "id", (int, str))
+        j = first.setdefault(str(image_id), i)  # "1" and 1 are one image to results files
+        if j != i:  # a repeat was merged silently, the last file_name winning; an identical one says nothing new
+            if image == images[j]:
+                continue
+            raise InputError(f"{path}: images[{i}]: image id {image_id!r} appears twice (also images[{j}], "
+                             f"{images[j]!r:.80}); expected one entry per image id")
         files[image_id] = image.get("file_name") or str(image_id)
     captions: dict = {image_id: [] for image_id in files}
     for i, ann in enumerate(annotations):
