@@ -154,7 +154,7 @@ def _suite_changes(old: dict, new: dict) -> list[str]:
 
     changes = fields("suite ", {k: v for k, v in old.items() if k not in ("benchmarks", "sha256")},
                      {k: v for k, v in new.items() if k not in ("benchmarks", "sha256")})
-    olds = {b.get("name"): b for b in old.get("benchmarks") or [] if isinstance(b, dict)}
+    olds = {b["name"]: b for b in old.get("benchmarks") or [] if isinstance(b, dict) and isinstance(b.get("name"), str)}
     news = {b["name"]: b for b in new["benchmarks"]}
     changes += [f"benchmark {n!r} there, not now" for n in olds if n not in news]
     changes += [f"benchmark {n!r} now, not there" for n in news if n not in olds]
