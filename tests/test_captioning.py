@@ -111,10 +111,14 @@ def test_karpathy_dataset_json(tmp_path):
     rows = [{"filepath": "val2014", "filename": "COCO_val2014_000000000042.jpg", "cocoid": 42, "split": "test",
              "sentences": [{"raw": "A cat."}, {"raw": "A kitten."}]},
             {"filepath": "train2014", "filename": "COCO_train2014_000000000007.jpg", "cocoid": 7, "split": "train",
-             "sentences": [{"raw": "A dog."}]}]
+             "sentences": [{"raw": "A dog."}]},
+            {"filepath": "val2014", "filename": "COCO_val2014_000000000009.jpg", "cocoid": 9, "split": "restval",
+             "sentences": [{"raw": "A bird."}]}]
     path.write_text(json.dumps({"images": rows, "dataset": "coco"}))
     assert load_references(path) == [CaptionItem(42, "val2014/COCO_val2014_000000000042.jpg", ["A cat.", "A kitten."], "test")]
-    assert [(i.image_id, i.split) for i in load_references(path, split="train")] == [(7, "train")]
+    # Karpathy's train split is train + restval
+    assert [(i.image_id, i.split) for i in load_references(path, split="train")] == [(7, "train"), (9, "train")]
+    assert [i.image_id for i in load_references(path, split="restval")] == [9]
     assert {i.split for i in load_references("coco_karpathy_test")} == {None}  # a file without splits
 
 

@@ -156,9 +156,12 @@ def _from_coco_annotations(path: Path, data: dict) -> list[CaptionItem]:
 
 
 def _from_karpathy_dataset(path: Path, images: list, split: str) -> list[CaptionItem]:
+    # Karpathy's "restval" images (the rest of COCO val2014) are training images: his train split
+    # of 113,287 COCO images is train + restval.
+    wanted = {"train", "restval"} if split == "train" else {split}
     items = []
     for i, image in enumerate(images):
-        if _field(path, f"images[{i}]", image, "split", str) != split:
+        if _field(path, f"images[{i}]", image, "split", str) not in wanted:
             continue
         name = _field(path, f"images[{i}]", image, "filename", str)
         sentences = _field(path, f"images[{i}]", image, "sentences", list)
