@@ -27,8 +27,9 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
-from chameleon.model import KVCache
+from chameleon.model import KVCache, rms_norm
 
 # Triton reads the variable as it defines its own kernels (tl.zeros...), so only before its import.
 if not torch.cuda.is_available() and "triton" not in sys.modules:
@@ -192,7 +193,11 @@ if triton is not None:
 # (BLOCK_S, num_warps) for attention. Interpreted: few, large programs (its cost is per program).
 # Larger tiles keep more loads in flight per thread (Triton does not software-pipeline loads that
 # feed no tl.dot); fully unrolled K loops spilled registers for w2 (K = 11,008).
-GEMV_CONFIGS = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 2048, 8), (8, 256, 4), (8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 8)]
+# CUBLAS: the product in torch (cuBLAS), norm and epilogue as separate kernels, as the reference
+# runs them; timed with the others, so that a matrix where cuBLAS is faster keeps it.
+CUBLAS = ("cublas",)
+GEMV_CONFIGS = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 2048, 8), (8, 256, 4), (8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 8),
+                CUBLAS]
 ATTENTION_CONFIGS = [(16, 4), (32, 4), (64, 4), (64, 8)]  # (128, 8) spills registers at head_dim 128
 INTERPRETED_CONFIG = {"gemv": (512, 64, 4), "attention": (64, 4)}
 _chosen: dict[tuple, tuple] = {}  # (kernel, its flags and shapes, dtypes, device) -> config
@@ -223,13 +228,27 @@ def chosen_configs() -> dict[str, tuple]:
     return {" ".join(map(str, key)): config for key, config in _chosen.items()}
 
 
+def _cublas_gemv(w, x, out, norm, eps, residual, swiglu) -> None:
+    """`gemv` as the reference computes it (model.fused_block), kernel by kernel."""
+    if norm is not None:
+        x = rms_norm(x, norm, eps)
+    y = torch.mv(w, x)
+    if swiglu:
+        gate, up = y.chunk(2)
+        y = F.silu(gate) * up
+    out.copy_(y if residual is None else residual + y)
+
+
 def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
-         residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+         residual: torch.Tensor | None = None, swiglu: bool = False, config: tuple | None = None) -> torch.Tensor:
     """out = W x (x: (K,), W: (N, K), or (2N, K) gate rows then up rows for `swiglu`), with x
-    RMS-normalised by `norm` first and `residual` added after, where given."""
+    RMS-normalised by `norm` first and `residual` added after, where given. `config`: one of
+    GEMV_CONFIGS (default: the fastest, see `_tuned`)."""
     n, k = w.shape[0] // (2 if swiglu else 1), w.shape[1]
 
     def launch(config):
+        if config == CUBLAS:
+            return _cublas_gemv(w, x, out, norm, eps, residual, swiglu)
         block_n, block_k, warps = config
         even = n % block_n == 0 and k % block_k == 0
         _gemv_kernel[(triton.cdiv(n, block_n),)](
@@ -238,7 +257,7 @@ def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, norm: torch.Tensor
             BLOCK_N=block_n, BLOCK_K=block_k, K_PAD=triton.next_power_of_2(k) if norm is not None else 1, num_warps=warps)
 
     flags = "".join(name for name, on in (("norm", norm is not None), ("+residual", residual is not None), ("+swiglu", swiglu)) if on)
-    launch(_tuned(("gemv", flags or "plain", n, k, w.stride(), w.dtype, out.dtype, w.device), launch, GEMV_CONFIGS))
+    launch(config or _tuned(("gemv", flags or "plain", n, k, w.stride(), w.dtype, out.dtype, w.device), launch, GEMV_CONFIGS))
     return out
 
 
