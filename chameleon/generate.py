@@ -287,7 +287,7 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
         text_loop_args = (model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, tok.pad_id, progress, stop_strings)
         # Text mode runs on the device text loop; plain greedy picks inside a compiled graph.
         pick = _text_pick(opts, rows, device, text_seen) if opts.mode == "text" else None
-        fused = _fused_decoder(model.transformer, cache) if opts.kernels == "triton" and opts.mode == "text" and pick is None else None
+        fused = _fused_decoder(model.transformer, cache, spans_of(rows)) if opts.kernels == "triton" and opts.mode == "text" and pick is None else None
         if opts.mode == "text" and pick is None and (use_compile or fused is not None):  # a graph of its own, not the logits step below
             return _text_loop(*text_loop_args, graph_steps=opts.graph_steps, fused=fused)
         step_fn = _decode_step(model, use_compile, weights)
@@ -578,16 +578,17 @@ def _compiled_greedy_state(transformer, cache, vocab: int) -> _TextState:
     return state
 
 
-def _fused_decoder(transformer, cache):
+def _fused_decoder(transformer, cache, spans: tuple[int, ...] | None):
     """The Triton decoder for this model and cache (`GenerationOptions.kernels`), or None where
-    it does not apply, with a warning that says why."""
+    it does not apply, with a warning that says why. It computes logits for the vocabulary
+    `spans` (indices into vocab_spans; None: all), skipping the longest run of the others."""
     from chameleon import kernels  # (imports triton, only when asked for)
 
     why = kernels.unsupported(transformer, cache)
     if why is not None:
         warnings.warn(f"kernels='triton' does not apply here ({why}): the usual decode step runs")
         return None
-    return kernels.fused_decoder(transformer)
+    return kernels.fused_decoder(transformer, kernels.skipped_range(transformer.vocab_spans, spans))
 
 
 def _compiled_greedy_step(transformer, mode: str | None = None):

@@ -69,15 +69,17 @@ def unsupported(transformer, cache: KVCache) -> str | None:
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(w_ptr, x_ptr, g_ptr, res_ptr, out_ptr, N, K, stride_wn, stride_wk, eps,
+    def _gemv_kernel(w_ptr, x_ptr, g_ptr, res_ptr, out_ptr, N, K, stride_wn, stride_wk, eps, skip_at, skip_len,
                      NORM: tl.constexpr, RESIDUAL: tl.constexpr, SWIGLU: tl.constexpr, EVEN: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr):
         """out[n] = W[n] . x for BLOCK_N rows a program. NORM: x is RMS-normalised (times g) first;
         SWIGLU: rows n and N + n of W are the gate and up rows, out[n] = silu(gate) * up;
-        RESIDUAL: out[n] += res[n]. K_PAD: K rounded up to a power of 2 (NORM reads all of x at once)."""
+        RESIDUAL: out[n] += res[n]. K_PAD: K rounded up to a power of 2 (NORM reads all of x at once).
+        Rows skip_at .. skip_at + skip_len - 1 are not computed (out keeps them); N counts the others."""
         act = x_ptr.dtype.element_ty
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        rows = tl.where(rows >= skip_at, rows + skip_len, rows)
         if NORM:  # every program sums x^2 itself (x is small and in L2: no extra kernel), in one load
             every = tl.arange(0, K_PAD)
             xs = tl.load(x_ptr + every, mask=every < K, other=0.0).to(tl.float32)
@@ -228,10 +230,14 @@ def chosen_configs() -> dict[str, tuple]:
     return {" ".join(map(str, key)): config for key, config in _chosen.items()}
 
 
-def _cublas_gemv(w, x, out, norm, eps, residual, swiglu) -> None:
+def _cublas_gemv(w, x, out, norm, eps, residual, swiglu, skip) -> None:
     """`gemv` as the reference computes it (model.fused_block), kernel by kernel."""
     if norm is not None:
         x = rms_norm(x, norm, eps)
+    if skip is not None:  # (no residual or swiglu with it)
+        for start, stop in ((0, skip[0]), (skip[1], w.shape[0])):
+            out[start:stop] = torch.mv(w[start:stop], x)
+        return
     y = torch.mv(w, x)
     if swiglu:
         gate, up = y.chunk(2)
@@ -240,19 +246,24 @@ def _cublas_gemv(w, x, out, norm, eps, residual, swiglu) -> None:
 
 
 def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
-         residual: torch.Tensor | None = None, swiglu: bool = False, config: tuple | None = None) -> torch.Tensor:
+         residual: torch.Tensor | None = None, swiglu: bool = False, skip: tuple[int, int] | None = None,
+         config: tuple | None = None) -> torch.Tensor:
     """out = W x (x: (K,), W: (N, K), or (2N, K) gate rows then up rows for `swiglu`), with x
-    RMS-normalised by `norm` first and `residual` added after, where given. `config`: one of
-    GEMV_CONFIGS (default: the fastest, see `_tuned`)."""
+    RMS-normalised by `norm` first and `residual` added after, where given. `skip`: rows (start,
+    stop) of W left out (out keeps its values there; not with residual or swiglu). `config`: one
+    of GEMV_CONFIGS (default: the fastest, see `_tuned`)."""
     n, k = w.shape[0] // (2 if swiglu else 1), w.shape[1]
+    skip_at, skip_len = (skip[0], skip[1] - skip[0]) if skip is not None else (n, 0)
+    assert skip is None or (residual is None and not swiglu and 0 <= skip_at <= skip[1] <= n)
+    n -= skip_len
 
     def launch(config):
         if config == CUBLAS:
-            return _cublas_gemv(w, x, out, norm, eps, residual, swiglu)
+            return _cublas_gemv(w, x, out, norm, eps, residual, swiglu, skip)
         block_n, block_k, warps = config
         even = n % block_n == 0 and k % block_k == 0
         _gemv_kernel[(triton.cdiv(n, block_n),)](
-            w, x, x if norm is None else norm, x if residual is None else residual, out, n, k, w.stride(0), w.stride(1), eps,
+            w, x, x if norm is None else norm, x if residual is None else residual, out, n, k, w.stride(0), w.stride(1), eps, skip_at, skip_len,
             NORM=norm is not None, RESIDUAL=residual is not None, SWIGLU=swiglu, EVEN=even,
             BLOCK_N=block_n, BLOCK_K=block_k, K_PAD=triton.next_power_of_2(k) if norm is not None else 1, num_warps=warps)
 
@@ -282,9 +293,11 @@ def decode_attention(qkv, qk_norm, rope, positions, slot, cache_k, cache_v, vali
 
 class FusedDecoder:
     """Batch-1 decode steps on the kernels above, for one model's current weights; its buffers
-    are reused by every step (CUDA graphs replay them at fixed addresses)."""
+    are reused by every step (CUDA graphs replay them at fixed addresses). `skip`: a range of
+    vocabulary ids (start, stop) whose logits are never computed, -inf (text steps skip the image
+    codes: 8,192 rows of the output matrix, 64 MB a token at 7B in bf16)."""
 
-    def __init__(self, transformer):
+    def __init__(self, transformer, skip: tuple[int, int] | None = None):
         self.transformer, self.args = transformer, transformer.args
         self.weights = [
             (b.attention_norm.weight, b.attention.fused[0].tensor,
@@ -301,7 +314,8 @@ class FusedDecoder:
 
         self.x, self.h, self.qkv = empty(args.dim), empty(args.dim), empty(qkv_width)
         self.attn, self.ffn = empty(args.n_heads * args.head_dim), empty(args.ffn_hidden_dim)
-        self.logits = empty(args.vocab_size, torch.float32)
+        self.skip = skip
+        self.logits = torch.full((args.vocab_size,), float("-inf"), device=w.device)
 
     @staticmethod
     def weights_key(transformer) -> tuple:
@@ -321,7 +335,7 @@ class FusedDecoder:
             gemv(wo, self.attn, self.h, residual=self.x)
             gemv(w13, self.h, self.ffn, norm=ffn_norm, eps=eps, swiglu=True)
             gemv(w2, self.ffn, self.x, residual=self.h)
-        gemv(t.output.weight, self.x, self.logits, norm=t.norm.weight, eps=eps)
+        gemv(t.output.weight, self.x, self.logits, norm=t.norm.weight, eps=eps, skip=self.skip)
         return self.logits.view(1, -1)
 
     def greedy_step(self, cache: KVCache, state) -> None:
@@ -330,11 +344,29 @@ class FusedDecoder:
         state.advance(self.step_logits(state.tokens, state.positions, state.slot, cache))
 
 
-def fused_decoder(transformer) -> FusedDecoder:
-    """The model's decoder, kept on it while its weights are the tensors it was made for."""
-    decoder = getattr(transformer, "_fused_decoder", None)
+def fused_decoder(transformer, skip: tuple[int, int] | None = None) -> FusedDecoder:
+    """The model's decoder for this `skip`, kept on it while its weights are the tensors it was
+    made for."""
+    decoders = transformer.__dict__.setdefault("_fused_decoders", {})
+    decoder = decoders.get(skip)
     stale = decoder is not None and decoder.x.is_inference() and not torch.is_inference_mode_enabled()  # (cannot be written now)
     if decoder is None or stale or decoder.key != FusedDecoder.weights_key(transformer):
-        decoder = transformer._fused_decoder = None
-        decoder = transformer._fused_decoder = FusedDecoder(transformer)
+        if decoder is not None and decoder.key != FusedDecoder.weights_key(transformer):
+            decoders.clear()  # (each holds buffers, and the old weights' graphs through its step)
+        decoder = decoders[skip] = FusedDecoder(transformer, skip)
     return decoder
+
+
+def skipped_range(vocab_spans: list[tuple[int, int]], needed: tuple[int, ...] | None) -> tuple[int, int] | None:
+    """The longest run of vocabulary spans (Transformer.vocab_spans) outside `needed` (span
+    indices; None: all), as one id range for `FusedDecoder`'s skip, or None."""
+    runs, start = [], None
+    for i, (a, b) in enumerate(vocab_spans):
+        if needed is None or i in needed:
+            start = None
+        elif start is None:
+            start = a
+            runs.append([a, b])
+        else:
+            runs[-1][1] = b
+    return tuple(max(runs, key=lambda r: r[1] - r[0])) if runs else None

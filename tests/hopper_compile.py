@@ -59,7 +59,7 @@ def gemv_variants():
     }.items():
         for block_n, block_k, warps in (c for c in kernels.GEMV_CONFIGS if c != kernels.CUBLAS):
             args = {"w_ptr": "*bf16", "x_ptr": "*bf16", "g_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": out, "N": "i32", "K": "i32",
-                    "stride_wn": "i32", "stride_wk": ("constexpr", 1), "eps": "fp32",
+                    "stride_wn": "i32", "stride_wk": ("constexpr", 1), "eps": "fp32", "skip_at": "i32", "skip_len": "i32",
                     "NORM": ("constexpr", norm), "RESIDUAL": ("constexpr", residual), "SWIGLU": ("constexpr", swiglu),
                     "EVEN": ("constexpr", n % block_n == 0 and k % block_k == 0), "BLOCK_N": ("constexpr", block_n),
                     "BLOCK_K": ("constexpr", block_k), "K_PAD": ("constexpr", triton.next_power_of_2(k) if norm else 1)}

@@ -105,6 +105,12 @@ def test_gemv_on_shapes_blocks_do_not_divide(norm, residual, swiglu):
     if residual:
         expected = expected + res
     for layout in (w, w.t().contiguous().t()):
+        if not (residual or swiglu):  # rows left out: the others computed, these untouched
+            for config in (None, kernels.CUBLAS):
+                out = torch.full((n,), 7.0)
+                kernels.gemv(layout, x, out, norm=gain if norm else None, eps=1e-5, skip=(30, 90), config=config)
+                torch.testing.assert_close(out[30:90], torch.full((60,), 7.0))
+                torch.testing.assert_close(torch.cat([out[:30], out[90:]]), torch.cat([expected[:30], expected[90:]]), rtol=1e-5, atol=1e-5)
         for config in (None, kernels.CUBLAS):  # the tuned Triton kernel, and the torch (cuBLAS) candidate
             out = torch.empty(n)
             kernels.gemv(layout, x, out, norm=gain if norm else None, eps=1e-5, residual=res if residual else None, swiglu=swiglu, config=config)
@@ -120,7 +126,9 @@ def test_generate_with_fused_kernels():
     opts = dict(max_new_tokens=8, logit_bias={tok.eos_id: -1e9})
     expected = generate(model, prompt, GenerationOptions(**opts))
     assert generate(model, prompt, GenerationOptions(kernels="triton", **opts)) == expected
-    assert model.transformer._fused_decoder is not None  # the kernels did run
+    (decoder,) = model.transformer._fused_decoders.values()  # the kernels did run, skipping the image codes' logits
+    codes = model.tokenizer.code_to_id
+    assert decoder.skip == (int(codes.min()), int(codes.max()) + 1) and decoder.logits[codes].eq(float("-inf")).all()
     with pytest.warns(UserWarning, match=r"batch of 2 cache rows \(batch 1 only\)"):
         assert generate(model, prompt * 2, GenerationOptions(kernels="triton", **opts)) == expected * 2
 
@@ -141,6 +149,13 @@ def test_fused_kernels_replayed_from_emulated_cuda_graphs(monkeypatch):
     assert kind == "triton" and set(graphs.graphs) == {1, 2} and events.count("capture") == 2
     events.clear()
     assert generate(model, prompt, fused) == expected and events == []  # replayed, not captured again
+
+
+def test_skipped_range_is_the_longest_run_of_unneeded_spans():
+    spans = [(0, 4), (4, 100), (100, 150), (150, 200), (200, 210)]
+    assert kernels.skipped_range(spans, (0, 2)) == (4, 100)  # (longer than 150..210)
+    assert kernels.skipped_range(spans, (0, 3, 4)) == (4, 150)
+    assert kernels.skipped_range(spans, None) is None and kernels.skipped_range(spans, (0, 1, 2, 3, 4)) is None
 
 
 def test_fused_kernels_refused_where_they_cannot_apply():
