@@ -119,6 +119,24 @@ def test_karpathy_dataset_json(tmp_path):
     # Karpathy's train split is train + restval
     assert [(i.image_id, i.split) for i in load_references(path, split="train")] == [(7, "train"), (9, "train")]
     assert [i.image_id for i in load_references(path, split="restval")] == [9]
+
+
+def test_flickr_rows_filtered_by_their_split(tmp_path):
+    """Rows `{split, image_name, captions}` (the shipped Flickr30k test's format) of a file holding
+    several splits: those of the split asked for (train with restval); every row or none must say."""
+    path = tmp_path / "flickr30k.json"
+    rows = [{"split": s, "image_name": f"{i}.jpg", "captions": ["A dog runs."]} for i, s in enumerate(["train", "test", "val", "restval", "test"])]
+    path.write_text(json.dumps(rows))
+    assert [(i.image_id, i.split) for i in load_references(path)] == [(1, "test"), (4, "test")]
+    assert [(i.image_id, i.split) for i in load_references(path, split="train")] == [(0, "train"), (3, "train")]
+    path.write_text(json.dumps(rows[:2] + [{"image_name": "9.jpg", "captions": ["A cat."]}]))
+    with pytest.raises(InputError, match=r"row 2: missing field 'split' \(other rows have one"):
+        load_references(path)
+    path.write_text(json.dumps(rows[:1]))
+    with pytest.raises(InputError, match=r"no rows with split 'test' \(splits there: \['train'\]\)"):
+        load_references(path)
+    path.write_text(json.dumps([{"image_name": "5.jpg", "captions": ["A cat."]}]))  # no splits: the whole file
+    assert [(i.image_id, i.split) for i in load_references(path)] == [(5, None)]
     assert {i.split for i in load_references("coco_karpathy_test")} == {None}  # a file without splits
 
 

@@ -2,11 +2,12 @@
 
 Formats understood (detected from the content):
 - Karpathy COCO test as shipped: `[{image: "val2014/COCO_val2014_%012d.jpg", caption: [..]}]`
-- Flickr30k Karpathy test as shipped: `[{split, image_name, captions: [..]}]`
+- Flickr30k Karpathy test as shipped: `[{split, image_name, captions: [..]}]`, filtered to `split`
+  where rows have one
 - COCO annotation files (`captions_val2014.json`): `{images: [{id, file_name}], annotations: [{image_id, caption}]}`,
   each image id once (an identical repeat of an entry is accepted)
 - Karpathy's `dataset_coco.json` / `dataset_flickr30k.json`: `{images: [{filename, sentences, split, ..}]}`,
-  filtered to `split` ("test" by default; "restval" counts as train there).
+  filtered to `split` ("test" by default; "restval" counts as train, in both split-carrying formats).
 Hub dataset names are not loaded: everything here works offline from local files.
 """
 
@@ -69,7 +70,7 @@ def load_references(source: str | Path = "coco_karpathy_test", split: str = "tes
     elif isinstance(data, dict) and isinstance(data.get("images"), list):
         items = _from_karpathy_dataset(path, data["images"], split)
     elif isinstance(data, list) and data and isinstance(data[0], dict) and "image_name" in data[0]:
-        items = [_flickr_row(path, i, row) for i, row in enumerate(data)]
+        items = _from_flickr_rows(path, data, split)
     elif isinstance(data, list) and data and isinstance(data[0], dict) and "image" in data[0]:
         items = [_karpathy_coco_row(path, i, row) for i, row in enumerate(data)]
     else:
@@ -120,11 +121,31 @@ def _karpathy_coco_row(path: Path, i: int, row) -> CaptionItem:
     return CaptionItem(coco_id, image, list(_captions(path, f"row {i}", "caption", row.get("caption"))))
 
 
-def _flickr_row(path: Path, i: int, row) -> CaptionItem:
-    name = _field(path, f"row {i}", row, "image_name", str)
-    stem = Path(name).stem
-    image_id = int(stem) if stem.isdigit() else stem  # results files use the numeric Flickr id
-    return CaptionItem(image_id, name, list(_captions(path, f"row {i}", "captions", row.get("captions"))))
+def _split_wanted(split: str) -> set[str]:
+    # Karpathy's "restval" images (the rest of COCO val2014) are training images: his train split
+    # of 113,287 COCO images is train + restval.
+    return {"train", "restval"} if split == "train" else {split}
+
+
+def _from_flickr_rows(path: Path, rows: list, split: str) -> list[CaptionItem]:
+    """Rows `{split, image_name, captions}`; where rows carry a split (all or none must), those of
+    `split`, else all of them."""
+    with_split = [isinstance(row, dict) and "split" in row for row in rows]
+    if any(with_split) and not all(with_split):
+        raise InputError(f"{path}: row {with_split.index(False)}: missing field 'split' (other rows have one; "
+                         "expected it in every row or in none)")
+    wanted, items = _split_wanted(split), []
+    for i, row in enumerate(rows):
+        if with_split[0] and _field(path, f"row {i}", row, "split", str) not in wanted:
+            continue
+        name = _field(path, f"row {i}", row, "image_name", str)
+        stem = Path(name).stem
+        image_id = int(stem) if stem.isdigit() else stem  # results files use the numeric Flickr id
+        items.append(CaptionItem(image_id, name, list(_captions(path, f"row {i}", "captions", row.get("captions"))),
+                                 split if with_split[0] else None))
+    if not items:
+        raise InputError(f"{path}: no rows with split {split!r} (splits there: {sorted({row['split'] for row in rows})})")
+    return items
 
 
 def _from_coco_annotations(path: Path, data: dict) -> list[CaptionItem]:
@@ -156,9 +177,7 @@ def _from_coco_annotations(path: Path, data: dict) -> list[CaptionItem]:
 
 
 def _from_karpathy_dataset(path: Path, images: list, split: str) -> list[CaptionItem]:
-    # Karpathy's "restval" images (the rest of COCO val2014) are training images: his train split
-    # of 113,287 COCO images is train + restval.
-    wanted = {"train", "restval"} if split == "train" else {split}
+    wanted = _split_wanted(split)
     items = []
     for i, image in enumerate(images):
         if _field(path, f"images[{i}]", image, "split", str) not in wanted:
