@@ -163,7 +163,7 @@ def exemplar_pool(spec: BenchmarkSpec, *, references: list, found: dict, image_d
     if spec.exemplar_split and all(it.split is None for it in items):  # it would be ignored: the whole file is the pool
         raise InputError(
             f"benchmark '{spec.name}': 'exemplar_split' {spec.exemplar_split!r} given, but exemplars file "
-            f"{reference_path(spec.exemplars)} has no splits to select from (only a Karpathy dataset_*.json has); leave "
+            f"{reference_path(spec.exemplars)} has no splits to select from (a Karpathy dataset_*.json and Flickr rows with a 'split' field have); leave "
             f"'exemplar_split' out to use the whole file as the pool"
         )
     pool_found, _ = resolve_images(items, pool_dir)

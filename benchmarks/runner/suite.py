@@ -18,8 +18,9 @@
         subset: with_images     # all (missing images reported as failures) | with_images
         metrics: [CIDEr]
         exemplars: /data/karpathy/dataset_coco.json   # few-shot pool (default: the scored split,
-        exemplar_split: train   # query excluded); split of a Karpathy dataset_*.json (default train;
-                                # refused for a file without splits, which is used whole)
+        exemplar_split: train   # query excluded); split of a file with splits: Karpathy dataset_*.json
+                                # or Flickr rows (default train; refused for a file without splits,
+                                # which is used whole)
         exemplar_images: /data/coco/train2014         # its images (default: the run's images dir)
 
 Validation is strict and happens before any model loads: unknown or duplicate keys, values of the
@@ -89,7 +90,7 @@ class BenchmarkSpec:
     metrics: list = field(default_factory=lambda: ["CIDEr"])
     maj_at: list | None = None
     exemplars: str | None = None  # captioning: few-shot pool (shipped set name or JSON path)
-    exemplar_split: str | None = None  # the pool's split, of a Karpathy dataset_*.json only (None: train)
+    exemplar_split: str | None = None  # the pool's split, of a file with splits only (None: train)
     exemplar_images: str | None = None  # the pool's images (default: the scored images' directory)
 
     @property
