@@ -148,7 +148,7 @@ def test_flickr_rows_filtered_by_their_split(tmp_path):
         ([{"image": "val2014/cat.jpg", "caption": ["a"]}], r"row 0: field 'image' 'val2014/cat.jpg' is not a COCO file name"),
         ([{"split": "test", "image_name": "1.jpg", "captions": "a dog"}], r"row 0: field 'captions' must be a non-empty list"),
         ([{"split": "test", "image_name": "1.jpg", "captions": ["a"]}, {"split": "test", "image_name": "1.jpg", "captions": ["b"]}],
-         r"row 1: image id 1 appears twice"),
+         r"image id 1 appears twice \('1.jpg' and '1.jpg'\); expected one entry per image"),
         ({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 2, "caption": "x"}]},
          r"annotations\[0\]: image_id 2 is not in 'images'"),
         ({"images": [{"id": 1}], "annotations": [{"image_id": 1}]}, r"annotations\[0\]: missing field 'caption'"),

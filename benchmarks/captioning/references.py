@@ -196,12 +196,13 @@ def _from_karpathy_dataset(path: Path, images: list, split: str) -> list[Caption
 
 
 def _check_unique(path: Path, items: list[CaptionItem]) -> None:
-    seen = set()
-    for i, item in enumerate(items):
+    seen: dict[str, CaptionItem] = {}
+    for item in items:
         key = str(item.image_id)  # "1" and 1 are one image to results files (score-captions' match_ids)
-        if key in seen:
-            raise InputError(f"{path}: row {i}: image id {item.image_id!r} appears twice")
-        seen.add(key)
+        if key in seen:  # (named by file: a position among the items of one split is no row number)
+            raise InputError(f"{path}: image id {item.image_id!r} appears twice ({seen[key].image_file!r} and "
+                             f"{item.image_file!r}); expected one entry per image")
+        seen[key] = item
 
 
 def _shipped_index(image_dir: Path) -> dict[int, Path]:
