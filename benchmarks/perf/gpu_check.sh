@@ -13,12 +13,13 @@
 #                layer, replayed from graphs of 16 steps; not yet measured: their block sizes are
 #                tuned on first use, and the report lists the choices)
 #   image_7b     one 512x512 image: 1,024 codes with 3-way CFG, then VQGAN decoding (5.65 s in run 3)
+#   profile_triton_7b
+#                the kernels of 16 greedy decode steps on each path (default, then fused Triton),
+#                last: the stages above fit a 600-s call, and this one only if time is left
 # Not run by default (STAGES="..." in a second call):
 #   decode_7b    the default path alone (as in runs 1-4)
 #   graphs_7b    the default path replaying graphs of 16 greedy steps captured by the generator
 #                (`--graph-steps 16`): +0.8% and +3.0% in run 4's two runs, so not the default
-#   profile_triton_7b
-#                the kernels of 16 greedy decode steps on each path (default, then fused Triton)
 #   graphs_math_7b
 #                graphs_7b with attention as plain matmul/softmax compiled by inductor instead of
 #                cuDNN's kernel: 65.3% in run 4 (more kernels), so not adopted
@@ -43,7 +44,7 @@ mkdir -p "$OUT"
 # DECODE_ARGS: another shape or device, e.g. "--preset tiny --device cpu" to rehearse this script.
 DECODE="python3 benchmarks/perf/decode.py ${DECODE_ARGS:---preset 7B --device cuda} --dtypes bf16 --new-tokens 128"
 
-STAGES="${STAGES:-cuda_tests triton_7b image_7b}"  # a subset reruns only those
+STAGES="${STAGES:-cuda_tests triton_7b image_7b profile_triton_7b}"  # a subset reruns only those
 
 stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in $OUT/run.txt
     local name=$1 limit=$2 start=$SECONDS
@@ -67,7 +68,7 @@ stage attn_math_7b "${ATTN_S:-120}" $DECODE --batches 1 --no-hf --sdpa-backend m
 stage attn_efficient_7b "${ATTN_S:-120}" $DECODE --batches 1 --no-hf --sdpa-backend efficient --json "$OUT/attn_efficient_7b.json"
 stage vs_hf_7b "${VS_HF_S:-150}" $DECODE --batches "${VS_HF_BATCHES:-1,4}" --json "$OUT/vs_hf_7b.json"
 stage tuned_7b "${TUNED_S:-140}" env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $DECODE --batches 1 --no-hf --json "$OUT/tuned_7b.json"
-stage profile_triton_7b "${PROFILE_S:-150}" $DECODE --batches 1 --no-hf --new-tokens 32 --repeats 1 --triton --profile 16
+stage profile_triton_7b "${PROFILE_TRITON_S:-150}" $DECODE --batches 1 --no-hf --new-tokens 32 --repeats 1 --triton --profile 16
 stage profile_7b "${PROFILE_S:-60}" $DECODE --batches 1 --no-hf --new-tokens 32 --profile 16 ${PROFILE_ARGS:-}
 stage text_loop_7b "${TEXT_LOOP_S:-200}" python3 benchmarks/perf/text_loop.py ${TEXT_LOOP_ARGS:---preset 7B --device cuda} --batches 1,8 --repeats 2
 stage unfused_7b "${UNFUSED_S:-75}" $DECODE --batches 1 --no-hf --no-fuse
