@@ -443,7 +443,10 @@ class _TextState:
         biased = logits + self.text_bias
         t = biased.max(dim=-1).indices if pick is None else pick(biased)
         self.done |= self.is_stop[t]
-        self.out.index_copy_(1, self.slot + 1, t.masked_fill(self.done, self.pad)[:, None])
+        # torch.where, not masked_fill: CUDA's masked_fill reads a tensor fill value on the host
+        # (.item()), a sync that CUDA graph capture refuses, and the fused Triton step
+        # (kernels.FusedDecoder) runs this eagerly inside a capture (`_GreedyGraphs`)
+        self.out.index_copy_(1, self.slot + 1, torch.where(self.done, self.pad, t)[:, None])
         self.tokens.copy_(t[:, None])
         self.positions.add_(1)
         self.slot.add_(1)

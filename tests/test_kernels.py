@@ -184,3 +184,45 @@ def test_kernels_compile_for_hopper_without_spills_and_with_wide_loads():
     assert [r["variant"] for r in rows if r["spilled_bytes"]] == []
     gemvs = [r for r in rows if r["variant"].startswith("gemv")]
     assert all(r["weight_loads"] == ["ld.global.L1::evict_first.L2::cache_hint.v4.b32"] for r in gemvs), gemvs
+
+
+# Ops whose CUDA kernels read a device value on the host (.item(), nonzero's size): a sync, which
+# CUDA graph capture refuses ("operation not permitted when stream is capturing").
+_HOST_SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::masked_select",
+               "aten::masked_fill.Tensor", "aten::masked_fill_.Tensor", "aten::fill_.Tensor", "aten::index_fill_.int_Tensor"}
+
+
+def test_fused_greedy_step_runs_no_op_that_syncs_with_the_host():
+    """On a GPU the fused greedy step runs eagerly inside a CUDA graph capture (`_GreedyGraphs`;
+    unlike the inductor step, whose graph compiles such ops away), so none of its ops may read a
+    device value on the host (masked_fill with a tensor value did: .item()). Recorded here on the
+    CPU, where such ops pass unnoticed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from chameleon.generate import _TextState
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.name()
+            if name in ("aten::index.Tensor", "aten::index_put_", "aten::index_put") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
+                name += " (boolean mask: nonzero)"
+            self.seen.add(name)
+            return func(*args, **kwargs)
+
+    model = _model()
+    t = model.transformer
+    cache = _prefilled(t, 20, [3])
+    state = _TextState(1, cache.max_seq_len, t.args.vocab_size, "cpu")
+    state.reset(torch.zeros(t.args.vocab_size), {1, 2}, 0, [19], 20)
+    decoder = kernels.fused_decoder(t)
+    with torch.no_grad():
+        state.advance(torch.randn(1, t.args.vocab_size))
+        with Ops() as ops:
+            decoder.greedy_step(cache, state)
+    assert ops.seen and not {n for n in ops.seen if n in _HOST_SYNCS or "nonzero" in n}, sorted(ops.seen)
