@@ -32,6 +32,10 @@ import torch.nn.functional as F
 from chameleon.model import KVCache, rms_norm
 
 # Triton reads the variable as it defines its own kernels (tl.zeros...), so only before its import.
+# Chosen by the environment (as tests/conftest.py does), the interpreter also runs models on the
+# CPU; set here only so that the kernels can be defined, it does not (~1000x slower than the usual
+# step: `unsupported` says so).
+INTERPRETER_CHOSEN = os.environ.get("TRITON_INTERPRET") == "1"
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -51,6 +55,11 @@ def unsupported(transformer, cache: KVCache) -> str | None:
         return "triton is not installed"
     if device.type == "cpu" and not INTERPRETED:
         return "the model is on the CPU and triton was imported before TRITON_INTERPRET=1 was set"
+    if device.type == "cpu" and not INTERPRETER_CHOSEN:
+        return ("no GPU: on the CPU the kernels run in Triton's interpreter, ~1000x slower than the usual step "
+                "(TRITON_INTERPRET=1 in the environment runs them there anyway, as the tests do)")
+    if device.type == "cuda" and INTERPRETED:
+        return "TRITON_INTERPRET=1: Triton's interpreter copies tensors through the host, which CUDA graph capture refuses"
     if device.type not in ("cuda", "cpu"):
         return f"the model is on {device.type}, not CUDA"
     if cache.batch_size != 1:

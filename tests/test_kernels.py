@@ -172,6 +172,30 @@ def test_fused_kernels_refused_where_they_cannot_apply():
         assert kernels.unsupported(_model().transformer, cache) is None
 
 
+def test_cpu_model_without_a_chosen_interpreter_takes_the_usual_step():
+    """Without a GPU and without TRITON_INTERPRET=1 in the environment (a user's CPU run; the
+    tests set it), kernels="triton" is refused with a warning: kernels.py sets the interpreter
+    only to define the kernels, which it would run ~1000x slower than the usual step."""
+    code = (
+        "import warnings, dataclasses\n"
+        "from chameleon.config import preset\n"
+        "from chameleon.tiny import TINY_VQ, random_model\n"
+        "from chameleon.generate import GenerationOptions, generate\n"
+        "model = random_model(dataclasses.replace(preset('tiny'), model_parallel_size=2), TINY_VQ, seed=1)\n"
+        "model.transformer.fuse_()\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    out = generate(model, [model.encode_prompt('Hi')], GenerationOptions(max_new_tokens=3, kernels='triton'))\n"
+        "print(getattr(model.transformer, '_fused_decoder', None) is None, [str(x.message) for x in w])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("True") and "no GPU" in done.stdout, done.stdout
+
+
 def test_kernels_compile_for_hopper_without_spills_and_with_wide_loads():
     """Compiled for sm_90 (H100, H200) as Triton's JIT would specialise them for a 7B model in
     bf16 (tests/hopper_compile.py; no GPU needed): every candidate block configuration compiles,
