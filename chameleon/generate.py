@@ -235,10 +235,15 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
     n_rows, n_prompts = len(streams), len(rows)
     max_len = max(len(s) for s in streams)
     total = max_len + budget - min(len(o) for o in open_images)  # given tokens count in the budget
-    if use_compile:  # a compiled step has static shapes: round the cache up so calls share graphs
+    # The fused Triton step keeps its state, graphs and attention block size per cache shape too
+    # (`_compiled_greedy_state`, `_GreedyGraphs`, `kernels._tuned`), compiled or not: a cache per
+    # prompt length would keep one more state, capture and tuning per length met.
+    fused_wanted = opts.kernels == "triton" and opts.mode == "text" and n_rows == 1
+    if use_compile or fused_wanted:  # a compiled step has static shapes: round the cache up so calls share graphs
         total = max(total, min(args.max_seq_len, -(-total // CACHE_BUCKET) * CACHE_BUCKET))
         cache = _reusable_cache(model.transformer, n_rows, total)
-        _prepare_compiled(model.transformer, cache)  # once, before any compiled step
+        if use_compile:
+            _prepare_compiled(model.transformer, cache)  # once, before any compiled step
     else:
         cache = model.new_cache(n_rows, total)
 

@@ -133,6 +133,19 @@ def test_generate_with_fused_kernels():
         assert generate(model, prompt * 2, GenerationOptions(kernels="triton", **opts)) == expected * 2
 
 
+def test_uncompiled_fused_generation_keeps_one_state_per_cache_bucket():
+    """kernels="triton" with compile=False: prompts of five lengths share one bucketed cache, so
+    the model keeps one greedy state (and on a GPU one set of graphs and one attention tuning),
+    not one per length; the tokens are the usual step's."""
+    model = _model()
+    opts = dict(max_new_tokens=3, logit_bias={model.tokenizer.eos_id: -1e9})
+    for n in range(1, 6):
+        prompt = [model.encode_prompt("Hi " * n)]
+        assert generate(model, prompt, GenerationOptions(kernels="triton", compile=False, **opts)) == \
+            generate(model, prompt, GenerationOptions(compile=False, **opts))
+    assert len(model.transformer._greedy_states) == 1
+
+
 def test_fused_kernels_replayed_from_emulated_cuda_graphs(monkeypatch):
     """On a GPU the fused step runs in graphs the generator captures (`_GreedyGraphs`); here with
     CUDA graphs emulated (tests/conftest.py): warm-up steps, then graphs of 2 steps and of 1 (the
