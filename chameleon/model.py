@@ -494,6 +494,8 @@ class Transformer(nn.Module):
         # tensors each keeps alive) would only hold memory. bf16 CPU inference packs again.
         if self.packed:
             self.packed.clear()
+        # The fused Triton decoder (chameleon/kernels.py) holds the weights it was made for.
+        self.__dict__.pop("_fused_decoder", None)
         return super()._apply(fn, recurse)
 
     def rope_freqs(self, device: torch.device) -> torch.Tensor:

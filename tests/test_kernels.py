@@ -131,6 +131,9 @@ def test_generate_with_fused_kernels():
     assert decoder.skip == (int(codes.min()), int(codes.max()) + 1) and decoder.logits[codes].eq(float("-inf")).all()
     with pytest.warns(UserWarning, match=r"batch of 2 cache rows \(batch 1 only\)"):
         assert generate(model, prompt * 2, GenerationOptions(kernels="triton", **opts)) == expected * 2
+    # Weights replaced (.to()): the decoder, which holds the old ones, goes with them.
+    model.transformer.to(torch.float64)
+    assert getattr(model.transformer, "_fused_decoder", None) is None
 
 
 def test_uncompiled_fused_generation_keeps_one_state_per_cache_bucket():
