@@ -13,12 +13,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(script: str, *args) -> subprocess.CompletedProcess:
-    """benchmarks/perf/<script> with these arguments, offline; it must succeed."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+def run_script(script: str, *args, ok: bool = True, drop_env: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """benchmarks/perf/<script> with these arguments, offline; it must succeed (`ok`), or fail.
+    `drop_env`: variables of this process left out of the script's environment."""
+    env = {**{k: v for k, v in os.environ.items() if k not in drop_env}, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, f"benchmarks/perf/{script}", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.returncode == 0) == ok, done.stderr[-3000:]
     return done
 
 
@@ -73,10 +74,16 @@ def test_decode_benchmark_times_the_fused_kernels(tmp_path):
     """--triton times our decode on the fused Triton kernels beside the default path at batch 1
     (here in Triton's interpreter: the figures mean nothing, the tokens must agree)."""
     out = tmp_path / "decode.json"
+    # (the script chooses the interpreter itself on the CPU, as a rehearsal of gpu_check.sh would run it)
     run_script("decode.py", "--preset", "tiny", "--device", "cpu", "--dtypes", "fp32", "--batches", "1,2", "--new-tokens", "4",
-               "--prompt-len", "16", "--repeats", "1", "--no-hf", "--triton", "--json", out)
+               "--prompt-len", "16", "--repeats", "1", "--no-hf", "--triton", "--json", out, drop_env=("TRITON_INTERPRET",))
     report = json.loads(out.read_text())
     one, two = report["rows"]
     assert report["triton"] is True and one["ours_triton"]["decode_tok_s"] > 0
     assert one["same_tokens_as_ours_triton"] is True and one["leading_tokens_agreeing_ours_triton"] == [4]
     assert "ours_triton" not in two  # batch 1 only
+    # Where the fused path is refused (here: a head_dim of 24), it would time the usual step
+    # under its name: the script stops instead, saying why.
+    done = run_script("decode.py", "--preset", "tiny", "--device", "cpu", "--dtypes", "fp32", "--batches", "1", "--new-tokens", "4",
+                      "--prompt-len", "16", "--repeats", "1", "--no-hf", "--shape", "dim=96", "--triton", ok=False)
+    assert "kernels='triton' does not apply here (head_dim 24 is not a power of 2" in done.stderr, done.stderr[-3000:]
