@@ -27,6 +27,10 @@ if os.environ.get("CI") != "true" and importlib.util.find_spec("triton") is None
     pytest.skip("triton is not installed", allow_module_level=True)
 from chameleon import kernels  # noqa: E402  (after the check above)
 
+# The tests that run the kernels on CPU tensors need the interpreter, which conftest chooses only
+# without a GPU; on a GPU machine tests/test_cuda.py runs them compiled instead.
+on_cpu = pytest.mark.skipif(not kernels.INTERPRETED, reason="runs the kernels on CPU tensors in Triton's interpreter (chosen by conftest without a GPU)")
+
 
 def _model(dtype=torch.float32, **shape):
     args = dataclasses.replace(preset("tiny"), model_parallel_size=2, **shape)
@@ -58,6 +62,7 @@ def _step(model, slot: int, invalid: list[int], fused: bool):
         return t(token, cache=cache, input_pos=slot, positions=position, kv_len=slot + 1)[:, -1], cache
 
 
+@on_cpu
 @pytest.mark.parametrize("shape", [{}, {"n_kv_heads": None, "qk_normalization": False}], ids=["gqa", "mha-no-qk-norm"])
 def test_fused_step_matches_reference(shape):
     """One float32 decode step at slot 130 (three attention blocks, a few earlier slots invalid):
@@ -74,6 +79,7 @@ def test_fused_step_matches_reference(shape):
         assert torch.equal(mine[:, :, :slot], theirs[:, :, :slot]) and not mine[:, :, slot + 1 :].any()
 
 
+@on_cpu
 def test_fused_step_in_bf16_as_precise_as_the_reference():
     """In bf16 the kernels round where the reference rounds but sum in another order, so the two
     differ by a few units in the last place; against the float32 logits, their error is no larger.
@@ -89,6 +95,7 @@ def test_fused_step_in_bf16_as_precise_as_the_reference():
     assert (got - truth).abs().mean() <= bound * (expected - truth).abs().mean()
 
 
+@on_cpu
 @pytest.mark.parametrize("norm, residual, swiglu", [(True, False, False), (False, True, False), (True, False, True), (False, False, False)])
 def test_gemv_on_shapes_blocks_do_not_divide(norm, residual, swiglu):
     """Rows and columns that are not multiples of the blocks (the masked path), for every epilogue;
@@ -117,6 +124,7 @@ def test_gemv_on_shapes_blocks_do_not_divide(norm, residual, swiglu):
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@on_cpu
 def test_generate_with_fused_kernels():
     """Greedy text through GenerationOptions(kernels="triton") gives the usual step's tokens; where
     the kernels do not apply (two prompts: batch 1 only), the usual step runs, with a warning."""
@@ -136,6 +144,7 @@ def test_generate_with_fused_kernels():
     assert getattr(model.transformer, "_fused_decoder", None) is None
 
 
+@on_cpu
 def test_uncompiled_fused_generation_keeps_one_state_per_cache_bucket():
     """kernels="triton" with compile=False: prompts of five lengths share one bucketed cache, so
     the model keeps one greedy state (and on a GPU one set of graphs and one attention tuning),
@@ -149,6 +158,7 @@ def test_uncompiled_fused_generation_keeps_one_state_per_cache_bucket():
     assert len(model.transformer._greedy_states) == 1
 
 
+@on_cpu
 def test_fused_kernels_replayed_from_emulated_cuda_graphs(monkeypatch):
     """On a GPU the fused step runs in graphs the generator captures (`_GreedyGraphs`); here with
     CUDA graphs emulated (tests/conftest.py): warm-up steps, then graphs of 2 steps and of 1 (the
@@ -174,6 +184,7 @@ def test_skipped_range_is_the_longest_run_of_unneeded_spans():
     assert kernels.skipped_range(spans, None) is None and kernels.skipped_range(spans, (0, 1, 2, 3, 4)) is None
 
 
+@on_cpu
 def test_fused_kernels_refused_where_they_cannot_apply():
     model = _model(swin_norm=True)
     cache = model.transformer.new_cache(1, 16)
@@ -232,6 +243,7 @@ _HOST_SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "a
                "aten::masked_fill.Tensor", "aten::masked_fill_.Tensor", "aten::fill_.Tensor", "aten::index_fill_.int_Tensor"}
 
 
+@on_cpu
 def test_fused_greedy_step_runs_no_op_that_syncs_with_the_host():
     """On a GPU the fused greedy step runs eagerly inside a CUDA graph capture (`_GreedyGraphs`;
     unlike the inductor step, whose graph compiles such ops away), so none of its ops may read a
