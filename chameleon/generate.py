@@ -845,7 +845,7 @@ def free_generation_buffers(model) -> None:
     transformer = getattr(model, "transformer", model)
     transformer._cache_store = transformer._greedy_graphs = None
     transformer.__dict__.pop("_greedy_states", None)
-    transformer.__dict__.pop("_fused_decoder", None)  # (kernels='triton': its buffers, and the weights it was made for)
+    transformer.__dict__.pop("_fused_decoders", None)  # (kernels='triton': their buffers, and the weights it was made for)
     gc.collect()  # torch.compile's tracing leaves reference cycles that reach the first call's tensors
 
 

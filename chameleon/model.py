@@ -494,8 +494,12 @@ class Transformer(nn.Module):
         # tensors each keeps alive) would only hold memory. bf16 CPU inference packs again.
         if self.packed:
             self.packed.clear()
-        # The fused Triton decoder (chameleon/kernels.py) holds the weights it was made for.
-        self.__dict__.pop("_fused_decoder", None)
+        # The fused Triton decoders (chameleon/kernels.py) hold the weights they were made for, and
+        # the greedy graphs captured around them (generate._GreedyGraphs) hold the decoders; graphs
+        # keyed to the old weights would be captured anew anyway.
+        self.__dict__.pop("_fused_decoders", None)
+        if getattr(self, "_greedy_graphs", None):
+            self._greedy_graphs = None
         return super()._apply(fn, recurse)
 
     def rope_freqs(self, device: torch.device) -> torch.Tensor:

@@ -141,7 +141,7 @@ def test_generate_with_fused_kernels():
         assert generate(model, prompt * 2, GenerationOptions(kernels="triton", **opts)) == expected * 2
     # Weights replaced (.to()): the decoder, which holds the old ones, goes with them.
     model.transformer.to(torch.float64)
-    assert getattr(model.transformer, "_fused_decoder", None) is None
+    assert not getattr(model.transformer, "_fused_decoders", None)
 
 
 @on_cpu
@@ -175,6 +175,8 @@ def test_fused_kernels_replayed_from_emulated_cuda_graphs(monkeypatch):
     assert kind == "triton" and set(graphs.graphs) == {1, 2} and events.count("capture") == 2
     events.clear()
     assert generate(model, prompt, fused) == expected and events == []  # replayed, not captured again
+    model.transformer.to(torch.float64)  # the graphs hold the decoder, which holds the replaced weights
+    assert not model.transformer._greedy_graphs and not model.transformer.__dict__.get("_fused_decoders")
 
 
 def test_skipped_range_is_the_longest_run_of_unneeded_spans():
@@ -213,7 +215,7 @@ def test_cpu_model_without_a_chosen_interpreter_takes_the_usual_step():
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    out = generate(model, [model.encode_prompt('Hi')], GenerationOptions(max_new_tokens=3, kernels='triton'))\n"
-        "print(getattr(model.transformer, '_fused_decoder', None) is None, [str(x.message) for x in w])\n"
+        "print(not getattr(model.transformer, '_fused_decoders', None), [str(x.message) for x in w])\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
