@@ -54,8 +54,9 @@ class GenerationOptions:
     graph_steps: int | None = None
     # Experimental: "triton" runs batch-1 greedy text decode steps on fused Triton kernels
     # (chameleon/kernels.py), on CUDA replayed from graphs the generator captures (`graph_steps`
-    # steps a graph, 1 by default). Where they do not apply (batch > 1, swin_norm, no triton, no
-    # GPU) the usual step runs, with a warning. "torch": the usual step.
+    # steps a graph, 1 by default). Where they do not apply (sampling, a repetition penalty,
+    # image modes, batch > 1, swin_norm, no triton, no GPU) the usual step runs, with a warning.
+    # "torch": the usual step.
     kernels: str = "torch"
     progress: bool = False
 
@@ -292,7 +293,11 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
         text_loop_args = (model, logits, text_bias, stop_ids, budget, cache, cur, next_pos, tok.pad_id, progress, stop_strings)
         # Text mode runs on the device text loop; plain greedy picks inside a compiled graph.
         pick = _text_pick(opts, rows, device, text_seen) if opts.mode == "text" else None
-        fused = _fused_decoder(model.transformer, cache, spans_of(rows)) if opts.kernels == "triton" and opts.mode == "text" and pick is None else None
+        fused = None
+        if opts.kernels == "triton" and opts.mode == "text" and pick is None:
+            fused = _fused_decoder(model.transformer, cache, spans_of(rows))
+        elif opts.kernels == "triton":
+            warnings.warn("kernels='triton' does not apply here (it serves greedy text without a repetition penalty): the usual decode step runs")
         if opts.mode == "text" and pick is None and (use_compile or fused is not None):  # a graph of its own, not the logits step below
             return _text_loop(*text_loop_args, graph_steps=opts.graph_steps, fused=fused)
         step_fn = _decode_step(model, use_compile, weights)

@@ -139,6 +139,9 @@ def test_generate_with_fused_kernels():
     assert decoder.skip == (int(codes.min()), int(codes.max()) + 1) and decoder.logits[codes].eq(float("-inf")).all()
     with pytest.warns(UserWarning, match=r"batch of 2 cache rows \(batch 1 only\)"):
         assert generate(model, prompt * 2, GenerationOptions(kernels="triton", **opts)) == expected * 2
+    sampled = dict(opts, temperature=0.8, seed=3)
+    with pytest.warns(UserWarning, match=r"serves greedy text without a repetition penalty"):
+        assert generate(model, prompt, GenerationOptions(kernels="triton", **sampled)) == generate(model, prompt, GenerationOptions(**sampled))
     # Weights replaced (.to()): the decoder, which holds the old ones, goes with them.
     model.transformer.to(torch.float64)
     assert not getattr(model.transformer, "_fused_decoders", None)
