@@ -7,18 +7,21 @@ the small ones and the gaps between them cost ~1 ms of a 7B step's ~4.6 ms on an
 
   1. q/k/v GEMV with the attention RMSNorm computed in its prologue;
   2. per-head q/k LayerNorm, RoPE, the new slot's k/v written to the cache, attention over the
-     slots written so far (not the whole preallocated cache);
+     slots written so far (not the whole preallocated cache), in one program per kv head or,
+     where timing prefers it, in parts of the slots merged by a small second kernel;
   3. wo GEMV adding the residual in its epilogue;
   4. w1/w3 GEMV with the FFN RMSNorm in its prologue and SiLU(w1 x) * w3 x in its epilogue;
   5. w2 GEMV adding the residual.
 
 Every GEMV program reads whole rows (no split-K), so epilogues are elementwise. Values are rounded
 to the activations' dtype where the reference (`model.fused_block`) rounds, so results match it
-up to the order of floating-point sums. Block sizes are chosen per matrix shape by timing a few
-candidates on first use (`_tuned`).
+up to the order of floating-point sums. Block sizes (and cuBLAS for the products; parts for
+attention) are chosen per shape by timing a few candidates on first use (`_tuned`). Text steps
+skip the logits of the image codes (`skipped_range`).
 
-Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here when no GPU is
-present, before the kernels are defined): slow, but it lets tests check them on any machine.
+Without CUDA the kernels run in Triton's interpreter where the environment chooses it
+(TRITON_INTERPRET=1 before triton is imported, as the tests do): ~1000x slower than the usual
+step, but it lets tests check them on any machine.
 """
 
 from __future__ import annotations
@@ -154,18 +157,25 @@ if triton is not None:
         return tl.where(even, x * cos[None, :] - xp * sin[None, :], xp * sin[None, :] + x * cos[None, :]).to(act)
 
     @triton.jit
-    def _attention_kernel(qkv_ptr, norm_w_ptr, norm_b_ptr, rope_ptr, pos_ptr, slot_ptr, k_ptr, v_ptr, valid_ptr, out_ptr,
-                          stride_qkv, stride_cb, stride_ch, stride_cs, stride_valid, stride_out, eps, sm_scale,
+    def _attention_kernel(qkv_ptr, norm_w_ptr, norm_b_ptr, rope_ptr, pos_ptr, slot_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, part_ptr,
+                          stride_qkv, stride_cb, stride_ch, stride_cs, stride_valid, stride_out, chunk, eps, sm_scale,
                           H: tl.constexpr, KV: tl.constexpr, HD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                          QK_NORM: tl.constexpr, BLOCK_S: tl.constexpr):
-        """One query token per row: program (b, kv head) normalises and rotates its k and its G
-        q heads, writes k and v into the cache at `slot`, and attends over the slots before it
-        that row b marks valid, and its own."""
+                          QK_NORM: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT: tl.constexpr):
+        """One query token per row: program (b, kv head, part) normalises and rotates its k and
+        its G q heads and attends over the slots part * chunk .. (part + 1) * chunk - 1 that are
+        before `slot` and that row b marks valid; the part holding `slot` also attends to the new
+        token (from registers) and writes its k and v into the cache. One part (SPLIT false,
+        chunk >= the cache length): the output. Several (flash-decoding: more programs for long
+        contexts): each writes its unnormalised sum, max and denominator to `part_ptr` rows of
+        HD + 2 floats, and `_combine_kernel` merges them."""
         b = tl.program_id(0)
         kvh = tl.program_id(1)
+        part = tl.program_id(2)
         act = qkv_ptr.dtype.element_ty
         slot = tl.load(slot_ptr)
         pos = tl.load(pos_ptr + b)
+        start = part * chunk
+        owner = (slot >= start) & (slot < start + chunk)
         d = tl.arange(0, HD)
         cos = tl.load(rope_ptr + pos * HD + (d // 2) * 2)  # table (positions, HD/2, [cos, sin])
         sin = tl.load(rope_ptr + pos * HD + (d // 2) * 2 + 1)
@@ -174,17 +184,21 @@ if triton is not None:
         k_new = _head_norm_rope(row, H + kvh + one, one == 0, norm_w_ptr, norm_b_ptr, d, cos, sin, eps, HD, QK_NORM)
         v_new = tl.load(row + (H + KV + kvh) * HD + d)
         cache = b * stride_cb + kvh * stride_ch
-        tl.store(k_ptr + cache + slot * stride_cs + d, tl.reshape(k_new, [HD]))
-        tl.store(v_ptr + cache + slot * stride_cs + d, v_new)
+        lanes = start + 0 * d  # (as a vector: the interpreter takes no scalar-and-vector mask)
+        mine = (slot >= lanes) & (slot < lanes + chunk)
+        tl.store(k_ptr + cache + slot * stride_cs + d, tl.reshape(k_new, [HD]), mask=mine)
+        tl.store(v_ptr + cache + slot * stride_cs + d, v_new, mask=mine)
         g = tl.arange(0, G_PAD)
         q = _head_norm_rope(row, kvh * G + g, g < G, norm_w_ptr, norm_b_ptr, d, cos, sin, eps, HD, QK_NORM).to(tl.float32)
-        # The new slot first (always visible), from registers: then m is finite from the start.
-        m = tl.sum(q * k_new.to(tl.float32), axis=1) * sm_scale  # (G_PAD,)
-        l_sum = tl.full([G_PAD], 1.0, dtype=tl.float32)
-        acc = tl.zeros([G_PAD, HD], dtype=tl.float32) + v_new.to(tl.float32)[None, :]
-        for s0 in range(0, slot, BLOCK_S):
+        # The new slot first (always visible), from registers: then m is finite from the start. A
+        # part without it starts from a very negative finite m (-inf - -inf would give NaN).
+        m = tl.where(owner, tl.sum(q * k_new.to(tl.float32), axis=1) * sm_scale, -1e30)  # (G_PAD,)
+        l_sum = tl.where(owner, tl.full([G_PAD], 1.0, dtype=tl.float32), 0.0)
+        acc = tl.where(owner, tl.zeros([G_PAD, HD], dtype=tl.float32) + v_new.to(tl.float32)[None, :], 0.0)
+        end = tl.minimum(start + chunk, slot)
+        for s0 in range(start, end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
-            before = s < slot
+            before = s < end
             seen = before & (tl.load(valid_ptr + b * stride_valid + s, mask=before, other=0) != 0)
             keys = tl.load(k_ptr + cache + s[:, None] * stride_cs + d[None, :], mask=before[:, None], other=0.0).to(tl.float32)
             values = tl.load(v_ptr + cache + s[:, None] * stride_cs + d[None, :], mask=before[:, None], other=0.0).to(tl.float32)
@@ -196,8 +210,30 @@ if triton is not None:
             l_sum = l_sum * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * values[None, :, :], axis=1)
             m = m_new
-        out = (acc / l_sum[:, None]).to(act)
-        tl.store(out_ptr + b * stride_out + (kvh * G + g)[:, None] * HD + d[None, :], out, mask=(g < G)[:, None])
+        heads = kvh * G + g
+        if SPLIT:
+            rows = ((b * H + heads) * tl.num_programs(2) + part) * (HD + 2)
+            tl.store(part_ptr + rows[:, None] + d[None, :], acc, mask=(g < G)[:, None])
+            tl.store(part_ptr + rows + HD, m, mask=g < G)
+            tl.store(part_ptr + rows + HD + 1, l_sum, mask=g < G)
+        else:
+            tl.store(out_ptr + b * stride_out + heads[:, None] * HD + d[None, :], (acc / l_sum[:, None]).to(act), mask=(g < G)[:, None])
+
+    @triton.jit
+    def _combine_kernel(part_ptr, out_ptr, stride_out, parts, H: tl.constexpr, HD: tl.constexpr, PARTS_PAD: tl.constexpr):
+        """Program (b, head): the attention output from its `parts` partial results."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        i = tl.arange(0, PARTS_PAD)
+        ok = i < parts
+        d = tl.arange(0, HD)
+        rows = ((b * H + h) * parts + i) * (HD + 2)
+        m = tl.load(part_ptr + rows + HD, mask=ok, other=-1e30)
+        l_sum = tl.load(part_ptr + rows + HD + 1, mask=ok, other=0.0)
+        acc = tl.load(part_ptr + rows[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        w = tl.exp(m - tl.max(m, axis=0))  # (the part holding the new slot has a finite max)
+        out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l_sum, axis=0)
+        tl.store(out_ptr + b * stride_out + h * HD + d, out.to(out_ptr.dtype.element_ty))
 
 
 # Candidates timed on first use of each shape: (BLOCK_N, BLOCK_K, num_warps) per GEMV, and
@@ -209,8 +245,12 @@ if triton is not None:
 CUBLAS = ("cublas",)
 GEMV_CONFIGS = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 2048, 8), (8, 256, 4), (8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 8),
                 CUBLAS]
-ATTENTION_CONFIGS = [(16, 4), (32, 4), (64, 4), (64, 8)]  # (128, 8) spills registers at head_dim 128
-INTERPRETED_CONFIG = {"gemv": (512, 64, 4), "attention": (64, 4)}
+# Attention: (BLOCK_S, num_warps, slots per program or None: one program per kv head and row).
+# (128, 8) spills registers at head_dim 128. Parts of 64 to 256 slots use more of the GPU's
+# multiprocessors (32 kv heads at batch 1 leave most idle), for one more (small) kernel.
+ATTENTION_CONFIGS = [(16, 4, None), (32, 4, None), (64, 4, None), (64, 8, None), (32, 4, 64), (64, 4, 64), (64, 4, 128), (64, 8, 256)]
+MAX_PARTS = 64  # slots per program grow past this many parts (long contexts)
+INTERPRETED_CONFIG = {"gemv": (512, 64, 4), "attention": (64, 4, None)}
 _chosen: dict[tuple, tuple] = {}  # (kernel, its flags and shapes, dtypes, device) -> config
 
 
@@ -281,22 +321,32 @@ def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, norm: torch.Tensor
     return out
 
 
-def decode_attention(qkv, qk_norm, rope, positions, slot, cache_k, cache_v, valid, out, args) -> torch.Tensor:
-    """Attention of one new token per row (see `_attention_kernel`); qkv (B, (H + 2 KV) * hd)."""
+def decode_attention(qkv, qk_norm, rope, positions, slot, cache_k, cache_v, valid, out, args, config: tuple | None = None) -> torch.Tensor:
+    """Attention of one new token per row (see `_attention_kernel`); qkv (B, (H + 2 KV) * hd).
+    `config`: one of ATTENTION_CONFIGS (default: the fastest, see `_tuned`)."""
     heads, kv_heads, hd = args.n_heads, args.kv_heads, args.head_dim
     group = heads // kv_heads
     g_pad = triton.next_power_of_2(group)
     weight, bias, eps = qk_norm if qk_norm is not None else (qkv, qkv, 0.0)
 
+    rows, slots = qkv.shape[0], cache_k.shape[2]
+
     def launch(config):
-        block_s, warps = config
-        _attention_kernel[(qkv.shape[0], kv_heads)](
-            qkv, weight, bias, rope, positions, slot, cache_k, cache_v, valid, out,
-            qkv.stride(0), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), valid.stride(0), out.stride(0), eps, hd ** -0.5,
-            H=heads, KV=kv_heads, HD=hd, G=group, G_PAD=g_pad, QK_NORM=qk_norm is not None, BLOCK_S=block_s, num_warps=warps)
+        block_s, warps, chunk = config
+        chunk = slots if chunk is None else max(chunk, -(-slots // MAX_PARTS))
+        chunk = -(-chunk // block_s) * block_s  # whole blocks a part
+        parts = -(-slots // chunk)
+        part = torch.empty(rows * heads * parts * (hd + 2), dtype=torch.float32, device=qkv.device) if parts > 1 else out
+        _attention_kernel[(rows, kv_heads, parts)](
+            qkv, weight, bias, rope, positions, slot, cache_k, cache_v, valid, out, part,
+            qkv.stride(0), cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), valid.stride(0), out.stride(0), chunk, eps, hd ** -0.5,
+            H=heads, KV=kv_heads, HD=hd, G=group, G_PAD=g_pad, QK_NORM=qk_norm is not None, BLOCK_S=block_s, SPLIT=parts > 1,
+            num_warps=warps)
+        if parts > 1:
+            _combine_kernel[(rows, heads)](part, out, out.stride(0), parts, H=heads, HD=hd, PARTS_PAD=triton.next_power_of_2(parts))
 
     # (per cache length: the work grows with the slots written, but a graph replays one choice)
-    launch(_tuned(("attention", heads, kv_heads, hd, cache_k.shape[2], qkv.dtype, qkv.device), launch, ATTENTION_CONFIGS))
+    launch(config or _tuned(("attention", heads, kv_heads, hd, slots, qkv.dtype, qkv.device), launch, ATTENTION_CONFIGS))
     return out
 
 

@@ -67,14 +67,19 @@ def gemv_variants():
 
 
 def attention_variants():
-    for block_s, warps in kernels.ATTENTION_CONFIGS:
+    for block_s, warps, chunk in kernels.ATTENTION_CONFIGS:
         args = {name: "*bf16" for name in ("qkv_ptr", "norm_w_ptr", "norm_b_ptr")}
         args |= {"rope_ptr": "*fp32", "pos_ptr": "*i64", "slot_ptr": "*i64", "k_ptr": "*bf16", "v_ptr": "*bf16", "valid_ptr": "*i1",
-                 "out_ptr": "*bf16"}
-        args |= {name: "i32" for name in ("stride_qkv", "stride_cb", "stride_ch", "stride_cs", "stride_valid", "stride_out")}
+                 "out_ptr": "*bf16", "part_ptr": "*fp32" if chunk else "*bf16"}
+        args |= {name: "i32" for name in ("stride_qkv", "stride_cb", "stride_ch", "stride_cs", "stride_valid", "stride_out", "chunk")}
         args |= {"eps": "fp32", "sm_scale": "fp32", "H": ("constexpr", HEADS), "KV": ("constexpr", HEADS), "HD": ("constexpr", HEAD_DIM),
-                 "G": ("constexpr", 1), "G_PAD": ("constexpr", 1), "QK_NORM": ("constexpr", True), "BLOCK_S": ("constexpr", block_s)}
-        yield f"attention {(block_s, warps)}", kernels._attention_kernel, args, warps
+                 "G": ("constexpr", 1), "G_PAD": ("constexpr", 1), "QK_NORM": ("constexpr", True), "BLOCK_S": ("constexpr", block_s),
+                 "SPLIT": ("constexpr", chunk is not None)}
+        yield f"attention {(block_s, warps, chunk)}", kernels._attention_kernel, args, warps
+    for parts_pad in (4, 64):
+        args = {"part_ptr": "*fp32", "out_ptr": "*bf16", "stride_out": "i32", "parts": "i32",
+                "H": ("constexpr", HEADS), "HD": ("constexpr", HEAD_DIM), "PARTS_PAD": ("constexpr", parts_pad)}
+        yield f"combine {parts_pad} parts", kernels._combine_kernel, args, 4
 
 
 if __name__ == "__main__":

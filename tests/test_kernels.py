@@ -63,11 +63,14 @@ def _step(model, slot: int, invalid: list[int], fused: bool):
 
 
 @on_cpu
+@pytest.mark.parametrize("attention", [(64, 4, None), (16, 4, 32), (16, 4, 16)], ids=["one part", "5 parts", "10 parts, 1 empty"])
 @pytest.mark.parametrize("shape", [{}, {"n_kv_heads": None, "qk_normalization": False}], ids=["gqa", "mha-no-qk-norm"])
-def test_fused_step_matches_reference(shape):
-    """One float32 decode step at slot 130 (three attention blocks, a few earlier slots invalid):
-    the model's own logits and new cache entries, and nothing else written. GQA puts 2 query heads
-    on each kv head."""
+def test_fused_step_matches_reference(shape, attention, monkeypatch):
+    """One float32 decode step at slot 130 of a 160-slot cache (attention over several blocks, a
+    few earlier slots invalid; in one part per kv head, or in parts of 32 or 16 slots merged by
+    the combine kernel, the last part beyond the new slot): the model's own logits and new cache
+    entries, and nothing else written. GQA puts 2 query heads on each kv head."""
+    monkeypatch.setitem(kernels.INTERPRETED_CONFIG, "attention", attention)
     model = _model(**shape)
     slot = 130
     got, cache = _step(model, slot, [3, 64, 100], fused=True)
@@ -236,7 +239,7 @@ def test_kernels_compile_for_hopper_without_spills_and_with_wide_loads():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert len(rows) == 5 * (len(kernels.GEMV_CONFIGS) - 1) + len(kernels.ATTENTION_CONFIGS)  # (all but CUBLAS)
+    assert len(rows) == 5 * (len(kernels.GEMV_CONFIGS) - 1) + len(kernels.ATTENTION_CONFIGS) + 2  # (all but CUBLAS; 2 combines)
     assert [r["variant"] for r in rows if r["spilled_bytes"]] == []
     gemvs = [r for r in rows if r["variant"].startswith("gemv")]
     assert all(r["weight_loads"] == ["ld.global.L1::evict_first.L2::cache_hint.v4.b32"] for r in gemvs), gemvs
