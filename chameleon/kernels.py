@@ -254,12 +254,20 @@ INTERPRETED_CONFIG = {"gemv": (512, 64, 4), "attention": (64, 4, None)}
 _chosen: dict[tuple, tuple] = {}  # (kernel, its flags and shapes, dtypes, device) -> config
 
 
-def _tuned(key: tuple, launch, candidates: list[tuple]) -> tuple:
+SMALL_CONFIG = {"gemv": (8, 256, 4), "attention": (32, 4, None)}
+TUNED_FROM = 1 << 20  # elements (a matrix's, or the keys' of one layer): smaller work is not timed
+
+
+def _tuned(key: tuple, launch, candidates: list[tuple], size: int) -> tuple:
     """The fastest of `candidates` for `key` (its first item names the kernel), timed once per
-    process with `launch(config)`. Timed launches repeat the same work: no kernel here reads what
-    it writes (the attention kernel rewrites one cache slot with the same values)."""
+    process with `launch(config)`; for work of fewer than TUNED_FROM elements (`size`), a fixed
+    choice (timing costs a compilation per candidate, and saves nothing there). Timed launches
+    repeat the same work: no kernel here reads what it writes (the attention kernel rewrites one
+    cache slot with the same values)."""
     if INTERPRETED:
         return INTERPRETED_CONFIG[key[0]]
+    if size < TUNED_FROM:
+        return SMALL_CONFIG[key[0]]
     config = _chosen.get(key)
     if config is None:
         from triton.testing import do_bench  # (flushes L2 between launches, as a decode step would)
@@ -316,8 +324,8 @@ def gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, norm: torch.Tensor
             NORM=norm is not None, RESIDUAL=residual is not None, SWIGLU=swiglu, EVEN=even,
             BLOCK_N=block_n, BLOCK_K=block_k, K_PAD=triton.next_power_of_2(k) if norm is not None else 1, num_warps=warps)
 
-    flags = "".join(name for name, on in (("norm", norm is not None), ("+residual", residual is not None), ("+swiglu", swiglu)) if on)
-    launch(config or _tuned(("gemv", flags or "plain", n, k, w.stride(), w.dtype, out.dtype, w.device), launch, GEMV_CONFIGS))
+    flags = "+".join(name for name, on in (("norm", norm is not None), ("residual", residual is not None), ("swiglu", swiglu)) if on)
+    launch(config or _tuned(("gemv", flags or "plain", n, k, w.stride(), w.dtype, out.dtype, w.device), launch, GEMV_CONFIGS, w.numel()))
     return out
 
 
@@ -346,7 +354,8 @@ def decode_attention(qkv, qk_norm, rope, positions, slot, cache_k, cache_v, vali
             _combine_kernel[(rows, heads)](part, out, out.stride(0), parts, H=heads, HD=hd, PARTS_PAD=triton.next_power_of_2(parts))
 
     # (per cache length: the work grows with the slots written, but a graph replays one choice)
-    launch(config or _tuned(("attention", heads, kv_heads, hd, slots, qkv.dtype, qkv.device), launch, ATTENTION_CONFIGS))
+    launch(config or _tuned(("attention", heads, kv_heads, hd, slots, qkv.dtype, qkv.device), launch, ATTENTION_CONFIGS,
+                            rows * kv_heads * slots * hd))
     return out
 
 

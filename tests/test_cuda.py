@@ -192,3 +192,19 @@ def test_fused_triton_step_in_bf16_on_gpu(tiny_hf):
     got, expected = step(bf16, fused=True), step(bf16, fused=False)
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
     assert (got - truth).abs().mean() <= 1.25 * (expected - truth).abs().mean()
+
+
+def test_fused_gemv_tuned_on_gpu(monkeypatch):
+    """The block choice timed on a GPU (triton's do_bench over every candidate, cuBLAS among
+    them; the tiny models' matrices are below the size that is timed, so forced here): the chosen
+    configuration is recorded, and gives the exact product."""
+    from chameleon import kernels
+
+    monkeypatch.setattr(kernels, "TUNED_FROM", 0)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w, x = torch.randn(384, 512, device="cuda", generator=g), torch.randn(512, device="cuda", generator=g)
+    res = torch.randn(384, device="cuda", generator=g)
+    out = kernels.gemv(w, x, torch.empty(384, device="cuda"), residual=res)
+    torch.testing.assert_close(out, res + torch.mv(w, x), rtol=1e-4, atol=1e-4)
+    (config,) = [c for key, c in kernels.chosen_configs().items() if key.startswith("gemv residual 384 512 ")]
+    assert config in kernels.GEMV_CONFIGS

@@ -286,3 +286,34 @@ def test_fused_greedy_step_runs_no_op_that_syncs_with_the_host():
         with Ops() as ops:
             decoder.greedy_step(cache, state)
     assert ops.seen and not {n for n in ops.seen if n in _HOST_SYNCS or "nonzero" in n}, sorted(ops.seen)
+
+
+@on_cpu
+def test_tuner_times_every_candidate_once_and_keeps_the_fastest(monkeypatch):
+    """`_tuned`'s bookkeeping, with triton's do_bench replaced by a clock that calls the launch
+    and reports a set time (on a GPU it times it): every candidate is tried once, one that does not
+    fit the GPU is left out, the fastest is kept and reused without timing again, and work below
+    TUNED_FROM takes the fixed choice untimed."""
+    import triton.testing
+
+    fastest, too_big = kernels.GEMV_CONFIGS[3], kernels.GEMV_CONFIGS[4]
+    timed = []
+
+    def clock(fn, warmup, rep):
+        fn()
+        if timed[-1] == too_big:  # (as its compilation would raise on a GPU)
+            raise triton.runtime.errors.OutOfResources(1, 0, "shared memory")
+        return 1.0 if timed[-1] == fastest else 2.0
+
+    def launch(config):
+        timed.append(config)
+
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(triton.testing, "do_bench", clock)
+    key = ("gemv", "plain", 64, 64, (64, 1), torch.float32, torch.float32, torch.device("cpu"))
+    assert kernels._tuned(key, launch, kernels.GEMV_CONFIGS, size=1 << 20) == fastest
+    assert timed == kernels.GEMV_CONFIGS
+    assert kernels._tuned(key, launch, kernels.GEMV_CONFIGS, size=1 << 20) == fastest and len(timed) == len(kernels.GEMV_CONFIGS)
+    assert list(kernels.chosen_configs().values()) == [fastest]
+    assert kernels._tuned(("attention",), launch, kernels.ATTENTION_CONFIGS, size=1000) == kernels.SMALL_CONFIG["attention"]

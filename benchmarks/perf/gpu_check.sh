@@ -5,7 +5,7 @@
 #                shapes that alternate, as harness batches do), sampled guided generation, an open
 #                image continued through CUDA graphs, greedy steps replayed from graphs the
 #                generator captures (graph_steps), the fused Triton kernels (tokens, bf16
-#                precision); 67 s with 8 tests in run 4, 11 tests now
+#                precision, the timed block choice); 67 s with 8 tests in run 4, 13 tests now
 #   triton_7b    7B-shaped random weights in bf16, batch 1, decode speed as a fraction of the
 #                memory-bandwidth roofline, two paths timed in turns in one process: the default
 #                (torch.compile's one-step reduce-overhead graphs; 71.5-72.4% on an H200, RESULTS.md
@@ -58,7 +58,7 @@ stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in 
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/run.txt"
-stage cuda_tests "${CUDA_TESTS_S:-180}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+stage cuda_tests "${CUDA_TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 stage triton_7b "${TRITON_S:-240}" $DECODE --batches 1 --no-hf --triton --json "$OUT/triton_7b.json"
 stage decode_7b "${DECODE_S:-120}" $DECODE --batches 1 --no-hf --json "$OUT/decode_7b.json"
 stage graphs_7b "${GRAPHS_S:-120}" $DECODE --batches 1 --no-hf --graph-steps 16 --json "$OUT/graphs_7b.json"
