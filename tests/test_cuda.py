@@ -150,8 +150,9 @@ def test_greedy_steps_replayed_from_captured_graphs(gpu_model, graph_steps):
 
 @pytest.mark.parametrize("graph_steps", [None, 16])
 def test_fused_triton_kernels_on_gpu(gpu_model, graph_steps):
-    """kernels="triton" (compiled kernels, tuned on first use, replayed from captured graphs):
-    the eager tokens at batch 1, with a stop id and a stop string too, on every call, the graphs
+    """kernels="triton" (compiled kernels, replayed from captured graphs; the tiny model's work is
+    below TUNED_FROM, so its blocks are SMALL_CONFIG's, untimed: the timed choice and attention in
+    parts are checked below): the eager tokens at batch 1, with a stop id and a stop string too, on every call, the graphs
     captured once; a batch of 3 falls back to the usual step."""
     tok = gpu_model.tokenizer
     prompts = [gpu_model.encode_prompt(p) for p in PROMPTS]
@@ -208,3 +209,100 @@ def test_fused_gemv_tuned_on_gpu(monkeypatch):
     torch.testing.assert_close(out, res + torch.mv(w, x), rtol=1e-4, atol=1e-4)
     (config,) = [c for key, c in kernels.chosen_configs().items() if key.startswith("gemv residual 384 512 ")]
     assert config in kernels.GEMV_CONFIGS
+
+
+def _attention_step_against_reference(model, slot: int, invalid: list[int], size: int, configs, monkeypatch):
+    """One decode step at `slot` of a `size`-slot cache (the slots `invalid` unseen) on the fused
+    kernels with each attention configuration in `configs` forced, against the reference forward:
+    logits, the new cache entries, nothing written past the slot. Returns how many times the
+    combine kernel ran (the configurations in parts) and the decoder and cache of the last step."""
+    from chameleon import kernels
+
+    t, device = model.transformer, model.transformer.output.weight.device
+
+    def prefilled():
+        cache = t.new_cache(1, size)
+        cache.valid[:, :slot] = True
+        cache.valid[:, invalid] = False
+        if slot:
+            tokens = torch.randint(10, 4000, (1, slot), generator=torch.Generator().manual_seed(0)).to(device)
+            t(tokens, cache=cache, input_pos=0, kv_len=slot)
+        cache.valid[:, slot] = True
+        return cache
+
+    token, position = torch.tensor([[77]], device=device), torch.tensor([[slot - len(invalid)]], device=device)
+    with torch.no_grad():
+        expected_cache = prefilled()
+        expected = t(token, cache=expected_cache, input_pos=slot, positions=position, kv_len=slot + 1)[:, -1]
+        cache = prefilled()
+    combines, real_combine, real_tuned = [], kernels._combine_kernel, kernels._tuned
+
+    class Counted:  # the combine kernel, its launches counted
+        def __getitem__(self, grid):
+            combines.append(grid)
+            return real_combine[grid]
+
+    monkeypatch.setattr(kernels, "_combine_kernel", Counted())
+    for config in configs:
+        monkeypatch.setattr(kernels, "_tuned", lambda key, launch, candidates, size, config=config:
+                            config if key[0] == "attention" else real_tuned(key, launch, candidates, size))
+        decoder = kernels.FusedDecoder(t)
+        with torch.no_grad():  # (the step reads the new slot from registers, never from the cache: steps may repeat)
+            got = decoder.step_logits(token, position, torch.tensor([slot], device=device), cache).clone()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=lambda m, c=config: f"{c}: {m}")
+        for mine, theirs in zip(cache.k + cache.v, expected_cache.k + expected_cache.v):
+            torch.testing.assert_close(mine[:, :, slot], theirs[:, :, slot], rtol=1e-4, atol=1e-4)
+            assert not mine[:, :, slot + 1 :].any()
+    monkeypatch.setattr(kernels, "_combine_kernel", real_combine)
+    monkeypatch.setattr(kernels, "_tuned", real_tuned)
+    return len(combines), decoder, cache
+
+
+@pytest.mark.parametrize("slot, invalid", [(0, []), (700, [3, *range(64, 128)]), (999, [500])],
+                         ids=["first slot", "a part with no valid slot", "last slot"])
+def test_fused_attention_in_parts_on_gpu(gpu_model, slot, invalid, monkeypatch):
+    """Every attention candidate compiled, on a 1,000-slot cache: the tiny model's attention is
+    below TUNED_FROM, so generation on it runs SMALL_CONFIG's single pass only, and the 7B timing
+    compares no logits (bf16 tokens on random weights differ anyway). Parts of 64, 128 and 256
+    slots (the last cut short), parts after the new slot (empty), one whose slots are all invalid,
+    and MAX_PARTS making parts longer; each step's logits and cache entries are the reference's.
+    Then the attention's own timed choice (TUNED_FROM 0) gives the same output."""
+    from chameleon import kernels
+
+    configs = kernels.ATTENTION_CONFIGS
+    combines, _, _ = _attention_step_against_reference(gpu_model, slot, invalid, 1000, configs, monkeypatch)
+    assert combines == 2 * sum(c[2] is not None for c in configs)  # every split configuration ran in parts (2 layers)
+    monkeypatch.setattr(kernels, "MAX_PARTS", 3)  # 1,000 slots: parts of 334 slots and more, rounded to whole blocks
+    combines, decoder, cache = _attention_step_against_reference(gpu_model, slot, invalid, 1000, configs, monkeypatch)
+    assert combines == 2 * sum(c[2] is not None for c in configs)
+    # The timed choice among all candidates (last layer's inputs, left in the decoder's buffers)
+    monkeypatch.setattr(kernels, "TUNED_FROM", 0)
+    t, args = gpu_model.transformer, gpu_model.transformer.args
+    device = decoder.attn.device
+    out = torch.empty_like(decoder.attn)
+    positions, slot_t = torch.tensor([[slot - len(invalid)]], device=device), torch.tensor([slot], device=device)
+    kernels.decode_attention(decoder.qkv.view(1, -1), decoder.weights[-1][2], t.rope_freqs(device), positions, slot_t, cache.k[-1], cache.v[-1],
+                             cache.valid, out.view(1, -1), args)
+    torch.testing.assert_close(out, decoder.attn, rtol=1e-5, atol=1e-5)
+    assert [c for key, c in kernels.chosen_configs().items() if key.startswith(f"attention {args.n_heads} {args.kv_heads} {args.head_dim} 1000 ")]
+
+
+def test_fused_output_gemv_skipping_rows_on_gpu():
+    """The output GEMV leaving a range of rows out (text steps skip the image codes' logits), as
+    cuBLAS computes it (the candidate the timing may choose) and as the Triton kernel does (even
+    and masked blocks): the other rows are the product, the skipped ones untouched."""
+    from chameleon import kernels
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, k in ((4096, 512), (4000, 520)):
+        w, x = torch.randn(n, k, device="cuda", generator=g), torch.randn(k, device="cuda", generator=g)
+        gain = torch.rand(k, device="cuda", generator=g) + 0.5
+        expected = torch.mv(w, torch.nn.functional.rms_norm(x, (k,), eps=1e-5) * gain)
+        for skip in ((0, 1000), (1000, 3000), (3000, n)):
+            for config in (kernels.CUBLAS, kernels.GEMV_CONFIGS[0], kernels.SMALL_CONFIG["gemv"]):
+                out = torch.full((n,), 7.0, device="cuda")
+                kernels.gemv(w, x, out, norm=gain, eps=1e-5, skip=skip, config=config)
+                keep = torch.ones(n, dtype=torch.bool, device="cuda")
+                keep[skip[0] : skip[1]] = False
+                assert out[~keep].eq(7.0).all(), (config, skip)
+                torch.testing.assert_close(out[keep], expected[keep], rtol=1e-4, atol=1e-4, msg=lambda m, c=config, s=skip: f"{c} {s}: {m}")

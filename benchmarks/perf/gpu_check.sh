@@ -5,7 +5,9 @@
 #                shapes that alternate, as harness batches do), sampled guided generation, an open
 #                image continued through CUDA graphs, greedy steps replayed from graphs the
 #                generator captures (graph_steps), the fused Triton kernels (tokens, bf16
-#                precision, the timed block choice); 67 s with 8 tests in run 4, 13 tests now
+#                precision, the timed block choice, every attention candidate in parts against
+#                the reference, the output GEMV skipping rows on cuBLAS and Triton); 67 s with
+#                8 tests in run 4, 17 tests now
 #   triton_7b    7B-shaped random weights in bf16, batch 1, decode speed as a fraction of the
 #                memory-bandwidth roofline, two paths timed in turns in one process: the default
 #                (torch.compile's one-step reduce-overhead graphs; 71.5-72.4% on an H200, RESULTS.md
