@@ -152,8 +152,8 @@ def test_greedy_steps_replayed_from_captured_graphs(gpu_model, graph_steps):
 def test_fused_triton_kernels_on_gpu(gpu_model, graph_steps):
     """kernels="triton" (compiled kernels, replayed from captured graphs; the tiny model's work is
     below TUNED_FROM, so its blocks are SMALL_CONFIG's, untimed: the timed choice and attention in
-    parts are checked below): the eager tokens at batch 1, with a stop id and a stop string too, on every call, the graphs
-    captured once; a batch of 3 falls back to the usual step."""
+    parts are checked below): the eager tokens at batch 1, with a stop id and a stop string too,
+    on every call, the graphs captured once; a batch of 3 falls back to the usual step."""
     tok = gpu_model.tokenizer
     prompts = [gpu_model.encode_prompt(p) for p in PROMPTS]
     base = dict(max_new_tokens=45, logit_bias={tok.eos_id: -1e9})
