@@ -633,22 +633,19 @@ def _greedy_steps(transformer, cache, state: _TextState, graph_steps: int | None
     call of the compiled step (CUDA graphs of one step by torch.compile's reduce-overhead mode).
     With `fused` (a `kernels.FusedDecoder`), its greedy step runs instead: from `_GreedyGraphs`
     on CUDA, one step at a time elsewhere (Triton's interpreter, for tests)."""
+    captures = _captures_graphs(cache)
     if fused is not None:
-        if _captures_graphs(cache):
-            return _GreedyGraphs.of(transformer, cache, state, fused.greedy_step, "triton").run
-
-        def interpreted(first_slot: int, n: int) -> None:
-            for _ in range(n):
-                fused.greedy_step(cache, state)
-
-        return interpreted
-    if graph_steps is not None and _captures_graphs(cache):
-        return _GreedyGraphs.of(transformer, cache, state, _compiled_greedy_step(transformer, mode="default"), "inductor").run
-    compiled = _first_call_may_compile(_compiled_greedy_step(transformer))
+        step, kind = fused.greedy_step, "triton"
+    elif graph_steps is not None and captures:
+        step, kind = _compiled_greedy_step(transformer, mode="default"), "inductor"
+    else:
+        step, kind = _first_call_may_compile(_compiled_greedy_step(transformer)), None
+    if kind is not None and captures:
+        return _GreedyGraphs.of(transformer, cache, state, step, kind).run
 
     def steps(first_slot: int, n: int) -> None:
         for _ in range(n):
-            compiled(cache, state)
+            step(cache, state)
 
     return steps
 

@@ -117,8 +117,6 @@ def emulate_cuda_graphs(monkeypatch, transformer, events: list) -> None:
     """Let `_GreedyGraphs` run on CPU, with torch's CUDA graph API emulated: a capture records the
     steps without running them (the tensors they write are restored after it), a replay runs
     them. `events` gets "capture", "captured N" and "clear" (cuBLAS workspaces emptied)."""
-    import torch
-
     generate_module = importlib.import_module("chameleon.generate")
 
     @contextlib.contextmanager
