@@ -26,12 +26,16 @@ step, but it lets tests check them on any machine.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from chameleon.errors import InputError
 from chameleon.model import KVCache, rms_norm
 
 # Triton reads the variable as it defines its own kernels (tl.zeros...), so only before its import.
@@ -256,28 +260,88 @@ SMALL_CONFIG = {"gemv": (8, 256, 4), "attention": (32, 4, None)}
 TUNED_FROM = 1 << 20  # elements (a matrix's, or the keys' of one layer): smaller work is not timed
 
 
+CONFIGS_ENV = "CHAMELEON_KERNEL_CONFIGS"  # a JSON file of timed choices: read before timing, added to after
+
+
 def _tuned(key: tuple, launch, candidates: list[tuple], size: int) -> tuple:
-    """The fastest of `candidates` for `key` (its first item names the kernel), timed once per
-    process with `launch(config)`; for work of fewer than TUNED_FROM elements (`size`), a fixed
-    choice (timing costs a compilation per candidate, and saves nothing there). Timed launches
-    repeat the same work: no kernel here reads what it writes (the attention kernel rewrites one
-    cache slot with the same values)."""
+    """The fastest of `candidates` for `key` (its first item names the kernel, its last the
+    device), timed once per process with `launch(config)`; for work of fewer than TUNED_FROM
+    elements (`size`), a fixed choice (timing costs a compilation per candidate, and saves nothing
+    there). Timed launches repeat the same work: no kernel here reads what it writes (the
+    attention kernel rewrites one cache slot with the same values).
+
+    Timings vary, so two processes may choose differently, and blocks sum in different orders:
+    with CHAMELEON_KERNEL_CONFIGS=FILE a choice recorded there for this GPU is taken untimed, and
+    a new one is recorded, so that runs sharing the file run the same kernels."""
     if INTERPRETED:
         return INTERPRETED_CONFIG[key[0]]
     if size < TUNED_FROM:
         return SMALL_CONFIG[key[0]]
     config = _chosen.get(key)
     if config is None:
-        from triton.testing import do_bench  # (flushes L2 between launches, as a decode step would)
-
-        times = {}
-        for c in candidates:
-            try:
-                times[c] = do_bench(lambda c=c: launch(c), warmup=5, rep=20)
-            except triton.runtime.errors.OutOfResources:  # (too many registers or too much shared memory)
-                continue
-        config = _chosen[key] = min(times, key=times.get)
+        path, gpu, name = os.environ.get(CONFIGS_ENV), _device_name(key[-1]), " ".join(map(str, key[:-1]))
+        config = _recorded(path, gpu, name, candidates) if path else None
+        if config is None:
+            config = _fastest(launch, candidates)
+            if path:
+                _record(path, gpu, name, config)
+        _chosen[key] = config
     return config
+
+
+def _fastest(launch, candidates: list[tuple]) -> tuple:
+    from triton.testing import do_bench  # (flushes L2 between launches, as a decode step would)
+
+    times = {}
+    for c in candidates:
+        try:
+            times[c] = do_bench(lambda c=c: launch(c), warmup=5, rep=20)
+        except triton.runtime.errors.OutOfResources:  # (too many registers or too much shared memory)
+            continue
+    return min(times, key=times.get)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _read_records(path: str) -> dict:
+    """CHAMELEON_KERNEL_CONFIGS's file: {GPU name: {kernel key: config}}, {} while it does not exist."""
+    try:
+        table = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        raise InputError(f"{CONFIGS_ENV}={path}: cannot read it ({err.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{CONFIGS_ENV}={path}: not JSON ({err}); expected the file chameleon's kernels write there") from None
+    if not (isinstance(table, dict) and all(isinstance(v, dict) for v in table.values())):
+        raise InputError(f"{CONFIGS_ENV}={path}: expected an object {{GPU name: {{kernel: config}}}}, as chameleon's kernels write it")
+    return table
+
+
+def _recorded(path: str, gpu: str, name: str, candidates: list[tuple]) -> tuple | None:
+    entry = _read_records(path).get(gpu, {}).get(name)
+    if entry is None:
+        return None
+    config = tuple(entry) if isinstance(entry, list) else None
+    if config not in candidates:  # (a file from another version of this module: timed anew, and replaced)
+        warnings.warn(f"{CONFIGS_ENV}={path}: {gpu!r} / {name!r}: {entry!r} is not among this version's candidates; timing them again")
+        return None
+    return config
+
+
+def _record(path: str, gpu: str, name: str, config: tuple) -> None:
+    """Adds a choice to the file, read again first (other processes may have added theirs) and
+    replaced whole, so that a reader never sees half of it."""
+    table = _read_records(path)
+    table.setdefault(gpu, {})[name] = list(config)
+    temporary = Path(f"{path}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        os.replace(temporary, path)
+    except OSError as err:
+        raise InputError(f"{CONFIGS_ENV}={path}: cannot write it ({err.strerror})") from None
 
 
 def chosen_configs() -> dict[str, tuple]:

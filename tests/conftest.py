@@ -13,6 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("CHAMELEON_KERNEL_CONFIGS", None)  # (the kernel tests time their own choices)
 # Without a GPU, the Triton kernels (chameleon/kernels.py) run in Triton's interpreter, which must
 # be chosen before anything imports triton (torch.compile on CPU does, when it is installed).
 if not torch.cuda.is_available():

@@ -317,3 +317,86 @@ def test_tuner_times_every_candidate_once_and_keeps_the_fastest(monkeypatch):
     assert kernels._tuned(key, launch, kernels.GEMV_CONFIGS, size=1 << 20) == fastest and len(timed) == len(kernels.GEMV_CONFIGS)
     assert list(kernels.chosen_configs().values()) == [fastest]
     assert kernels._tuned(("attention",), launch, kernels.ATTENTION_CONFIGS, size=1000) == kernels.SMALL_CONFIG["attention"]
+
+
+def _stand_in_tuner(monkeypatch, tmp_path, fastest):
+    """`_tuned` with a clock in place of do_bench that reports `fastest[0]` fastest, and its choices
+    recorded in tmp_path/choices.json; returns the list of configs timed."""
+    import triton.testing
+
+    timed = []
+
+    def clock(fn, warmup, rep):
+        fn()
+        return 1.0 if timed[-1] == fastest[0] else 2.0
+
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    monkeypatch.setattr(kernels, "_chosen", {})
+    monkeypatch.setattr(triton.testing, "do_bench", clock)
+    monkeypatch.setenv(kernels.CONFIGS_ENV, str(tmp_path / "choices.json"))
+    return timed
+
+
+GEMV_KEY = ("gemv", "norm", 64, 64, (64, 1), torch.float32, torch.float32, torch.device("cpu"))
+ATTENTION_KEY = ("attention", 4, 2, 16, 160, torch.float32, torch.device("cpu"))
+
+
+@on_cpu
+def test_tuner_records_its_choices_and_takes_recorded_ones_untimed(monkeypatch, tmp_path):
+    """With CHAMELEON_KERNEL_CONFIGS=FILE a choice is written there under the device's name, and a
+    later process (here: the in-memory choices dropped) takes it without timing, even where its
+    own timing would differ; entries for other GPUs are kept; a config the candidates no longer
+    hold is timed again and replaced."""
+    fastest = [(8, 512, 4)]
+    timed = _stand_in_tuner(monkeypatch, tmp_path, fastest)
+    launch = timed.append
+    path = tmp_path / "choices.json"
+    other_gpu = {"NVIDIA H200": {"gemv plain 1 1": [4, 512, 4]}}
+    path.write_text(json.dumps(other_gpu))
+    assert kernels._tuned(GEMV_KEY, launch, kernels.GEMV_CONFIGS, size=1 << 20) == (8, 512, 4)
+    assert len(timed) == len(kernels.GEMV_CONFIGS)
+    gemv_name = "gemv norm 64 64 (64, 1) torch.float32 torch.float32"
+    assert json.loads(path.read_text()) == {**other_gpu, "cpu": {gemv_name: [8, 512, 4]}}
+
+    fastest[0] = (None, None, None)  # never fastest: attention's timing falls to its first candidate
+    assert kernels._tuned(ATTENTION_KEY, launch, kernels.ATTENTION_CONFIGS, size=1 << 20) == kernels.ATTENTION_CONFIGS[0]
+    recorded = json.loads(path.read_text())["cpu"]
+    assert recorded["attention 4 2 16 160 torch.float32"] == list(kernels.ATTENTION_CONFIGS[0])  # (None as null)
+
+    monkeypatch.setattr(kernels, "_chosen", {})
+    timed.clear()
+    fastest[0] = kernels.CUBLAS
+    assert kernels._tuned(GEMV_KEY, launch, kernels.GEMV_CONFIGS, size=1 << 20) == (8, 512, 4)
+    assert kernels._tuned(ATTENTION_KEY, launch, kernels.ATTENTION_CONFIGS, size=1 << 20) == kernels.ATTENTION_CONFIGS[0]
+    assert timed == []
+
+    monkeypatch.setattr(kernels, "_chosen", {})
+    path.write_text(json.dumps({"cpu": {gemv_name: [3, 3, 3]}}))
+    with pytest.warns(UserWarning, match=r"choices.json: 'cpu' / 'gemv norm 64 64 .*\[3, 3, 3\] is not among this version's candidates"):
+        assert kernels._tuned(GEMV_KEY, launch, kernels.GEMV_CONFIGS, size=1 << 20) == kernels.CUBLAS
+    assert json.loads(path.read_text()) == {"cpu": {gemv_name: ["cublas"]}}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@on_cpu
+@pytest.mark.parametrize("content, expected", [
+    ("{not json", r"choices.json: not JSON \(.*\); expected the file chameleon's kernels write there"),
+    ('["cpu"]', r"choices.json: expected an object \{GPU name: \{kernel: config\}\}"),
+    ("DIRECTORY", r"choices.json: cannot read it \(Is a directory\)"),
+    ("NO PARENT", r"choices.json: cannot write it \(No such file or directory\)"),
+])
+def test_a_bad_kernel_choices_file_is_named_and_left_as_it_was(monkeypatch, tmp_path, content, expected):
+    """An unreadable, malformed or unwritable CHAMELEON_KERNEL_CONFIGS file is an InputError
+    naming it (the CLI's exit 2), and a malformed one is not overwritten."""
+    timed = _stand_in_tuner(monkeypatch, tmp_path, [kernels.CUBLAS])
+    path = tmp_path / "choices.json"
+    if content == "DIRECTORY":
+        path.mkdir()
+    elif content == "NO PARENT":
+        path = tmp_path / "missing" / "choices.json"
+        monkeypatch.setenv(kernels.CONFIGS_ENV, str(path))
+    else:
+        path.write_text(content)
+    with pytest.raises(kernels.InputError, match=f"CHAMELEON_KERNEL_CONFIGS=.*{expected}"):
+        kernels._tuned(GEMV_KEY, timed.append, kernels.GEMV_CONFIGS, size=1 << 20)
+    assert content in ("DIRECTORY", "NO PARENT") or path.read_text() == content

@@ -320,6 +320,7 @@ def main() -> None:
         from chameleon import kernels
 
         report["triton_configs"] = kernels.chosen_configs()
+        report["triton_configs_file"] = os.environ.get(kernels.CONFIGS_ENV)  # (where they were read from and recorded)
     if a.image:
         tok = ours.tokenizer
         prompt = [[tok.bos_id] + tok.encode_text("A watercolor painting of a red fox in the snow.")]

@@ -13,7 +13,8 @@
 #                (torch.compile's one-step reduce-overhead graphs; 71.5-72.4% on an H200, RESULTS.md
 #                runs 3 and 4) and the fused Triton kernels (chameleon/kernels.py, five kernels a
 #                layer, replayed from graphs of 16 steps; not yet measured: their block sizes are
-#                tuned on first use, and the report lists the choices)
+#                tuned on first use, and the report lists the choices, also recorded in
+#                $OUT/kernel_configs.json, which profile_triton_7b then runs untimed)
 #   image_7b     one 512x512 image: 1,024 codes with 3-way CFG, then VQGAN decoding (5.65 s in run 3)
 #   profile_triton_7b
 #                the kernels of 16 greedy decode steps on each path (default, then fused Triton),
@@ -61,7 +62,7 @@ stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in 
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/run.txt"
 stage cuda_tests "${CUDA_TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-stage triton_7b "${TRITON_S:-240}" $DECODE --batches 1 --no-hf --triton --json "$OUT/triton_7b.json"
+stage triton_7b "${TRITON_S:-240}" env CHAMELEON_KERNEL_CONFIGS="$OUT/kernel_configs.json" $DECODE --batches 1 --no-hf --triton --json "$OUT/triton_7b.json"
 stage decode_7b "${DECODE_S:-120}" $DECODE --batches 1 --no-hf --json "$OUT/decode_7b.json"
 stage graphs_7b "${GRAPHS_S:-120}" $DECODE --batches 1 --no-hf --graph-steps 16 --json "$OUT/graphs_7b.json"
 stage graphs_math_7b "${GRAPHS_MATH_S:-130}" $DECODE --batches 1 --no-hf --graph-steps 16 --sdpa-backend math --json "$OUT/graphs_math_7b.json"
@@ -70,7 +71,7 @@ stage attn_math_7b "${ATTN_S:-120}" $DECODE --batches 1 --no-hf --sdpa-backend m
 stage attn_efficient_7b "${ATTN_S:-120}" $DECODE --batches 1 --no-hf --sdpa-backend efficient --json "$OUT/attn_efficient_7b.json"
 stage vs_hf_7b "${VS_HF_S:-150}" $DECODE --batches "${VS_HF_BATCHES:-1,4}" --json "$OUT/vs_hf_7b.json"
 stage tuned_7b "${TUNED_S:-140}" env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 $DECODE --batches 1 --no-hf --json "$OUT/tuned_7b.json"
-stage profile_triton_7b "${PROFILE_TRITON_S:-150}" $DECODE --batches 1 --no-hf --new-tokens 32 --repeats 1 --triton --profile 16
+stage profile_triton_7b "${PROFILE_TRITON_S:-150}" env CHAMELEON_KERNEL_CONFIGS="$OUT/kernel_configs.json" $DECODE --batches 1 --no-hf --new-tokens 32 --repeats 1 --triton --profile 16
 stage profile_7b "${PROFILE_S:-60}" $DECODE --batches 1 --no-hf --new-tokens 32 --profile 16 ${PROFILE_ARGS:-}
 stage text_loop_7b "${TEXT_LOOP_S:-200}" python3 benchmarks/perf/text_loop.py ${TEXT_LOOP_ARGS:---preset 7B --device cuda} --batches 1,8 --repeats 2
 stage unfused_7b "${UNFUSED_S:-75}" $DECODE --batches 1 --no-hf --no-fuse
