@@ -153,7 +153,12 @@ def time_side_by_side(competitors, batch, prompt_len, new_tokens, device, repeat
     best, outputs = {}, {}
     for c in in_turns(competitors, repeats):
         if c.name not in best:
-            c.run(new_tokens)  # warm-up (compile, capture every graph a timed run replays), just before its first timed run
+            # Warm-up (compile, capture every graph a timed run replays), just before its first timed
+            # run. Twice: with graphs of N steps (graph_steps, --triton) the first run's first N-step
+            # call is spent on uncaptured warm-up steps, so below 2N + 1 new tokens (the profile
+            # stage's 32, N = 16) it captured no N-step graph, and the timed run did.
+            c.run(new_tokens)
+            c.run(new_tokens)
             best[c.name] = {"prefill_s": float("inf"), "total_s": float("inf")}
         t1, _ = timed(lambda: c.run(1), device)
         tn, outputs[c.name] = timed(lambda: c.run(new_tokens), device)
