@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from chameleon.chameleon import IMAGE_MARKER
-from chameleon.errors import InputError
+from chameleon.errors import InputError, unicode_problem
 
 # One set of --dtype names for every command (generate, convert, run): torch's and the short ones.
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -156,6 +156,10 @@ def cmd_generate(args) -> int:
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:  # the API allows 0; a command that makes nothing is a mistake
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    # Bytes the locale cannot decode reach argv as lone surrogates, which no tokenizer can encode.
+    for flag, text in [("--prompt", args.prompt), *(("--stop", s) for s in args.stop)]:
+        if problem := unicode_problem(text):
+            raise InputError(f"{flag}: not valid text in this locale's encoding ({problem})")
     images = [open_image(p) for p in args.image]
     segments = interleave(args.prompt, images, source="--prompt")
     opts = generation_options(args)  # the flags are checked before the model loads

@@ -244,6 +244,9 @@ def test_generate_errors_name_the_flags(tiny_hf, tmp_path, capsys):
         (["--max-new-tokens", "0"], r"error: --max-new-tokens must be >= 1, got 0"),  # an empty generation
         (["--stop", ""], r"error: --stop must be non-empty strings .*, got \[''\]"),
         (["--dtype", "float64"], r"error: --dtype 'float64': expected one of float32, fp32, bfloat16, bf16, float16, fp16"),
+        # argv bytes the locale cannot decode (a Latin-1 0xff) arrive as lone surrogates
+        (["--prompt", "caf\udcff"], r"error: --prompt: not valid text .* at character 3"),
+        (["--stop", "\udcff"], r"error: --stop: not valid text"),
     ]:
         assert main([*base, *flags]) == 2
         assert re.search(message, capsys.readouterr().err)
