@@ -278,9 +278,9 @@ def cmd_convert(args) -> int:
     max_shard = _parse_size(args.max_shard_size)
     if args.shards is not None and args.shards < 1:
         raise InputError(f"--shards {args.shards}: expected a positive integer")
+    dtype = parse_dtype(args.dtype) if args.dtype else None  # before the checkpoint is read
     ckpt = read_checkpoint(args.src)
-    if args.dtype:
-        dtype = parse_dtype(args.dtype)
+    if dtype:
         ckpt.weights = {k: v.to(dtype) for k, v in ckpt.weights.items()}
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
     try:

@@ -191,7 +191,10 @@ def test_cmyk_prompt_image_is_shown_as_the_model_sees_it(tiny_hf, tmp_path):
     assert Image.open(out / "prompt_image_1.png").mode == "RGB"
 
 
-def test_convert_refuses_bad_destinations_and_flags(tiny_hf, tmp_path, capsys):
+def test_convert_refuses_bad_destinations_and_flags(tiny_hf, tmp_path, capsys, monkeypatch):
+    def must_not_read(*args, **kwargs):
+        raise AssertionError("the checkpoint was read")
+
     (tmp_path / "file").write_text("x")
     for argv, message in [
         ([str(tmp_path / "file"), "--to", "meta"], "not a directory"),
@@ -205,6 +208,11 @@ def test_convert_refuses_bad_destinations_and_flags(tiny_hf, tmp_path, capsys):
         assert main(["convert", str(tiny_hf), *argv]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+    # --dtype is checked before the checkpoint is read (minutes for a 7B)
+    monkeypatch.setattr(importlib.import_module("chameleon.checkpoint"), "read_checkpoint", must_not_read)
+    assert main(["convert", str(tiny_hf), str(tmp_path / "a"), "--to", "hf", "--dtype", "garbage"]) == 2
+    assert "--dtype 'garbage'" in capsys.readouterr().err
+    monkeypatch.undo()
     # A failed conversion into a directory the user made leaves it there, empty.
     (tmp_path / "mine").mkdir()
     assert main(["convert", str(tiny_hf), str(tmp_path / "mine"), "--to", "meta", "--shards", "3"]) == 2
