@@ -283,16 +283,18 @@ def cmd_convert(args) -> int:
     if dtype:
         ckpt.weights = {k: v.to(dtype) for k, v in ckpt.weights.items()}
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
+    # the topmost directory the conversion will create (dst, or a missing parent of it)
+    made = next((p for p in reversed([dst.absolute(), *dst.absolute().parents]) if not p.exists()), None)
     try:
         save_checkpoint(ckpt, dst, args.to, tokenizer, args.shards, max_shard)
     except BaseException as err:
-        # No half-written checkpoint left behind (bad input, a full disk, ^C); a directory the
-        # user made stays, emptied.
+        # No half-written checkpoint left behind (bad input, a full disk, ^C), nor the directories
+        # made for it; a directory the user made stays, emptied.
         if existed:
             for child in dst.iterdir():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-        else:
-            shutil.rmtree(dst, ignore_errors=True)
+        elif made is not None:
+            shutil.rmtree(made, ignore_errors=True)
         if isinstance(err, OSError):
             raise InputError(f"{dst}: writing the checkpoint failed ({err.strerror or err})") from None
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import re
@@ -217,6 +218,14 @@ def test_convert_refuses_bad_destinations_and_flags(tiny_hf, tmp_path, capsys, m
     (tmp_path / "mine").mkdir()
     assert main(["convert", str(tiny_hf), str(tmp_path / "mine"), "--to", "meta", "--shards", "3"]) == 2
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+    # ... and one that fails while writing into a new nested path removes the parents it made too.
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(importlib.import_module("chameleon.checkpoint"), "_write_safetensors_sharded", disk_full)
+    assert main(["convert", str(tiny_hf), str(tmp_path / "new" / "a" / "hf"), "--to", "hf"]) == 2
+    assert "writing the checkpoint failed (No space left on device)" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_prompt_longer_than_context(tiny_model):
