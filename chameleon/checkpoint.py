@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -89,10 +87,18 @@ def _load_pth(file: Path) -> object:
         raise InputError(f"{file}: checkpoint file not found")
     if file.stat().st_size == 0:
         raise InputError(f"{file}: empty file (0 bytes): corrupt or incompletely copied PyTorch checkpoint")
+    # torch.save writes a zip archive (since torch 1.6), read here memory-mapped; its legacy format
+    # (_use_new_zipfile_serialization=False), a bare pickle stream, cannot be mapped and is read whole.
+    with open(file, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # a zip's local file header; pickle's PROTO opcode
+        raise InputError(f"{file}: not a PyTorch checkpoint (neither torch.save's zip format nor its legacy pickle format)")
     try:
-        return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise InputError(f"{file}: corrupt or unreadable PyTorch checkpoint ({str(err).splitlines()[0]})") from None
+        return torch.load(str(file), map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
+    except MemoryError:
+        raise
+    except Exception as err:  # weights_only runs no code from the file: whatever fails is its content
+        raise InputError(f"{file}: corrupt or unreadable PyTorch checkpoint ({(str(err).splitlines() or [type(err).__name__])[0]})") from None
 
 
 def _state_dict(obj: object, file: Path, what: str = "the checkpoint", skip: str | None = None) -> Tensors:

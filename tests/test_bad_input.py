@@ -86,6 +86,23 @@ def test_corrupt_pth_and_missing_meta_files(tiny_meta, tmp_path):
     expect_error(meta2, "vqgan.ckpt")
 
 
+def test_pth_files_legacy_format_loads_and_garbage_is_named(tiny_meta, tmp_path):
+    """torch.save's legacy (non-zip) format is a valid checkpoint, read without mmap; a file that is
+    neither format, or one cut or damaged anywhere, is an InputError naming it, never a traceback."""
+    import chameleon
+
+    meta = shutil.copytree(tiny_meta, tmp_path / "meta")
+    shards = sorted(meta.glob("consolidated*.pth"))
+    for shard in shards:
+        torch.save(torch.load(shard), shard, _use_new_zipfile_serialization=False)
+    assert chameleon.load(meta).fingerprint == chameleon.load(tiny_meta).fingerprint
+    legacy = shards[0].read_bytes()
+    for content, message in [(b"hello\n", "not a PyTorch checkpoint"), (legacy[:1], "corrupt"), (legacy[:3], "corrupt"),
+                             (legacy[:30], "corrupt"), (legacy[:50], "corrupt"), (legacy[: len(legacy) // 2], "corrupt")]:
+        shards[0].write_bytes(content)
+        expect_error(meta, shards[0].name, message)
+
+
 def test_tokenizer_without_image_tokens(tmp_path):
     tok = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "hello": 2}, unk_token="<s>"))
     tok.save(str(tmp_path / "t.json"))
