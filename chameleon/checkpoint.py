@@ -268,6 +268,14 @@ def _read_meta(path: Path) -> Checkpoint:
     configs = [path / "params.json"] + [f for f in [path / "consolidate_params.json"] if f.is_file()]
     args = ModelArgs.from_meta([(str(f), read_json(f)) for f in configs])
     files = sorted(path.glob("consolidated.*.pth"))
+    shard_names = [f"consolidated.{i:02d}.pth" for i in range(args.model_parallel_size)]
+    if files and [f.name for f in files] != shard_names:
+        # e.g. a shard lost in copying: the rest, read as one merged file, would fail on shapes naming no file
+        missing = [n for n in shard_names if not (path / n).is_file()]
+        extra = [f.name for f in files if f.name not in shard_names]
+        found = (f"missing {', '.join(missing)}" if missing else "") + ("; " if missing and extra else "") + (f"unexpected {', '.join(extra)}" if extra else "")
+        raise InputError(f"{path}: shard files do not match model_parallel_size={args.model_parallel_size} "
+                         f"({' / '.join(f.name for f in configs)}), which means {shard_names[0]} to {shard_names[-1]}: {found}")
     single = path / "consolidated.pth"
     if single.is_file():
         if files:

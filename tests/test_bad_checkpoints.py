@@ -195,6 +195,12 @@ def test_meta_shards_and_vqgan_ckpt(copy):
     shutil.copyfile(shard, ckpt / "consolidated.pth")
     expect_error(ckpt, "consolidated.pth", "consolidated.00.pth")
     (ckpt / "consolidated.pth").unlink()
+    # A shard lost or misnumbered in copying is named (the rest, read as one merged file, failed on a shape).
+    shard.rename(ckpt / "consolidated.02.pth")
+    expect_error(ckpt, "model_parallel_size=2", "missing consolidated.01.pth; unexpected consolidated.02.pth")
+    (ckpt / "consolidated.02.pth").unlink()
+    expect_error(ckpt, "model_parallel_size=2", "missing consolidated.01.pth")
+    torch.save(sd, shard)
 
     vq = ckpt / "tokenizer" / "vqgan.ckpt"
     state = torch.load(vq)["state_dict"]
