@@ -205,6 +205,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     (2x faster decoding, 2x the weight memory; skipped, with a warning, where memory runs short)
     unless `pack_bf16=False`."""
     device = available_device(device)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # before any weights are read
+        raise InputError(f"dtype {dtype!r}: expected a floating-point torch.dtype, e.g. torch.float32 or torch.bfloat16")
     ckpt = read_checkpoint(path)
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
     with torch.device("meta"):

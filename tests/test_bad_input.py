@@ -201,6 +201,18 @@ def test_generate_checks_its_output_and_device_before_working(tiny_hf, tmp_path,
     assert "no VQGAN decoder" in capsys.readouterr().err and not (out / "output.txt").exists()
 
 
+def test_load_checks_its_dtype_before_reading(tiny_hf, monkeypatch):
+    import chameleon
+
+    def must_not_read(*args, **kwargs):
+        raise AssertionError("the checkpoint was read")
+
+    monkeypatch.setattr(importlib.import_module("chameleon.chameleon"), "read_checkpoint", must_not_read)
+    for dtype in ("bf16", torch.int8, None):  # was a TypeError from .to() once every weight was read
+        with pytest.raises(InputError, match=re.escape(f"dtype {dtype!r}: expected a floating-point torch.dtype")):
+            chameleon.load(tiny_hf, dtype=dtype)
+
+
 def test_cmyk_prompt_image_is_shown_as_the_model_sees_it(tiny_hf, tmp_path):
     Image.open(PHOTO).convert("CMYK").save(tmp_path / "cmyk.jpg")
     out = tmp_path / "out"
