@@ -128,6 +128,9 @@ def _read_hf(path: Path) -> Checkpoint:
     args = ModelArgs.from_hf(cfg, str(path / "config.json"))
     vq_config = VQGANConfig.from_hf(cfg.get("vq_config"), str(path / "config.json"))
     index = path / "model.safetensors.index.json"
+    if index.is_file() and (path / "model.safetensors").is_file():
+        # transformers would load model.safetensors, this stack the shards: refuse to guess which is current
+        raise InputError(f"{path}: both model.safetensors and {index.name}: keep one layout (one file, or the shards and their index)")
     if index.is_file():
         index_json = read_json(index)
         weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None

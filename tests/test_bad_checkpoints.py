@@ -137,6 +137,10 @@ def test_sharded_hf_index(copy):
     ckpt = copy("hf")
     index, weights, shards = shard_hf(ckpt)
     read_checkpoint(ckpt)  # the split itself is valid
+    # A single file beside the shards: transformers would load it, this stack the shards; neither is guessed.
+    save_file(weights, ckpt / "model.safetensors")
+    expect_error(ckpt, "both model.safetensors and model.safetensors.index.json")
+    (ckpt / "model.safetensors").unlink()
     good = index.read_text()
     index.write_text("[]")
     expect_error(ckpt, index.name, "'weight_map'")
