@@ -23,7 +23,7 @@ def register(sub) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    d.add_argument("--out", default="demo_out", type=Path, help="output directory")
+    d.add_argument("--out", default="demo_out", type=Path, help="output directory (default: demo_out)")
     d.add_argument("--skip-suite", action="store_true", help="only the generation page")
     d.set_defaults(func=cmd_demo)
 

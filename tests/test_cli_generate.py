@@ -82,6 +82,9 @@ def test_help_states_each_default_once(capsys):
         assert "(default: None)" not in text and "(default: [])" not in text, command
         assert "float32 (fp32) | bfloat16 (bf16) | float16 (fp16)" in text, command
     assert "--device DEVICE torch device, e.g. cpu, cuda, cuda:1 (under torchrun, cuda is each process's own GPU); default: cpu" in text
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "--out OUT output directory (default: demo_out)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_chat_ends_the_prompt_turn(tiny_hf, tmp_path):
