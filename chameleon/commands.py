@@ -131,7 +131,7 @@ def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | No
     output = model.decode_output(new_ids)
     out.mkdir(parents=True, exist_ok=True)
     text = "\n".join(s for s in output if isinstance(s, str))
-    (out / "output.txt").write_text(text)
+    (out / "output.txt").write_text(text, encoding="utf-8")  # what the page declares; not the locale's
     record = {
         "mode": opts.mode,
         "chat": chat,

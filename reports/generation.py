@@ -37,5 +37,5 @@ def write_generation_page(out_dir: Path, prompt: list, output: list, mode: str, 
         meta=meta,
     )
     page = out_dir / "index.html"
-    page.write_text(html)
+    page.write_text(html, encoding="utf-8")  # as its <meta charset> says, whatever the locale
     return page

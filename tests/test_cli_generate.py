@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from PIL import Image
 
 import chameleon
 from benchmarks.cli import main
-from tests.conftest import PHOTO
+from tests.conftest import PHOTO, REPO
 
 
 @pytest.mark.parametrize("mode", ["text", "image", "interleaved"])
@@ -72,6 +73,28 @@ def test_generation_page_numbers_images_among_images(tmp_path):
     html = page.read_text()
     assert 'alt="prompt image 1"' in html and 'alt="prompt image 2"' not in html
     assert 'alt="generated image 1"' in html and 'alt="generated image 2"' in html and "image 3" not in html
+
+
+def test_outputs_are_utf8_whatever_the_locale(tiny_hf, tmp_path):
+    """output.txt and index.html (which declares utf-8) are written as UTF-8 in an ASCII locale too
+    (as on Windows' cp1252 for most text): the write failed there once the generation was done."""
+    script = f"""
+import importlib, sys
+from pathlib import Path
+import chameleon
+from chameleon.commands import run_generation
+from chameleon.generate import GenerationOptions
+model = chameleon.load({str(tiny_hf)!r})
+ids = model.tokenizer.encode_text("caf\\u00e9 \\u2615 \\ufffd")
+importlib.import_module("chameleon.generate").generate = lambda model, prompts, opts: [ids]
+run_generation(model, ["caf\\u00e9?"], GenerationOptions(max_new_tokens=len(ids)), Path({str(tmp_path / "out")!r}))
+"""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "output.txt").read_bytes().decode("utf-8") == "caf\u00e9 \u2615 \ufffd"
+    html = (tmp_path / "out" / "index.html").read_bytes().decode("utf-8")
+    assert "caf\u00e9?" in html and "caf\u00e9 \u2615 \ufffd" in html
 
 
 def test_help_states_each_default_once(capsys):
