@@ -15,6 +15,7 @@ import contextlib
 import gc
 import hashlib
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
@@ -184,8 +185,13 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
     args = model.config
     device = model.device
     for i, p in enumerate(prompts):
+        if not isinstance(p, list):  # a string, a tensor, or one prompt's ids given as the batch
+            raise InputError(f"prompt {i}: expected a list of token ids (model.encode_prompt gives one), got {type(p).__name__}")
         if not p:
             raise InputError(f"prompt {i} is empty")
+        bad = next((t for t in p if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < args.vocab_size), None)
+        if bad is not None:  # ids of another tokenizer would fail in the embedding, naming nothing
+            raise InputError(f"prompt {i}: {bad!r} is not a token id: expected integers 0..{args.vocab_size - 1}")
     for t in opts.stop_ids:
         if not 0 <= t < args.vocab_size:
             raise InputError(f"stop id {t} is not a token id: expected 0..{args.vocab_size - 1}")

@@ -265,6 +265,18 @@ def test_prompt_longer_than_context(tiny_model):
         tiny_model(torch.tensor([too_long + [0] * 10]))
 
 
+def test_generate_checks_its_prompts_are_token_ids(tiny_model):
+    ids = tiny_model.encode_prompt("hi")
+    for prompts, message in [
+        (ids, "prompt 0: expected a list of token ids (model.encode_prompt gives one), got int"),  # one prompt, not a batch
+        (["hi"], "got str"), ([torch.tensor(ids)], "got Tensor"),
+        ([ids, [*ids, 4096]], "prompt 1: 4096 is not a token id: expected integers 0..4095"),  # another tokenizer's ids
+        ([[*ids, -1]], "prompt 0: -1 is not a token id"), ([[*ids, 2.0]], "prompt 0: 2.0 is not a token id"),
+    ]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            generate(tiny_model, prompts, GenerationOptions(max_new_tokens=2))
+
+
 def test_cli_exits_2_without_traceback(tiny_hf, tmp_path):
     cases = [
         ["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi", "--out", str(tmp_path / "o")],
