@@ -64,6 +64,10 @@ class GenerationOptions:
     def __post_init__(self):
         if self.mode not in MODES:
             raise InputError(f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        for name in ("max_new_tokens", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise InputError(f"{name} must be an integer, got {value!r}")
         if self.max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.top_k < 0:

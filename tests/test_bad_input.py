@@ -165,6 +165,9 @@ def test_generation_options_must_be_finite():
                 GenerationOptions(**{field: bad})
     with pytest.raises(InputError, match=r"image_top_p must be a finite number in \(0, 1\], got 1.5"):
         GenerationOptions(image_top_p=1.5)
+    for name, value in [("max_new_tokens", 3.5), ("max_new_tokens", "3"), ("top_k", 2.5), ("top_k", True)]:
+        with pytest.raises(InputError, match=re.escape(f"{name} must be an integer, got {value!r}")):
+            GenerationOptions(**{name: value})
     with pytest.raises(InputError, match=r"logit_bias\[3\] must be a finite number or -inf"):
         GenerationOptions(logit_bias={3: float("nan")})
 
