@@ -91,13 +91,14 @@ def _load_pth(file: Path) -> object:
     # (_use_new_zipfile_serialization=False), a bare pickle stream, cannot be mapped and is read whole.
     with open(file, "rb") as f:
         head = f.read(4)
-    if not head.startswith((b"PK\x03\x04", b"\x80")):  # a zip's local file header; pickle's PROTO opcode
-        raise InputError(f"{file}: not a PyTorch checkpoint (neither torch.save's zip format nor its legacy pickle format)")
     try:
-        return torch.load(str(file), map_location="cpu", weights_only=True, mmap=head.startswith(b"PK"))
+        return torch.load(str(file), map_location="cpu", weights_only=True, mmap=head.startswith(b"PK\x03\x04"))
     except MemoryError:
         raise
     except Exception as err:  # weights_only runs no code from the file: whatever fails is its content
+        if not head.startswith((b"PK\x03\x04", b"\x80")):  # a zip's local file header; pickle's PROTO opcode (protocol 2+)
+            raise InputError(f"{file}: not a PyTorch checkpoint this stack reads: expected torch.save's zip format or "
+                             "its legacy pickle format (protocol 2 or later)") from None
         raise InputError(f"{file}: corrupt or unreadable PyTorch checkpoint ({(str(err).splitlines() or [type(err).__name__])[0]})") from None
 
 
