@@ -9,6 +9,7 @@ import re
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,6 +53,33 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise InputError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+ANNOUNCED_FROM = 1 << 30  # bytes of weights: smaller checkpoints load and save in a moment, unannounced
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".ckpt")
+
+
+def weights_bytes(path: str | Path) -> int:
+    """The size of the weight files directly in a checkpoint directory (0 where there is none)."""
+    try:
+        return sum(f.stat().st_size for f in Path(path).iterdir() if f.suffix in WEIGHT_SUFFIXES and f.is_file())
+    except OSError:  # not a directory (yet): reading it will say so
+        return 0
+
+
+@contextmanager
+def announced(what: str, path: str | Path, size: int | None = None, enabled: bool = True):
+    """'what PATH (N GB) ...' on stderr before, and the seconds it took after, where the weights
+    (`size`, default: those in `path`) are large enough to make the user wait (a 7B checkpoint
+    takes from seconds to minutes, depending on the disk)."""
+    size = weights_bytes(path) if size is None else size
+    if not enabled or size < ANNOUNCED_FROM:
+        yield
+        return
+    print(f"{what} {path} ({size / 1e9:.1f} GB of weights) ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"{what} {path}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def register(sub) -> None:
@@ -168,7 +196,8 @@ def cmd_generate(args) -> int:
     made = _fresh_output_dir(out)  # before the model loads and generates: nothing computed is lost
     before = set(out.iterdir())
     try:
-        model = chameleon.load(args.model, device=args.device, dtype=dtype)
+        with announced("loading", args.model):
+            model = chameleon.load(args.model, device=args.device, dtype=dtype)
         opts = replace(opts, max_new_tokens=token_budget(args.max_new_tokens, args.mode, model.image_seq_len))
         record = run_generation(model, segments, opts, out, {"model": str(args.model), "seed": args.seed},
                                 fit_context=args.max_new_tokens is None, chat=args.chat)
@@ -279,14 +308,16 @@ def cmd_convert(args) -> int:
     if args.shards is not None and args.shards < 1:
         raise InputError(f"--shards {args.shards}: expected a positive integer")
     dtype = parse_dtype(args.dtype) if args.dtype else None  # before the checkpoint is read
-    ckpt = read_checkpoint(args.src)
+    with announced("reading", args.src):
+        ckpt = read_checkpoint(args.src)
     if dtype:
         ckpt.weights = {k: v.to(dtype) for k, v in ckpt.weights.items()}
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
     # the topmost directory the conversion will create (dst, or a missing parent of it)
     made = next((p for p in reversed([dst.absolute(), *dst.absolute().parents]) if not p.exists()), None)
     try:
-        save_checkpoint(ckpt, dst, args.to, tokenizer, args.shards, max_shard)
+        with announced("writing", dst, size=sum(t.nbytes for t in (*ckpt.weights.values(), *ckpt.vq_weights.values()))):
+            save_checkpoint(ckpt, dst, args.to, tokenizer, args.shards, max_shard)
     except BaseException as err:
         # No half-written checkpoint left behind (bad input, a full disk, ^C), nor the directories
         # made for it; a directory the user made stays, emptied.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 
@@ -279,3 +280,24 @@ def test_meta_shards_follow_metas_model_parallel_layout(tmp_path):
         torch.testing.assert_close(ours(torch.tensor([ids]))[0], expected, atol=1e-5, rtol=0)
         text = ~torch.isin(torch.arange(expected.shape[-1]), ours.tokenizer.code_to_id)  # HF masks image logits
         torch.testing.assert_close(hf(input_ids=torch.tensor([ids])).logits[0][:, text], expected[:, text], atol=1e-5, rtol=0)
+
+
+def test_large_checkpoints_are_announced_while_they_load_and_save(tiny_hf, tmp_path, monkeypatch, capsys):
+    """Reading, writing and loading a checkpoint of ANNOUNCED_FROM bytes or more says so on stderr,
+    with the time it took (a 7B one keeps the user waiting); smaller ones pass unannounced."""
+    from chameleon import commands
+
+    size = commands.weights_bytes(tiny_hf)
+    assert size == (tiny_hf / "model.safetensors").stat().st_size + (tiny_hf / "vqgan_decoder.safetensors").stat().st_size
+    assert main(["convert", str(tiny_hf), str(tmp_path / "quiet"), "--to", "meta"]) == 0
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(commands, "ANNOUNCED_FROM", size // 2)  # (written: the tensors' bytes, without the files' headers)
+    assert main(["convert", str(tiny_hf), str(tmp_path / "meta"), "--to", "meta"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    gb = f"({size / 1e9:.1f} GB of weights) ..."
+    assert err[0] == f"reading {tiny_hf} {gb}" and re.fullmatch(rf"reading {re.escape(str(tiny_hf))}: done in \d+\.\d s", err[1])
+    assert err[2].startswith(f"writing {tmp_path / 'meta'} (") and re.fullmatch(r"writing .*: done in \d+\.\d s", err[3])
+    assert len(err) == 4
+    assert main(["generate", "--model", str(tiny_hf), "--prompt", "hi", "--max-new-tokens", "2", "--out", str(tmp_path / "g")]) == 0
+    err = capsys.readouterr().err
+    assert f"loading {tiny_hf} {gb}\n" in err and re.search(rf"loading {re.escape(str(tiny_hf))}: done in \d+\.\d s\n", err)

@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from chameleon.commands import DTYPE_HELP, names_file_in, parse_dtype
+from chameleon.commands import DTYPE_HELP, announced, names_file_in, parse_dtype
 from chameleon.errors import InputError
 
 
@@ -98,7 +98,8 @@ def run_command(args) -> int:
         if not Path(args.model).is_dir():
             raise InputError(f"--model {args.model}: expected a checkpoint directory for backend {kind}")
     check_image_input(suite, kind, args.model, image_input_problem(kind, args.model))  # before the model loads
-    backend = load_backend(kind, args.model, **kwargs)
+    with announced("loading", args.model, enabled=kind != "responses" and dist.is_main):
+        backend = load_backend(kind, args.model, **kwargs)
     check_generation_room(suite, backend)
     try:
         results = run_suite(suite, backend, args.out, limit=args.limit, images_dirs=images_dirs,
