@@ -63,7 +63,7 @@ class GenerationOptions:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise InputError(f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
+            raise InputError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}")
         for name in ("max_new_tokens", "top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):

@@ -170,6 +170,8 @@ def test_generation_options_must_be_finite():
             GenerationOptions(**{name: value})
     with pytest.raises(InputError, match=r"logit_bias\[3\] must be a finite number or -inf"):
         GenerationOptions(logit_bias={3: float("nan")})
+    with pytest.raises(InputError, match=r"^mode 'video': expected one of text, image, interleaved$"):  # (the field, not a flag)
+        GenerationOptions(mode="video")
 
 
 def test_generate_checks_its_output_and_device_before_working(tiny_hf, tmp_path, capsys, monkeypatch):
