@@ -122,11 +122,27 @@ def _state_dict(obj: object, file: Path, what: str = "the checkpoint", skip: str
 
 
 # --- HF ---------------------------------------------------------------------------------------
-def _read_hf(path: Path) -> Checkpoint:
+def read_args(path: str | Path) -> ModelArgs:
+    """A checkpoint directory's model config alone (its weights unread)."""
+    path = Path(path)
+    return _hf_config(path)[0] if detect_format(path) == "hf" else _meta_config(path)[0]
+
+
+def _hf_config(path: Path) -> tuple[ModelArgs, dict]:
     cfg = read_json(path / "config.json")
     if not isinstance(cfg, dict):
         raise InputError(f"{path / 'config.json'}: expected a JSON object")
-    args = ModelArgs.from_hf(cfg, str(path / "config.json"))
+    return ModelArgs.from_hf(cfg, str(path / "config.json")), cfg
+
+
+def _meta_config(path: Path) -> tuple[ModelArgs, list[Path]]:
+    # each file's values are checked under its own name
+    configs = [path / "params.json"] + [f for f in [path / "consolidate_params.json"] if f.is_file()]
+    return ModelArgs.from_meta([(str(f), read_json(f)) for f in configs]), configs
+
+
+def _read_hf(path: Path) -> Checkpoint:
+    args, cfg = _hf_config(path)
     vq_config = VQGANConfig.from_hf(cfg.get("vq_config"), str(path / "config.json"))
     index = path / "model.safetensors.index.json"
     if index.is_file() and (path / "model.safetensors").is_file():
@@ -268,9 +284,7 @@ def _meta_tokenizer_dir(path: Path) -> Path:
 
 
 def _read_meta(path: Path) -> Checkpoint:
-    # each file's values are checked under its own name
-    configs = [path / "params.json"] + [f for f in [path / "consolidate_params.json"] if f.is_file()]
-    args = ModelArgs.from_meta([(str(f), read_json(f)) for f in configs])
+    args, configs = _meta_config(path)
     files = sorted(path.glob("consolidated.*.pth"))
     shard_names = [f"consolidated.{i:02d}.pth" for i in range(args.model_parallel_size)]
     if files and [f.name for f in files] != shard_names:

@@ -291,7 +291,8 @@ def _parse_size(text: str | None) -> int | None:
 
 def cmd_convert(args) -> int:
     from chameleon.chameleon import save_checkpoint
-    from chameleon.checkpoint import read_checkpoint
+    from chameleon.checkpoint import read_args, read_checkpoint
+    from chameleon.convert import check_meta_shards
     from chameleon.tokenizer import ChameleonTokenizer
 
     dst = Path(args.dst)
@@ -308,6 +309,9 @@ def cmd_convert(args) -> int:
     if args.shards is not None and args.shards < 1:
         raise InputError(f"--shards {args.shards}: expected a positive integer")
     dtype = parse_dtype(args.dtype) if args.dtype else None  # before the checkpoint is read
+    if args.to == "meta":  # from the config alone, before minutes of reading a large checkpoint's weights
+        source_args = read_args(args.src)
+        check_meta_shards(source_args, args.shards or source_args.model_parallel_size)
     with announced("reading", args.src):
         ckpt = read_checkpoint(args.src)
     if dtype:

@@ -132,8 +132,8 @@ def from_meta_shards(shards: list[Tensors], args: ModelArgs, source: str) -> Ten
     return out
 
 
-def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> list[Tensors]:
-    """Split into Meta shards. Each shard keeps one q/k-norm, so heads within a shard must share it."""
+def check_meta_shards(args: ModelArgs, num_shards: int) -> None:
+    """Whether a model of this shape can be saved as `num_shards` Meta files (from its config alone)."""
     mp = args.model_parallel_size
     if num_shards not in (1, mp):
         raise InputError(f"--shards {num_shards}: a Meta checkpoint has 1 file or model_parallel_size={mp} files")
@@ -141,6 +141,12 @@ def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> list[Tensor
         for what, size in (("vocab_size", args.vocab_size), ("dim", args.dim), ("the FFN width", args.ffn_hidden_dim)):
             if size % num_shards:
                 raise InputError(f"--shards {num_shards}: {what} ({size}) does not split into {num_shards} equal shards; save with --shards 1, or keep the HF format")
+
+
+def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> list[Tensors]:
+    """Split into Meta shards. Each shard keeps one q/k-norm, so heads within a shard must share it."""
+    check_meta_shards(args, num_shards)
+    mp = args.model_parallel_size
     shards: list[Tensors] = [{} for _ in range(num_shards)]
     for name, w in sd.items():
         if name.endswith((".q_norm.weight", ".q_norm.bias", ".k_norm.weight", ".k_norm.bias")):

@@ -247,16 +247,20 @@ def test_convert_refuses_bad_destinations_and_flags(tiny_hf, tmp_path, capsys, m
     monkeypatch.setattr(importlib.import_module("chameleon.checkpoint"), "read_checkpoint", must_not_read)
     assert main(["convert", str(tiny_hf), str(tmp_path / "a"), "--to", "hf", "--dtype", "garbage"]) == 2
     assert "--dtype 'garbage'" in capsys.readouterr().err
+    # ... and so is --shards, against the source's config alone
+    assert main(["convert", str(tiny_hf), str(tmp_path / "a"), "--to", "meta", "--shards", "3"]) == 2
+    assert "--shards 3: a Meta checkpoint has 1 file or model_parallel_size=2 files" in capsys.readouterr().err
     monkeypatch.undo()
+
     # A failed conversion into a directory the user made leaves it there, empty.
-    (tmp_path / "mine").mkdir()
-    assert main(["convert", str(tiny_hf), str(tmp_path / "mine"), "--to", "meta", "--shards", "3"]) == 2
-    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
-    # ... and one that fails while writing into a new nested path removes the parents it made too.
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(importlib.import_module("chameleon.checkpoint"), "_write_safetensors_sharded", disk_full)
+    (tmp_path / "mine").mkdir()
+    assert main(["convert", str(tiny_hf), str(tmp_path / "mine"), "--to", "hf"]) == 2
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+    # ... and one that fails while writing into a new nested path removes the parents it made too.
     assert main(["convert", str(tiny_hf), str(tmp_path / "new" / "a" / "hf"), "--to", "hf"]) == 2
     assert "writing the checkpoint failed (No space left on device)" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
