@@ -82,6 +82,25 @@ def announced(what: str, path: str | Path, size: int | None = None, enabled: boo
     print(f"{what} {path}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
+# generate's flags that a mode does not read: set there, they get a warning (their effect is none)
+UNUSED_IN_MODE = {
+    "text": ("--image-temperature", "--image-top-p", "--cfg-text-scale", "--cfg-image-scale"),
+    "image": ("--temperature", "--top-p", "--top-k", "--repetition-penalty", "--stop"),
+}
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def warn_unused_flags(args) -> None:
+    """A warning for each flag set to other than its default that --mode does not read."""
+    unused = [f for f in UNUSED_IN_MODE.get(args.mode, ()) if getattr(args, _dest(f)) != args.flag_defaults[f]]
+    if unused:
+        print(f"warning: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect in --mode {args.mode}",
+              file=sys.stderr)
+
+
 def register(sub) -> None:
     g = sub.add_parser(
         "generate",
@@ -111,14 +130,14 @@ def register(sub) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.2, help="penalty for repeated text tokens")
     g.add_argument("--image-temperature", type=float, default=0.7, help="image-code sampling temperature")
     g.add_argument("--image-top-p", type=float, default=0.9, help="image-code nucleus sampling")
-    g.add_argument("--cfg-text-scale", type=float, default=3.0, help="classifier-free guidance: text scale")
-    g.add_argument("--cfg-image-scale", type=float, default=1.2, help="classifier-free guidance: image scale")
+    g.add_argument("--cfg-text-scale", type=float, default=3.0, help="classifier-free guidance of images: text scale")
+    g.add_argument("--cfg-image-scale", type=float, default=1.2, help="classifier-free guidance of images: image scale")
     g.add_argument("--stop", action="append", default=[], metavar="STRING", help="stop string (repeatable)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (each prompt draws from its own stream)")
     g.add_argument("--device", default=default_device(), help="torch device, e.g. cpu, cuda, cuda:1")
     g.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                    help=f"{DTYPE_HELP} (bfloat16 where CUDA is available)")
-    g.set_defaults(func=cmd_generate)
+    g.set_defaults(func=cmd_generate, flag_defaults={flag: g.get_default(_dest(flag)) for flags in UNUSED_IN_MODE.values() for flag in flags})
 
     c = sub.add_parser(
         "convert",
@@ -191,6 +210,7 @@ def cmd_generate(args) -> int:
     images = [open_image(p) for p in args.image]
     segments = interleave(args.prompt, images, source="--prompt")
     opts = generation_options(args)  # the flags are checked before the model loads
+    warn_unused_flags(args)
     dtype = parse_dtype(args.dtype)
     out = Path(args.out)
     made = _fresh_output_dir(out)  # before the model loads and generates: nothing computed is lost
@@ -220,7 +240,7 @@ def generation_options(args):
     """GenerationOptions from generate's flags; an invalid value's error names its flag, not the field."""
     from chameleon.generate import GenerationOptions
 
-    fields = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in OPTION_FLAGS.items()}
+    fields = {name: getattr(args, _dest(flag)) for name, flag in OPTION_FLAGS.items()}
     fields["stop_strings"] = tuple(fields["stop_strings"])
     if fields["max_new_tokens"] is None:
         fields["max_new_tokens"] = TEXT_TOKENS  # the mode's default is set once the model is known

@@ -126,3 +126,19 @@ def test_chat_ends_the_prompt_turn(tiny_hf, tmp_path):
     assert chat["prompt_tokens"] == len(ids) == plain["prompt_tokens"] + 1
     opts = GenerationOptions(max_new_tokens=8, temperature=0.0, repetition_penalty=1.2)
     assert chat["new_ids"] == generate(model, [ids], opts)[0]
+
+
+def test_flags_the_mode_does_not_read_get_a_warning(tmp_path, capsys):
+    """Image sampling and guidance flags in text mode, text sampling flags and --stop in image mode:
+    set, they change nothing, and the user is told so (before the model loads; here none exists)."""
+    base = ["generate", "--model", str(tmp_path / "none"), "--prompt", "hi", "--out", str(tmp_path / "out")]
+    for flags, warning in [
+        (["--cfg-text-scale", "5"], "warning: --cfg-text-scale has no effect in --mode text"),
+        (["--mode", "text", "--image-top-p", "0.5", "--cfg-image-scale", "1"], "warning: --image-top-p, --cfg-image-scale have no effect in --mode text"),
+        (["--mode", "image", "--temperature", "0", "--stop", "x"], "warning: --temperature, --stop have no effect in --mode image"),
+        (["--mode", "image", "--temperature", "0.7", "--cfg-text-scale", "5"], None),  # the default's value; a flag image mode reads
+        (["--mode", "interleaved", "--temperature", "0", "--cfg-text-scale", "5", "--stop", "x"], None),
+    ]:
+        assert main([*base, *flags]) == 2  # (the missing checkpoint)
+        err = capsys.readouterr().err
+        assert (warning in err) if warning else "warning" not in err, (flags, err)
