@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -99,6 +100,11 @@ def _load_pth(file: Path) -> object:
         if not head.startswith((b"PK\x03\x04", b"\x80")):  # a zip's local file header; pickle's PROTO opcode (protocol 2+)
             raise InputError(f"{file}: not a PyTorch checkpoint this stack reads: expected torch.save's zip format or "
                              "its legacy pickle format (protocol 2 or later)") from None
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if unsupported:  # torch's own advice (weights_only=False) is no option of this stack's commands
+            raise InputError(f"{file}: holds Python objects besides tensors (e.g. {unsupported[1]}), which this stack does not "
+                             "unpickle: it reads weights only, running no code from the file. If you trust the file, "
+                             "re-save its tensors alone (torch.load(..., weights_only=False), then torch.save of the state dict)") from None
         raise InputError(f"{file}: corrupt or unreadable PyTorch checkpoint ({(str(err).splitlines() or [type(err).__name__])[0]})") from None
 
 

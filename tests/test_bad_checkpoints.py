@@ -3,6 +3,7 @@ traceback or a silent misread. Each case copies a tiny checkpoint and corrupts o
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -215,6 +216,9 @@ def test_meta_shards_and_vqgan_ckpt(copy):
     expect_error(ckpt, "vqgan.ckpt", "'state_dict' must be a dict of tensors", "got list")
     torch.save({"state_dict": {**state, "encoder.conv_in.weight": [1.0]}}, vq)
     expect_error(ckpt, "vqgan.ckpt", "encoder.conv_in.weight is a list, expected a tensor")
+    # A training checkpoint's other objects are not unpickled (torch's advice, weights_only=False, is no flag here).
+    torch.save({"state_dict": state, "hyper_parameters": argparse.Namespace(lr=1e-4)}, vq)
+    expect_error(ckpt, "vqgan.ckpt", "holds Python objects besides tensors (e.g. argparse.Namespace)", "re-save its tensors alone")
     vq.write_bytes(b"")
     expect_error(ckpt, "vqgan.ckpt", "empty file")
 
