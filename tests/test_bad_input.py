@@ -128,7 +128,7 @@ def test_image_token_mapping_on_synthetic_vocabulary():
     assert (tok.bos_id, tok.boi_id, tok.eoi_id) == (0, 4, 3)
 
 
-def test_truncated_and_unsupported_images(tmp_path):
+def test_truncated_and_unsupported_images(tmp_path, monkeypatch):
     data = PHOTO.read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 3])
     with pytest.raises(InputError, match="cut.png"):
@@ -136,6 +136,13 @@ def test_truncated_and_unsupported_images(tmp_path):
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(InputError, match="text.png"):
         open_image(tmp_path / "text.png")
+    def denied(*args, **kwargs):  # (chmod would not stop root, who runs CI containers)
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr(Image, "open", denied)
+        with pytest.raises(InputError, match=r"cut.png: cannot read the image file \(Permission denied\)"):
+            open_image(tmp_path / "cut.png")
     with pytest.raises(InputError, match="mode"):
         preprocess(Image.new("I;16", (32, 32)))
     # Transparency is blended on white, as Meta's preprocessing does.
