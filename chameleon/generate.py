@@ -1,8 +1,8 @@
 """Batched generation with a static KV cache: text, image (3-way classifier-free guidance) and interleaved.
 
 Each prompt owns one row of the cache, or three when images are guided: the full prompt, the prompt
-reduced to its images (and the images generated so far), and the unconditional `<s><boi>` (started
-afresh at each image, as Meta's image decoder does). All rows advance one slot per step; a row that
+reduced to its `<s>` tokens and images (and the images generated so far), and the unconditional
+`<s><boi>` (started afresh at each image, as Meta's image decoder does). All rows advance one slot per step; a row that
 must not see a token (left padding; text tokens for the two guidance rows; an unconditional row's
 earlier images) gets that slot marked invalid and its RoPE position does not advance. So every
 row of a batch may be in a different phase (text, image, done) and one forward pass per step
@@ -153,17 +153,20 @@ def _open_image(prompt: list[int], tok, n_codes: int, i: int) -> list[int]:
 
 
 def _image_only_prompt(prompt: list[int], tok) -> list[int]:
-    """`<s>` plus the prompt's images (boi + codes + eoi), text removed."""
-    out = [tok.bos_id]
+    """The prompt reduced to its `<s>` tokens and images (boi + codes + eoi), in place, text
+    removed: Meta's image-conditioned row, which keeps every `<s>` (a prompt of two documents keeps
+    both). A prompt with neither (no `<s>`, no image) gives `<s>`, where Meta's row would be empty
+    until its boi."""
+    out = []
     inside = False
     for t in prompt:
         if t == tok.boi_id:
             inside = True
-        if inside:
+        if inside or t == tok.bos_id:
             out.append(t)
         if t == tok.eoi_id:
             inside = False
-    return out
+    return out or [tok.bos_id]
 
 
 def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[list[int]]:

@@ -692,6 +692,34 @@ def test_each_image_gets_a_fresh_unconditional_row(tiny_model, compile_):
     assert generate(tiny_model, [prompt + out[: starts[0] + 1 + n // 2]], opts)[0] == out
 
 
+def test_image_only_row_keeps_every_bos_of_the_prompt(tiny_model, monkeypatch):
+    """Meta's image-conditioned row is the context filtered to `<s>`, boi, eoi and image codes, so a
+    prompt of two documents (each opened by `<s>`) keeps both `<s>`, each where it stood; it was
+    one `<s>` before all the images. Checked on the logits each guidance row gives the mix for the
+    first codes of an image, against the three rows recomputed from scratch."""
+    from PIL import Image
+
+    from conftest import PHOTO
+
+    tok = tiny_model.tokenizer
+    prompt = tiny_model.encode_prompt([Image.open(PHOTO), "A cat on a mat."]) + tiny_model.encode_prompt("Draw it again:")
+    assert prompt.count(tok.bos_id) == 2
+    mixed = []
+    mix = generate_module.cfg_mix
+    monkeypatch.setattr(generate_module, "cfg_mix", lambda *a: mixed.append([x[0].clone() for x in a[:3]]) or mix(*a))
+    out = generate(tiny_model, [prompt], GenerationOptions(mode="image", image_temperature=0.0))[0]
+    keep = {tok.bos_id, tok.boi_id, tok.eoi_id, *tok.code_to_id.tolist()}
+    image_only = [t for t in prompt if t in keep]
+    assert image_only.count(tok.bos_id) == 2 and image_only[0] == tok.bos_id
+    for k in (1, 2, 5):  # out[0] is boi; mixed[k - 1] chose out[k]
+        streams = [prompt + out[:k], image_only + out[:k], [tok.bos_id] + out[:k]]
+        with torch.no_grad():
+            expected = [tiny_model(torch.tensor([s]))[0, -1, tok.code_to_id] for s in streams]
+        for got, want in zip(mixed[k - 1], expected):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert generate_module._image_only_prompt(tok.encode_text("no bos, no image"), tok) == [tok.bos_id]
+
+
 def test_repetition_penalty_counts_begin_of_image_once_an_image_is_in_context(tiny_model, monkeypatch):
     """Meta's text decoder penalises every token of its context, so in interleaved mode begin-of-image
     too once an image is there (in the prompt, or generated): with boi's logit just above the best
