@@ -34,6 +34,8 @@ CACHE_BUCKET = 256
 @dataclass
 class GenerationOptions:
     max_new_tokens: int = 256
+    # Text defaults: greedy, no repetition penalty (what benchmarks decode with). Meta's sampling
+    # defaults (temperature 0.7, top-p 0.9, penalty 1.2) are the generate command's.
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
