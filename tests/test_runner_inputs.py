@@ -269,6 +269,29 @@ def test_bad_data_fails_before_out_is_claimed(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_short_fewshot_split_fails_before_out_is_claimed(tmp_path):
+    """An MMLU dev file with fewer rows than the suite's shots is named before the model loads;
+    lm-eval would fail with an AssertionError traceback once the benchmark's turn came."""
+    import shutil
+
+    from benchmarks.runner.run import check_inputs, run_suite
+
+    class Backend:
+        def describe(self):
+            return MODEL
+
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "benchmarks" / "data" / "mmlu", data / "mmlu")
+    dev = data / "mmlu" / "dev" / "anatomy_dev.csv"
+    dev.write_text("".join(dev.read_text().splitlines(keepends=True)[:4]))  # header + 3 rows
+    suite = load_suite(str(suite_file(tmp_path, GOOD)))
+    with pytest.raises(InputError, match=r"anatomy_dev\.csv: 3 row\(s\) in the few-shot \(dev\) split of "
+                                         r"chameleon_mmlu_anatomy; 5-shot prompts need at least 5"):
+        run_suite(suite, Backend(), tmp_path / "out", data_dir=data)
+    assert not (tmp_path / "out").exists()
+    check_inputs(load_suite(str(suite_file(tmp_path, GOOD.replace("shots: 5", "shots: 3")))), data)  # 3 suffice
+
+
 def test_missing_caption_images_fail_before_out_is_claimed(tmp_path):
     """A Flickr30k benchmark without --images-dir flickr30k=DIR (none is shipped) is refused up
     front, not when the suite reaches it after its text benchmarks."""

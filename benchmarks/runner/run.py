@@ -47,8 +47,11 @@ def check_inputs(suite: Suite, data_dir: str | Path | None = None, images_dirs: 
 
     text = [s for s in suite.benchmarks if s.kind == "text"]
     if text:
-        bench = [BENCHMARKS[s.benchmark] for s in text]
-        check_task_data({b.greedy if s.k == 1 else b.sampled for s, b in zip(text, bench)}, data_dir)
+        tasks: dict[str, int] = {}  # task -> the most shots a benchmark of the suite asks of it
+        for s in text:
+            task = BENCHMARKS[s.benchmark].greedy if s.k == 1 else BENCHMARKS[s.benchmark].sampled
+            tasks[task] = max(tasks.get(task, 0), s.shots)
+        check_task_data(tasks, data_dir)
     for spec in (s for s in suite.benchmarks if s.kind == "captioning"):
         try:
             references = load_references(spec.references or DEFAULT_REFERENCES[spec.benchmark])

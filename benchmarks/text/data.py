@@ -64,27 +64,37 @@ def resolve_data_files(data_files: dict[str, str], data_dir: str | Path | None =
     return resolved
 
 
-def check_task_data(tasks: set[str], data_dir: str | Path | None = None) -> None:
+def check_task_data(tasks: set[str] | dict[str, int], data_dir: str | Path | None = None) -> None:
     """Load every file the lm-eval tasks `tasks` (groups and tags expanded) read, through their
-    loaders: a bad file fails here, before a model is loaded or a run directory claimed."""
+    loaders: a bad file fails here, before a model is loaded or a run directory claimed. `tasks`
+    may map each task to its number of shots: a task drawing them from a few-shot split of its
+    data (MMLU's dev files) must have that many rows there (lm-eval fails with an AssertionError)."""
     from benchmarks.text.run import text_task_manager
 
     index = text_task_manager(data_dir).task_index
-    todo, seen = list(tasks), set()
+    todo = list(tasks.items() if isinstance(tasks, dict) else dict.fromkeys(tasks, 0).items())
+    seen: dict[str, int] = {}
     while todo:
-        entry = index[todo.pop()]
-        if entry.name in seen:
+        name, shots = todo.pop()
+        entry = index[name]
+        if entry.name in seen and seen[entry.name] >= shots:
             continue
-        seen.add(entry.name)
+        seen[entry.name] = shots
         cfg = entry.cfg or {}
         if entry.kind.name == "TAG":
-            todo += entry.tags  # a tag's entry lists its member tasks
+            todo += [(t, shots) for t in entry.tags]  # a tag's entry lists its member tasks
         elif entry.kind.name == "GROUP":
-            todo += [t for t in cfg.get("task", []) if isinstance(t, str)]
+            todo += [(t, shots) for t in cfg.get("task", []) if isinstance(t, str)]
         elif isinstance(cfg.get("custom_dataset"), str):  # "<yaml dir>/benchmarks.text.data.load_<layout>"
             loader = globals().get(cfg["custom_dataset"].rsplit(".", 1)[-1])
             if callable(loader):
-                loader(**{**cfg.get("dataset_kwargs", {}), "data_dir": data_dir})
+                kwargs = {**cfg.get("dataset_kwargs", {}), "data_dir": data_dir}
+                splits = loader(**kwargs)
+                pool = cfg.get("fewshot_split")
+                if shots and pool in splits and len(splits[pool]) < shots:
+                    path = resolve_data_files(kwargs["data_files"], data_dir)[pool]
+                    raise InputError(f"{path}: {len(splits[pool])} row(s) in the few-shot ({pool}) split of "
+                                     f"{entry.name}; {shots}-shot prompts need at least {shots}")
 
 
 def _read_text(path: Path) -> str:
