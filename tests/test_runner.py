@@ -211,6 +211,24 @@ def test_responses_backend_scored_like_ours(baseline, tmp_path):
     assert failed and "no 'output' response" in failed[0]["failure"]
 
 
+def test_request_hashes_in_the_order_of_the_outputs(baseline, tmp_path):
+    """A text record's request_hashes[i] keys output[i] (they were sorted, so an MMLU item's " A".." D"
+    hashes came in another order than its log-likelihoods): zipped, they replay the run as a
+    responses file that scores the same."""
+    suite = tmp_path / "mmlu.yaml"
+    suite.write_text(SUITE.split("  - {name: gsm8k,")[0] + "  - {name: mmlu, benchmark: mmlu, shots: 2, limit: 1}\n")
+    recs = [json.loads(x) for x in (baseline / "samples/mmlu.jsonl").read_text().splitlines()]
+    assert all(len(r["request_hashes"]) == len(r["output"]) == 4 for r in recs)
+    lines = [{"request_hash": h, "loglikelihood": out[0][0], "is_greedy": out[0][1]}
+             for r in recs for h, out in zip(r["request_hashes"], r["output"])]
+    path = tmp_path / "responses.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cli("run", suite, "--backend", "responses", "--model", path, "--out", tmp_path / "r")
+    got = json.loads((tmp_path / "r/results.json").read_text())["benchmarks"]["mmlu"]
+    want = json.loads((baseline / "results.json").read_text())["benchmarks"]["mmlu"]
+    assert got["n_failed"] == 0 and got["metrics"] == want["metrics"]
+
+
 def test_missing_images_are_reported_not_guessed(tiny_hf, tmp_path):
     from benchmarks.backends import load_backend
     from benchmarks.runner import format_results_table, load_suite, run_suite

@@ -285,7 +285,8 @@ def score_failures_wrong(out: dict, failures: dict[str, str], tm: TaskManager, b
 
 
 def _request_hashes(kind: str, arguments: list) -> list[str]:
-    return sorted({request_hash(kind, tuple(a)) for a in arguments})
+    """One hash per request, in lm-eval's order, that of the item's resps: the i-th answers the i-th."""
+    return [request_hash(kind, tuple(a)) for a in arguments]
 
 
 def _zero_scores(item: dict, higher_is_better: dict[str, bool], task: str) -> None:
