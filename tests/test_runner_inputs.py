@@ -130,6 +130,16 @@ def test_cli_bad_input_exits_2(tmp_path, extra, match):
     assert not (tmp_path / "out").exists() and (tmp_path / "afile").read_text() == ""
 
 
+def test_limit_help_says_it_counts_per_subject():
+    """--limit is lm-eval's, per task: `--limit 2` runs 114 MMLU items and 14 of the full MATH, not
+    2 per benchmark as its help said."""
+    from benchmarks.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["run"]
+    text = " ".join(next(a for a in sub._actions if a.dest == "limit").help.split())
+    assert "MMLU gets N per subject (57 N items)" in text and "math (the full MATH) N per subject (7 N)" in text
+
+
 def test_run_takes_every_dtype_name(tmp_path, monkeypatch):
     """run, generate and convert share one --dtype parser; the backends get torch's name."""
     from benchmarks.cli import main

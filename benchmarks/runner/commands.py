@@ -27,7 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="run directory (results.json, samples/, cache/)")
     p.add_argument("--backend", choices=["chameleon", "hf", "responses"], help="default: the suite's backend")
     p.add_argument("--batch-size", type=int, help="default: the suite's batch_size")
-    p.add_argument("--limit", type=int, help="at most N items per benchmark (smaller of this and the suite's)")
+    p.add_argument("--limit", type=int, help="the first N items of each benchmark (smaller of this and the suite's "
+                                            "limit), as lm-eval counts them: per task, so MMLU gets N per subject "
+                                            "(57 N items) and math (the full MATH) N per subject (7 N)")
     p.add_argument("--images-dir", action="append", default=[], metavar="DATASET=DIR",
                    help="images of a captioning dataset, e.g. coco=/data/coco/val2014 (repeatable); "
                         "default: the shipped photos")

@@ -9,7 +9,7 @@
         benchmark: gsm8k        # a text benchmark of benchmarks.text, or coco / flickr30k
         shots: 8
         k: 1                    # samples per item: maj@k (k > 1 needs sampling settings)
-        limit: 20               # first N items; null = all
+        limit: 20               # first N items (mmlu, math: per subject); null = all
         generation: {max_gen_toks: 256, temperature: 0.0}
       - name: coco
         benchmark: coco         # captioning (coco | flickr30k)
