@@ -70,6 +70,8 @@ def test_shipped_suites_load():
     (GOOD.replace("shots: 5", "generation: {temperature: .nan}"), r"generation: 'temperature' must be a finite number >= 0"),
     (GOOD.replace("shots: 5", "generation: {until: ['Q:', '']}"), r"s\.yaml: benchmark 'm' generation: 'until' must be a list of non-empty strings"),
     (GOOD.replace("shots: 5", "generation: {until: [3]}"), r"'until' must be a list of non-empty strings, got \[3\]"),
+    (GOOD.replace("shots: 5", "generation: {seed: -1}"), r"benchmark 'm' generation: 'seed' must be an integer in 0\.\.4294967295"),
+    (GOOD.replace("shots: 5", "generation: {seed: '5'}"), r"generation: 'seed' must be an integer in 0\.\.4294967295 .*, got '5'"),
     # wrong types are named in YAML's words, with the range, the file and the entry (index and name)
     (GOOD.replace("shots: 5", "limit: '3'"), r"s\.yaml: benchmarks\[0\] \('m'\): 'limit' must be an integer >= 1, or null for all items, got '3'"),
     (GOOD.replace("shots: 5", "limit: 1.5"), r"'limit' must be an integer >= 1, or null for all items, got 1\.5"),
@@ -91,6 +93,24 @@ def test_shipped_suites_load():
 def test_suite_validation(tmp_path, text, match):
     with pytest.raises(InputError, match=match):
         load_suite(str(suite_file(tmp_path, text)))
+
+
+def test_generation_seed_draws_other_samples(tmp_path, tiny_hf):
+    """The suite's `seed` seeds lm-eval and the caption exemplars; maj@k samples come from
+    generation.seed (default 0), which a suite could not set: every maj@k rerun drew the same k."""
+    from benchmarks.backends import load_backend
+    from benchmarks.runner.run import run_suite
+
+    backend = load_backend("chameleon", str(tiny_hf), batch_size=4, device="cpu", dtype="float32")
+    outputs = {}
+    for name, extra in (("a", ""), ("b", "seed: 99\n"), ("c", "")):
+        seed = ", seed: 5" if name == "c" else ""
+        suite = load_suite(str(suite_file(tmp_path, f"name: t\n{extra}benchmarks:\n  - {{name: g, benchmark: gsm8k, "
+                                                    f"k: 2, limit: 1, generation: {{max_gen_toks: 6, do_sample: true, "
+                                                    f"temperature: 1.0{seed}}}}}\n")))
+        run_suite(suite, backend, tmp_path / name, progress=False)
+        outputs[name] = json.loads((tmp_path / name / "samples/g.jsonl").read_text().splitlines()[0])["output"]
+    assert outputs["a"] == outputs["b"] != outputs["c"]
 
 
 def test_unknown_suite_name(tmp_path):

@@ -10,7 +10,9 @@
         shots: 8
         k: 1                    # samples per item: maj@k (k > 1 needs sampling settings)
         limit: 20               # first N items (mmlu, math: per subject); null = all
-        generation: {max_gen_toks: 256, temperature: 0.0}
+        generation: {max_gen_toks: 256, temperature: 0.0}   # also top_p, top_k, do_sample, until,
+                                # seed: of the k sampled solutions (default 0; the suite's `seed`
+                                # seeds lm-eval and the caption exemplars, not the samples)
       - name: coco
         benchmark: coco         # captioning (coco | flickr30k)
         shots: 2
@@ -52,7 +54,8 @@ BENCH_KEYS = {"name": str, "benchmark": str, "shots": int, "k": int, "limit": (i
               **CAPTIONING_KEYS}
 SUBSETS = ("all", "with_images")  # captioning: every reference item, or those whose image is present
 GEN_KEYS = {"max_gen_toks": int, "temperature": (int, float), "top_p": (int, float), "top_k": int,
-            "do_sample": bool, "until": list}
+            "do_sample": bool, "until": list,
+            "seed": int}  # sampling: each sample's stream comes from (this, its index, the prompt); default 0
 # Allowed values of the keys above, checked after their types: (test, what is expected). The
 # wording serves both a wrong type and a value out of range.
 RANGES = {
