@@ -7,7 +7,7 @@
     benchmarks:
       - name: gsm8k_maj1        # key in results.json (unique)
         benchmark: gsm8k        # a text benchmark of benchmarks.text, or coco / flickr30k
-        shots: 8
+        shots: 8                # default 0: zero-shot, not the task's own count
         k: 1                    # samples per item: maj@k (k > 1 needs sampling settings)
         limit: 20               # first N items (mmlu, math: per subject); null = all
         generation: {max_gen_toks: 256, temperature: 0.0}   # also top_p, top_k, do_sample, until,
