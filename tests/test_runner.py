@@ -102,6 +102,9 @@ def test_console_output_one_bar_and_summary_per_benchmark(baseline):
     mmlu = summary_lines(stderr, "mmlu")[0]
     assert "acc,none" in mmlu and "n=57, 0 failed" in mmlu and "228 requests computed" in mmlu
     assert "benchmark  metric" not in stderr  # the table is on stdout, the bars are not
+    # after its requests, captioning's bar says how scoring goes (SPICE takes minutes on a full test split)
+    coco_bars = [line for line in lines if line.startswith("coco ") and "3/3" in line]
+    assert any("computing CIDEr" in line for line in coco_bars) and "scored 3 images in" in coco_bars[-1], coco_bars
     assert not [line for line in lines if not re.match(r"(gsm8k|gsm8k_maj|mmlu|coco)\s", line)], lines
 
 

@@ -101,7 +101,8 @@ def run_captioning(spec: BenchmarkSpec, lm, *, images_dir: Path | None, limit: i
     metrics, skipped = {}, {}
     if preds:
         refs = {r["item_id"]: r["target"] for r in present}
-        scores = score_captions(refs, preds, metrics=spec.metrics)
+        progress = getattr(lm, "progress", None)
+        scores = score_captions(refs, preds, metrics=spec.metrics, progress=progress.status if progress else None)
         skipped = scores.skipped
         for rec in present:
             rec["score"] = scores.per_item[rec["item_id"]]

@@ -80,6 +80,12 @@ class BenchmarkProgress:
         if cached or not first:
             self.bar.refresh()
 
+    def status(self, message: str) -> None:
+        """What the benchmark does after its requests (scoring captions: SPICE takes minutes on the
+        full Karpathy test), shown after the bar."""
+        if self.bar is not None and not self._args["disable"]:
+            self.bar.set_postfix_str(message)
+
     @contextmanager
     def chunk(self, size: int):
         """A hook for the backend to report requests as they finish, clipped to the chunk's `size`;
