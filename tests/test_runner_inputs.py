@@ -219,6 +219,7 @@ def test_run_dir_belongs_to_one_suite_and_settings(tmp_path):
     suite_a.write_text(one)
     proc = run_cli(REPO, "run", suite_a, "--model", responses, "--out", out, "--batch-size", "3")
     assert proc.returncode == 0, proc.stderr  # batch size does not change results: resumed
+    assert "warning: --batch-size has no effect with backend responses" in proc.stderr  # (no model runs)
     assert json.loads((out / "results.json").read_text())["complete"]
 
 
