@@ -90,8 +90,11 @@ def _load_pth(file: Path) -> object:
         raise InputError(f"{file}: empty file (0 bytes): corrupt or incompletely copied PyTorch checkpoint")
     # torch.save writes a zip archive (since torch 1.6), read here memory-mapped; its legacy format
     # (_use_new_zipfile_serialization=False), a bare pickle stream, cannot be mapped and is read whole.
-    with open(file, "rb") as f:
-        head = f.read(4)
+    try:
+        with open(file, "rb") as f:
+            head = f.read(4)
+    except OSError as err:  # (permission denied, an I/O error): named, as the failures of torch.load below are
+        raise InputError(f"{file}: cannot read the checkpoint file ({err.strerror or err})") from None
     try:
         return torch.load(str(file), map_location="cpu", weights_only=True, mmap=head.startswith(b"PK\x03\x04"))
     except MemoryError:

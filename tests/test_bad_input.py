@@ -103,6 +103,19 @@ def test_pth_files_legacy_format_loads_and_garbage_is_named(tiny_meta, tmp_path)
         expect_error(meta, shards[0].name, message)
 
 
+def test_unreadable_pth_file_is_named_not_a_traceback(tiny_meta, tmp_path, monkeypatch):
+    """A .pth file the user may not read is an InputError naming it (as it was while torch.load
+    opened the file first), not a PermissionError traceback from the format check before it."""
+    meta = shutil.copytree(tiny_meta, tmp_path / "meta")
+    shard = sorted(meta.glob("consolidated*.pth"))[0]
+
+    def denied(file, *args, **kwargs):  # (chmod would not stop root, who runs CI containers)
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(importlib.import_module("chameleon.checkpoint"), "open", denied, raising=False)
+    expect_error(meta, shard.name, "cannot read the checkpoint file (Permission denied)")
+
+
 def test_tokenizer_without_image_tokens(tmp_path):
     tok = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "hello": 2}, unk_token="<s>"))
     tok.save(str(tmp_path / "t.json"))
