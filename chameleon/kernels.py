@@ -341,6 +341,7 @@ def _record(path: str, gpu: str, name: str, config: tuple) -> None:
         temporary.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
         os.replace(temporary, path)
     except OSError as err:
+        temporary.unlink(missing_ok=True)  # (a disk filled while writing it: no partial copy left beside the file)
         raise InputError(f"{CONFIGS_ENV}={path}: cannot write it ({err.strerror})") from None
 
 

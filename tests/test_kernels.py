@@ -5,6 +5,7 @@ tests/test_cuda.py runs them compiled on a GPU."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib.util
 import json
 import os
@@ -400,3 +401,23 @@ def test_a_bad_kernel_choices_file_is_named_and_left_as_it_was(monkeypatch, tmp_
     with pytest.raises(kernels.InputError, match=f"CHAMELEON_KERNEL_CONFIGS=.*{expected}"):
         kernels._tuned(GEMV_KEY, timed.append, kernels.GEMV_CONFIGS, size=1 << 20)
     assert content in ("DIRECTORY", "NO PARENT") or path.read_text() == content
+
+
+@on_cpu
+def test_a_failed_write_of_the_kernel_choices_file_leaves_no_temporary_file(monkeypatch, tmp_path):
+    """A write that fails part-way (a full disk) is an InputError naming the file, which keeps its
+    content, and leaves no partial temporary copy beside it."""
+    timed = _stand_in_tuner(monkeypatch, tmp_path, [kernels.CUBLAS])
+    path = tmp_path / "choices.json"
+    path.write_text("{}")
+    real_write = Path.write_text
+
+    def disk_full(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(kernels.InputError, match=r"choices.json: cannot write it \(No space left on device\)"):
+        kernels._tuned(GEMV_KEY, timed.append, kernels.GEMV_CONFIGS, size=1 << 20)
+    monkeypatch.undo()
+    assert path.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["choices.json"]
