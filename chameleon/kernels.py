@@ -284,7 +284,7 @@ def _tuned(key: tuple, launch, candidates: list[tuple], size: int) -> tuple:
         if config is None:
             config = _fastest(launch, candidates)
             if path:
-                _record(path, gpu, name, config)
+                config = _record(path, gpu, name, config, candidates)
         _chosen[key] = config
     return config
 
@@ -331,10 +331,15 @@ def _recorded(path: str, gpu: str, name: str, candidates: list[tuple]) -> tuple 
     return config
 
 
-def _record(path: str, gpu: str, name: str, config: tuple) -> None:
+def _record(path: str, gpu: str, name: str, config: tuple, candidates: list[tuple]) -> tuple:
     """Adds a choice to the file, read again first (other processes may have added theirs) and
-    replaced whole, so that a reader never sees half of it."""
+    replaced whole, so that a reader never sees half of it; returns the choice the file holds. One
+    that another process recorded while this one timed (torchrun's processes start together) is
+    kept, so that they run the same kernels."""
     table = _read_records(path)
+    earlier = table.get(gpu, {}).get(name)
+    if isinstance(earlier, list) and tuple(earlier) in candidates:
+        return tuple(earlier)
     table.setdefault(gpu, {})[name] = list(config)
     temporary = Path(f"{path}.{os.getpid()}.tmp")
     try:
@@ -343,6 +348,7 @@ def _record(path: str, gpu: str, name: str, config: tuple) -> None:
     except OSError as err:
         temporary.unlink(missing_ok=True)  # (a disk filled while writing it: no partial copy left beside the file)
         raise InputError(f"{CONFIGS_ENV}={path}: cannot write it ({err.strerror})") from None
+    return config
 
 
 def chosen_configs() -> dict[str, tuple]:

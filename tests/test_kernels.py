@@ -347,7 +347,7 @@ def test_tuner_records_its_choices_and_takes_recorded_ones_untimed(monkeypatch, 
     """With CHAMELEON_KERNEL_CONFIGS=FILE a choice is written there under the device's name, and a
     later process (here: the in-memory choices dropped) takes it without timing, even where its
     own timing would differ; entries for other GPUs are kept; a config the candidates no longer
-    hold is timed again and replaced."""
+    hold is timed again and replaced; one recorded by another process during the timing wins."""
     fastest = [(8, 512, 4)]
     timed = _stand_in_tuner(monkeypatch, tmp_path, fastest)
     launch = timed.append
@@ -377,6 +377,18 @@ def test_tuner_records_its_choices_and_takes_recorded_ones_untimed(monkeypatch, 
         assert kernels._tuned(GEMV_KEY, launch, kernels.GEMV_CONFIGS, size=1 << 20) == kernels.CUBLAS
     assert json.loads(path.read_text()) == {"cpu": {gemv_name: ["cublas"]}}
     assert not list(tmp_path.glob("*.tmp"))
+
+    # Another process (torchrun's start together) records its choice while this one times: both keep that one.
+    monkeypatch.setattr(kernels, "_chosen", {})
+    path.write_text("{}")
+    fastest[0] = (8, 512, 4)
+
+    def meanwhile(config):
+        timed.append(config)
+        path.write_text(json.dumps({"cpu": {gemv_name: [4, 512, 4]}}))
+
+    assert kernels._tuned(GEMV_KEY, meanwhile, kernels.GEMV_CONFIGS, size=1 << 20) == (4, 512, 4)
+    assert json.loads(path.read_text()) == {"cpu": {gemv_name: [4, 512, 4]}}
 
 
 @on_cpu
