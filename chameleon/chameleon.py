@@ -185,7 +185,12 @@ class Chameleon(nn.Module):
         return Checkpoint(self.config, weights, self.vqgan.cfg, vq, self.tokenizer_file, "memory", Path("."))
 
     def save(self, out: str | Path, format: str = "hf", shards: int | None = None, max_shard_bytes: int | None = None) -> None:
-        save_checkpoint(self.to_checkpoint(), Path(out), format, self.tokenizer, shards, max_shard_bytes)
+        """Write a checkpoint directory (`format` "hf" or "meta") into `out`, which must be new or
+        empty: files of another checkpoint there would be overwritten or, left beside ours, mixed in."""
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise InputError(f"{out}: exists and is {'not empty' if out.is_dir() else 'not a directory'}; save into a new directory")
+        save_checkpoint(self.to_checkpoint(), out, format, self.tokenizer, shards, max_shard_bytes)
 
 
 def save_checkpoint(ckpt: Checkpoint, out: Path, format: str, tokenizer: ChameleonTokenizer, shards: int | None = None, max_shard_bytes: int | None = None) -> None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import chameleon
+from chameleon.errors import InputError
 from chameleon.generate import GenerationOptions, generate
 from chameleon.model import apply_rope, inference_norm_weight, linear, rms_norm, rms_norm_inference
 
@@ -54,6 +55,14 @@ def test_optimized_model_saves_and_reloads(pair, tmp_path, fmt):
     x = tokens(optimized)
     with torch.no_grad():
         assert torch.equal(again(x), optimized(x))
+    # Another save into the now non-empty directory (or onto a file) is refused, nothing touched.
+    before = {f: f.read_bytes() for f in (tmp_path / fmt).rglob("*") if f.is_file()}
+    with pytest.raises(InputError, match=f"{fmt}: exists and is not empty; save into a new directory"):
+        optimized.save(tmp_path / fmt, format=fmt)
+    assert {f: f.read_bytes() for f in (tmp_path / fmt).rglob("*") if f.is_file()} == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="file: exists and is not a directory"):
+        optimized.save(tmp_path / "file", format=fmt)
 
 
 def test_weight_updates_reach_the_fused_tensors(pair, tiny_hf):
