@@ -275,11 +275,16 @@ def _fresh_output_dir(out: Path) -> Path | None:
     return make_out_dir(out)
 
 
+def topmost_missing(path: Path) -> Path | None:
+    """The topmost of `path` and its parents that does not exist: what creating it would make."""
+    return next((p for p in reversed([path.absolute(), *path.absolute().parents]) if not p.exists()), None)
+
+
 def make_out_dir(out: Path) -> Path | None:
     """Create --out and its parents; returns the topmost directory this made (None: --out existed)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
-    made = next((p for p in reversed([out.absolute(), *out.absolute().parents]) if not p.exists()), None)
+    made = topmost_missing(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -337,8 +342,7 @@ def cmd_convert(args) -> int:
     if dtype:
         ckpt.weights = {k: v.to(dtype) for k, v in ckpt.weights.items()}
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
-    # the topmost directory the conversion will create (dst, or a missing parent of it)
-    made = next((p for p in reversed([dst.absolute(), *dst.absolute().parents]) if not p.exists()), None)
+    made = topmost_missing(dst)  # (dst, or a missing parent of it: removed if the conversion fails)
     try:
         with announced("writing", dst, size=sum(t.nbytes for t in (*ckpt.weights.values(), *ckpt.vq_weights.values()))):
             save_checkpoint(ckpt, dst, args.to, tokenizer, args.shards, max_shard)

@@ -320,14 +320,17 @@ def _read_records(path: str) -> dict:
     return table
 
 
+def _as_config(entry, candidates: list[tuple]) -> tuple | None:
+    """A file's entry (a JSON list) as the candidate it names, or None."""
+    config = tuple(entry) if isinstance(entry, list) else None
+    return config if config in candidates else None
+
+
 def _recorded(path: str, gpu: str, name: str, candidates: list[tuple]) -> tuple | None:
     entry = _read_records(path).get(gpu, {}).get(name)
-    if entry is None:
-        return None
-    config = tuple(entry) if isinstance(entry, list) else None
-    if config not in candidates:  # (a file from another version of this module: timed anew, and replaced)
+    config = _as_config(entry, candidates)
+    if entry is not None and config is None:  # (a file from another version of this module: timed anew, and replaced)
         warnings.warn(f"{CONFIGS_ENV}={path}: {gpu!r} / {name!r}: {entry!r} is not among this version's candidates; timing them again")
-        return None
     return config
 
 
@@ -337,9 +340,9 @@ def _record(path: str, gpu: str, name: str, config: tuple, candidates: list[tupl
     that another process recorded while this one timed (torchrun's processes start together) is
     kept, so that they run the same kernels."""
     table = _read_records(path)
-    earlier = table.get(gpu, {}).get(name)
-    if isinstance(earlier, list) and tuple(earlier) in candidates:
-        return tuple(earlier)
+    earlier = _as_config(table.get(gpu, {}).get(name), candidates)
+    if earlier is not None:
+        return earlier
     table.setdefault(gpu, {})[name] = list(config)
     temporary = Path(f"{path}.{os.getpid()}.tmp")
     try:

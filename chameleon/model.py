@@ -498,8 +498,7 @@ class Transformer(nn.Module):
         # the greedy graphs captured around them (generate._GreedyGraphs) hold the decoders; graphs
         # keyed to the old weights would be captured anew anyway.
         self.__dict__.pop("_fused_decoders", None)
-        if getattr(self, "_greedy_graphs", None):
-            self._greedy_graphs = None
+        self._greedy_graphs = None
         return super()._apply(fn, recurse)
 
     def rope_freqs(self, device: torch.device) -> torch.Tensor:

@@ -433,3 +433,33 @@ def test_a_failed_write_of_the_kernel_choices_file_leaves_no_temporary_file(monk
         kernels._tuned(GEMV_KEY, timed.append, kernels.GEMV_CONFIGS, size=1 << 20)
     monkeypatch.undo()
     assert path.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["choices.json"]
+
+
+@on_cpu
+def test_decode_benchmark_warm_up_captures_every_graph_the_timed_runs_replay(monkeypatch):
+    """benchmarks/perf/decode.py: with graphs of N steps and fewer than 2N + 1 new tokens (the
+    profile stage: 32 tokens, N = 16), one warm-up run spends its only N-step call on uncaptured
+    warm-up steps, so the first timed run captured the N-step graph: the warm-up runs twice."""
+    perf = str(Path(__file__).resolve().parents[1] / "benchmarks" / "perf")
+    sys.path.insert(0, perf)
+    try:
+        import decode
+    finally:
+        sys.path.remove(perf)
+    model = _model()
+    events = []
+    emulate_cuda_graphs(monkeypatch, model.transformer, events)
+    prompts = decode.random_prompts(model.tokenizer, 1, 8, seed=0).tolist()
+    competitor = decode.ours_competitor(model, prompts, True, graph_steps=4, kernels="triton")
+    timed = []
+    real_run = competitor.run
+
+    def run(n):  # the timed runs are the calls after the first yield's
+        timed.append(events.count("capture"))
+        return real_run(n)
+
+    competitor.run = run
+    for _ in decode.time_side_by_side([competitor], 1, 8, 8, torch.device("cpu"), repeats=1):
+        pass
+    assert events.count("capture") == 2  # graphs of 4 steps and of 1
+    assert timed[-2] == timed[-1] == 2  # both captured before the timed runs (of 1, then 8 new tokens)

@@ -134,15 +134,15 @@ def _from_flickr_rows(path: Path, rows: list, split: str) -> list[CaptionItem]:
     if any(with_split) and not all(with_split):
         raise InputError(f"{path}: row {with_split.index(False)}: missing field 'split' (other rows have one; "
                          "expected it in every row or in none)")
-    wanted, items = _split_wanted(split), []
+    has_split, wanted, items = any(with_split), _split_wanted(split), []
     for i, row in enumerate(rows):
-        if with_split[0] and _field(path, f"row {i}", row, "split", str) not in wanted:
+        if has_split and _field(path, f"row {i}", row, "split", str) not in wanted:
             continue
         name = _field(path, f"row {i}", row, "image_name", str)
         stem = Path(name).stem
         image_id = int(stem) if stem.isdigit() else stem  # results files use the numeric Flickr id
         items.append(CaptionItem(image_id, name, list(_captions(path, f"row {i}", "captions", row.get("captions"))),
-                                 split if with_split[0] else None))
+                                 split if has_split else None))
     if not items:
         raise InputError(f"{path}: no rows with split {split!r} (splits there: {sorted({row['split'] for row in rows})})")
     return items

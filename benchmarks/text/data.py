@@ -64,15 +64,15 @@ def resolve_data_files(data_files: dict[str, str], data_dir: str | Path | None =
     return resolved
 
 
-def check_task_data(tasks: set[str] | dict[str, int], data_dir: str | Path | None = None) -> None:
+def check_task_data(tasks: dict[str, int], data_dir: str | Path | None = None) -> None:
     """Load every file the lm-eval tasks `tasks` (groups and tags expanded) read, through their
     loaders: a bad file fails here, before a model is loaded or a run directory claimed. `tasks`
-    may map each task to its number of shots: a task drawing them from a few-shot split of its
-    data (MMLU's dev files) must have that many rows there (lm-eval fails with an AssertionError)."""
+    maps each task to its number of shots: a task drawing them from a few-shot split of its data
+    (MMLU's dev files) must have that many rows there (lm-eval fails with an AssertionError)."""
     from benchmarks.text.run import text_task_manager
 
     index = text_task_manager(data_dir).task_index
-    todo = list(tasks.items() if isinstance(tasks, dict) else dict.fromkeys(tasks, 0).items())
+    todo = list(tasks.items())
     seen: dict[str, int] = {}
     while todo:
         name, shots = todo.pop()
