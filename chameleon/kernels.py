@@ -26,6 +26,7 @@ step, but it lets tests check them on any machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -339,19 +340,42 @@ def _record(path: str, gpu: str, name: str, config: tuple, candidates: list[tupl
     replaced whole, so that a reader never sees half of it; returns the choice the file holds. One
     that another process recorded while this one timed (torchrun's processes start together) is
     kept, so that they run the same kernels."""
-    table = _read_records(path)
-    earlier = _as_config(table.get(gpu, {}).get(name), candidates)
-    if earlier is not None:
-        return earlier
-    table.setdefault(gpu, {})[name] = list(config)
-    temporary = Path(f"{path}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-        os.replace(temporary, path)
-    except OSError as err:
-        temporary.unlink(missing_ok=True)  # (a disk filled while writing it: no partial copy left beside the file)
-        raise InputError(f"{CONFIGS_ENV}={path}: cannot write it ({err.strerror})") from None
+    with _directory_locked(path):
+        table = _read_records(path)
+        earlier = _as_config(table.get(gpu, {}).get(name), candidates)
+        if earlier is not None:
+            return earlier
+        table.setdefault(gpu, {})[name] = list(config)
+        temporary = Path(f"{path}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+            os.replace(temporary, path)
+        except OSError as err:
+            temporary.unlink(missing_ok=True)  # (a disk filled while writing it: no partial copy left beside the file)
+            raise InputError(f"{CONFIGS_ENV}={path}: cannot write it ({err.strerror})") from None
     return config
+
+
+@contextlib.contextmanager
+def _directory_locked(path: str):
+    """An exclusive lock on the file's directory while one process reads, merges and replaces the
+    file, so that two processes adding choices at once keep both. The directory, not the file, is
+    locked: the file is replaced by another inode at each write, and a lock file would be left
+    behind. Without fcntl (Windows) there is no lock; a choice lost there is timed again later."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        descriptor = os.open(Path(path).parent, os.O_RDONLY)
+    except OSError as err:
+        raise InputError(f"{CONFIGS_ENV}={path}: cannot write it ({err.strerror})") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # (released when closed)
+        yield
+    finally:
+        os.close(descriptor)
 
 
 def chosen_configs() -> dict[str, tuple]:

@@ -391,6 +391,28 @@ def test_tuner_records_its_choices_and_takes_recorded_ones_untimed(monkeypatch, 
     assert json.loads(path.read_text()) == {"cpu": {gemv_name: [4, 512, 4]}}
 
 
+def test_processes_recording_kernel_choices_at_once_keep_every_choice(tmp_path):
+    """Processes that add choices to one CHAMELEON_KERNEL_CONFIGS file at the same moment (torchrun's
+    start together, each timing its own kernels) keep all of them: each reads, merges and replaces
+    the file under a lock, so none replaces it with a copy read before another's write."""
+    path, processes, choices = tmp_path / "choices.json", 4, 40
+    script = (
+        "import sys, time\n"
+        "from chameleon import kernels\n"
+        "rank, path, n, start = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])\n"
+        "time.sleep(max(0.0, start - time.time()))\n"
+        "for i in range(n):\n"
+        "    kernels._record(path, 'cpu', f'gemv {rank} {i}', kernels.CUBLAS, kernels.GEMV_CONFIGS)\n"
+    )
+    start = __import__("time").time() + 3  # (after every interpreter has imported torch)
+    running = [subprocess.Popen([sys.executable, "-c", script, str(rank), str(path), str(choices), str(start)])
+               for rank in range(processes)]
+    assert [p.wait(timeout=120) for p in running] == [0] * processes
+    recorded = json.loads(path.read_text())["cpu"]
+    assert sorted(recorded) == sorted(f"gemv {rank} {i}" for rank in range(processes) for i in range(choices))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["choices.json"]  # (no lock or temporary file left)
+
+
 @on_cpu
 @pytest.mark.parametrize("content, expected", [
     ("{not json", r"choices.json: not JSON \(.*\); expected the file chameleon's kernels write there"),
