@@ -91,9 +91,9 @@ def run_command(args) -> int:
     dist = init_dist()
     kind = args.backend or suite.backend
     if kind == "responses":  # (no model runs: nothing reads them)
-        ignored = [flag for flag, value, default in (("--device", args.device, "cpu"), ("--dtype", args.dtype, "float32"),
+        ignored = [flag for flag, value, default in (("--device", args.device, "cpu"), ("--dtype", dtype, "float32"),
                                                      ("--batch-size", args.batch_size, None)) if value != default]
-        if ignored:
+        if ignored and dist.is_main:
             print(f"warning: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with backend responses",
                   file=sys.stderr)
     kwargs = {} if kind == "responses" else {"batch_size": args.batch_size or suite.batch_size,
