@@ -35,6 +35,19 @@ def expect_error(path, *fragments):
         assert fragment in str(err.value), str(err.value)
 
 
+def hf_logits(hf, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' Chameleon logits over the whole vocabulary. Its forward sets the image codes'
+    logits to the dtype's minimum (it generates text only), which would leave ours for them
+    unchecked: they are its own lm_head on its own hidden states, checked to be what its forward
+    gives on every other token."""
+    with torch.no_grad():
+        full = hf.lm_head(hf.model(input_ids=ids).last_hidden_state)
+        masked = hf(input_ids=ids).logits
+    image = masked[0, 0] == torch.finfo(masked.dtype).min
+    assert 0 < int(image.sum()) < masked.shape[-1] and torch.equal(full[..., ~image], masked[..., ~image])
+    return full
+
+
 def cut_at_stop_strings(decode, rows: list[list[int]], stops: tuple[str, ...]) -> list[list[int]]:
     """Each row cut after its first token whose last 64 tokens decode to a text holding one of
     `stops`: the stop-string rule, written out independently of chameleon.generate."""

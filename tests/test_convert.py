@@ -16,6 +16,7 @@ import chameleon
 from benchmarks.cli import main
 from chameleon.config import ModelArgs
 from chameleon.convert import from_meta_shards, halves_to_interleaved, interleaved_to_halves
+from conftest import hf_logits
 
 TEXT = "Weng earns $12 an hour for babysitting."
 
@@ -73,9 +74,8 @@ def test_meta_to_hf_loads_in_transformers_with_same_logits(tiny_meta, tmp_path):
     hf = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids = torch.tensor([ours.encode_prompt(TEXT)])
     with torch.no_grad():
-        expected, got = hf(input_ids=ids).logits, ours(ids)
-    text = ~torch.isin(torch.arange(got.shape[-1]), ours.tokenizer.code_to_id)
-    torch.testing.assert_close(got[..., text], expected[..., text], atol=1e-5, rtol=0)
+        got = ours(ids)
+    torch.testing.assert_close(got, hf_logits(hf, ids), atol=1e-5, rtol=0)  # the image codes' too
 
 
 def test_meta_to_hf_writes_the_processor_with_our_image_codes(tiny_meta, tmp_path):
@@ -278,8 +278,7 @@ def test_meta_shards_follow_metas_model_parallel_layout(tmp_path):
     hf = ChameleonForConditionalGeneration.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(torch.tensor([ids]))[0], expected, atol=1e-5, rtol=0)
-        text = ~torch.isin(torch.arange(expected.shape[-1]), ours.tokenizer.code_to_id)  # HF masks image logits
-        torch.testing.assert_close(hf(input_ids=torch.tensor([ids])).logits[0][:, text], expected[:, text], atol=1e-5, rtol=0)
+    torch.testing.assert_close(hf_logits(hf, torch.tensor([ids]))[0], expected, atol=1e-5, rtol=0)
 
 
 def test_large_checkpoints_are_announced_while_they_load_and_save(tiny_hf, tmp_path, monkeypatch, capsys):

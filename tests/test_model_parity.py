@@ -13,7 +13,7 @@ import chameleon
 from chameleon.config import preset
 from chameleon.tiny import TINY_VQ, build_tokenizer
 from chameleon.vqgan import open_image, preprocess
-from tests.conftest import PHOTO
+from tests.conftest import PHOTO, hf_logits
 
 TEXT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
 
@@ -53,13 +53,12 @@ def hf_pair(request, tmp_path_factory):
 
 
 def test_logits_match_transformers(hf_pair):
+    """Every logit, the image codes' included (image generation samples from them)."""
     hf, ours = hf_pair
     ids = torch.tensor([ours.encode_prompt(TEXT)])
     with torch.no_grad():
-        expected = hf(input_ids=ids).logits
         got = ours(ids)
-    text = ~torch.isin(torch.arange(got.shape[-1]), ours.tokenizer.code_to_id)  # HF masks image logits
-    torch.testing.assert_close(got[..., text], expected[..., text], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, hf_logits(hf, ids), atol=1e-5, rtol=0)
 
 
 class _MaskLike(LogitsProcessor):
