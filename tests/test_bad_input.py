@@ -287,10 +287,11 @@ def test_convert_refuses_bad_destinations_and_flags(tiny_hf, tmp_path, capsys, m
 
 
 def test_prompt_longer_than_context(tiny_model):
-    too_long = [tiny_model.tokenizer.bos_id] * (tiny_model.config.max_seq_len - 3)
-    with pytest.raises(InputError, match="context"):
+    n = tiny_model.config.max_seq_len
+    too_long = [tiny_model.tokenizer.bos_id] * (n - 3)
+    with pytest.raises(InputError, match=f"^prompt of {n - 3} tokens plus 8 new tokens exceeds the model's context of {n} tokens$"):
         generate(tiny_model, [too_long], GenerationOptions(max_new_tokens=8))
-    with pytest.raises(InputError, match="context"):
+    with pytest.raises(InputError, match=rf"^sequence of {n + 7} tokens is longer than the model's context \({n}\)$"):
         tiny_model(torch.tensor([too_long + [0] * 10]))
 
 
@@ -306,7 +307,7 @@ def test_generate_checks_its_prompts_are_token_ids(tiny_model):
             generate(tiny_model, prompts, GenerationOptions(max_new_tokens=2))
 
 
-def test_cli_exits_2_without_traceback(tiny_hf, tmp_path):
+def test_cli_exits_2_without_traceback(tiny_hf, tmp_path, capsys):
     cases = [
         ["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi", "--out", str(tmp_path / "o")],
         ["generate", "--model", str(tiny_hf), "--prompt", "hi", "--image", str(tmp_path / "none.png"), "--out", str(tmp_path / "o")],
@@ -317,6 +318,8 @@ def test_cli_exits_2_without_traceback(tiny_hf, tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert main(["generate", "--model", str(tiny_hf), "--prompt", "a <image> b", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "error: --prompt has 1 '<image>' placeholder(s) but 0 image(s)\n"
+    assert not (tmp_path / "o").exists()
 
 
 def test_generate_errors_name_the_flags(tiny_hf, tmp_path, capsys):
@@ -346,9 +349,19 @@ def test_dtype_names_are_one_set_everywhere(tiny_hf, tmp_path, monkeypatch):
     assert {name: str(parse_dtype(name)) for name in DTYPES} == {
         "float32": "torch.float32", "fp32": "torch.float32", "bfloat16": "torch.bfloat16", "bf16": "torch.bfloat16",
         "float16": "torch.float16", "fp16": "torch.float16"}
-    monkeypatch.setattr(importlib.import_module("chameleon.generate"), "generate", lambda model, prompts, opts: [[]])
-    argv = ["generate", "--model", str(tiny_hf), "--prompt", "hi", "--dtype", "float16", "--out", str(tmp_path / "gen")]
+    import chameleon
+
+    loaded, load = [], chameleon.load
+
+    def noting_dtype(*args, **kwargs):  # the real load (and generation): the model's dtype is noted
+        model = load(*args, **kwargs)
+        loaded.append(next(model.transformer.parameters()).dtype)
+        return model
+
+    monkeypatch.setattr(chameleon, "load", noting_dtype)
+    argv = ["generate", "--model", str(tiny_hf), "--prompt", "hi", "--dtype", "float16", "--max-new-tokens", "2", "--out", str(tmp_path / "gen")]
     assert main(argv) == 0
+    assert loaded == [torch.float16] and json.loads((tmp_path / "gen" / "generation.json").read_text())["new_tokens"] == 2
     assert main(["convert", str(tiny_hf), str(tmp_path / "fp16"), "--to", "hf", "--dtype", "float16"]) == 0
     assert load_file(tmp_path / "fp16" / "model.safetensors")["lm_head.weight"].dtype == torch.float16
 
@@ -376,3 +389,63 @@ def test_demo_refuses_a_bad_out(tmp_path, capsys):
     assert "error: --out" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
     assert main(["demo", "--out", str(tmp_path / "file" / "sub"), "--skip-suite"]) == 2
     assert "cannot create it" in capsys.readouterr().err
+
+
+def _extra_index(ckpt):
+    names = load_file(ckpt / "model.safetensors")
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "model.safetensors" for k in names}}))
+
+
+def _wider_ffn(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] + 32}))
+
+
+def _truncate(file):
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+CLI_CHECKPOINT_CASES = {  # name: (format, how the copy is damaged, what the error must say)
+    "missing weights": ("hf", lambda c: (c / "model.safetensors").unlink(), "no weights: expected model.safetensors"),
+    "extra index file": ("hf", _extra_index, "both model.safetensors and model.safetensors.index.json"),
+    "config/weights shape": ("hf", _wider_ffn, "weight layers.0.feed_forward.w2.weight has shape (64, 192), the config implies (64, 224)"),
+    "unknown key": ("hf", lambda c: save_file({**load_file(c / "model.safetensors"), "model.layers.0.extra.weight": torch.zeros(1)},
+                                              c / "model.safetensors"), "unexpected weight 'model.layers.0.extra.weight'"),
+    "corrupt safetensors": ("hf", lambda c: _truncate(c / "model.safetensors"), "model.safetensors: corrupt or unreadable safetensors file"),
+    "tokenizer without image tokens": ("hf", lambda c: Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "hi": 2}, unk_token="<s>")).save(
+        str(c / "tokenizer.json")), "tokenizer.json: the tokenizer has no image tokens"),
+    "corrupt .pth": ("meta", lambda c: _truncate(c / "consolidated.00.pth"), "consolidated.00.pth: corrupt or unreadable PyTorch checkpoint"),
+    "missing vqgan.ckpt": ("meta", lambda c: (c / "tokenizer" / "vqgan.ckpt").unlink(), "expected vqgan.yaml and vqgan.ckpt"),
+}
+
+
+@pytest.mark.parametrize("case", CLI_CHECKPOINT_CASES)
+def test_cli_bad_checkpoint_exits_2_naming_it(case, tiny_hf, tiny_meta, tmp_path, capsys):
+    """Each kind of bad checkpoint, given to generate and to convert: exit 2 with one error line
+    naming the file and what was expected (any other exception would escape main: a traceback),
+    and no --out or destination left behind."""
+    fmt, damage, message = CLI_CHECKPOINT_CASES[case]
+    ckpt = shutil.copytree(tiny_hf if fmt == "hf" else tiny_meta, tmp_path / "ckpt")
+    damage(ckpt)
+    for argv in (["generate", "--model", str(ckpt), "--prompt", "hi", "--max-new-tokens", "2", "--out", str(tmp_path / "out")],
+                 ["convert", str(ckpt), str(tmp_path / "converted"), "--to", "hf" if fmt == "meta" else "meta"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {ckpt}") and message in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "converted").exists()
+
+
+def test_cli_bad_images_and_over_long_prompt_exit_2(tiny_hf, tmp_path, capsys):
+    """generate with a truncated image, a non-RGB (16-bit) one, or a prompt longer than the context:
+    exit 2 naming the file (or the lengths), no traceback, no --out left behind."""
+    (tmp_path / "cut.png").write_bytes(PHOTO.read_bytes()[: PHOTO.stat().st_size // 3])
+    Image.new("I;16", (32, 32)).save(tmp_path / "gray16.png")
+    base = ["generate", "--model", str(tiny_hf), "--out", str(tmp_path / "out")]
+    for flags, message in [
+        (["--prompt", "hi", "--image", str(tmp_path / "cut.png")], re.escape(f"error: {tmp_path / 'cut.png'}: image is truncated or corrupt")),
+        (["--prompt", "hi", "--image", str(tmp_path / "gray16.png")], re.escape(f"error: {tmp_path / 'gray16.png'}: unsupported image mode 'I;16'")),
+        (["--prompt", "Natalia sold clips. " * 600], r"error: prompt of \d+ tokens plus 256 new tokens exceeds the model's context of 2048 tokens"),
+    ]:
+        assert main([*base, *flags]) == 2
+        assert re.match(message, capsys.readouterr().err), flags
+        assert not (tmp_path / "out").exists()
