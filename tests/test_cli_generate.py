@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -16,8 +17,27 @@ from benchmarks.cli import main
 from tests.conftest import PHOTO, REPO
 
 
+def image_spans_of(ids: list[int], tok, n: int) -> list[list[int]]:
+    """The code ids of each image in `ids`, checking that every begin-of-image is followed by
+    exactly n image codes and an end-of-image, and that no image token stands outside one."""
+    spans, i = [], 0
+    while i < len(ids):
+        if ids[i] == tok.boi_id:
+            codes = ids[i + 1 : i + 1 + n]
+            assert len(codes) == n and all(tok.is_image_token(t) for t in codes) and ids[i + 1 + n] == tok.eoi_id, i
+            spans.append(codes)
+            i += n + 2
+        else:
+            assert not tok.is_image_token(ids[i]) and ids[i] != tok.eoi_id, i
+            i += 1
+    return spans
+
+
 @pytest.mark.parametrize("mode", ["text", "image", "interleaved"])
-def test_generate_command(tiny_hf, tmp_path, mode):
+def test_generate_command(tiny_hf, tiny_model, tmp_path, mode):
+    """The files generate writes hold what it generated: each image of the output is boi + its codes +
+    eoi, and its PNG is the VQGAN's decoding of those codes; output.txt is the output's text; text
+    mode generates no image token at all; image mode exactly one image and nothing else."""
     out = tmp_path / mode
     argv = ["generate", "--model", str(tiny_hf), "--prompt", "What is in this photo? <image>", "--image", str(PHOTO),
             "--mode", mode, "--max-new-tokens", "300", "--out", str(out), "--seed", "1"]
@@ -25,12 +45,20 @@ def test_generate_command(tiny_hf, tmp_path, mode):
     record = json.loads((out / "generation.json").read_text())
     html = (out / "index.html").read_text()
     assert "prompt_image_1.png" in html and (out / "prompt_image_1.png").is_file()
-    assert (out / "output.txt").is_file()
+    tok, n, ids = tiny_model.tokenizer, tiny_model.image_seq_len, record["new_ids"]
+    assert record["mode"] == mode and record["new_tokens"] == len(ids) > 0 and record["model_fingerprint"] == tiny_model.fingerprint
+    spans = image_spans_of(ids, tok, n)
+    assert record["images"] == len(spans) == len(list(out.glob("output_image_*.png")))
+    for k, codes in enumerate(spans, 1):
+        png = np.asarray(Image.open(out / f"output_image_{k}.png"))
+        assert f"output_image_{k}.png" in html
+        assert np.array_equal(png, np.asarray(tiny_model.vqgan.decode_image(tok.ids_to_codes(codes))))
+    text = "\n".join(s for s in tiny_model.decode_output(ids) if isinstance(s, str))
+    assert (out / "output.txt").read_text(encoding="utf-8") == text
     if mode == "image":
-        assert record["images"] == 1 and "output_image_1.png" in html
-        assert Image.open(out / "output_image_1.png").size == (128, 128)
-    if mode == "text":
-        assert record["images"] == 0 and record["new_tokens"] > 0
+        assert len(spans) == 1 and len(ids) == n + 2 and Image.open(out / "output_image_1.png").size == (128, 128)
+    else:  # no image here: text mode may not open one, and interleaved mode happens not to (the demo test has one)
+        assert not spans and tok.boi_id not in ids and text.strip()
 
 
 def test_console_script_help_and_demo(tmp_path):
@@ -38,7 +66,12 @@ def test_console_script_help_and_demo(tmp_path):
     assert proc.returncode == 0 and "--cfg-text-scale" in proc.stdout
     assert main(["demo", "--out", str(tmp_path / "demo"), "--skip-suite"]) == 0
     page = (tmp_path / "demo" / "generation" / "index.html").read_text()
-    assert "output_image_1.png" in page  # text, an image, then text
+    assert "output_image_1.png" in page
+    model = chameleon.load(tmp_path / "demo" / "tiny-chameleon")
+    ids = json.loads((tmp_path / "demo" / "generation" / "generation.json").read_text())["new_ids"]
+    assert len(image_spans_of(ids, model.tokenizer, model.image_seq_len)) >= 1
+    kinds = [type(s).__name__ for s in model.decode_output(ids)]
+    assert kinds[0] == "str" and "Image" in kinds and kinds[-1] == "str"  # text, an image, then text
 
 
 def test_max_new_tokens_default_leaves_room_for_an_image_in_interleaved_mode(tiny_hf, tmp_path, monkeypatch, capsys):
