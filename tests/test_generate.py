@@ -259,9 +259,15 @@ def test_stop_ids_outside_the_vocabulary_are_refused(tiny_model):
 
 def test_cfg_mixing_formula():
     full, img, unc = torch.tensor([3.0, 1.0]), torch.tensor([2.0, 2.0]), torch.tensor([1.0, 0.0])
-    got = cfg_mix(full, img, unc, s_txt=3.0, s_img=1.2)
-    expected = unc + 1.2 * (img - unc) + 3.0 * (full - img)
-    torch.testing.assert_close(got, expected)
+    # Worked by hand from the two-scale rule (InstructPix2Pix's, which Meta's image decoder uses):
+    # token 0: 1 + 1.2 * (2 - 1) + 3 * (3 - 2) = 5.2; token 1: 0 + 1.2 * (2 - 0) + 3 * (1 - 2) = -0.6
+    torch.testing.assert_close(cfg_mix(full, img, unc, s_txt=3.0, s_img=1.2), torch.tensor([5.2, -0.6]))
+    # The scales are not interchangeable (1 + 3 * 1 + 1.2 * 1, 0 + 3 * 2 + 1.2 * -1), nor are the
+    # image-only and full rows (1 + 1.2 * 2 + 3 * -1, 0 + 1.2 * 1 + 3 * 1).
+    torch.testing.assert_close(cfg_mix(full, img, unc, s_txt=1.2, s_img=3.0), torch.tensor([5.2, 4.8]))
+    torch.testing.assert_close(cfg_mix(img, full, unc, s_txt=3.0, s_img=1.2), torch.tensor([0.4, 4.2]))
+    # Equal scales are ordinary guidance of the full row against the unconditional one.
+    torch.testing.assert_close(cfg_mix(full, img, unc, 2.5, 2.5), unc + 2.5 * (full - unc))
     torch.testing.assert_close(cfg_mix(full, img, unc, 1.0, 1.0), full)  # no guidance: the full prompt
     torch.testing.assert_close(cfg_mix(full, img, unc, 0.0, 0.0), unc)
 
