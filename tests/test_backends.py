@@ -115,11 +115,16 @@ def test_hf_without_processor_files_names_what_is_missing(tiny_hf, tmp_path):
     assert image_input_problem("chameleon", str(bare)) is None and image_input_problem("responses", "r.jsonl") is None
 
 
-def test_interleaved_output(ours):
+def test_interleaved_output(ours, hf):
+    """Image mode gives one image and nothing else (whatever max_gen_toks says); a backend without
+    image output refuses by name."""
     from benchmarks.backends import GenSettings
 
     [segments] = ours.generate_interleaved([["Draw a cat:"]], GenSettings(max_gen_toks=40), mode="image")
-    assert any(isinstance(s, Image.Image) for s in segments)
+    assert len(segments) == 1 and isinstance(segments[0], Image.Image)
+    assert segments[0].size == (ours.model.vqgan.cfg.resolution,) * 2
+    with pytest.raises(InputError, match="backend 'hf' cannot produce mixed-modal"):
+        hf.generate_interleaved([["Draw a cat:"]], GenSettings(max_gen_toks=40), mode="image")
 
 
 def test_registered_with_lm_eval_and_its_cache(tiny_hf, tmp_path):

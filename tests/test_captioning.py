@@ -415,18 +415,18 @@ def test_cli_score_captions_unwritable_outputs_and_repeated_metrics(tmp_path, ca
     there (os.access says yes to root, so the file is tried), and at writing otherwise, after the
     metrics are printed; never a traceback. A repeated --metrics adds to the list."""
     import benchmarks.captioning.commands as commands
-    from benchmarks.captioning.scoring import CaptionScores
 
-    asked = []
+    asked, real = [], commands.score_captions  # (the real scorers run; what they are asked for is noted)
     monkeypatch.setattr(commands, "score_captions", lambda refs, preds, metrics=None, progress=None:
-                        asked.append(metrics) or CaptionScores({"CIDEr": 1.0}, {1: {"CIDEr": 1.0}}))
+                        asked.append(metrics) or real(refs, preds, metrics=metrics, progress=progress))
     refs, preds = tmp_path / "refs.json", tmp_path / "preds.json"
-    refs.write_text(json.dumps({"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "a cat"}]}))
-    preds.write_text('[{"image_id": 1, "caption": "a cat"}]')
+    refs.write_text(json.dumps({"images": [{"id": 1}], "annotations": [{"image_id": 1, "caption": "a cat on a mat"}]}))
+    preds.write_text('[{"image_id": 1, "caption": "a cat on a mat"}]')
     base = ["score-captions", "--annotations", str(refs), "--results", str(preds), "--quiet"]
-    assert cli_main(base + ["--metrics", "BLEU", "--metrics", "CIDEr", "METEOR"]) == 0
-    assert asked == [["BLEU", "CIDEr", "METEOR"]]
-    capsys.readouterr()
+    assert cli_main(base + ["--metrics", "BLEU", "--metrics", "CIDEr", "ROUGE_L"]) == 0
+    assert asked == [["BLEU", "CIDEr", "ROUGE_L"]]
+    assert set(json.loads(capsys.readouterr().out)) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr", "ROUGE_L"}
+    base += ["--metrics", "ROUGE_L"]
     if not Path("/proc/self").is_dir():
         pytest.skip("needs /proc (a directory no file can be created in, even by root)")
     assert cli_main(base + ["--out", "/proc/chameleon-bench-metrics.json"]) == 2
@@ -434,7 +434,7 @@ def test_cli_score_captions_unwritable_outputs_and_repeated_metrics(tmp_path, ca
     assert len(asked) == 1  # refused before scoring
     assert cli_main(base + ["--per-item", "/proc/chameleon-bench/items.jsonl"]) == 2
     captured = capsys.readouterr()
-    assert json.loads(captured.out) == {"CIDEr": 1.0}
+    assert json.loads(captured.out) == {"ROUGE_L": 1.0}  # the caption is its reference
     assert captured.err.startswith("error: --per-item /proc/chameleon-bench/items.jsonl: cannot be written (")
     assert "the metrics are printed above" in captured.err
 
