@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from PIL import Image
 
 import chameleon
 from benchmarks.cli import main
+from benchmarks.runner.suite import load_suite
 from tests.conftest import PHOTO, REPO
 
 
@@ -62,9 +64,20 @@ def test_generate_command(tiny_hf, tiny_model, tmp_path, mode):
 
 
 def test_console_script_help_and_demo(tmp_path):
+    """`make demo`'s whole job, as a process: the tiny model, the interleaved generation page and
+    the smoke suite on the shipped data (about a minute here)."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.cli", "generate", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--cfg-text-scale" in proc.stdout
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--skip-suite"]) == 0
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cli", "demo", "--out", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "demo" / "smoke-run" / "results.json").read_text())
+    suite = load_suite("smoke")
+    assert results["complete"] and list(results["benchmarks"]) == [b.name for b in suite.benchmarks]
+    for name, entry in results["benchmarks"].items():  # every item ran and was scored; the table shows each
+        assert entry["n_items"] > 0 and entry["n_failed"] == 0 and entry["metrics"], (name, entry)
+        assert re.search(rf"^{name}\b", proc.stdout, re.M), proc.stdout
+    assert results["benchmarks"]["mmlu"]["n_items"] == 57 and results["benchmarks"]["coco"]["n_scored"] == 4
     page = (tmp_path / "demo" / "generation" / "index.html").read_text()
     assert "output_image_1.png" in page
     model = chameleon.load(tmp_path / "demo" / "tiny-chameleon")
