@@ -49,7 +49,7 @@ def test_shipped_suites_load():
     (GOOD + "batch_size: -3\n", r"s\.yaml: 'batch_size' must be an integer >= 1, got -3"),
     (GOOD + "seed: -1\n", r"s\.yaml: 'seed' must be an integer in 0\.\.4294967295 .*, got -1"),
     (GOOD + "seed: 4294967296\n", r"s\.yaml: 'seed' must be an integer in 0\.\.4294967295 \(numpy's seed range"),
-    (GOOD.replace("mmlu, shots: 5", "coco, metrics: []"), r"'metrics' must be a non-empty list of metric names \(leave it out for all\), got \[\]"),
+    (GOOD.replace("mmlu, shots: 5", "coco, metrics: []"), r"'metrics' must be a non-empty list of metric names \(left out: CIDEr alone\), got \[\]"),
     (GOOD.replace("mmlu, shots: 5", "coco, shots: 0, exemplars: pool.json"), r"benchmark 'm': 'exemplars' \(a few-shot pool\) needs 'shots' >= 1"),
     (GOOD + "backend: chamelon\n", r"s\.yaml: 'backend' must be one of chameleon, hf, responses, got 'chamelon'"),
     (GOOD.replace("shots: 5", "limit: -1"), r"s\.yaml: benchmarks\[0\] \('m'\): 'limit' must be an integer >= 1, or null for all items, got -1"),

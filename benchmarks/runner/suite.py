@@ -18,7 +18,7 @@
         shots: 2
         references: coco_karpathy_test   # shipped set name or a local JSON (default per dataset)
         subset: with_images     # all (missing images reported as failures) | with_images
-        metrics: [CIDEr]
+        metrics: [CIDEr]        # default [CIDEr]; also BLEU (Bleu_1..4), METEOR, ROUGE_L, SPICE
         exemplars: /data/karpathy/dataset_coco.json   # few-shot pool (default: the scored split,
         exemplar_split: train   # query excluded); split of a file with splits: Karpathy dataset_*.json
                                 # or Flickr rows (default train; refused for a file without splits,
@@ -52,6 +52,7 @@ BENCH_KEYS = {"name": str, "benchmark": str, "shots": int, "k": int, "limit": (i
               "generation": dict, "description": str,
               "maj_at": list,  # text, k > 1: report maj@j for each j (default [k])
               **CAPTIONING_KEYS}
+CAPTION_METRICS = ["CIDEr"]  # a captioning entry's `metrics` when left out: the paper's only caption metric
 SUBSETS = ("all", "with_images")  # captioning: every reference item, or those whose image is present
 GEN_KEYS = {"max_gen_toks": int, "temperature": (int, float), "top_p": (int, float), "top_k": int,
             "do_sample": bool, "until": list,
@@ -65,7 +66,7 @@ RANGES = {
     "k": (lambda v: v >= 1, "an integer >= 1"),
     "limit": (lambda v: v is None or v >= 1, "an integer >= 1, or null for all items"),
     "maj_at": (lambda v: all(type(j) is int and j >= 1 for j in v), "a list of integers >= 1"),
-    "metrics": (lambda v: bool(v) and all(isinstance(m, str) for m in v), "a non-empty list of metric names (leave it out for all)"),
+    "metrics": (lambda v: bool(v) and all(isinstance(m, str) for m in v), f"a non-empty list of metric names (left out: {', '.join(CAPTION_METRICS)} alone)"),
     "max_gen_toks": (lambda v: v >= 1, "an integer >= 1"),
     "temperature": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
@@ -90,7 +91,7 @@ class BenchmarkSpec:
     description: str = ""
     references: str | None = None  # captioning: shipped set name or JSON path (default per dataset)
     subset: str = "all"
-    metrics: list = field(default_factory=lambda: ["CIDEr"])
+    metrics: list = field(default_factory=lambda: list(CAPTION_METRICS))
     maj_at: list | None = None
     exemplars: str | None = None  # captioning: few-shot pool (shipped set name or JSON path)
     exemplar_split: str | None = None  # the pool's split, of a file with splits only (None: train)
