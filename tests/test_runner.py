@@ -117,6 +117,16 @@ def test_verbose_restores_lm_eval_logging(tiny_hf, tmp_path):
     assert len(summary_lines(proc.stderr, "gsm8k")) == 1
 
 
+def test_hf_backend_console_has_no_library_bars(tiny_hf, tmp_path):
+    # transformers is first imported when the hf backend loads, after the console was quieted
+    suite = tmp_path / "one.yaml"
+    suite.write_text("name: one\nbenchmarks:\n  - {name: gsm8k, benchmark: gsm8k, shots: 1, limit: 1,"
+                     " generation: {max_gen_toks: 2}}\n")
+    proc = cli("run", suite, "--backend", "hf", "--model", tiny_hf, "--out", tmp_path / "run")
+    assert "Loading weights" not in proc.stderr
+    assert not [line for line in console_lines(proc.stderr) if not line.startswith("gsm8k ")], proc.stderr
+
+
 def test_results_and_samples_schema(baseline):
     res = json.loads((baseline / "results.json").read_text())
     assert {"schema_version", "model", "suite", "seeds", "packages", "data_files", "run", "benchmarks"} <= res.keys()

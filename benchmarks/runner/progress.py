@@ -30,11 +30,12 @@ def configure_console(verbose: bool = False) -> None:
 
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_error()
-    if "transformers" in sys.modules:  # its first use resets the logger's level, so use its own switch
-        import transformers
+    # Its first use resets the logger's level, so use its own switches; set even where nothing has
+    # imported it yet (the hf backend does when it loads, and would draw its "Loading weights" bar).
+    import transformers
 
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 PREPARING = "{desc}  preparing requests [{elapsed}]"
