@@ -132,7 +132,9 @@ def register(sub) -> None:
     g.add_argument("--image-top-p", type=float, default=0.9, help="image-code nucleus sampling")
     g.add_argument("--cfg-text-scale", type=float, default=3.0, help="classifier-free guidance of images: text scale")
     g.add_argument("--cfg-image-scale", type=float, default=1.2, help="classifier-free guidance of images: image scale")
-    g.add_argument("--stop", action="append", default=[], metavar="STRING", help="stop string (repeatable)")
+    g.add_argument("--stop", action="append", default=[], metavar="STRING", help=(
+        "stop string (repeatable): text ends with the token that completes one, kept in the output with "
+        "whatever else that token holds"))
     g.add_argument("--seed", type=int, default=0, help="sampling seed (each prompt draws from its own stream)")
     g.add_argument("--device", default=default_device(), help="torch device, e.g. cpu, cuda, cuda:1")
     g.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
