@@ -7,6 +7,7 @@ exposes `register(subparsers)` and sets `func` on its parsers. `InputError` beco
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -30,12 +31,25 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         module = importlib.import_module(name)
         module.register(sub)
+    parser.commands = sub.choices  # name -> subparser, for parse_args' errors
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parser.parse_args, but an unknown flag after a command is that command's error (argparse
+    reports it with the top-level usage), naming the closest of its flags."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = parser.commands[args.command]
+        flags = [flag for action in command._actions for flag in action.option_strings]
+        unknown = next((a.partition("=")[0] for a in extra if a.startswith("-")), "")
+        meant = difflib.get_close_matches(unknown, flags, n=1)
+        command.error(f"unrecognized arguments: {' '.join(extra)}" + (f"; did you mean {meant[0]}?" if meant else ""))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         result = args.func(args)
     except InputError as err:

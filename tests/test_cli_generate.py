@@ -156,6 +156,24 @@ def test_help_states_each_default_once(capsys):
     assert "--out OUT output directory (default: demo_out)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_misspelt_flag_names_its_command_and_the_flag_meant(capsys, tmp_path):
+    """An unknown flag after a command is that command's error (its usage, not the top level's),
+    with the closest of its flags."""
+    for argv, usage, meant in (
+        (["generate", "--model", "m", "--prompt", "p", "--out", str(tmp_path), "--temprature", "0"],
+         "usage: chameleon-bench generate", "did you mean --temperature?"),
+        (["run", "smoke", "--model", "m", "--out", str(tmp_path), "--images_dir", "coco=x"],
+         "usage: chameleon-bench run", "did you mean --images-dir?"),
+        (["convert", "a", "b", "--to", "hf", "--xyz"], "usage: chameleon-bench convert", None),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith(usage), err
+        assert f"unrecognized arguments: {' '.join(argv[-2 if meant else -1:])}" in err, err
+        assert (meant in err) if meant else "did you mean" not in err, err
+
+
 def test_chat_ends_the_prompt_turn(tiny_hf, tmp_path):
     """--chat closes the prompt with end-of-turn, as chat-tuned checkpoints expect; the output is
     what the API gives for that prompt."""
