@@ -55,7 +55,8 @@ def cmd_demo(args) -> int:
         logit_bias={model.tokenizer.boi_id: 4.0},
     )
     with torch.inference_mode():
-        record = run_generation(model, segments, opts, out / "generation", {"model": "tiny random Chameleon (demo)"})
+        record = run_generation(model, segments, opts, out / "generation", {"model": "tiny random Chameleon (demo)"},
+                                image_files=[PHOTO])
     print(f"interleaved generation: {record['new_tokens']} tokens, {record['images']} image(s), {record['tokens_per_second']} tok/s")
     print(f"page: {record['page']}")
     if args.skip_suite:

@@ -10,7 +10,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -162,10 +162,11 @@ def register(sub) -> None:
 
 
 def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | None = None, fit_context: bool = False,
-                   chat: bool = False) -> dict:
+                   chat: bool = False, image_files: list | None = None) -> dict:
     """Generate, then write output.txt, the images, generation.json and index.html into `out`.
     `fit_context`: a default token budget, cut to what the model's context leaves after the prompt.
-    `chat`: the prompt ends its turn (see Chameleon.encode_prompt)."""
+    `chat`: the prompt ends its turn (see Chameleon.encode_prompt). `image_files`: the prompt's
+    images' files, in order, for generation.json."""
     from chameleon.generate import generate
     from reports.generation import write_generation_page
 
@@ -194,7 +195,13 @@ def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | No
     }
     page = write_generation_page(out, segments, output, opts.mode, record)
     record["page"] = str(page)
-    (out / "generation.json").write_text(json.dumps({**record, "new_ids": new_ids}, indent=2))
+    # What reproduces the output: the prompt (images by position: their files are the caller's to
+    # name), its ids and the settings, beside what was generated.
+    files = iter(image_files or [])
+    prompt = [s if isinstance(s, str) else {"image": str(next(files, "(given in memory)"))} for s in segments]
+    settings = {k: v for k, v in asdict(opts).items() if k != "progress"}
+    (out / "generation.json").write_text(json.dumps({**record, "prompt": prompt, "options": settings,
+                                                      "prompt_ids": prompt_ids, "new_ids": new_ids}, indent=2))
     return record
 
 
@@ -222,7 +229,7 @@ def cmd_generate(args) -> int:
             model = chameleon.load(args.model, device=args.device, dtype=dtype)
         opts = replace(opts, max_new_tokens=token_budget(args.max_new_tokens, args.mode, model.image_seq_len))
         record = run_generation(model, segments, opts, out, {"model": str(args.model), "seed": args.seed},
-                                fit_context=args.max_new_tokens is None, chat=args.chat)
+                                fit_context=args.max_new_tokens is None, chat=args.chat, image_files=args.image)
     except BaseException as err:
         # No empty or half-written --out left behind (a rerun would refuse its output.txt): remove
         # what this run added, and the directories it made.

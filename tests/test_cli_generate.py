@@ -16,6 +16,9 @@ from PIL import Image
 import chameleon
 from benchmarks.cli import main
 from benchmarks.runner.suite import load_suite
+from chameleon.chameleon import interleave
+from chameleon.generate import GenerationOptions, generate
+from chameleon.vqgan import open_image
 from tests.conftest import PHOTO, REPO
 
 
@@ -45,6 +48,13 @@ def test_generate_command(tiny_hf, tiny_model, tmp_path, mode):
             "--mode", mode, "--max-new-tokens", "300", "--out", str(out), "--seed", "1"]
     assert main(argv) == 0
     record = json.loads((out / "generation.json").read_text())
+    # generation.json holds what reproduces the output: the prompt, its ids and the settings.
+    segments = interleave("What is in this photo? <image>", [open_image(PHOTO)])
+    assert record["prompt"] == [s if isinstance(s, str) else {"image": str(PHOTO)} for s in segments]
+    assert record["prompt_ids"] == tiny_model.encode_prompt(segments)
+    settings = GenerationOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["options"].items()})
+    assert (settings.mode, settings.seed, settings.max_new_tokens) == (mode, 1, 300)
+    assert generate(tiny_model, [record["prompt_ids"]], settings)[0] == record["new_ids"]
     html = (out / "index.html").read_text()
     assert "prompt_image_1.png" in html and (out / "prompt_image_1.png").is_file()
     tok, n, ids = tiny_model.tokenizer, tiny_model.image_seq_len, record["new_ids"]
