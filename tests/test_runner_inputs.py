@@ -206,8 +206,8 @@ def test_run_dir_belongs_to_one_suite_and_settings(tmp_path):
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     for other, diff in (([suite_b], f"(suite path '{suite_a}' there, '{suite_b}' now; suite seed 0 there, 3 now; "
                                     "benchmark 'm' now, not there; benchmark 'g' limit 1 there, 2 now; "
-                                    "benchmark 'g' generation.max_gen_toks None there, 8 now)"),
-                        ([suite_a, "--limit", "1"], "(limit None there, 1 now)"),
+                                    "benchmark 'g' generation.max_gen_toks unset there, 8 now)"),
+                        ([suite_a, "--limit", "1"], "(limit unset there, 1 now)"),
                         ([suite_a], "(suite file text (sha256 ")):
         if other == [suite_a]:  # its own file, edited in comments only: still another suite file
             suite_a.write_text("# the same settings\n" + one)
@@ -268,7 +268,7 @@ def test_claim_run_dir_identity_and_old_manifests(tmp_path):
     claim_run_dir(out, MODEL, Dist(), ident)
     assert json.loads((out / "run.json").read_text())["identity"] == ident
     claim_run_dir(out, MODEL, Dist(), ident)  # resume
-    with pytest.raises(InputError, match=r"another suite or settings \(limit None there, 5 now\)"):
+    with pytest.raises(InputError, match=r"another suite or settings \(limit unset there, 5 now\)"):
         claim_run_dir(out, MODEL, Dist(), {**ident, "limit": 5})
     # run.json of an earlier version (no identity): checked against its results.json, then adopted
     legacy = {"schema_version": 1, "model": MODEL, "created_at": "then"}

@@ -136,6 +136,11 @@ def _recorded_suite(out: Path, manifest: dict) -> dict | None:
     return suite if isinstance(suite, dict) else None
 
 
+def _shown(value) -> str:
+    """A setting in a refusal: "unset" rather than Python's None (an absent key, or a flag not given)."""
+    return "unset" if value is None else repr(value)
+
+
 def _suite_changes(old: dict, new: dict) -> list[str]:
     """What differs between two resolved suites (Suite.to_dict), "X there, Y now" where short: a
     refusal showing only two file hashes would leave the user to find the edit."""
@@ -150,7 +155,7 @@ def _suite_changes(old: dict, new: dict) -> list[str]:
             if isinstance(x, dict) and isinstance(y, dict):  # generation: name the setting
                 out += fields(f"{prefix}{key}.", x, y)
             elif max(len(repr(x)), len(repr(y))) <= 100:  # paths fit; a long description does not
-                out.append(f"{prefix}{key} {x!r} there, {y!r} now")
+                out.append(f"{prefix}{key} {_shown(x)} there, {_shown(y)} now")
             else:
                 out.append(f"{prefix}{key} differs")
         return out
@@ -209,7 +214,7 @@ def _claim(out: Path, model: dict, identity: dict, suite: dict | None = None) ->
             if v == identity.get(k):
                 continue
             old_suite = _recorded_suite(out, data) if k == "suite_sha256" and suite else None
-            diff += _suite_changes(old_suite, suite) if old_suite else [f"{k} {v!r} there, {identity.get(k)!r} now"]
+            diff += _suite_changes(old_suite, suite) if old_suite else [f"{k} {_shown(v)} there, {_shown(identity.get(k))} now"]
         if diff:
             return (f"--out {out} holds a run of another suite or settings ({'; '.join(diff)}); rerun its own "
                     f"command to finish it, or use another --out. Nothing was overwritten")
