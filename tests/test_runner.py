@@ -483,3 +483,34 @@ def test_captioning_reads_images_when_needed_and_encodes_each_once(tiny_hf, tmp_
         context, gen_kwargs, aux = req.args
         assert all(isinstance(image, FileImage) for image in aux["visual"])
         assert rec["request_hash"] == hash_args("generate_until", (context, gen_kwargs, {"visual": [im.read() for im in aux["visual"]]}))
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tiny_hf, tmp_path):
+    """The same command started twice: the second computed every request again, appended each to the
+    first's cache file a second time and raced it on results.json's temporary file. It is refused,
+    naming --out, and writes nothing; the first (held stopped meanwhile) runs on and finishes, and
+    once it has ended the command resumes as usual."""
+    (tmp_path / "small.yaml").write_text(SMALL)
+    out = tmp_path / "run"
+    args = ["run", str(tmp_path / "small.yaml"), "--model", str(tiny_hf), "--out", str(out), "--chunk-size", "1"]
+    first = subprocess.Popen([sys.executable, "-m", "benchmarks.cli", *args], cwd=REPO, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cache = out / "cache" / "rank0.jsonl"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and (not cache.exists() or cache.read_bytes().count(b"\n") < 1):
+            time.sleep(0.02)
+        first.send_signal(signal.SIGSTOP)  # mid-run, its lock held
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        second = cli(*args, check=False)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert f"error: --out {out}: another chameleon-bench run is writing to it now" in second.stderr
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=300) == 0
+    finally:
+        first.kill()
+    keys = [json.loads(line)["key"] for line in cache.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 4  # each request once
+    cli(*args)
+    assert all(b["computed_requests"] == 0 for b in json.loads((out / "results.json").read_text())["benchmarks"].values())

@@ -11,10 +11,13 @@ RUN_DIR/
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -188,10 +191,68 @@ def _out_problem(out: Path) -> str | None:
 
 
 def check_out_dir(out: Path) -> None:
-    """`_out_problem` as an InputError: the command's check of --out before it loads the model."""
+    """`_out_problem` as an InputError, and another run writing to `out` now: the command's check of
+    --out before it loads the model."""
     problem = _out_problem(Path(out))
+    # the main process only (this runs before torchrun's group forms): the processes of one job
+    # start together, and two probing at once would each see the other's lock
+    if not problem and Path(out).is_dir() and os.environ.get("RANK", "0") == "0":
+        lock, problem = _lock(Path(out))
+        if lock is not None:
+            os.close(lock)
     if problem:
         raise InputError(problem)
+
+
+def _lock(out: Path) -> tuple[int | None, str | None]:
+    """(an exclusive lock on the directory `out`, or why there is none). Two runs writing one
+    directory at once would each compute every request, append them to one cache file twice and
+    race on results.json. flock on the directory itself adds no file to it, and the system
+    releases it however the process ends (a killed run leaves no stale lock)."""
+    try:
+        fd = os.open(out, os.O_RDONLY)
+    except OSError:
+        return None, None  # the claim names the problem
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None, (f"--out {out}: another chameleon-bench run is writing to it now; wait for it to end (then "
+                      "rerun this command to resume or check it), or use another --out. Nothing was written")
+    except OSError:  # a file system without locks: run unlocked, as before
+        pass
+    return fd, None
+
+
+@contextmanager
+def locked_run_dir(out: Path, dist: Dist):
+    """Hold `out` (created if new and allowed) against other runs while this one writes it; the
+    main process locks, every process is refused alike."""
+    fd, error = None, None
+    if dist.is_main:
+        error = _create(out) if not out.is_dir() else None
+        if not error:
+            fd, error = _lock(out)
+    try:
+        error = dist.broadcast(error)
+        if error:
+            raise InputError(error)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _create(out: Path) -> str | None:
+    """Why `out` cannot be a new run directory, or None once it exists (empty, or an earlier run)."""
+    problem = _out_problem(out)
+    if problem:
+        return problem
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"--out {out}: cannot create the directory ({err.strerror}); nothing was written"
+    return None
 
 
 def _claim(out: Path, model: dict, identity: dict, suite: dict | None = None) -> str | None:
@@ -221,13 +282,9 @@ def _claim(out: Path, model: dict, identity: dict, suite: dict | None = None) ->
         if "identity" not in data:
             write_json_atomic(manifest, {**data, "identity": identity, **({"suite": suite} if suite else {})})
         return None
-    problem = _out_problem(out)
+    problem = _create(out)
     if problem:
         return problem
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        return f"--out {out}: cannot create the directory ({err.strerror}); nothing was written"
     write_json_atomic(manifest, {"schema_version": SCHEMA_VERSION, "model": model, "identity": identity,
                                  **({"suite": suite} if suite else {}), "created_at": _now()})
     return None
@@ -258,65 +315,66 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
     if not inputs_checked:
         check_inputs(suite, data_dir, images_dirs)
     check_image_input(suite, model["backend"], model.get("path"), getattr(backend, "image_problem", None))
-    claim_run_dir(out, model, dist, run_identity(suite, model, limit=limit, images_dirs=images_dirs, data_dir=data_dir),
-                  suite.to_dict())
-    store = RecordStore(out / "cache", shard=f"rank{dist.rank}")
-    lm = ResumableLM(backend, store, dist, chunk_size=chunk_size or 4 * getattr(backend, "batch_size", 8))
-    results = {
-        "schema_version": SCHEMA_VERSION,
-        "complete": False,
-        "model": model,
-        "suite": suite.to_dict(),
-        "overrides": {"limit": limit, "images_dirs": {k: str(v) for k, v in (images_dirs or {}).items()},
-                      "data_dir": str(data_dir) if data_dir else None},
-        "seeds": {"suite": suite.seed},
-        "packages": package_versions(),
-        "run": {"started_at": _now(), "finished_at": None, "command": command, "world_size": dist.world_size},
-        "data_files": {},
-        "benchmarks": {},
-    }
-    if dist.is_main:
-        (out / "samples").mkdir(exist_ok=True)
-    width = max(len(spec.name) for spec in suite.benchmarks)
-    asked_hashes, asked_items = set(), set()  # every request's keys, cached or not: for unused_inputs
-    for spec in suite.benchmarks:
-        started, computed = time.perf_counter(), lm.computed
-        lm.failures.clear()
-        with BenchmarkProgress(spec.name, enabled=progress and dist.is_main, width=width,
-                               placeholder=not verbose) as bar:
-            lm.progress = bar
-            if spec.kind == "captioning":
-                entry, records = run_captioning(spec, lm, images_dir=(images_dirs or {}).get(spec.benchmark),
-                                                limit=limit, seed=suite.seed)
-            else:
-                entry, records = _run_text(spec, lm, limit=limit, data_dir=data_dir, seed=suite.seed,
-                                           lm_eval_bars=verbose and dist.is_main)
-            for rec in records:
-                asked_items.add(rec["item_id"])
-                asked_hashes.update(h for h in rec.get("request_hashes") or [rec.get("request_hash")] if h)
-            results["data_files"].update({display_path(k): v for k, v in entry.pop("data_files").items()})
-            entry["config"] = {k: v for k, v in spec.__dict__.items()}
-            entry["seconds"] = round(time.perf_counter() - started, 2)
-            # not answered from the cache, by every process (each computes its share)
-            entry["computed_requests"] = sum(dist.all_gather(lm.computed - computed))
-            lm.progress = None
+    with locked_run_dir(out, dist):  # held until the last write
+        identity = run_identity(suite, model, limit=limit, images_dirs=images_dirs, data_dir=data_dir)
+        claim_run_dir(out, model, dist, identity, suite.to_dict())
+        store = RecordStore(out / "cache", shard=f"rank{dist.rank}")
+        lm = ResumableLM(backend, store, dist, chunk_size=chunk_size or 4 * getattr(backend, "batch_size", 8))
+        results = {
+            "schema_version": SCHEMA_VERSION,
+            "complete": False,
+            "model": model,
+            "suite": suite.to_dict(),
+            "overrides": {"limit": limit, "images_dirs": {k: str(v) for k, v in (images_dirs or {}).items()},
+                          "data_dir": str(data_dir) if data_dir else None},
+            "seeds": {"suite": suite.seed},
+            "packages": package_versions(),
+            "run": {"started_at": _now(), "finished_at": None, "command": command, "world_size": dist.world_size},
+            "data_files": {},
+            "benchmarks": {},
+        }
         if dist.is_main:
-            entry["samples_file"] = f"samples/{spec.name}.jsonl"
-            entry["samples_sha256"] = write_jsonl_atomic(out / entry["samples_file"], records)
-            results["benchmarks"][spec.name] = entry
+            (out / "samples").mkdir(exist_ok=True)
+        width = max(len(spec.name) for spec in suite.benchmarks)
+        asked_hashes, asked_items = set(), set()  # every request's keys, cached or not: for unused_inputs
+        for spec in suite.benchmarks:
+            started, computed = time.perf_counter(), lm.computed
+            lm.failures.clear()
+            with BenchmarkProgress(spec.name, enabled=progress and dist.is_main, width=width,
+                                   placeholder=not verbose) as bar:
+                lm.progress = bar
+                if spec.kind == "captioning":
+                    entry, records = run_captioning(spec, lm, images_dir=(images_dirs or {}).get(spec.benchmark),
+                                                    limit=limit, seed=suite.seed)
+                else:
+                    entry, records = _run_text(spec, lm, limit=limit, data_dir=data_dir, seed=suite.seed,
+                                               lm_eval_bars=verbose and dist.is_main)
+                for rec in records:
+                    asked_items.add(rec["item_id"])
+                    asked_hashes.update(h for h in rec.get("request_hashes") or [rec.get("request_hash")] if h)
+                results["data_files"].update({display_path(k): v for k, v in entry.pop("data_files").items()})
+                entry["config"] = {k: v for k, v in spec.__dict__.items()}
+                entry["seconds"] = round(time.perf_counter() - started, 2)
+                # not answered from the cache, by every process (each computes its share)
+                entry["computed_requests"] = sum(dist.all_gather(lm.computed - computed))
+                lm.progress = None
+            if dist.is_main:
+                entry["samples_file"] = f"samples/{spec.name}.jsonl"
+                entry["samples_sha256"] = write_jsonl_atomic(out / entry["samples_file"], records)
+                results["benchmarks"][spec.name] = entry
+                write_json_atomic(out / "results.json", results)
+                if progress:
+                    print(summary_line(spec.name, entry, cached=bar.cached, width=width), file=sys.stderr, flush=True)
+        unused = backend.unused_inputs(asked_hashes, asked_items)
+        if unused and dist.is_main:
+            print(f"warning: {unused}", file=sys.stderr, flush=True)
+        results["complete"] = True
+        results["run"]["finished_at"] = _now()
+        if dist.is_main:
             write_json_atomic(out / "results.json", results)
-            if progress:
-                print(summary_line(spec.name, entry, cached=bar.cached, width=width), file=sys.stderr, flush=True)
-    unused = backend.unused_inputs(asked_hashes, asked_items)
-    if unused and dist.is_main:
-        print(f"warning: {unused}", file=sys.stderr, flush=True)
-    results["complete"] = True
-    results["run"]["finished_at"] = _now()
-    if dist.is_main:
-        write_json_atomic(out / "results.json", results)
-    store.close()
-    dist.barrier()
-    return results
+        store.close()
+        dist.barrier()
+        return results
 
 
 def _run_text(spec: BenchmarkSpec, lm: ResumableLM, *, limit, data_dir, seed,
