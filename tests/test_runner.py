@@ -49,7 +49,8 @@ def comparable(run: Path) -> dict:
     for name, b in res["benchmarks"].items():
         recs = [json.loads(line) for line in (run / b["samples_file"]).read_text().splitlines()]
         out[name] = {"metrics": {k: round(m["value"], 6) for k, m in b["metrics"].items()},
-                     "n": (b["n_items"], b["n_failed"]), "samples": _round(recs)}
+                     "n": (b["n_items"], b["n_failed"]), "samples": _round(recs),
+                     "task_configs": b.get("task_configs")}  # the protocol as run: one text in every process
     return out
 
 

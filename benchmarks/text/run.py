@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -403,4 +404,16 @@ def hash_data_files(configs: dict[str, dict], data_dir: str | Path | None) -> di
 
 
 def _json_safe(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=handle_non_serializable))
+    return json.loads(json.dumps(obj, default=_serializable))
+
+
+def _serializable(obj: Any) -> Any:
+    """lm-eval's handle_non_serializable, but a function nested in a config (fewshot_config's
+    samples, process_docs) is its source, as lm-eval gives a top-level one: its str() holds a
+    memory address, so results.json differed from run to run of the same protocol."""
+    if inspect.isfunction(obj):
+        try:
+            return inspect.getsource(obj)
+        except (TypeError, OSError):
+            return f"{obj.__module__}.{obj.__qualname__}"
+    return handle_non_serializable(obj)
