@@ -286,6 +286,24 @@ def test_claim_run_dir_identity_and_old_manifests(tmp_path):
         claim_run_dir(tmp_path / "afile" / "sub" / "run", MODEL, Dist(), ident)
 
 
+def test_unreadable_run_manifest_says_what_to_do(tmp_path):
+    """A run.json cut short (edited by hand, a damaged disk) is refused naming it, what it should
+    hold and what to do; it stays as it was for the user to mend (the cache beside it is intact)."""
+    from benchmarks.runner.dist import Dist
+    from benchmarks.runner.run import claim_run_dir
+
+    ident = {"suite_sha256": "a" * 64, "limit": None}
+    out = tmp_path / "run"
+    claim_run_dir(out, MODEL, Dist(), ident)
+    text = (out / "run.json").read_text()
+    for damaged in (text[:len(text) // 2], "[]", '{"model": "x"}'):
+        (out / "run.json").write_text(damaged)
+        with pytest.raises(InputError, match=rf"--out {out}: {out}/run\.json is not a chameleon-bench run manifest: "
+                                             r"expected the JSON object with the run's 'model' written when it began; "
+                                             r"restore it, or use another --out\. Nothing was written"):
+            claim_run_dir(out, MODEL, Dist(), ident)
+        assert (out / "run.json").read_text() == damaged
+
 def test_bad_data_fails_before_out_is_claimed(tmp_path):
     from benchmarks.runner.run import run_suite
 

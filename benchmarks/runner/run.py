@@ -265,7 +265,8 @@ def _claim(out: Path, model: dict, identity: dict, suite: dict | None = None) ->
         except (OSError, ValueError, KeyError, TypeError):
             owner = None
         if not isinstance(owner, dict) or not isinstance(data.get("identity", {}), dict):
-            return f"--out {out}: {manifest} is not a readable chameleon-bench run manifest; nothing was written"
+            return (f"--out {out}: {manifest} is not a chameleon-bench run manifest: expected the JSON object with "
+                    "the run's 'model' written when it began; restore it, or use another --out. Nothing was written")
         if owner.get("fingerprint") != model["fingerprint"]:
             return (f"--out {out} holds a run of another model ({owner.get('backend')} {owner.get('path')}, "
                     f"fingerprint {str(owner.get('fingerprint'))[:16]}), not of this one (fingerprint "
