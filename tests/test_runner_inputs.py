@@ -286,6 +286,24 @@ def test_claim_run_dir_identity_and_old_manifests(tmp_path):
         claim_run_dir(tmp_path / "afile" / "sub" / "run", MODEL, Dist(), ident)
 
 
+def test_run_dir_of_the_model_in_another_dtype_says_which(tmp_path):
+    """The weights are fingerprinted as loaded, so --dtype bfloat16 into a float32 run's directory
+    reads as another model; the refusal says the run was loaded as float32 and how to resume it."""
+    from benchmarks.runner.dist import Dist
+    from benchmarks.runner.run import claim_run_dir
+
+    out = tmp_path / "run"
+    claim_run_dir(out, {**MODEL, "path": "/ckpt"}, Dist(), {"limit": None})
+    before = (out / "run.json").read_text()
+    bf16 = {**MODEL, "path": "/ckpt", "fingerprint": "b" * 64, "dtype": "torch.bfloat16"}
+    with pytest.raises(InputError, match=r"holds a run of another model .*; that run loaded its weights as float32, this "
+                                         r"one as bfloat16: if the checkpoint is the same, rerun with --dtype float32 to "
+                                         r"resume it, or use another --out\. Nothing was overwritten"):
+        claim_run_dir(out, bf16, Dist(), {"limit": None})
+    with pytest.raises(InputError, match=r"not of this one \(fingerprint b{16}\); use another --out\. Nothing"):
+        claim_run_dir(out, {**bf16, "dtype": MODEL["dtype"]}, Dist(), {"limit": None})  # same dtype: another model
+    assert (out / "run.json").read_text() == before
+
 def test_unreadable_run_manifest_says_what_to_do(tmp_path):
     """A run.json cut short (edited by hand, a damaged disk) is refused naming it, what it should
     hold and what to do; it stays as it was for the user to mend (the cache beside it is intact)."""

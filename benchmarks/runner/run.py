@@ -268,9 +268,15 @@ def _claim(out: Path, model: dict, identity: dict, suite: dict | None = None) ->
             return (f"--out {out}: {manifest} is not a chameleon-bench run manifest: expected the JSON object with "
                     "the run's 'model' written when it began; restore it, or use another --out. Nothing was written")
         if owner.get("fingerprint") != model["fingerprint"]:
+            # weights are fingerprinted as loaded: the same checkpoint in another dtype differs too
+            was, now = (str(m.get("dtype")).removeprefix("torch.") for m in (owner, model))
+            todo = "use another --out"
+            if owner.get("dtype") and was != now:
+                todo = (f"that run loaded its weights as {was}, this one as {now}: if the checkpoint is the same, "
+                        f"rerun with --dtype {was} to resume it, or {todo}")
             return (f"--out {out} holds a run of another model ({owner.get('backend')} {owner.get('path')}, "
                     f"fingerprint {str(owner.get('fingerprint'))[:16]}), not of this one (fingerprint "
-                    f"{model['fingerprint'][:16]}); use another --out. Nothing was overwritten")
+                    f"{model['fingerprint'][:16]}); {todo}. Nothing was overwritten")
         recorded, diff = _recorded_identity(out, data), []
         for k, v in recorded.items():
             if v == identity.get(k):
