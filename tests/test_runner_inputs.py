@@ -224,6 +224,26 @@ def test_run_dir_belongs_to_one_suite_and_settings(tmp_path):
     assert json.loads((out / "results.json").read_text())["complete"]
 
 
+def test_out_holding_only_a_half_written_manifest_is_claimed(tmp_path):
+    """A fresh run killed while writing run.json leaves run.json.tmp alone (nothing computed yet):
+    rerunning the command claims the directory instead of refusing it as not empty."""
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: t\nbackend: responses\nbenchmarks:\n  - {name: g, benchmark: gsm8k, shots: 0, limit: 1}\n")
+    responses = tmp_path / "r.jsonl"
+    responses.write_text('{"request_hash": "x", "output": "The answer is 1."}\n')
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json.tmp").write_text('{"schema_version": 1, "mod')
+    proc = run_cli(REPO, "run", suite, "--model", responses, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "results.json").read_text())["complete"] and not (out / "run.json.tmp").exists()
+    other = tmp_path / "other"  # anything else in it still makes it another directory
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    proc = run_cli(REPO, "run", suite, "--model", responses, "--out", other)
+    assert proc.returncode == 2 and "exists and is not an empty directory or a chameleon-bench run" in proc.stderr
+
+
 MODEL = {"backend": "chameleon", "fingerprint": "f" * 64, "dtype": "torch.float32"}
 
 

@@ -182,7 +182,8 @@ def _out_problem(out: Path) -> str | None:
     the model (None: it may be)."""
     if (out / "run.json").is_file():
         return None
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    # (run.json.tmp alone: a fresh run killed while writing its manifest, before anything was computed)
+    if out.exists() and (not out.is_dir() or any(p.name != "run.json.tmp" for p in out.iterdir())):
         return f"--out {out}: exists and is not an empty directory or a chameleon-bench run; nothing was written"
     above = next(p for p in out.absolute().parents if p.exists())
     if not above.is_dir():
