@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from chameleon.checkpoint import Checkpoint, read_checkpoint, write_hf, write_meta
+from chameleon.checkpoint import Checkpoint, read_checkpoint, resolve_checkpoint_path, write_hf, write_meta
 from chameleon.config import ModelArgs, VQGANConfig
 from chameleon.errors import InputError
 from chameleon.model import KVCache, Transformer
@@ -203,7 +203,9 @@ def save_checkpoint(ckpt: Checkpoint, out: Path, format: str, tokenizer: Chamele
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, pack_bf16: bool = True) -> Chameleon:
-    """Load a HF- or Meta-format checkpoint directory (auto-detected) with its tokenizers.
+    """Load a HF- or Meta-format checkpoint directory (auto-detected) with its tokenizers. `path` may
+    also be a Hugging Face hub repo id, `org/name[@revision]`, where no local path of that name
+    exists: it is fetched into the hub cache (from the cache alone under HF_HUB_OFFLINE=1).
 
     q/k/v and w1/w3 are fused (`Transformer.fuse_`). On CPU the weights are also laid out for
     decoding (`Transformer.optimize_for_cpu_`); in bf16 that includes a packed copy of every matrix
@@ -212,7 +214,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     device = available_device(device)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # before any weights are read
         raise InputError(f"dtype {dtype!r}: expected a floating-point torch.dtype, e.g. torch.float32 or torch.bfloat16")
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(resolve_checkpoint_path(path))
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
     with torch.device("meta"):
         model = Chameleon(ckpt.args, ckpt.vq_config, tokenizer, with_decoder=ckpt.has_decoder)

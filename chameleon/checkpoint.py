@@ -6,6 +6,7 @@ HF format:   config.json, model.safetensors | model.safetensors.index.json + sha
              project's extra file keeping the VQGAN decoder]
 Meta format: params.json [+ consolidate_params.json], consolidated.pth | consolidated.NN.pth,
              tokenizer/{text_tokenizer.json, vqgan.yaml, vqgan.ckpt} (or ../../tokenizer, the release layout)
+Either may also be named by a Hugging Face hub repo id (`resolve_checkpoint_path`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,64 @@ class Checkpoint:
     def has_decoder(self) -> bool:
         """HF checkpoints ship the VQGAN encoder only; ours add the decoder."""
         return any(k.startswith("decoder.") for k in self.vq_weights)
+
+
+# A hub repo id, `org/name[@revision]` (a branch, tag or commit); each part starts with a letter or
+# digit, so that relative paths such as ./ckpt or ../ckpt are never taken for one.
+HUB_REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^@\s]+))?")
+# What the loader reads, and no more: a repo may also hold other formats' copies of the weights.
+HUB_FILES = {"hf": ["*.json", "*.safetensors"], "meta": ["*.json", "consolidated*.pth", "tokenizer/*"]}
+HUB_LOGIN = "log in with `hf auth login` (`huggingface-cli login` in older versions) or set HF_TOKEN"
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """The checkpoint directory `path` names: itself where it exists or is no hub repo id (a local
+    path always wins); else the Hugging Face hub repo `org/name[@revision]`, fetched by
+    huggingface_hub into its cache (HF_HUB_CACHE), only the files this stack reads. Under
+    HF_HUB_OFFLINE=1 it comes from that cache alone. The snapshot directory returned is named by the
+    commit it holds (see `hub_commit`)."""
+    match = HUB_REPO_ID.fullmatch(str(path))
+    if match is None or Path(path).exists():
+        return Path(path)
+    from huggingface_hub import constants, errors, snapshot_download
+
+    repo, revision = match["repo"], match["revision"]
+    where = f"{path}: no local directory of that name; Hugging Face hub repo {repo}"
+    try:
+        snapshot = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES["hf"]))
+        if not (snapshot / "config.json").is_file() and (snapshot / "params.json").is_file():  # Meta's format
+            snapshot = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES["meta"]))
+    except errors.GatedRepoError:
+        raise InputError(f"{where} is gated: accept its licence at https://huggingface.co/{repo}, then {HUB_LOGIN}") from None
+    except errors.RevisionNotFoundError:
+        raise InputError(f"{where} has no revision {revision!r}") from None
+    except (errors.RepositoryNotFoundError, errors.HfHubHTTPError) as err:
+        if isinstance(err, errors.RepositoryNotFoundError) or getattr(err.response, "status_code", None) == 401:
+            raise InputError(f"{where} was not found, or is private and needs a token: check the name, or {HUB_LOGIN}") from None
+        raise InputError(f"{where} could not be fetched ({_first_line(err)})") from None
+    except errors.LocalEntryNotFoundError as err:
+        if isinstance(err, getattr(errors, "IncompleteSnapshotError", ())):
+            raise InputError(f"{path}: {_first_line(err)}") from None
+        if constants.HF_HUB_OFFLINE:
+            raise InputError(f"{where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 "
+                             "forbids downloading it: set HF_HUB_OFFLINE=0 to download it, or pass a local checkpoint directory") from None
+        raise InputError(f"{where} could not be fetched ({_first_line(err.__cause__ or err)}) and is not in the Hugging Face "
+                         f"cache ({constants.HF_HUB_CACHE}): check the network, or pass a local checkpoint directory") from None
+    except errors.HFValidationError as err:
+        raise InputError(f"{path}: no such local directory, nor a valid hub repo id ({_first_line(err)})") from None
+    except Exception as err:  # the HTTP library's own errors (connection reset, proxy), a full disk
+        raise InputError(f"{where} could not be downloaded ({type(err).__name__}: {_first_line(err)})") from None
+    return snapshot
+
+
+def hub_commit(given: str | Path, resolved: Path) -> str | None:
+    """The commit `resolve_checkpoint_path(given)` fetched from the hub (its snapshot's name), or None
+    where `given` is a local path: records name a checkpoint by the repo id and this commit."""
+    return resolved.name if Path(given) != resolved else None
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def detect_format(path: Path) -> str:

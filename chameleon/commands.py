@@ -23,6 +23,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 DTYPE_HELP = "float32 (fp32) | bfloat16 (bf16) | float16 (fp16)"
 
+# --model / SRC: what names a checkpoint
+MODEL_HELP = ("checkpoint directory (HF or Meta format), or a Hugging Face hub repo id ORG/NAME[@REVISION] where no "
+              "local path of that name exists: fetched into the hub cache, or with HF_HUB_OFFLINE=1 read from it alone")
+
 TEXT_TOKENS = 256  # --max-new-tokens default: text, plus one image in interleaved mode
 
 # generate's flags that set GenerationOptions fields, so that errors name what the user typed
@@ -112,7 +116,7 @@ def register(sub) -> None:
         ),
         formatter_class=HelpFormatter,
     )
-    g.add_argument("--model", required=True, help="checkpoint directory")
+    g.add_argument("--model", required=True, help=MODEL_HELP)
     g.add_argument("--prompt", required=True, help="prompt text")
     g.add_argument("--image", action="append", default=[], metavar="FILE", help="prompt image (repeatable)")
     g.add_argument("--mode", choices=["text", "image", "interleaved"], default="text", help="what may be generated")
@@ -152,7 +156,7 @@ def register(sub) -> None:
         ),
         formatter_class=HelpFormatter,
     )
-    c.add_argument("src", help="source checkpoint directory")
+    c.add_argument("src", help=f"source {MODEL_HELP}")
     c.add_argument("dst", help="destination directory")
     c.add_argument("--to", choices=["hf", "meta"], required=True, help="target format")
     c.add_argument("--shards", type=int, default=None, help="Meta output: number of consolidated.NN.pth files (1, or model_parallel_size; default: model_parallel_size)")
@@ -208,6 +212,7 @@ def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | No
 def cmd_generate(args) -> int:
     import chameleon
     from chameleon.chameleon import interleave
+    from chameleon.checkpoint import hub_commit, resolve_checkpoint_path
     from chameleon.vqgan import open_image
 
     if args.max_new_tokens is not None and args.max_new_tokens < 1:  # the API allows 0; a command that makes nothing is a mistake
@@ -225,10 +230,13 @@ def cmd_generate(args) -> int:
     made = _fresh_output_dir(out)  # before the model loads and generates: nothing computed is lost
     before = set(out.iterdir())
     try:
-        with announced("loading", args.model):
-            model = chameleon.load(args.model, device=args.device, dtype=dtype)
+        path = resolve_checkpoint_path(args.model)
+        with announced("loading", path):
+            model = chameleon.load(path, device=args.device, dtype=dtype)
         opts = replace(opts, max_new_tokens=token_budget(args.max_new_tokens, args.mode, model.image_seq_len))
-        record = run_generation(model, segments, opts, out, {"model": str(args.model), "seed": args.seed},
+        commit = hub_commit(args.model, path)
+        source = {"model": str(args.model), **({"model_commit": commit} if commit else {})}
+        record = run_generation(model, segments, opts, out, {**source, "seed": args.seed},
                                 fit_context=args.max_new_tokens is None, chat=args.chat, image_files=args.image)
     except BaseException as err:
         # No empty or half-written --out left behind (a rerun would refuse its output.txt): remove
@@ -325,7 +333,7 @@ def _parse_size(text: str | None) -> int | None:
 
 def cmd_convert(args) -> int:
     from chameleon.chameleon import save_checkpoint
-    from chameleon.checkpoint import read_args, read_checkpoint
+    from chameleon.checkpoint import read_args, read_checkpoint, resolve_checkpoint_path
     from chameleon.convert import check_meta_shards
     from chameleon.tokenizer import ChameleonTokenizer
 
@@ -343,11 +351,12 @@ def cmd_convert(args) -> int:
     if args.shards is not None and args.shards < 1:
         raise InputError(f"--shards {args.shards}: expected a positive integer")
     dtype = parse_dtype(args.dtype) if args.dtype else None  # before the checkpoint is read
+    src = resolve_checkpoint_path(args.src)
     if args.to == "meta":  # from the config alone, before minutes of reading a large checkpoint's weights
-        source_args = read_args(args.src)
+        source_args = read_args(src)
         check_meta_shards(source_args, args.shards or source_args.model_parallel_size)
-    with announced("reading", args.src):
-        ckpt = read_checkpoint(args.src)
+    with announced("reading", src):
+        ckpt = read_checkpoint(src)
     if dtype:
         ckpt.weights = {k: v.to(dtype) for k, v in ckpt.weights.items()}
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)

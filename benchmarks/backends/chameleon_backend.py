@@ -21,6 +21,7 @@ from lm_eval.api.registry import register_model
 
 from benchmarks.backends.base import GenSettings, Segment
 from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score
+from chameleon.checkpoint import hub_commit, resolve_checkpoint_path
 from chameleon.generate import GenerationOptions, generate, non_text_mask
 
 
@@ -33,9 +34,11 @@ class ChameleonBackend(TokenLM):
         super().__init__(batch_size=batch_size, max_gen_toks=max_gen_toks)
         import chameleon
 
-        self.path = str(pretrained)
+        self.path = str(pretrained)  # a directory or a hub repo id, as given
         self.device_name = device
-        self.model = chameleon.load(pretrained, device=device, dtype=getattr(torch, dtype))
+        directory = resolve_checkpoint_path(pretrained)
+        self.commit = hub_commit(pretrained, directory)
+        self.model = chameleon.load(directory, device=device, dtype=getattr(torch, dtype))
         self.model.eval()
         self.tok = self.model.tokenizer
         self.max_length = int(self.model.config.max_seq_len)
@@ -49,8 +52,8 @@ class ChameleonBackend(TokenLM):
         return self.model.fingerprint
 
     def describe(self) -> dict:
-        return {**super().describe(), "path": self.path, "dtype": str(next(self.model.parameters()).dtype),
-                "device": self.device_name}
+        return {**super().describe(), "path": self.path, **({"commit": self.commit} if self.commit else {}),
+                "dtype": str(next(self.model.parameters()).dtype), "device": self.device_name}
 
     # --- tokenization -------------------------------------------------------------------------
     def encode_image(self, image) -> list[int]:

@@ -22,7 +22,7 @@ except ImportError:
 
 from benchmarks.backends.base import GenSettings
 from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score
-from chameleon.checkpoint import PROCESSOR_FILES
+from chameleon.checkpoint import PROCESSOR_FILES, hub_commit, resolve_checkpoint_path
 from chameleon.errors import InputError
 from chameleon.generate import row_seed
 
@@ -55,10 +55,10 @@ class HFBackend(TokenLM):
         super().__init__(batch_size=batch_size, max_gen_toks=max_gen_toks)
         import transformers
 
-        path = Path(pretrained)
+        path = resolve_checkpoint_path(pretrained)  # a hub repo id too, fetched as for the chameleon backend
         if not (path / "config.json").is_file():
             raise InputError(f"--model {pretrained}: expected a Hugging Face checkpoint directory with config.json")
-        self.path = path
+        self.path, self.commit = str(pretrained), hub_commit(pretrained, path)
         self.device_name = device
         torch_dtype = getattr(torch, dtype)
         try:
@@ -100,7 +100,8 @@ class HFBackend(TokenLM):
         return self._fingerprint
 
     def describe(self) -> dict:
-        return {**super().describe(), "path": str(self.path), "class": type(self.model).__name__,
+        return {**super().describe(), "path": self.path, **({"commit": self.commit} if self.commit else {}),
+                "class": type(self.model).__name__,
                 "dtype": str(self.model.dtype), "device": self.device_name}
 
     # --- tokenization -------------------------------------------------------------------------

@@ -23,7 +23,9 @@ def register(subparsers) -> None:
                "k-th sample of maj@k (from 0). Loglikelihoods by request_hash only. Lines no request used are "
                "reported at the end.")
     p.add_argument("suite", help="shipped suite name (paper, smoke) or a suite YAML file")
-    p.add_argument("--model", required=True, help="checkpoint directory (chameleon, hf) or responses JSONL (responses)")
+    p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub repo id ORG/NAME[@REVISION] "
+                                                  "(chameleon, hf; a repo id is fetched into the hub cache, or with "
+                                                  "HF_HUB_OFFLINE=1 read from it alone), or responses JSONL (responses)")
     p.add_argument("--out", required=True, type=Path, help="run directory (results.json, samples/, cache/)")
     p.add_argument("--backend", choices=["chameleon", "hf", "responses"], help="default: the suite's backend")
     p.add_argument("--batch-size", type=int, help="default: the suite's batch_size")
@@ -69,6 +71,7 @@ def run_command(args) -> int:
     from benchmarks.runner.run import check_generation_room, check_image_input, check_inputs, check_out_dir, run_suite
     from benchmarks.runner.suite import load_suite
     from chameleon.chameleon import available_device
+    from chameleon.checkpoint import resolve_checkpoint_path
 
     suite = load_suite(args.suite)
     if args.data_dir is not None and not str(args.data_dir).strip():
@@ -103,10 +106,12 @@ def run_command(args) -> int:
             available_device(kwargs["device"])
         except InputError as err:
             raise InputError(re.sub(r"^device ", "--device ", str(err))) from None
-        if not Path(args.model).is_dir():
-            raise InputError(f"--model {args.model}: expected a checkpoint directory for backend {kind}")
-    check_image_input(suite, kind, args.model, image_input_problem(kind, args.model))  # before the model loads
-    with announced("loading", args.model, enabled=kind != "responses" and dist.is_main):
+    path = Path(args.model) if kind == "responses" else resolve_checkpoint_path(args.model)  # a hub repo id: its snapshot
+    if kind != "responses" and not path.is_dir():
+        raise InputError(f"--model {args.model}: expected a checkpoint directory or hub repo id for backend {kind}")
+    check_image_input(suite, kind, args.model, image_input_problem(kind, str(path)))  # before the model loads
+    # The backend is given the name as typed, which it records (with a hub snapshot's commit) and resolves again.
+    with announced("loading", path, enabled=kind != "responses" and dist.is_main):
         backend = load_backend(kind, args.model, **kwargs)
     check_generation_room(suite, backend)
     try:
