@@ -502,3 +502,39 @@ def test_image_digests_shared_by_processes(tmp_path, monkeypatch):
     assert sorted(reads) == files  # each file read once, by one of the two
     out = run([*files[:3], bad, files[4]])  # the bad file is in rank 1's share
     assert out[0] == out[1] and "cut.jpg: image is truncated" in out[0]
+
+
+# --- our chameleon model against lm-eval's own HFLM on the same Chameleon weights ------------------
+
+@pytest.fixture(scope="module")
+def short_chameleon(tmp_path_factory):
+    """A tiny Chameleon (HF format) with a 48-token context window: long requests get cut."""
+    import dataclasses
+
+    from chameleon.config import preset
+    from chameleon.tiny import build_tiny_model
+
+    args = dataclasses.replace(preset("tiny"), model_parallel_size=2, max_seq_len=48)
+    return build_tiny_model(tmp_path_factory.mktemp("short") / "hf", "hf", seed=0, args=args)
+
+
+def test_chameleon_scores_as_lm_evals_hflm(short_chameleon):
+    """lm-eval's HFLM on transformers' ChameleonForConditionalGeneration and our backend on the
+    same files give the same loglikelihoods (cut from the left past 48 tokens) and greedy text;
+    an empty context whose continuation starts with the prefix token (BOS) is scored as lm-eval
+    scores it: that token becomes the context."""
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+
+    model = transformers.ChameleonForConditionalGeneration.from_pretrained(short_chameleon)
+    ref = HFLM(pretrained=model, tokenizer=transformers.AutoTokenizer.from_pretrained(short_chameleon),
+               batch_size=3, device="cpu")
+    ours = load_backend("chameleon", str(short_chameleon), batch_size=2)
+    assert ref.max_length == ours.max_length == 48
+    pairs = LL + [("", "<s>Hello world"), ("Natalia sold clips to 48 of her friends in April, and then " * 3, " she sold")]
+    for (la, ga), (lb, gb) in zip(ours.loglikelihood(ll_requests(pairs)), ref.loglikelihood(ll_requests(pairs))):
+        assert la == pytest.approx(lb, abs=1e-4) and ga == gb
+    gens = [gen_request("Q: Natalia sold", 0), gen_request("Janet's ducks", 1, max_gen_toks=7, until=["e"]),
+            gen_request("Natalia sold clips to 48 of her friends in April " * 3, 2, until=["s "])]
+    assert ours.generate_until(gens) == ref.generate_until(gens)
+

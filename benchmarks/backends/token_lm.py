@@ -3,11 +3,14 @@
 Subclasses provide tokenization, `_score` (log-probabilities of continuations) and `_generate`;
 this class turns lm-eval requests into token pairs the way lm-eval's HF backend does (trailing
 context whitespace moves to the continuation; continuation = encode(ctx + cont) minus
-encode(ctx); an empty context is the prefix token; over-long requests keep their most recent
-max_length tokens), so scores are comparable with lm-eval's own backends. One deliberate
-difference: where tokenization merges across the boundary, so that encode(ctx + cont) does not
-start with encode(ctx), the continuation is encoded on its own (lm-eval slices the whole anyway,
-scoring tokens that do not spell the continuation).
+encode(ctx); an empty context is the prefix token, or the continuation's own first token where
+that is the prefix token; over-long requests keep their most recent max_length tokens), so scores
+are comparable with lm-eval's own backends. Two deliberate differences: where tokenization merges
+across the boundary, so that encode(ctx + cont) does not start with encode(ctx), the continuation
+is encoded on its own (lm-eval slices the whole anyway, scoring tokens that do not spell the
+continuation); and a rolling loglikelihood scores the text's tokens after the prefix token alone,
+where HFLM, whose tokenizer adds BOS (Chameleon's, Llama's), also scores that BOS after the BOS
+prefix (lm-eval issue #3333).
 """
 
 from __future__ import annotations
@@ -103,8 +106,9 @@ class TokenLM(MixedModalLM):
                 continuation = context[-n:] + continuation
                 segments = [*segments[:-1], context[:-n]] if context[:-n] else segments[:-1]
         ctx = self.encode_prompt(segments) or [self.prefix_token_id]  # lm-eval's rule for an empty context
-        if not segments:
-            return ctx, self.encode_text(continuation)
+        if not segments:  # ...which takes a continuation's own leading prefix token as the context
+            cont = self.encode_text(continuation)
+            return (cont[:1], cont[1:]) if cont[:1] == [self.prefix_token_id] else (ctx, cont)
         if isinstance(segments[-1], str):
             whole = self.encode_prompt([*segments[:-1], segments[-1] + continuation])
         else:
