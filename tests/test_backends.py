@@ -538,3 +538,26 @@ def test_chameleon_scores_as_lm_evals_hflm(short_chameleon):
             gen_request("Natalia sold clips to 48 of her friends in April " * 3, 2, until=["s "])]
     assert ours.generate_until(gens) == ref.generate_until(gens)
 
+
+@pytest.mark.parametrize("name", ["chameleon", "hf-mm"])
+def test_lm_eval_model_arguments(tiny_hf, name):
+    """lm-eval's --batch_size/--max_batch_size/--device flags and --model_args reach our models'
+    constructors: a fixed batch size works beside --max_batch_size (which bounds only 'auto', as in
+    HFLM); 'auto' and other bad values are refused naming the argument and what is expected."""
+    from lm_eval.api.registry import get_model
+
+    def make(model_args, **flags):
+        return get_model(name).create_from_arg_string(f"pretrained={tiny_hf},{model_args}".rstrip(","),
+                                                     {"batch_size": None, "max_batch_size": None, "device": None, **flags})
+
+    assert make("", batch_size="2", max_batch_size=8, device="cpu").batch_size == 2  # the CLI passes strings
+    for model_args, flags, message in [
+        ("", {"batch_size": "auto", "max_batch_size": 8}, "batch_size 'auto': expected a positive integer"),
+        ("", {"batch_size": "auto:4"}, "batch_size 'auto:4': expected a positive integer"),
+        ("batch_size=0", {}, "batch_size 0: expected a positive integer"),
+        ("max_gen_toks=many", {}, "max_gen_toks 'many': expected a positive integer"),
+        ("dtype=bogus", {}, "dtype 'bogus': expected one of float32"),
+        ("", {"device": "cuda:7"}, "device 'cuda:7'"),
+    ]:
+        with pytest.raises(InputError, match=re.escape(message)):
+            make(model_args, **flags)

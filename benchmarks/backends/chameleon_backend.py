@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 
 from benchmarks.backends.base import GenSettings, Segment
-from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score
+from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score, dtype_arg
 from chameleon.checkpoint import hub_commit, resolve_checkpoint_path
 from chameleon.generate import GenerationOptions, generate, non_text_mask
 
@@ -30,15 +30,15 @@ class ChameleonBackend(TokenLM):
     backend_name = "chameleon"
 
     def __init__(self, pretrained: str, device: str = "cpu", dtype: str = "float32",
-                 batch_size: int = 8, max_gen_toks: int = 256) -> None:
-        super().__init__(batch_size=batch_size, max_gen_toks=max_gen_toks)
+                 batch_size: int = 8, max_gen_toks: int = 256, max_batch_size: int | None = None) -> None:
+        super().__init__(batch_size=batch_size, max_gen_toks=max_gen_toks, max_batch_size=max_batch_size)
         import chameleon
 
         self.path = str(pretrained)  # a directory or a hub repo id, as given
         self.device_name = device
         directory = resolve_checkpoint_path(pretrained)
         self.commit = hub_commit(pretrained, directory)
-        self.model = chameleon.load(directory, device=device, dtype=getattr(torch, dtype))
+        self.model = chameleon.load(directory, device=device, dtype=dtype_arg(dtype))
         self.model.eval()
         self.tok = self.model.tokenizer
         self.max_length = int(self.model.config.max_seq_len)

@@ -21,7 +21,8 @@ except ImportError:
     StrictDataclassError = ValueError
 
 from benchmarks.backends.base import GenSettings
-from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score
+from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score, dtype_arg
+from chameleon.chameleon import available_device
 from chameleon.checkpoint import PROCESSOR_FILES, hub_commit, resolve_checkpoint_path
 from chameleon.errors import InputError
 from chameleon.generate import row_seed
@@ -51,8 +52,8 @@ class HFBackend(TokenLM):
 
     def __init__(self, pretrained: str, device: str = "cpu", dtype: str = "float32",
                  batch_size: int = 8, max_gen_toks: int = 256, max_length: int | None = None,
-                 add_bos_token: bool | None = None) -> None:
-        super().__init__(batch_size=batch_size, max_gen_toks=max_gen_toks)
+                 add_bos_token: bool | None = None, max_batch_size: int | None = None) -> None:
+        super().__init__(batch_size=batch_size, max_gen_toks=max_gen_toks, max_batch_size=max_batch_size)
         import transformers
 
         path = resolve_checkpoint_path(pretrained)  # a hub repo id too, fetched as for the chameleon backend
@@ -60,7 +61,8 @@ class HFBackend(TokenLM):
             raise InputError(f"--model {pretrained}: expected a Hugging Face checkpoint directory with config.json")
         self.path, self.commit = str(pretrained), hub_commit(pretrained, path)
         self.device_name = device
-        torch_dtype = getattr(torch, dtype)
+        available_device(device)  # before any weights are read
+        torch_dtype = dtype_arg(dtype)
         try:
             config = transformers.AutoConfig.from_pretrained(path)
             self.is_chameleon = config.model_type == "chameleon"

@@ -40,11 +40,32 @@ def continuation_score(rows: torch.Tensor, cont: list[int], banned: torch.Tensor
     return rows.gather(-1, target[:, None]).sum().item(), bool((greedy.argmax(-1) == target).all())
 
 
+def count_arg(name: str, value) -> int:
+    """A positive count among a backend's arguments, as lm-eval passes them: its CLI's --batch_size
+    as a string, --model_args values as ints where they look like one."""
+    n = value if type(value) is int else int(value) if isinstance(value, str) and value.strip().isdigit() else 0
+    if n < 1:
+        auto = " (a fixed batch size: lm-eval's automatic 'auto' sizes are not supported)" if name == "batch_size" else ""
+        raise InputError(f"{name} {value!r}: expected a positive integer{auto}")
+    return n
+
+
+def dtype_arg(name: str) -> torch.dtype:
+    """The torch dtype a backend's `dtype` argument names."""
+    from chameleon.commands import DTYPE_HELP, DTYPES
+
+    if name not in DTYPES:
+        raise InputError(f"dtype {name!r}: expected one of {DTYPE_HELP}")
+    return DTYPES[name]
+
+
 class TokenLM(MixedModalLM):
-    def __init__(self, batch_size: int = 8, max_gen_toks: int = 256) -> None:
+    # max_batch_size: lm-eval passes its --max_batch_size flag to every model; it bounds only
+    # 'auto' batch sizes, so with the fixed batch_size here it changes nothing (as in lm-eval's HFLM).
+    def __init__(self, batch_size: int = 8, max_gen_toks: int = 256, max_batch_size: int | None = None) -> None:
         super().__init__()
-        self.batch_size = int(batch_size)
-        self.max_gen_toks = int(max_gen_toks)
+        self.batch_size = count_arg("batch_size", batch_size)
+        self.max_gen_toks = count_arg("max_gen_toks", max_gen_toks)
         self._image_memo: OrderedDict[str, array] = OrderedDict()  # image digest -> its ids
 
     # --- to implement -------------------------------------------------------------------------
