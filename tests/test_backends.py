@@ -265,6 +265,18 @@ def test_gen_kwargs_from_lm_eval():
     assert not implied.greedy and implied.temperature == 0.7
     assert parse_gen_kwargs({"do_sample": False, "temperature": 0.7}).greedy
     assert parse_gen_kwargs({"temperature": 0.0}).greedy
+    assert parse_gen_kwargs({"top_k": None, "max_new_tokens": 9}) == parse_gen_kwargs({"top_k": 0, "max_gen_toks": 9})
+    # values of the wrong type or range (a task YAML's, lm-eval's --gen_kwargs) name their key
+    for bad, message in [({"temperature": "hot"}, "temperature 'hot': expected a number >= 0"),
+                         ({"do_sample": True, "temperature": -1}, "temperature -1: expected a number >= 0"),
+                         ({"top_p": None}, "top_p None: expected a number in (0, 1]"),
+                         ({"top_k": -2}, "top_k -2: expected an integer >= 0"),
+                         ({"max_gen_toks": "many"}, "max_gen_toks 'many': expected an integer >= 0"),
+                         ({"do_sample": "yes"}, "do_sample 'yes': expected true or false"),
+                         ({"until": 5}, "until 5: expected a string or a list of strings"),
+                         ({"until": ["Q:", None]}, "until ['Q:', None]: expected a string or a list of strings")]:
+        with pytest.raises(InputError, match=re.escape(f"generation settings: {message}")):
+            parse_gen_kwargs(bad)
 
 
 # --- the hf backend against lm-eval's own hf model, on causal LMs whose tokenizers add no BOS ------

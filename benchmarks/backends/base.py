@@ -96,6 +96,18 @@ class GenSettings:
 _GEN_KEYS = {"until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed"}
 
 
+def _setting(kw: dict, key: str, default, convert, ok, expected: str):
+    """kw[key] (else default) through `convert`, or an InputError naming the key and what it must be."""
+    value = kw.get(key, default)
+    try:
+        out = None if isinstance(value, bool) and convert is not bool else convert(value)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or not ok(out):
+        raise InputError(f"generation settings: {key} {value!r}: expected {expected}")
+    return out
+
+
 def parse_gen_kwargs(gen_kwargs: dict | None, default_max_gen_toks: int = 256) -> GenSettings:
     kw = dict(gen_kwargs or {})
     unknown = sorted(set(kw) - _GEN_KEYS)
@@ -104,16 +116,23 @@ def parse_gen_kwargs(gen_kwargs: dict | None, default_max_gen_toks: int = 256) -
     until = kw.get("until") or ()
     if isinstance(until, str):
         until = (until,)
-    max_toks = kw.get("max_gen_toks", kw.get("max_new_tokens", default_max_gen_toks))
+    if not (isinstance(until, (list, tuple)) and all(isinstance(s, str) for s in until)):
+        raise InputError(f"generation settings: until {kw['until']!r}: expected a string or a list of strings")
+    key = "max_gen_toks" if "max_gen_toks" in kw or "max_new_tokens" not in kw else "max_new_tokens"
+    max_toks = _setting(kw, key, default_max_gen_toks, int, lambda n: n >= 0, "an integer >= 0")
     # lm-eval's rule (normalize_gen_kwargs): without do_sample, a temperature above 0 samples
     do_sample = kw.get("do_sample")
-    temperature = float(kw.get("temperature", 1.0 if do_sample else 0.0))
-    do_sample = temperature > 0 if do_sample is None else bool(do_sample)
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise InputError(f"generation settings: do_sample {do_sample!r}: expected true or false")
+    temperature = _setting(kw, "temperature", 1.0 if do_sample else 0.0, float, lambda t: 0 <= t < float("inf"), "a number >= 0")
+    do_sample = temperature > 0 if do_sample is None else do_sample
     return GenSettings(
         until=tuple(s for s in until if s),  # an empty stop string (a task's "" delimiter) stops nothing
-        max_gen_toks=int(max_toks), do_sample=do_sample and temperature > 0,
-        temperature=temperature if do_sample else 0.0, top_p=float(kw.get("top_p", 1.0)),
-        top_k=int(kw.get("top_k", 0) or 0), seed=int(kw.get("seed", 0)),
+        max_gen_toks=max_toks, do_sample=do_sample and temperature > 0,
+        temperature=temperature if do_sample else 0.0,
+        top_p=_setting(kw, "top_p", 1.0, float, lambda p: 0 < p <= 1, "a number in (0, 1]"),
+        top_k=_setting(kw, "top_k", 0, lambda k: int(k or 0), lambda k: k >= 0, "an integer >= 0"),
+        seed=_setting(kw, "seed", 0, int, lambda n: True, "an integer"),
     )
 
 
