@@ -241,6 +241,7 @@ class VQGAN(nn.Module):
 # --- pixels <-> PIL, Meta's preprocessing ---------------------------------------------------------
 
 ACCEPTED_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"}
+BLEND_BLOCK_PIXELS = 1 << 18  # pixels blended at once by to_rgb (float64 temporaries: ~20 MB)
 MAX_ASPECT_RATIO = 32  # preprocessing scales the short side to 512: a 20000x1 image would need 10 GB
 
 
@@ -264,8 +265,10 @@ def open_image(path: str | Path, decode: bool = True) -> Image.Image | None:
         raise InputError(f"{path}: image too large to decode safely ({err})") from None
     except UnidentifiedImageError:
         raise InputError(f"{path}: not a readable image (PNG/JPEG/... expected)") from None
-    except (OSError, SyntaxError) as err:  # truncated or corrupt data
-        raise InputError(f"{path}: image is truncated or corrupt ({err})") from None
+    except (OSError, SyntaxError) as err:
+        if isinstance(err, OSError) and err.errno is not None:  # the OS failed to read the path (ELOOP, EIO, ...)
+            raise InputError(f"{path}: cannot read the image file ({err.strerror})") from None
+        raise InputError(f"{path}: image is truncated or corrupt ({err})") from None  # PIL's errors carry no errno
 
 
 def check_image(image: Image.Image, name: str = "image") -> None:
@@ -273,6 +276,8 @@ def check_image(image: Image.Image, name: str = "image") -> None:
     if image.mode not in ACCEPTED_MODES:
         raise InputError(f"{name}: unsupported image mode {image.mode!r}; expected an 8-bit RGB, RGBA, grayscale or palette image")
     w, h = image.size
+    if not (w and h):  # e.g. an empty crop: there is no shortest side to scale
+        raise InputError(f"{name}: a {w}x{h} image has no pixels")
     if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
         raise InputError(f"{name}: a {w}x{h} image is too elongated (at most {MAX_ASPECT_RATIO}:1): crop it first")
 
@@ -284,9 +289,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     rgba = np.asarray(image.convert("RGBA"))
     if not (rgba[:, :, 3] < 255).any():
         return image.convert("RGB")
-    alpha = rgba[:, :, 3:4] / 255.0
-    blended = (1 - alpha) * 255 + alpha * rgba[:, :, :3]
-    return Image.fromarray(blended.astype("uint8"), "RGB")
+    out = np.empty((image.height, image.width, 3), np.uint8)
+    rows = max(1, BLEND_BLOCK_PIXELS // image.width)
+    for y in range(0, image.height, rows):  # in blocks: float64 of a whole 100 MP image is GBs
+        block = rgba[y : y + rows]
+        alpha = block[:, :, 3:4] / 255.0
+        out[y : y + rows] = (1 - alpha) * 255 + alpha * block[:, :, :3]  # truncated to uint8, as Meta's astype
+    return Image.fromarray(out, "RGB")
 
 
 def preprocess(image: Image.Image, resolution: int = 512) -> torch.Tensor:

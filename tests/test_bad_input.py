@@ -178,6 +178,17 @@ def test_images_checked_before_decoding(tmp_path, monkeypatch):
         open_image(tmp_path / "big.png")
 
 
+def test_empty_images_and_unreadable_paths(tmp_path):
+    """An image with no pixels (e.g. an empty crop) is named as such, not a ZeroDivisionError or a
+    'too elongated' one; an OS error reading the path (here a symlink loop) is not called corrupt data."""
+    for size in [(0, 0), (5, 0), (0, 7)]:
+        with pytest.raises(InputError, match=rf"image: a {size[0]}x{size[1]} image has no pixels"):
+            preprocess(Image.new("RGB", size))
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    with pytest.raises(InputError, match=r"loop.jpg: cannot read the image file \(Too many levels of symbolic links\)"):
+        open_image(tmp_path / "loop.jpg")
+
+
 def test_generation_options_must_be_finite():
     for field in ("temperature", "image_temperature", "top_p", "image_top_p", "repetition_penalty", "cfg_text_scale", "cfg_image_scale"):
         for bad in (float("nan"), float("inf")):
