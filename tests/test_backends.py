@@ -567,6 +567,7 @@ def test_lm_eval_model_arguments(tiny_hf, name):
         ("", {"batch_size": "auto", "max_batch_size": 8}, "batch_size 'auto': expected a positive integer"),
         ("", {"batch_size": "auto:4"}, "batch_size 'auto:4': expected a positive integer"),
         ("batch_size=0", {}, "batch_size 0: expected a positive integer"),
+        ("", {"batch_size": "\u00b2"}, "batch_size '\u00b2': expected a positive integer"),  # a digit to str.isdigit, not to int()
         ("max_gen_toks=many", {}, "max_gen_toks 'many': expected a positive integer"),
         ("dtype=bogus", {}, "dtype 'bogus': expected one of float32"),
         ("", {"device": "cuda:7"}, "device 'cuda:7'"),

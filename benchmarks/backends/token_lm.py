@@ -43,7 +43,7 @@ def continuation_score(rows: torch.Tensor, cont: list[int], banned: torch.Tensor
 def count_arg(name: str, value) -> int:
     """A positive count among a backend's arguments, as lm-eval passes them: its CLI's --batch_size
     as a string, --model_args values as ints where they look like one."""
-    n = value if type(value) is int else int(value) if isinstance(value, str) and value.strip().isdigit() else 0
+    n = value if type(value) is int else int(value) if isinstance(value, str) and value.strip().isdecimal() else 0
     if n < 1:
         auto = " (a fixed batch size: lm-eval's automatic 'auto' sizes are not supported)" if name == "batch_size" else ""
         raise InputError(f"{name} {value!r}: expected a positive integer{auto}")
