@@ -266,6 +266,7 @@ def test_gen_kwargs_from_lm_eval():
     assert parse_gen_kwargs({"do_sample": False, "temperature": 0.7}).greedy
     assert parse_gen_kwargs({"temperature": 0.0}).greedy
     assert parse_gen_kwargs({"top_k": None, "max_new_tokens": 9}) == parse_gen_kwargs({"top_k": 0, "max_gen_toks": 9})
+    assert parse_gen_kwargs({"max_gen_toks": 8.0, "top_k": "3", "seed": -1}) == parse_gen_kwargs({"max_gen_toks": 8, "top_k": 3, "seed": -1})
     # values of the wrong type or range (a task YAML's, lm-eval's --gen_kwargs) name their key
     for bad, message in [({"temperature": "hot"}, "temperature 'hot': expected a number >= 0"),
                          ({"do_sample": True, "temperature": -1}, "temperature -1: expected a number >= 0"),
@@ -274,7 +275,11 @@ def test_gen_kwargs_from_lm_eval():
                          ({"max_gen_toks": "many"}, "max_gen_toks 'many': expected an integer >= 0"),
                          ({"do_sample": "yes"}, "do_sample 'yes': expected true or false"),
                          ({"until": 5}, "until 5: expected a string or a list of strings"),
-                         ({"until": ["Q:", None]}, "until ['Q:', None]: expected a string or a list of strings")]:
+                         ({"until": ["Q:", None]}, "until ['Q:', None]: expected a string or a list of strings"),
+                         ({"until": 0}, "until 0: expected a string or a list of strings"),
+                         ({"max_gen_toks": 3.7}, "max_gen_toks 3.7: expected an integer >= 0"),
+                         ({"top_k": 2.5}, "top_k 2.5: expected an integer >= 0"),
+                         ({"seed": 1.9}, "seed 1.9: expected an integer")]:
         with pytest.raises(InputError, match=re.escape(f"generation settings: {message}")):
             parse_gen_kwargs(bad)
 

@@ -108,18 +108,28 @@ def _setting(kw: dict, key: str, default, convert, ok, expected: str):
     return out
 
 
+def _integer(value) -> int:
+    """An integer setting as YAML, JSON or lm-eval's --gen_kwargs give it (3, 3.0, "3"); a fraction
+    is refused rather than truncated."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().removeprefix("-").isdecimal()):
+        return int(value)
+    raise ValueError(value)
+
+
 def parse_gen_kwargs(gen_kwargs: dict | None, default_max_gen_toks: int = 256) -> GenSettings:
     kw = dict(gen_kwargs or {})
     unknown = sorted(set(kw) - _GEN_KEYS)
     if unknown:
         raise InputError(f"generation settings: unknown key(s) {unknown}; allowed: {sorted(_GEN_KEYS)}")
-    until = kw.get("until") or ()
+    until = () if kw.get("until") is None else kw["until"]
     if isinstance(until, str):
         until = (until,)
     if not (isinstance(until, (list, tuple)) and all(isinstance(s, str) for s in until)):
         raise InputError(f"generation settings: until {kw['until']!r}: expected a string or a list of strings")
     key = "max_gen_toks" if "max_gen_toks" in kw or "max_new_tokens" not in kw else "max_new_tokens"
-    max_toks = _setting(kw, key, default_max_gen_toks, int, lambda n: n >= 0, "an integer >= 0")
+    max_toks = _setting(kw, key, default_max_gen_toks, _integer, lambda n: n >= 0, "an integer >= 0")
     # lm-eval's rule (normalize_gen_kwargs): without do_sample, a temperature above 0 samples
     do_sample = kw.get("do_sample")
     if do_sample is not None and not isinstance(do_sample, bool):
@@ -131,8 +141,8 @@ def parse_gen_kwargs(gen_kwargs: dict | None, default_max_gen_toks: int = 256) -
         max_gen_toks=max_toks, do_sample=do_sample and temperature > 0,
         temperature=temperature if do_sample else 0.0,
         top_p=_setting(kw, "top_p", 1.0, float, lambda p: 0 < p <= 1, "a number in (0, 1]"),
-        top_k=_setting(kw, "top_k", 0, lambda k: int(k or 0), lambda k: k >= 0, "an integer >= 0"),
-        seed=_setting(kw, "seed", 0, int, lambda n: True, "an integer"),
+        top_k=_setting(kw, "top_k", 0, lambda k: _integer(k or 0), lambda k: k >= 0, "an integer >= 0"),
+        seed=_setting(kw, "seed", 0, _integer, lambda n: True, "an integer"),
     )
 
 
