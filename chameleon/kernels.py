@@ -372,7 +372,10 @@ def _directory_locked(path: str):
     except OSError as err:
         raise InputError(f"{CONFIGS_ENV}={path}: cannot write it ({err.strerror})") from None
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)  # (released when closed)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)  # (released when closed)
+        except OSError:  # a file system without locks: unlocked, as without fcntl
+            pass
         yield
     finally:
         os.close(descriptor)
