@@ -56,8 +56,10 @@ class Checkpoint:
 # A hub repo id, `org/name[@revision]` (a branch, tag or commit); each part starts with a letter or
 # digit, so that relative paths such as ./ckpt or ../ckpt are never taken for one.
 HUB_REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^@\s]+))?")
-# What the loader reads, and no more: a repo may also hold other formats' copies of the weights.
-HUB_FILES = {"hf": ["*.json", "*.safetensors"], "meta": ["*.json", "consolidated*.pth", "tokenizer/*"]}
+# What the loaders read, and no more: a repo may also hold other formats' copies of the weights.
+# (The hf backend also runs other causal LMs, whose tokenizers may be sentencepiece or BPE files.)
+HUB_FILES = {"hf": ["*.json", "*.safetensors", "*.model", "*.tiktoken", "merges.txt", "vocab.txt"],
+             "meta": ["*.json", "consolidated*.pth", "tokenizer/*"]}
 HUB_LOGIN = "log in with `hf auth login` (`huggingface-cli login` in older versions) or set HF_TOKEN"
 
 
