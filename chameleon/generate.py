@@ -94,7 +94,9 @@ class GenerationOptions:
             value = as_real(bias)
             if value is None or not (math.isfinite(value) or value == -math.inf):
                 raise InputError(f"logit_bias[{token!r}] must be a finite number or -inf (to ban the token), got {bias!r}")
-        self.logit_bias = {token: as_real(bias) for token, bias in self.logit_bias.items()}
+        # (ids as decimal strings too: JSON's keys, as generation.json records these options)
+        self.logit_bias = {int(token) if isinstance(token, str) and token.isdecimal() else token: as_real(bias)
+                           for token, bias in self.logit_bias.items()}
         self.stop_ids = tuple(self.stop_ids)
         self.stop_strings = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings)
         if not all(isinstance(s, str) and s for s in self.stop_strings):
@@ -201,12 +203,10 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
         bad = next((t for t in p if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < args.vocab_size), None)
         if bad is not None:  # ids of another tokenizer would fail in the embedding, naming nothing
             raise InputError(f"prompt {i}: {bad!r} is not a token id: expected integers 0..{args.vocab_size - 1}")
-    for t in opts.stop_ids:
-        if not 0 <= t < args.vocab_size:
-            raise InputError(f"stop id {t} is not a token id: expected 0..{args.vocab_size - 1}")
-    for t in opts.logit_bias:
-        if not 0 <= t < args.vocab_size:
-            raise InputError(f"logit_bias: {t} is not a token id: expected 0..{args.vocab_size - 1}")
+    for what, ids in (("stop id", opts.stop_ids), ("logit_bias:", opts.logit_bias)):
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < args.vocab_size:
+                raise InputError(f"{what} {t!r} is not a token id: expected integers 0..{args.vocab_size - 1}")
     # A prompt ending inside an image (begin-of-image, maybe some of its codes) asks for that image,
     # as Meta's decoder reads a prompt ending in boi: it is generated as if the boi and codes were
     # the output's first tokens, which they become. They are prefilled with the prompt (the two

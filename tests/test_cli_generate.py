@@ -91,7 +91,11 @@ def test_console_script_help_and_demo(tmp_path):
     page = (tmp_path / "demo" / "generation" / "index.html").read_text()
     assert "output_image_1.png" in page
     model = chameleon.load(tmp_path / "demo" / "tiny-chameleon")
-    ids = json.loads((tmp_path / "demo" / "generation" / "generation.json").read_text())["new_ids"]
+    record = json.loads((tmp_path / "demo" / "generation" / "generation.json").read_text())
+    ids = record["new_ids"]
+    # Its recorded settings (a logit bias keyed by a token id, a string in JSON) regenerate it.
+    assert record["options"]["logit_bias"] == {str(model.tokenizer.boi_id): 4.0}
+    assert generate(model, [record["prompt_ids"]], GenerationOptions(**record["options"]))[0] == ids
     assert len(image_spans_of(ids, model.tokenizer, model.image_seq_len)) >= 1
     kinds = [type(s).__name__ for s in model.decode_output(ids)]
     assert kinds[0] == "str" and "Image" in kinds and kinds[-1] == "str"  # text, an image, then text

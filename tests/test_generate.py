@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import re
 import weakref
 from dataclasses import replace
 
@@ -229,9 +230,13 @@ def test_stop_strings_and_ids(tiny_model):
 def test_generation_options_are_checked(tiny_model):
     prompt = [tiny_model.encode_prompt(PROMPTS[0])]
     vocab = tiny_model.config.vocab_size
-    for bad in (vocab, -1):
-        with pytest.raises(InputError, match=f"logit_bias: {bad} is not a token id"):
+    for bad in (vocab, -1, "boi", 2.0):
+        with pytest.raises(InputError, match=re.escape(f"logit_bias: {bad!r} is not a token id: expected integers 0..{vocab - 1}")):
             generate(tiny_model, prompt, GenerationOptions(max_new_tokens=2, logit_bias={bad: 5.0}))
+    with pytest.raises(InputError, match=re.escape("stop id '2' is not a token id")):
+        generate(tiny_model, prompt, GenerationOptions(max_new_tokens=2, stop_ids=["2"]))
+    # decimal strings are ids (JSON's keys: generation.json's options read back)
+    assert GenerationOptions(logit_bias={"7": 1.5}).logit_bias == {7: 1.5}
     with pytest.raises(InputError, match="top_k must be >= 0"):
         GenerationOptions(top_k=-3)
     with pytest.raises(InputError, match="stop_strings must be non-empty strings"):
