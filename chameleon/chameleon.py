@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from chameleon.checkpoint import Checkpoint, read_checkpoint, resolve_checkpoint_path, write_hf, write_meta
+from chameleon.checkpoint import Checkpoint, occupied, read_checkpoint, resolve_checkpoint_path, write_hf, write_meta
 from chameleon.config import ModelArgs, VQGANConfig
 from chameleon.errors import InputError
 from chameleon.model import KVCache, Transformer
@@ -188,8 +188,8 @@ class Chameleon(nn.Module):
         """Write a checkpoint directory (`format` "hf" or "meta") into `out`, which must be new or
         empty: files of another checkpoint there would be overwritten or, left beside ours, mixed in."""
         out = Path(out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise InputError(f"{out}: exists and is {'not empty' if out.is_dir() else 'not a directory'}; save into a new directory")
+        if why := occupied(out):
+            raise InputError(f"{out}: exists and is {why}; save into a new directory")
         save_checkpoint(self.to_checkpoint(), out, format, self.tokenizer, shards, max_shard_bytes)
 
 

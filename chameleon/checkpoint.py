@@ -60,6 +60,9 @@ HUB_REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?
 # (The hf backend also runs other causal LMs, whose tokenizers may be sentencepiece or BPE files.)
 HUB_FILES = {"hf": ["*.json", "*.safetensors", "*.model", "*.tiktoken", "merges.txt", "vocab.txt"],
              "meta": ["*.json", "consolidated*.pth", "tokenizer/*"]}
+# (repo, revision, cache, offline) -> its snapshot: a process resolves a repo once, so that its
+# checks before loading (run's) and its load read one commit, with one lookup on the network.
+_snapshots: dict[tuple, Path] = {}
 HUB_LOGIN = "log in with `hf auth login` (`huggingface-cli login` in older versions) or set HF_TOKEN"
 
 
@@ -75,6 +78,9 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     from huggingface_hub import constants, errors, snapshot_download
 
     repo, revision = match["repo"], match["revision"]
+    key = (repo, revision, constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)
+    if key in _snapshots and _snapshots[key].is_dir():
+        return _snapshots[key]
     where = f"{path}: no local directory of that name; Hugging Face hub repo {repo}"
     try:
         snapshot = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES["hf"]))
@@ -100,7 +106,16 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
         raise InputError(f"{path}: no such local directory, nor a valid hub repo id ({_first_line(err)})") from None
     except Exception as err:  # the HTTP library's own errors (connection reset, proxy), a full disk
         raise InputError(f"{where} could not be downloaded ({type(err).__name__}: {_first_line(err)})") from None
+    _snapshots[key] = snapshot
     return snapshot
+
+
+def occupied(path: Path) -> str | None:
+    """Why a checkpoint cannot be written into `path` ("not a directory", "not empty": another
+    checkpoint's files there would be overwritten, or mixed in), or None where it is new or empty."""
+    if not path.exists():
+        return None
+    return "not a directory" if not path.is_dir() else "not empty" if any(path.iterdir()) else None
 
 
 def hub_commit(given: str | Path, resolved: Path) -> str | None:
@@ -169,7 +184,7 @@ def _load_pth(file: Path) -> object:
             raise InputError(f"{file}: holds Python objects besides tensors (e.g. {unsupported[1]}), which this stack does not "
                              "unpickle: it reads weights only, running no code from the file. If you trust the file, "
                              "re-save its tensors alone (torch.load(..., weights_only=False), then torch.save of the state dict)") from None
-        raise InputError(f"{file}: corrupt or unreadable PyTorch checkpoint ({(str(err).splitlines() or [type(err).__name__])[0]})") from None
+        raise InputError(f"{file}: corrupt or unreadable PyTorch checkpoint ({_first_line(err)})") from None
 
 
 def _state_dict(obj: object, file: Path, what: str = "the checkpoint", skip: str | None = None) -> Tensors:

@@ -53,9 +53,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
+    """The torch dtype of a --dtype name (`flag`: what the user typed it as, e.g. a backend's model_args key)."""
     if name not in DTYPES:
-        raise InputError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}")
+        raise InputError(f"{flag} {name!r}: expected one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -333,16 +334,14 @@ def _parse_size(text: str | None) -> int | None:
 
 def cmd_convert(args) -> int:
     from chameleon.chameleon import save_checkpoint
-    from chameleon.checkpoint import read_args, read_checkpoint, resolve_checkpoint_path
+    from chameleon.checkpoint import occupied, read_args, read_checkpoint, resolve_checkpoint_path
     from chameleon.convert import check_meta_shards
     from chameleon.tokenizer import ChameleonTokenizer
 
     dst = Path(args.dst)
-    if dst.exists() and not dst.is_dir():
-        raise InputError(f"{dst}: destination exists and is not a directory")
+    if why := occupied(dst):
+        raise InputError(f"{dst}: destination exists and is {why}; choose a new directory")
     existed = dst.exists()
-    if existed and any(dst.iterdir()):
-        raise InputError(f"{dst}: destination exists and is not empty; choose a new directory")
     if args.to == "hf" and args.shards is not None:
         raise InputError("--shards applies to Meta output (--to meta); HF output is split with --max-shard-size")
     if args.to == "meta" and args.max_shard_size is not None:

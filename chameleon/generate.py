@@ -31,6 +31,15 @@ KERNELS = ("torch", "triton")
 CACHE_BUCKET = 256
 
 
+def is_integer(value) -> bool:
+    """An int (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_token_id(value, vocab_size: int) -> bool:
+    return is_integer(value) and 0 <= value < vocab_size
+
+
 @dataclass
 class GenerationOptions:
     max_new_tokens: int = 256
@@ -68,7 +77,7 @@ class GenerationOptions:
             raise InputError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}")
         for name in ("max_new_tokens", "top_k"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            if not is_integer(value):
                 raise InputError(f"{name} must be an integer, got {value!r}")
         if self.max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
@@ -200,12 +209,12 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
             raise InputError(f"prompt {i}: expected a list of token ids (model.encode_prompt gives one), got {type(p).__name__}")
         if not p:
             raise InputError(f"prompt {i} is empty")
-        bad = next((t for t in p if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < args.vocab_size), None)
+        bad = next((t for t in p if not is_token_id(t, args.vocab_size)), None)
         if bad is not None:  # ids of another tokenizer would fail in the embedding, naming nothing
             raise InputError(f"prompt {i}: {bad!r} is not a token id: expected integers 0..{args.vocab_size - 1}")
     for what, ids in (("stop id", opts.stop_ids), ("logit_bias:", opts.logit_bias)):
         for t in ids:
-            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < args.vocab_size:
+            if not is_token_id(t, args.vocab_size):
                 raise InputError(f"{what} {t!r} is not a token id: expected integers 0..{args.vocab_size - 1}")
     # A prompt ending inside an image (begin-of-image, maybe some of its codes) asks for that image,
     # as Meta's decoder reads a prompt ending in boi: it is generated as if the boi and codes were

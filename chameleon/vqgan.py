@@ -259,8 +259,6 @@ def open_image(path: str | Path, decode: bool = True) -> Image.Image | None:
             return img.copy()
     except FileNotFoundError:
         raise InputError(f"{path}: image file not found") from None
-    except PermissionError as err:
-        raise InputError(f"{path}: cannot read the image file ({err.strerror})") from None
     except Image.DecompressionBombError as err:
         raise InputError(f"{path}: image too large to decode safely ({err})") from None
     except UnidentifiedImageError:

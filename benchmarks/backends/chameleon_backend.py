@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 
 from benchmarks.backends.base import GenSettings, Segment
-from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score, dtype_arg
+from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score
 from chameleon.checkpoint import hub_commit, resolve_checkpoint_path
+from chameleon.commands import parse_dtype
 from chameleon.generate import GenerationOptions, generate, non_text_mask
 
 
@@ -38,7 +39,7 @@ class ChameleonBackend(TokenLM):
         self.device_name = device
         directory = resolve_checkpoint_path(pretrained)
         self.commit = hub_commit(pretrained, directory)
-        self.model = chameleon.load(directory, device=device, dtype=dtype_arg(dtype))
+        self.model = chameleon.load(directory, device=device, dtype=parse_dtype(dtype, flag="dtype"))
         self.model.eval()
         self.tok = self.model.tokenizer
         self.max_length = int(self.model.config.max_seq_len)

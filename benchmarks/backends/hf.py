@@ -21,9 +21,10 @@ except ImportError:
     StrictDataclassError = ValueError
 
 from benchmarks.backends.base import GenSettings
-from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score, dtype_arg
+from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score
 from chameleon.chameleon import available_device
 from chameleon.checkpoint import PROCESSOR_FILES, hub_commit, resolve_checkpoint_path
+from chameleon.commands import parse_dtype
 from chameleon.errors import InputError
 from chameleon.generate import row_seed
 
@@ -62,7 +63,7 @@ class HFBackend(TokenLM):
         self.path, self.commit = str(pretrained), hub_commit(pretrained, path)
         self.device_name = device
         available_device(device)  # before any weights are read
-        torch_dtype = dtype_arg(dtype)
+        torch_dtype = parse_dtype(dtype, flag="dtype")
         try:
             config = transformers.AutoConfig.from_pretrained(path)
             self.is_chameleon = config.model_type == "chameleon"

@@ -50,15 +50,6 @@ def count_arg(name: str, value) -> int:
     return n
 
 
-def dtype_arg(name: str) -> torch.dtype:
-    """The torch dtype a backend's `dtype` argument names."""
-    from chameleon.commands import DTYPE_HELP, DTYPES
-
-    if name not in DTYPES:
-        raise InputError(f"dtype {name!r}: expected one of {DTYPE_HELP}")
-    return DTYPES[name]
-
-
 class TokenLM(MixedModalLM):
     # max_batch_size: lm-eval passes its --max_batch_size flag to every model; it bounds only
     # 'auto' batch sizes, so with the fixed batch_size here it changes nothing (as in lm-eval's HFLM).

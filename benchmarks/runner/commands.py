@@ -110,7 +110,8 @@ def run_command(args) -> int:
     if kind != "responses" and not path.is_dir():
         raise InputError(f"--model {args.model}: expected a checkpoint directory or hub repo id for backend {kind}")
     check_image_input(suite, kind, args.model, image_input_problem(kind, str(path)))  # before the model loads
-    # The backend is given the name as typed, which it records (with a hub snapshot's commit) and resolves again.
+    # The backend is given the name as typed, which it records (with a hub snapshot's commit); it
+    # resolves to the same snapshot (resolve_checkpoint_path resolves a repo once per process).
     with announced("loading", path, enabled=kind != "responses" and dist.is_main):
         backend = load_backend(kind, args.model, **kwargs)
     check_generation_room(suite, backend)
