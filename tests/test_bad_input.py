@@ -103,14 +103,20 @@ def test_pth_files_legacy_format_loads_and_garbage_is_named(tiny_meta, tmp_path)
         expect_error(meta, shards[0].name, message)
 
 
+def denied(file, *args, **kwargs):
+    """Stands in for an open the OS refuses (chmod would not stop root, who runs CI containers)."""
+    raise PermissionError(13, "Permission denied", str(file))
+
+
+def must_not_read(*args, **kwargs):
+    raise AssertionError("the checkpoint was read")
+
+
 def test_unreadable_pth_file_is_named_not_a_traceback(tiny_meta, tmp_path, monkeypatch):
     """A .pth file the user may not read is an InputError naming it (as it was while torch.load
     opened the file first), not a PermissionError traceback from the format check before it."""
     meta = shutil.copytree(tiny_meta, tmp_path / "meta")
     shard = sorted(meta.glob("consolidated*.pth"))[0]
-
-    def denied(file, *args, **kwargs):  # (chmod would not stop root, who runs CI containers)
-        raise PermissionError(13, "Permission denied", str(file))
 
     monkeypatch.setattr(importlib.import_module("chameleon.checkpoint"), "open", denied, raising=False)
     expect_error(meta, shard.name, "cannot read the checkpoint file (Permission denied)")
@@ -149,9 +155,6 @@ def test_truncated_and_unsupported_images(tmp_path, monkeypatch):
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(InputError, match="text.png"):
         open_image(tmp_path / "text.png")
-    def denied(*args, **kwargs):  # (chmod would not stop root, who runs CI containers)
-        raise PermissionError(13, "Permission denied")
-
     with monkeypatch.context() as m:
         m.setattr(Image, "open", denied)
         with pytest.raises(InputError, match=r"cut.png: cannot read the image file \(Permission denied\)"):
@@ -240,9 +243,6 @@ def test_generate_checks_its_output_and_device_before_working(tiny_hf, tmp_path,
 def test_load_checks_its_dtype_before_reading(tiny_hf, monkeypatch):
     import chameleon
 
-    def must_not_read(*args, **kwargs):
-        raise AssertionError("the checkpoint was read")
-
     monkeypatch.setattr(importlib.import_module("chameleon.chameleon"), "read_checkpoint", must_not_read)
     for dtype in ("bf16", torch.int8, None):  # was a TypeError from .to() once every weight was read
         with pytest.raises(InputError, match=re.escape(f"dtype {dtype!r}: expected a floating-point torch.dtype")):
@@ -258,9 +258,6 @@ def test_cmyk_prompt_image_is_shown_as_the_model_sees_it(tiny_hf, tmp_path):
 
 
 def test_convert_refuses_bad_destinations_and_flags(tiny_hf, tmp_path, capsys, monkeypatch):
-    def must_not_read(*args, **kwargs):
-        raise AssertionError("the checkpoint was read")
-
     (tmp_path / "file").write_text("x")
     for argv, message in [
         ([str(tmp_path / "file"), "--to", "meta"], "not a directory"),
