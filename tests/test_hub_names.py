@@ -31,6 +31,7 @@ backend: chameleon
 batch_size: 2
 benchmarks:
   - {name: gsm8k, benchmark: gsm8k, shots: 1, limit: 2, generation: {max_gen_toks: 6}}
+  - {name: coco, benchmark: coco, shots: 1, subset: with_images, limit: 2, generation: {max_gen_toks: 4}}
 """
 
 
@@ -107,20 +108,24 @@ def test_hf_backend_by_repo_id(tiny_hf, offline):
     assert torch.equal(from_hub._logits(ids, torch.ones_like(ids)), from_dir._logits(ids, torch.ones_like(ids)))
 
 
-def test_run_by_repo_id_equals_the_directory_and_resumes_it(tiny_hf, offline, tmp_path):
-    """`run --model REPO_ID`: the same results as the directory; run.json names the repo and commit;
-    the directory's run directory is the repo id's too (same model fingerprint)."""
+@pytest.mark.parametrize("backend", ["chameleon", "hf"])
+def test_run_by_repo_id_equals_the_directory_and_resumes_it(backend, tiny_hf, offline, tmp_path):
+    """`run --backend B --model REPO_ID` (text and images): the same results as the directory;
+    run.json and results.json name the repo and commit; the directory's run directory is the repo
+    id's too (same model fingerprint)."""
     suite = tmp_path / "hub.yaml"
     suite.write_text(SUITE)
     for model, out in ((tiny_hf, "dir"), (REPO_ID, "hub")):
-        assert main(["run", str(suite), "--model", str(model), "--out", str(tmp_path / out)]) == 0
-    manifest = json.loads((tmp_path / "hub" / "run.json").read_text())["model"]
-    assert (manifest["path"], manifest["commit"]) == (REPO_ID, COMMIT)
+        assert main(["run", str(suite), "--backend", backend, "--model", str(model), "--out", str(tmp_path / out)]) == 0
+    for record in ("run.json", "results.json"):
+        model = json.loads((tmp_path / "hub" / record).read_text())["model"]
+        assert (model["backend"], model["path"], model["commit"]) == (backend, REPO_ID, COMMIT)
+    assert "commit" not in json.loads((tmp_path / "dir" / "results.json").read_text())["model"]
     by_dir, by_hub = ({name: (b["metrics"], (tmp_path / d / b["samples_file"]).read_text())
                        for name, b in json.loads((tmp_path / d / "results.json").read_text())["benchmarks"].items()}
                       for d in ("dir", "hub"))
-    assert by_hub == by_dir and set(by_hub) == {"gsm8k"}
-    assert main(["run", str(suite), "--model", REPO_ID, "--out", str(tmp_path / "dir")]) == 0
+    assert by_hub == by_dir and set(by_hub) == {"gsm8k", "coco"}
+    assert main(["run", str(suite), "--backend", backend, "--model", REPO_ID, "--out", str(tmp_path / "dir")]) == 0
     resumed = json.loads((tmp_path / "dir" / "results.json").read_text())["benchmarks"]
     assert all(b["computed_requests"] == 0 for b in resumed.values())  # all answered from the cache
 
