@@ -108,6 +108,21 @@ def test_hf_backend_by_repo_id(tiny_hf, offline):
     assert torch.equal(from_hub._logits(ids, torch.ones_like(ids)), from_dir._logits(ids, torch.ones_like(ids)))
 
 
+def test_hf_fingerprint_ignores_a_bin_copy_beside_safetensors(tiny_hf, tmp_path, monkeypatch):
+    """A repo may hold its weights twice, model.safetensors and pytorch_model.bin: the hub fetch skips
+    the .bin and transformers loads the safetensors, so a .bin copy (in a directory, or put into the
+    snapshot by a full `hf download` of the same commit) must not make another model: the same run
+    directory resumes."""
+    from safetensors.torch import load_file
+
+    from benchmarks.backends import load_backend
+
+    both = hub_cache(tmp_path / "hub", REPO_ID, tiny_hf) / "models--tiny-org--tiny-chameleon" / "snapshots" / COMMIT
+    plain = load_backend("hf", str(both)).fingerprint
+    torch.save(load_file(both / "model.safetensors"), both / "pytorch_model.bin")
+    assert load_backend("hf", str(both)).fingerprint == plain == load_backend("hf", str(tiny_hf)).fingerprint
+
+
 @pytest.mark.parametrize("backend", ["chameleon", "hf"])
 def test_run_by_repo_id_equals_the_directory_and_resumes_it(backend, tiny_hf, offline, tmp_path):
     """`run --backend B --model REPO_ID` (text and images): the same results as the directory;

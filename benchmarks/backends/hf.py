@@ -36,9 +36,14 @@ LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, Assertion
 
 def hash_checkpoint(path: Path) -> str:
     """sha256 over config and weight files of a HF checkpoint directory (the dtype it is loaded in
-    is part of a run's identity, see runner/run.py)."""
+    is part of a run's identity, see runner/run.py). Beside safetensors, .bin weights are left out:
+    transformers loads the safetensors, and a hub fetch skips the .bin (HUB_FILES), so a directory
+    and the repo id of the same files, or a snapshot a full download added them to, match."""
     h = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.suffix in {".json", ".safetensors", ".bin", ".model"})
+    suffixes = {".json", ".safetensors", ".model"}
+    if not any(p.suffix == ".safetensors" for p in path.iterdir()):
+        suffixes.add(".bin")
+    files = sorted(p for p in path.iterdir() if p.suffix in suffixes)
     for p in files:
         h.update(p.name.encode())
         with open(p, "rb") as f:
