@@ -193,6 +193,27 @@ def test_torchrun_two_processes_equal_single(suite, tiny_hf, baseline, tmp_path)
     assert "228 requests computed, 0 cached" in summary_lines(proc.stderr, "mmlu")[0]
 
 
+def test_two_backends_pair_item_by_item(suite, tiny_hf, baseline, tmp_path):
+    """SCHEMA.md's recipe: sample records of two runs (here our stack and transformers on the same
+    checkpoint, in another process) join one to one on (benchmark, item_hash, filter), and the
+    joined records differ only in what the model produced; the hashes that prove the prompts and
+    settings equal are equal."""
+    cli("run", suite, "--backend", "hf", "--model", tiny_hf, "--out", tmp_path / "hf")
+
+    def records(run):
+        res = json.loads((run / "results.json").read_text())
+        recs = [json.loads(line) for b in res["benchmarks"].values() for line in (run / b["samples_file"]).read_text().splitlines()]
+        keyed = {(r["benchmark"], r["item_hash"], r.get("filter")): r for r in recs}  # (captioning: no filter)
+        assert len(keyed) == len(recs)
+        return keyed
+
+    ours, theirs = records(baseline), records(tmp_path / "hf")
+    assert ours.keys() == theirs.keys() and {b for b, _, _ in ours} == {"gsm8k", "gsm8k_maj", "mmlu", "coco"}
+    outputs = {"output", "filtered_output", "prediction", "score"}
+    for key, rec in ours.items():
+        assert {k: v for k, v in rec.items() if k not in outputs} == {k: v for k, v in theirs[key].items() if k not in outputs}
+
+
 def test_other_models_run_dir_is_refused(suite, baseline, tmp_path):
     from chameleon.tiny import build_tiny_model
 
