@@ -428,11 +428,9 @@ def write_meta(ckpt: Checkpoint, out: Path, num_shards: int | None = None) -> No
     args = replace(ckpt.args, model_parallel_size=num_shards)
     (out / "params.json").write_text(json.dumps(args.to_params(), indent=2))
     (out / "consolidate_params.json").write_text(json.dumps({"model_parallel_size": num_shards}))
-    if num_shards == 1:
-        torch.save(shards[0], out / "consolidated.pth")
-    else:
-        for i, shard in enumerate(shards):
-            torch.save(shard, out / f"consolidated.{i:02d}.pth")
+    # Each shard made, written and dropped before the next (no loop variable keeps it while the next is made).
+    for name in ["consolidated.pth"] if num_shards == 1 else [f"consolidated.{i:02d}.pth" for i in range(num_shards)]:
+        torch.save(next(shards), out / name)
     tok_dir = out / "tokenizer"
     tok_dir.mkdir(exist_ok=True)
     shutil.copyfile(ckpt.tokenizer_file, tok_dir / "text_tokenizer.json")

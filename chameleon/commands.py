@@ -356,8 +356,9 @@ def cmd_convert(args) -> int:
         check_meta_shards(source_args, args.shards or source_args.model_parallel_size)
     with announced("reading", src):
         ckpt = read_checkpoint(src)
-    if dtype:
-        ckpt.weights = {k: v.to(dtype) for k, v in ckpt.weights.items()}
+    if dtype:  # one tensor at a time, each replaced as it is cast: not all of the old and new at once
+        for name, w in ckpt.weights.items():
+            ckpt.weights[name] = w.to(dtype)
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
     made = topmost_missing(dst)  # (dst, or a missing parent of it: removed if the conversion fails)
     try:

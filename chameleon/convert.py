@@ -7,6 +7,8 @@ parameters are permuted within each head: Meta's pair (2i, 2i+1) sits at HF's (i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from chameleon.config import ModelArgs
@@ -143,11 +145,14 @@ def check_meta_shards(args: ModelArgs, num_shards: int) -> None:
                 raise InputError(f"--shards {num_shards}: {what} ({size}) does not split into {num_shards} equal shards; save with --shards 1, or keep the HF format")
 
 
-def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> list[Tensors]:
-    """Split into Meta shards. Each shard keeps one q/k-norm, so heads within a shard must share it."""
+def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> Iterator[Tensors]:
+    """Split into Meta shards, checked at once, then made one at a time: a shard holds copies of its
+    slices (torch.save of a view writes the whole tensor), so a caller that writes and drops each
+    before taking the next holds 1/num_shards of the weights in copies, not all of them. Each shard
+    keeps one q/k-norm, so heads within a shard must share it."""
     check_meta_shards(args, num_shards)
     mp = args.model_parallel_size
-    shards: list[Tensors] = [{} for _ in range(num_shards)]
+    norms: Tensors = {}  # name -> each model-parallel shard's norm, (mp, head_dim)
     for name, w in sd.items():
         if name.endswith((".q_norm.weight", ".q_norm.bias", ".k_norm.weight", ".k_norm.bias")):
             per_shard = w.shape[0] // mp
@@ -160,18 +165,20 @@ def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> list[Tensor
             # A single file of a model-parallel model keeps shard 0's norm: lossless only if all agree.
             if num_shards == 1 and mp > 1 and not torch.equal(groups[:, 0], groups[:1, 0].expand_as(groups[:, 0])):
                 raise InputError(f"weight {name}: shards have different q/k-norms; save with --shards {mp}, or keep the HF format")
-            meta_name = name.replace("q_norm", "q_normalization").replace("k_norm", "k_normalization")
-            for s in range(num_shards):
-                shards[s][meta_name] = groups[s, 0].clone()
-            continue
-        dim = _split_dim(name)
-        if dim is None or num_shards == 1:
-            for s in range(num_shards):
-                shards[s][name] = w
-        else:
-            for s, piece in enumerate(torch.chunk(w, num_shards, dim=dim)):
-                shards[s][name] = piece.clone()
+            norms[name] = groups[:, 0]
     freqs = rope_inv_freq(args)
-    for shard in shards:
-        shard["rope.freqs"] = freqs  # Meta's loader expects this (unused) buffer
-    return shards
+
+    def shard(s: int) -> Tensors:
+        out: Tensors = {}
+        for name, w in sd.items():
+            dim = _split_dim(name)
+            if name in norms:
+                out[name.replace("q_norm", "q_normalization").replace("k_norm", "k_normalization")] = norms[name][s].clone()
+            elif dim is None or num_shards == 1:
+                out[name] = w
+            else:
+                out[name] = torch.chunk(w, num_shards, dim=dim)[s].clone()
+        out["rope.freqs"] = freqs  # Meta's loader expects this (unused) buffer
+        return out
+
+    return (shard(s) for s in range(num_shards))

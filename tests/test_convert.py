@@ -15,7 +15,7 @@ from transformers import ChameleonForConditionalGeneration
 import chameleon
 from benchmarks.cli import main
 from chameleon.config import ModelArgs
-from chameleon.convert import from_meta_shards, halves_to_interleaved, interleaved_to_halves
+from chameleon.convert import _split_dim, from_meta_shards, halves_to_interleaved, interleaved_to_halves
 from conftest import hf_logits
 
 TEXT = "Weng earns $12 an hour for babysitting."
@@ -300,3 +300,45 @@ def test_large_checkpoints_are_announced_while_they_load_and_save(tiny_hf, tmp_p
     assert main(["generate", "--model", str(tiny_hf), "--prompt", "hi", "--max-new-tokens", "2", "--out", str(tmp_path / "g")]) == 0
     err = capsys.readouterr().err
     assert f"loading {tiny_hf} {gb}\n" in err and re.search(rf"loading {re.escape(str(tiny_hf))}: done in \d+\.\d s\n", err)
+
+
+def test_meta_shards_are_built_and_written_one_at_a_time(tiny_hf, tmp_path, monkeypatch):
+    """Each shard's slices are copies (torch.save of a view would write its whole storage): a shard
+    is freed once written, before the next is cut, so that writing N shards holds 1/N of the weights
+    in copies rather than all of them (a 34B: 17 GB rather than 68)."""
+    import weakref
+
+    save, clone, written = torch.save, torch.Tensor.clone, []
+
+    def save_and_remember(obj, f, *args, **kwargs):
+        save(obj, f, *args, **kwargs)
+        if "rope.freqs" in obj:  # a shard, not vqgan.ckpt
+            written.extend(weakref.ref(t) for name, t in obj.items() if _split_dim(name) is not None)  # its slices
+
+    def clone_once_the_written_are_freed(t, *args, **kwargs):  # the next shard's slices are made by clone
+        assert all(ref() is None for ref in written), "a written shard is still in memory while the next is made"
+        return clone(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_and_remember)
+    monkeypatch.setattr(torch.Tensor, "clone", clone_once_the_written_are_freed)
+    assert main(["convert", str(tiny_hf), str(tmp_path / "meta"), "--to", "meta", "--shards", "2"]) == 0
+    assert len(written) > 0 and len(list((tmp_path / "meta").glob("consolidated.*.pth"))) == 2
+
+
+def test_dtype_cast_replaces_weights_one_at_a_time(tiny_meta, tmp_path, monkeypatch):
+    """--dtype frees each weight as its cast is made: a merged (in-memory) checkpoint is not held
+    twice, in its old dtype and the new (cast to fp16, a 34B's merged bf16 shards: 136 GB, not 68+68)."""
+    import weakref
+
+    to, cast = torch.Tensor.to, []
+
+    def to_once_the_cast_are_freed(t, *args, **kwargs):
+        assert all(ref() is None for ref in cast), "a weight is still in memory beside its cast"
+        out = to(t, *args, **kwargs)
+        if out.dtype == torch.float16 and t.dtype != torch.float16 and t.ndim == 2:
+            cast.append(weakref.ref(t))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", to_once_the_cast_are_freed)
+    assert main(["convert", str(tiny_meta), str(tmp_path / "hf"), "--to", "hf", "--dtype", "fp16"]) == 0
+    assert len(cast) > 0 and load_file(tmp_path / "hf" / "model.safetensors")["lm_head.weight"].dtype == torch.float16
