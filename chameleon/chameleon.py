@@ -16,6 +16,7 @@ from chameleon.checkpoint import Checkpoint, occupied, read_checkpoint, resolve_
 from chameleon.config import ModelArgs, VQGANConfig
 from chameleon.errors import InputError
 from chameleon.model import KVCache, Transformer
+from chameleon.progress import writing_bar
 from chameleon.tokenizer import ChameleonTokenizer
 from chameleon.vqgan import VQGAN
 
@@ -184,22 +185,26 @@ class Chameleon(nn.Module):
         vq = {k: v.detach().cpu() for k, v in self.vqgan.state_dict().items()}
         return Checkpoint(self.config, weights, self.vqgan.cfg, vq, self.tokenizer_file, "memory", Path("."))
 
-    def save(self, out: str | Path, format: str = "hf", shards: int | None = None, max_shard_bytes: int | None = None) -> None:
+    def save(self, out: str | Path, format: str = "hf", shards: int | None = None, max_shard_bytes: int | None = None,
+             progress: bool = False) -> None:
         """Write a checkpoint directory (`format` "hf" or "meta") into `out`, which must be new or
-        empty: files of another checkpoint there would be overwritten or, left beside ours, mixed in."""
+        empty: files of another checkpoint there would be overwritten or, left beside ours, mixed in.
+        `progress`: a bar of the bytes written, with ETA, on stderr."""
         out = Path(out)
         if why := occupied(out):
             raise InputError(f"{out}: exists and is {why}; save into a new directory")
-        save_checkpoint(self.to_checkpoint(), out, format, self.tokenizer, shards, max_shard_bytes)
+        save_checkpoint(self.to_checkpoint(), out, format, self.tokenizer, shards, max_shard_bytes, progress)
 
 
-def save_checkpoint(ckpt: Checkpoint, out: Path, format: str, tokenizer: ChameleonTokenizer, shards: int | None = None, max_shard_bytes: int | None = None) -> None:
-    if format == "hf":
-        write_hf(ckpt, out, tokenizer, max_shard_bytes)
-    elif format == "meta":
-        write_meta(ckpt, out, shards)
-    else:
+def save_checkpoint(ckpt: Checkpoint, out: Path, format: str, tokenizer: ChameleonTokenizer, shards: int | None = None,
+                    max_shard_bytes: int | None = None, progress: bool = False) -> None:
+    if format not in ("hf", "meta"):
         raise InputError(f"unknown checkpoint format {format!r}; expected 'hf' or 'meta'")
+    with writing_bar(out, ckpt.nbytes, enabled=progress):
+        if format == "hf":
+            write_hf(ckpt, out, tokenizer, max_shard_bytes)
+        else:
+            write_meta(ckpt, out, shards)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, pack_bf16: bool = True) -> Chameleon:

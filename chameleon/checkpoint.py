@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from chameleon.config import ModelArgs, VQGANConfig, read_json
-from chameleon.convert import HF_VQ_PREFIX, Tensors, from_hf, from_meta_shards, to_hf, to_meta_shards
+from chameleon.convert import HF_VQ_PREFIX, Progress, Tensors, from_hf, from_meta_shards, to_hf, to_meta_shards
 from chameleon.errors import InputError
 from chameleon.tokenizer import SPECIAL_NAMES, ChameleonTokenizer
 
@@ -46,6 +46,11 @@ class Checkpoint:
     tokenizer_file: Path
     format: str
     path: Path
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of all its tensors (what a write holds, without the files' headers)."""
+        return sum(t.nbytes for t in (*self.weights.values(), *self.vq_weights.values()))
 
     @property
     def has_decoder(self) -> bool:
@@ -140,10 +145,11 @@ def detect_format(path: Path) -> str:
     raise InputError(f"{path}: not a checkpoint directory: expected config.json (HF format) or params.json (Meta format)")
 
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
+def read_checkpoint(path: str | Path, progress: Progress = None) -> Checkpoint:
+    """`progress`: called with the bytes of each decoder tensor as it is read (merged, permuted)."""
     path = Path(path)
     fmt = detect_format(path)
-    ckpt = _read_hf(path) if fmt == "hf" else _read_meta(path)
+    ckpt = _read_hf(path, progress) if fmt == "hf" else _read_meta(path, progress)
     _check_weights(ckpt)
     return ckpt
 
@@ -226,7 +232,7 @@ def _meta_config(path: Path) -> tuple[ModelArgs, list[Path]]:
     return ModelArgs.from_meta([(str(f), read_json(f)) for f in configs]), configs
 
 
-def _read_hf(path: Path) -> Checkpoint:
+def _read_hf(path: Path, progress: Progress = None) -> Checkpoint:
     args, cfg = _hf_config(path)
     vq_config = VQGANConfig.from_hf(cfg.get("vq_config"), str(path / "config.json"))
     index = path / "model.safetensors.index.json"
@@ -257,7 +263,7 @@ def _read_hf(path: Path) -> Checkpoint:
     decoder_file = path / HF_DECODER_FILE
     if decoder_file.is_file():
         vq.update(_load_safetensors(decoder_file))
-    weights = from_hf({k: v for k, v in raw.items() if not k.startswith(HF_VQ_PREFIX)}, args, str(path))
+    weights = from_hf({k: v for k, v in raw.items() if not k.startswith(HF_VQ_PREFIX)}, args, str(path), progress)
     tok = path / "tokenizer.json"
     if not tok.is_file():
         raise InputError(f"{path}: tokenizer.json is missing (the text tokenizer, `tokenizers` JSON)")
@@ -368,7 +374,7 @@ def _meta_tokenizer_dir(path: Path) -> Path:
     raise InputError(f"{path}: tokenizer folder not found: expected {path / 'tokenizer'}/text_tokenizer.json (or ../../tokenizer, the release layout)")
 
 
-def _read_meta(path: Path) -> Checkpoint:
+def _read_meta(path: Path, progress: Progress = None) -> Checkpoint:
     args, configs = _meta_config(path)
     files = sorted(path.glob("consolidated.*.pth"))
     shard_names = [f"consolidated.{i:02d}.pth" for i in range(args.model_parallel_size)]
@@ -395,7 +401,7 @@ def _read_meta(path: Path) -> Checkpoint:
             if t.shape != shards[0][name].shape:
                 raise InputError(f"{f}: tensor {name} has shape {tuple(t.shape)}, but {files[0].name} has {tuple(shards[0][name].shape)}")
     _check_keys(set(shards[0]) - {"rope.freqs"}, _expected_meta_keys(args), str(files[0]))
-    weights = from_meta_shards(shards, args, str(path))
+    weights = from_meta_shards(shards, args, str(path), progress)
 
     tok_dir = _meta_tokenizer_dir(path)
     vq_yaml, vq_ckpt = tok_dir / "vqgan.yaml", tok_dir / "vqgan.ckpt"

@@ -76,14 +76,15 @@ def weights_bytes(path: str | Path) -> int:
 def announced(what: str, path: str | Path, size: int | None = None, enabled: bool = True):
     """'what PATH (N GB) ...' on stderr before, and the seconds it took after, where the weights
     (`size`, default: those in `path`) are large enough to make the user wait (a 7B checkpoint
-    takes from seconds to minutes, depending on the disk)."""
+    takes from seconds to minutes, depending on the disk). Yields whether it announced (where a
+    progress bar is worth drawing too)."""
     size = weights_bytes(path) if size is None else size
     if not enabled or size < ANNOUNCED_FROM:
-        yield
+        yield False
         return
     print(f"{what} {path} ({size / 1e9:.1f} GB of weights) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    yield
+    yield True
     print(f"{what} {path}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
@@ -336,6 +337,7 @@ def cmd_convert(args) -> int:
     from chameleon.chameleon import save_checkpoint
     from chameleon.checkpoint import occupied, read_args, read_checkpoint, resolve_checkpoint_path
     from chameleon.convert import check_meta_shards
+    from chameleon.progress import byte_bar
     from chameleon.tokenizer import ChameleonTokenizer
 
     dst = Path(args.dst)
@@ -354,16 +356,17 @@ def cmd_convert(args) -> int:
     if args.to == "meta":  # from the config alone, before minutes of reading a large checkpoint's weights
         source_args = read_args(src)
         check_meta_shards(source_args, args.shards or source_args.model_parallel_size)
-    with announced("reading", src):
-        ckpt = read_checkpoint(src)
+    size = weights_bytes(src)
+    with announced("reading", src, size) as shown, byte_bar(f"reading {src.name}", size, enabled=shown) as bar:
+        ckpt = read_checkpoint(src, progress=bar.update)
     if dtype:  # one tensor at a time, each replaced as it is cast: not all of the old and new at once
         for name, w in ckpt.weights.items():
             ckpt.weights[name] = w.to(dtype)
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
     made = topmost_missing(dst)  # (dst, or a missing parent of it: removed if the conversion fails)
     try:
-        with announced("writing", dst, size=sum(t.nbytes for t in (*ckpt.weights.values(), *ckpt.vq_weights.values()))):
-            save_checkpoint(ckpt, dst, args.to, tokenizer, args.shards, max_shard)
+        with announced("writing", dst, size=ckpt.nbytes) as shown:
+            save_checkpoint(ckpt, dst, args.to, tokenizer, args.shards, max_shard, progress=shown)
     except BaseException as err:
         # No half-written checkpoint left behind (bad input, a full disk, ^C), nor the directories
         # made for it; a directory the user made stays, emptied.

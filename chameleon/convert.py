@@ -7,7 +7,7 @@ parameters are permuted within each head: Meta's pair (2i, 2i+1) sits at HF's (i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -16,6 +16,7 @@ from chameleon.errors import InputError
 from chameleon.model import rope_inv_freq
 
 Tensors = dict[str, torch.Tensor]
+Progress = Callable[[int], None] | None  # called with the bytes of each tensor made
 
 # Per layer: our/Meta name -> HF name.
 _LAYER_NAMES = {
@@ -81,11 +82,13 @@ def to_hf(sd: Tensors, args: ModelArgs) -> Tensors:
     return out
 
 
-def from_hf(sd: Tensors, args: ModelArgs, source: str) -> Tensors:
+def from_hf(sd: Tensors, args: ModelArgs, source: str, progress: Progress = None) -> Tensors:
     inverse_top = {v: k for k, v in _TOP_NAMES.items()}
     inverse_layer = {v: k for k, v in _LAYER_NAMES.items()}
     out: Tensors = {}
     for name, w in sd.items():
+        if progress:
+            progress(w.nbytes)
         if name in inverse_top:
             out[inverse_top[name]] = w
             continue
@@ -107,7 +110,7 @@ def _split_dim(name: str) -> int | None:
     return None
 
 
-def from_meta_shards(shards: list[Tensors], args: ModelArgs, source: str) -> Tensors:
+def from_meta_shards(shards: list[Tensors], args: ModelArgs, source: str, progress: Progress = None) -> Tensors:
     """Merge Meta's consolidated.NN.pth shards; expand each shard's q/k-norm to its heads."""
     n = len(shards)
     if n != args.model_parallel_size and n != 1:
@@ -131,6 +134,8 @@ def from_meta_shards(shards: list[Tensors], args: ModelArgs, source: str) -> Ten
             out[name] = parts[0] if same else torch.stack(parts).float().mean(0).to(parts[0].dtype)
         else:
             out[name] = torch.cat(parts, dim=dim) if n > 1 else parts[0]
+        if progress:  # (the merges read the shards: a 34B's take minutes)
+            progress(out[name].nbytes)
     return out
 
 

@@ -292,7 +292,7 @@ def test_large_checkpoints_are_announced_while_they_load_and_save(tiny_hf, tmp_p
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(commands, "ANNOUNCED_FROM", size // 2)  # (written: the tensors' bytes, without the files' headers)
     assert main(["convert", str(tiny_hf), str(tmp_path / "meta"), "--to", "meta"]) == 0
-    err = capsys.readouterr().err.splitlines()
+    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]  # less the bars
     gb = f"({size / 1e9:.1f} GB of weights) ..."
     assert err[0] == f"reading {tiny_hf} {gb}" and re.fullmatch(rf"reading {re.escape(str(tiny_hf))}: done in \d+\.\d s", err[1])
     assert err[2].startswith(f"writing {tmp_path / 'meta'} (") and re.fullmatch(r"writing .*: done in \d+\.\d s", err[3])
@@ -342,3 +342,18 @@ def test_dtype_cast_replaces_weights_one_at_a_time(tiny_meta, tmp_path, monkeypa
     monkeypatch.setattr(torch.Tensor, "to", to_once_the_cast_are_freed)
     assert main(["convert", str(tiny_meta), str(tmp_path / "hf"), "--to", "hf", "--dtype", "fp16"]) == 0
     assert len(cast) > 0 and load_file(tmp_path / "hf" / "model.safetensors")["lm_head.weight"].dtype == torch.float16
+
+
+def test_large_checkpoints_show_progress_bars_while_converted_and_saved(tiny_hf, tmp_path, monkeypatch, capsys):
+    """Reading and writing what is announced draw a bar of bytes with rate and ETA on stderr, ending
+    full (that final count also in logs); Chameleon.save draws one when asked."""
+    from chameleon import commands
+
+    monkeypatch.setattr(commands, "ANNOUNCED_FROM", 1)
+    assert main(["convert", str(tiny_hf), str(tmp_path / "meta"), "--to", "meta"]) == 0
+    segments = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    bar = r": 100%\|[^|]*\| ([\d.]+[kMG]?)/\1 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+[kMG]?B/s\]"  # bytes, elapsed<ETA, rate
+    assert any(re.fullmatch(f"reading hf{bar}", s) for s in segments), segments
+    assert any(re.fullmatch(f"writing meta{bar}", s) for s in segments), segments
+    chameleon.load(tiny_hf).save(tmp_path / "saved", progress=True)
+    assert any(re.fullmatch(f"writing saved{bar}", s) for s in capsys.readouterr().err.replace("\r", "\n").splitlines())
