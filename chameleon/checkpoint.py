@@ -65,6 +65,8 @@ HUB_REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?
 # (The hf backend also runs other causal LMs, whose tokenizers may be sentencepiece or BPE files.)
 HUB_FILES = {"hf": ["*.json", "*.safetensors", "*.model", "*.tiktoken", "merges.txt", "vocab.txt"],
              "meta": ["*.json", "consolidated*.pth", "tokenizer/*"]}
+# Older repos hold PyTorch weights only: pytorch_model.bin, or the shards pytorch_model.bin.index.json names.
+HUB_BIN_WEIGHTS = "pytorch_model*.bin"
 # (repo, revision, cache, offline) -> its snapshot: a process resolves a repo once, so that its
 # checks before loading (run's) and its load read one commit, with one lookup on the network.
 _snapshots: dict[tuple, Path] = {}
@@ -89,7 +91,10 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     where = f"{path}: no local directory of that name; Hugging Face hub repo {repo}"
     try:
         snapshot = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES["hf"]))
-        if not (snapshot / "config.json").is_file() and (snapshot / "params.json").is_file():  # Meta's format
+        if (snapshot / "config.json").is_file() and (patterns := hf_patterns(snapshot)) != HUB_FILES["hf"]:
+            # .bin weights only: fetched from the commit the snapshot holds (a branch may have moved since)
+            snapshot = Path(snapshot_download(repo, revision=snapshot.name, allow_patterns=patterns))
+        elif not (snapshot / "config.json").is_file() and (snapshot / "params.json").is_file():  # Meta's format
             snapshot = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES["meta"]))
     except errors.GatedRepoError:
         raise InputError(f"{where} is gated: accept its licence at https://huggingface.co/{repo}, then {HUB_LOGIN}") from None
@@ -113,6 +118,12 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
         raise InputError(f"{where} could not be downloaded ({type(err).__name__}: {_first_line(err)})") from None
     _snapshots[key] = snapshot
     return snapshot
+
+
+def hf_patterns(path: Path) -> list[str]:
+    """The file patterns of a HF-format checkpoint in `path` that a hub fetch brings and transformers
+    reads: its .bin weights only where it holds no safetensors (which transformers would load instead)."""
+    return HUB_FILES["hf"] + ([] if any(path.glob("*.safetensors")) else [HUB_BIN_WEIGHTS])
 
 
 def occupied(path: Path) -> str | None:

@@ -12,6 +12,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ import chameleon
 from benchmarks.cli import main
 from chameleon.checkpoint import resolve_checkpoint_path
 from chameleon.errors import InputError
-from tests.conftest import REPO
+from tests.conftest import REPO, build_tiny_llama
 
 REPO_ID = "tiny-org/tiny-chameleon"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -162,23 +163,121 @@ def test_repo_not_in_the_offline_cache_is_named(cache, offline, tmp_path, capsys
     assert not any((tmp_path / name).exists() for name in ("gen", "run", "converted"))
 
 
-class HubErrors(BaseHTTPRequestHandler):
-    """Answers as the hub's API does for a repo named by its org: gated, missing, or without the revision asked."""
+class Hub(BaseHTTPRequestHandler):
+    """Answers as the hub does for huggingface_hub's snapshot_download: for a repo in `server.repos`
+    ({repo id: {file: bytes}}, at COMMIT) the revision API (its commit), the tree API (its files), HEAD
+    and GET of /ORG/NAME/resolve/REV/FILE with the headers huggingface_hub reads; for any other repo
+    the API's error for its org: gated, missing, or without the revision asked. `server.asked`
+    records the files fetched."""
 
-    def do_GET(self):
-        if not self.path.startswith("/api/models/"):  # (huggingface_hub's other calls)
-            status, code = 404, None
-        else:  # /api/models/ORG/NAME/revision/REV
+    def do_HEAD(self):
+        self.do_GET(body=False)
+
+    def do_GET(self, body=True):
+        parts = unquote(urlsplit(self.path).path).split("/")
+        api = parts[1] == "api"  # /api/models/ORG/NAME/{revision,tree}/REV, or /ORG/NAME/resolve/REV/FILE
+        repo = "/".join(parts[3:5] if api else parts[1:3])
+        files = self.server.repos.get(repo)
+        status, headers, content = 200, {"X-Repo-Commit": COMMIT}, b""
+        if files is None:
             status, code = {"gated": (403, "GatedRepo"), "nobody": (404, "RepoNotFound"),
-                            "norev": (404, "RevisionNotFound")}.get(self.path.split("/")[3], (500, None))
+                            "norev": (404, "RevisionNotFound")}.get(repo.split("/")[0], (500, None))
+            headers = {"X-Error-Code": code} if code else {}
+        elif api and parts[5] == "revision":
+            content = json.dumps({"id": repo, "sha": COMMIT, "siblings": [{"rfilename": f} for f in files]}).encode()
+        elif api:
+            content = json.dumps([{"type": "file", "path": f, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                                  for f, data in files.items()]).encode()
+        elif (file := "/".join(parts[5:])) in files:
+            content = files[file]
+            headers["ETag"] = f'"{hashlib.sha256(content).hexdigest()}"'
+            self.server.asked.append(file)
+        else:
+            status, headers = 404, {**headers, "X-Error-Code": "EntryNotFound"}
         self.send_response(status)
-        if code:
-            self.send_header("X-Error-Code", code)
-        self.send_header("Content-Length", "0")
+        for name, value in {**headers, "Content-Length": str(len(content))}.items():
+            self.send_header(name, value)
         self.end_headers()
+        if body:
+            self.wfile.write(content)
 
     def log_message(self, *args):
         pass
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A local server answering as the hub (`Hub`), and this process's huggingface_hub online, sending
+    to it (the settings it took from HF_ENDPOINT at import) with an empty cache and no token."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    server.repos, server.asked = {}, []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "")  # (no token of this machine's sent)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory) -> dict[str, Path]:
+    """The backend tests' tiny Llama with its weights as model.safetensors ("safetensors"), as PyTorch
+    .bin files only, one ("bin") or two shards and their index ("shards"), and as both ("both")."""
+    from safetensors.torch import load_file
+
+    root = tmp_path_factory.mktemp("llamas")
+    llamas = {"safetensors": build_tiny_llama(root / "safetensors", max_positions=64)}
+    weights = load_file(llamas["safetensors"] / "model.safetensors")
+    for kind in ("bin", "shards", "both"):
+        skip = shutil.ignore_patterns("*.safetensors" if kind != "both" else "")
+        llamas[kind] = Path(shutil.copytree(llamas["safetensors"], root / kind, ignore=skip))
+    for kind in ("bin", "both"):
+        torch.save(weights, llamas[kind] / "pytorch_model.bin")
+    shards = {f"pytorch_model-0000{i + 1}-of-00002.bin": sorted(weights)[i::2] for i in range(2)}
+    for shard, names in shards.items():
+        torch.save({name: weights[name] for name in names}, llamas["shards"] / shard)
+    weight_map = {name: shard for shard, names in shards.items() for name in names}
+    (llamas["shards"] / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return llamas
+
+
+def serve(hub, checkpoint: Path) -> str:
+    hub.repos["tiny-org/llama"] = {file.name: file.read_bytes() for file in checkpoint.iterdir()}
+    return "tiny-org/llama"
+
+
+@pytest.mark.parametrize("kind", ["bin", "shards"])
+def test_hf_backend_by_repo_id_of_bin_weights(kind, llamas, hub, monkeypatch):
+    """A repo holding its weights only as PyTorch .bin files (older models'; one, or shards and their
+    index) is fetched with them: the hf backend loads it by repo id as from its directory, and then
+    offline from the cache alone."""
+    from benchmarks.backends import load_backend
+
+    repo = serve(hub, llamas[kind])
+    from_dir, from_hub = load_backend("hf", str(llamas[kind])), load_backend("hf", repo)
+    assert sorted(set(hub.asked)) == sorted(hub.repos[repo])  # every file fetched
+    assert from_hub.fingerprint == from_dir.fingerprint and from_hub.describe()["commit"] == COMMIT
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    logits = [backend._logits(ids, torch.ones_like(ids)) for backend in
+              (from_hub, from_dir, load_backend("hf", str(llamas["safetensors"])))]
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[1], logits[2])  # (the .bin weights were read)
+    hub.asked.clear()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert load_backend("hf", repo).fingerprint == from_dir.fingerprint and not hub.asked
+
+
+def test_a_repo_with_safetensors_fetches_no_bin(llamas, hub):
+    """.bin copies of the weights beside the safetensors are never fetched (transformers loads the
+    safetensors)."""
+    from benchmarks.backends import load_backend
+
+    repo = serve(hub, llamas["both"])
+    assert load_backend("hf", repo).fingerprint == load_backend("hf", str(llamas["safetensors"])).fingerprint
+    assert sorted(set(hub.asked)) == sorted(set(hub.repos[repo]) - {"pytorch_model.bin"})
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -188,20 +287,11 @@ class HubErrors(BaseHTTPRequestHandler):
     ("down/x", "down/x could not be fetched (Server error '500"),
     ("closed/x", "closed/x could not be fetched ("),
 ])
-def test_hub_errors_name_the_repo_and_what_to_do(name, expected, tmp_path, monkeypatch):
+def test_hub_errors_name_the_repo_and_what_to_do(name, expected, hub, monkeypatch):
     """Online, against a local server answering as the hub does (or a closed port): huggingface_hub's
     errors become InputErrors naming the repo."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), HubErrors)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1] if not name.startswith("closed") else 9  # (the discard port: nothing listens)
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_TOKEN", "")  # (no token of this machine's sent)
-    try:
-        with pytest.raises(InputError) as err:
-            chameleon.load(name)
-    finally:
-        server.shutdown()
-        server.server_close()
+    if name.startswith("closed"):  # (the discard port: nothing listens)
+        monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(InputError) as err:
+        chameleon.load(name)
     assert str(err.value).startswith(f"{name}: no local directory of that name; Hugging Face hub repo ") and expected in str(err.value)
