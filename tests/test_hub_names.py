@@ -270,6 +270,22 @@ def test_hf_backend_by_repo_id_of_bin_weights(kind, llamas, hub, monkeypatch):
     assert load_backend("hf", repo).fingerprint == from_dir.fingerprint and not hub.asked
 
 
+def test_hf_fingerprint_covers_the_tokenizer_files_fetched(llamas, tmp_path):
+    """The fingerprint covers each file the hub fetch brings, tokenizer files too (another merges.txt
+    is another model), and no other (training_args.bin beside .bin weights is not fetched)."""
+    from benchmarks.backends.hf import hash_checkpoint
+
+    checkpoint = Path(shutil.copytree(llamas["bin"], tmp_path / "llama"))
+    for name in ("merges.txt", "vocab.txt", "cl100k_base.tiktoken"):
+        (checkpoint / name).write_text("a b\n")
+        before = hash_checkpoint(checkpoint)
+        (checkpoint / name).write_text("a c\n")
+        assert hash_checkpoint(checkpoint) != before, name
+    before = hash_checkpoint(checkpoint)
+    (checkpoint / "training_args.bin").write_bytes(b"not weights")
+    assert hash_checkpoint(checkpoint) == before
+
+
 def test_a_repo_with_safetensors_fetches_no_bin(llamas, hub):
     """.bin copies of the weights beside the safetensors are never fetched (transformers loads the
     safetensors)."""

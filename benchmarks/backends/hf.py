@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ except ImportError:
 from benchmarks.backends.base import GenSettings
 from benchmarks.backends.token_lm import TokenLM, TokenPair, continuation_score
 from chameleon.chameleon import available_device
-from chameleon.checkpoint import PROCESSOR_FILES, hub_commit, resolve_checkpoint_path
+from chameleon.checkpoint import PROCESSOR_FILES, hf_patterns, hub_commit, resolve_checkpoint_path
 from chameleon.commands import parse_dtype
 from chameleon.errors import InputError
 from chameleon.generate import row_seed
@@ -35,15 +36,13 @@ LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, RuntimeError, Assertion
 
 
 def hash_checkpoint(path: Path) -> str:
-    """sha256 over config and weight files of a HF checkpoint directory (the dtype it is loaded in
-    is part of a run's identity, see runner/run.py). Beside safetensors, .bin weights are left out:
-    transformers loads the safetensors, and a hub fetch skips the .bin (HUB_FILES), so a directory
-    and the repo id of the same files, or a snapshot a full download added them to, match."""
+    """sha256 over the files of a HF checkpoint directory that a hub fetch brings (config, weights,
+    tokenizer files: `hf_patterns`; the dtype it is loaded in is part of a run's identity, see
+    runner/run.py), and no others: a directory and the repo id of the same files match. So .bin
+    weights count only where there are no safetensors, which transformers loads instead."""
     h = hashlib.sha256()
-    suffixes = {".json", ".safetensors", ".model"}
-    if not any(p.suffix == ".safetensors" for p in path.iterdir()):
-        suffixes.add(".bin")
-    files = sorted(p for p in path.iterdir() if p.suffix in suffixes)
+    patterns = hf_patterns(path)
+    files = sorted(p for p in path.iterdir() if p.is_file() and any(fnmatchcase(p.name, pat) for pat in patterns))
     for p in files:
         h.update(p.name.encode())
         with open(p, "rb") as f:
