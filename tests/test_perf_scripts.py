@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -87,3 +89,32 @@ def test_decode_benchmark_times_the_fused_kernels(tmp_path):
     done = run_script("decode.py", "--preset", "tiny", "--device", "cpu", "--dtypes", "fp32", "--batches", "1", "--new-tokens", "4",
                       "--prompt-len", "16", "--repeats", "1", "--no-hf", "--shape", "dim=96", "--triton", ok=False)
     assert "kernels='triton' does not apply here (head_dim 24 is not a power of 2" in done.stderr, done.stderr[-3000:]
+
+
+BAD_ARGUMENTS = [  # script, arguments, the flag the error must name
+    ("decode.py", ["--batches", "1,x"], "--batches"),
+    ("decode.py", ["--dtypes", "fp16"], "--dtypes"),
+    ("decode.py", ["--hf-caches", "statc"], "--hf-caches"),  # was ignored: no transformers competitor at all
+    ("decode.py", ["--new-tokens", "1"], "--new-tokens"),  # was a decode speed of -0.0 tok/s
+    ("decode.py", ["--repeats", "0"], "--repeats"),  # was taken as the default, 5
+    ("decode.py", ["--device", "cdua"], "--device"),
+    ("decode.py", ["--preset", "bogus"], "--preset"),
+    ("decode.py", ["--shape", "dim"], "--shape"),
+    ("decode.py", ["--shape", "foo=3"], "--shape"),  # was exit 1
+    ("decode.py", ["--prompt-len", "1000"], "--prompt-len"),  # was generate's error after building both stacks
+    ("decode.py", ["--device", "cpu", "--no-fuse"], "--no-fuse"),  # was reported "fused": false, the CPU path fused
+    ("text_loop.py", ["--workloads", "greedy"], "--workloads"),
+    ("text_loop.py", ["--preset", "tiny", "--new-tokens", "300"], "--new-tokens"),  # was an AssertionError
+    ("sampling.py", ["--shapes", "zipf"], "--shapes"),
+    ("sampling.py", ["--calls", "0"], "--calls"),
+    ("mmlu_loglikelihood.py", ["--subjects", "0"], "--subjects"),  # was a ZeroDivisionError after building the model
+    ("caption_prompts.py", ["--photos", "3,3"], "--photos"),  # was a ZeroDivisionError after both runs
+    ("caption_scoring.py", ["--repeat", "0"], "--repeat"),
+]
+
+
+@pytest.mark.parametrize("script,args,flag", BAD_ARGUMENTS, ids=[f"{s}:{' '.join(a)}" for s, a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_refused_before_any_work(script, args, flag):
+    done = run_script(script, *args, ok=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "error: " in done.stderr and flag in done.stderr, done.stderr[-3000:]

@@ -22,6 +22,7 @@ import time
 
 from benchmarks.captioning.references import load_references
 from benchmarks.captioning.scoring import score_captions
+from perf_args import positive_int  # beside this file
 
 TARGET_S = 60.0
 METRICS = ["BLEU", "METEOR", "ROUGE_L", "CIDEr"]
@@ -68,8 +69,8 @@ def timed_pair(ours_fn, base_fn, repeat: int):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=5000)
-    parser.add_argument("--repeat", type=int, default=1, help="runs per side, alternated; the best time of each is reported")
+    parser.add_argument("--images", type=positive_int, default=5000)
+    parser.add_argument("--repeat", type=positive_int, default=1, help="runs per side, alternated; the best time of each is reported")
     args = parser.parse_args(argv)
 
     refs, preds = workload(args.images)

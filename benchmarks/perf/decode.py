@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from chameleon.config import ModelArgs, VQGANConfig, preset
+from chameleon.config import PRESETS, ModelArgs, VQGANConfig, preset
 from chameleon.errors import InputError
 from chameleon.convert import HF_VQ_PREFIX, to_hf
 from chameleon.generate import GenerationOptions, generate
 from chameleon.tiny import TINY_VQ, random_model
+from perf_args import device as device_arg, names_of, positive_int, positive_ints  # beside this file
 
 
 def sync(device):
@@ -213,50 +214,58 @@ def sdpa_enabled() -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="100M", help="model shape: 100M (CPU default), 7B, 30B, tiny")
+    p.add_argument("--preset", default="100M", choices=list(PRESETS), help="model shape: 100M (CPU default), 7B, 30B, tiny")
     p.add_argument("--shape", default=None, help="override the preset's shape, e.g. dim=384,n_layers=26,n_heads=6 (params.json names)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtypes", default=None, help="comma list of fp32, bf16 (default: bf16 on CUDA; fp32,bf16 on CPU)."
-                   " bf16 is the released checkpoints' dtype, which transformers loads them in by default")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--batches", default="1,4")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per figure, the fastest kept, for both stacks"
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtypes", type=names_of("fp32", "bf16"), default=None, help="comma list of fp32, bf16 (default: bf16 on CUDA;"
+                   " fp32,bf16 on CPU). bf16 is the released checkpoints' dtype, which transformers loads them in by default")
+    p.add_argument("--prompt-len", type=positive_int, default=128)
+    p.add_argument("--new-tokens", type=positive_int, default=64, help="at least 2: decode time is that of N tokens less that of 1")
+    p.add_argument("--batches", type=positive_ints, default="1,4")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed runs per figure, the fastest kept, for both stacks"
                    " (default: 5 on CPU, whose shared caches and memory make single runs noisy; 2 on CUDA)")
     p.add_argument("--image", action="store_true", help="also time one image with 3-way CFG + VQGAN decode (512x512)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers competitor")
-    p.add_argument("--hf-caches", default="dynamic,static", help="transformers' caches to time: dynamic (its default), static")
+    p.add_argument("--hf-caches", type=names_of("dynamic", "static"), default="dynamic,static", help="transformers' caches to time: dynamic (its default), static")
     p.add_argument("--no-fuse", action="store_true", help="GPU: keep q/k/v and w1/w3 as separate matrices (ablation)")
-    p.add_argument("--profile", type=int, default=0, metavar="N", help="also profile our first row's decode of N tokens (kernel table)")
+    p.add_argument("--profile", type=positive_int, default=0, metavar="N", help="also profile our first row's decode of N tokens (kernel table)")
     p.add_argument("--sdpa-backend", default=None, choices=sorted(SDPA_BACKENDS), help=(
         "experiment: restrict F.scaled_dot_product_attention to one backend for the whole run, both stacks "
         "(math: plain matmul/softmax, which inductor compiles and fuses; default: PyTorch's choice, cuDNN on an H200)"))
-    p.add_argument("--graph-steps", type=int, default=None, metavar="N", help=(
+    p.add_argument("--graph-steps", type=positive_int, default=None, metavar="N", help=(
         "experiment: our greedy decode replays CUDA graphs of N steps captured by the generator, instead of "
         "torch.compile's one-step reduce-overhead graphs (GenerationOptions.graph_steps)"))
     p.add_argument("--triton", action="store_true", help=(
         "experiment: at batch 1, also time our greedy decode on the fused Triton kernels (chameleon/kernels.py, "
         "GenerationOptions(kernels='triton'), replaying graphs of --triton-graph-steps steps), in turns with the default path"))
-    p.add_argument("--triton-graph-steps", type=int, default=16, metavar="N", help="with --triton: steps per captured graph (default 16)")
+    p.add_argument("--triton-graph-steps", type=positive_int, default=16, metavar="N", help="with --triton: steps per captured graph (default 16)")
     p.add_argument("--json", default=None, help="write the results here too")
     a = p.parse_args()
-    if a.triton and a.device == "cpu":  # a rehearsal: the kernels in Triton's interpreter, chosen before anything imports triton
+    if a.new_tokens < 2:
+        p.error(f"argument --new-tokens: at least 2 (decode time = that of N tokens - that of 1), got {a.new_tokens}")
+    if a.no_fuse and a.device.type == "cpu":
+        p.error("argument --no-fuse: CUDA only (on the CPU the weights are always fused, as chameleon.load does)")
+    args = dataclasses.replace(preset(a.preset), max_seq_len=4096 if a.image else 1024, model_parallel_size=1)
+    if a.shape:
+        items = [item.partition("=") for item in a.shape.split(",") if item]
+        if not all(eq and value.strip().isdigit() for _, eq, value in items):
+            p.error(f"argument --shape: expected name=integer pairs separated by commas, got {a.shape!r}")
+        try:  # ModelArgs checks the names and that the shape is consistent
+            args = ModelArgs.from_dict({**dataclasses.asdict(args), **{key: int(value) for key, _, value in items}}, "--shape")
+        except InputError as err:
+            p.error(str(err))
+    if a.prompt_len + a.new_tokens > args.max_seq_len:
+        p.error(f"arguments --prompt-len {a.prompt_len} + --new-tokens {a.new_tokens} exceed the benchmark's context of {args.max_seq_len}")
+    if a.triton and a.device.type == "cpu":  # a rehearsal: the kernels in Triton's interpreter, chosen before anything imports triton
         os.environ.setdefault("TRITON_INTERPRET", "1")
     # Chosen when a step is compiled, so it must hold from the start: entered for the whole run,
     # with the context manager kept (a dropped one is closed at once, restoring every backend).
     restricted = contextlib.ExitStack()
     if a.sdpa_backend:
         restricted.enter_context(sdpa_kernel(SDPA_BACKENDS[a.sdpa_backend]))
-    device = torch.device(a.device)
-    dtypes = (a.dtypes or ("bf16" if device.type == "cuda" else "fp32,bf16")).split(",")
+    device = a.device
+    dtypes = a.dtypes or (["bf16"] if device.type == "cuda" else ["fp32", "bf16"])
     torch.manual_seed(0)
-    args = dataclasses.replace(preset(a.preset), max_seq_len=4096 if a.image else 1024, model_parallel_size=1)
-    if a.shape:
-        overrides = {key: int(value) for key, _, value in (item.partition("=") for item in a.shape.split(",") if item)}
-        try:  # ModelArgs checks the names and that the shape is consistent
-            args = ModelArgs.from_dict({**dataclasses.asdict(args), **overrides}, "--shape")
-        except InputError as err:
-            raise SystemExit(str(err)) from None
     args.vocab_size = max(args.vocab_size, 65536)  # the real vocabulary (the tiny preset has 4,096)
     # The real VQGAN shape when timing images; otherwise a small one with the real 8,192 codes.
     vq = VQGANConfig() if a.image else dataclasses.replace(TINY_VQ, n_embed=8192)
@@ -280,7 +289,7 @@ def main() -> None:
         last_logits[dtype_name] = text_logits(ours, hf, a.prompt_len, device)
         report["params"] = sum(p.numel() for p in ours.transformer.parameters())
         weight_bytes = sum(p.numel() * p.element_size() for p in ours.transformer.parameters())
-        for batch in [int(b) for b in a.batches.split(",")]:
+        for batch in a.batches:
             row = {"dtype": dtype_name, "batch": batch}
             report["rows"].append(row)  # filled in place; saved as it grows
             prompts = random_prompts(ours.tokenizer, batch, a.prompt_len, seed=0).tolist()
@@ -288,7 +297,7 @@ def main() -> None:
             if a.triton and batch == 1:
                 competitors.append(ours_competitor(ours, prompts, compile_, a.triton_graph_steps, "triton"))
             if hf is not None:
-                competitors += [hf_competitor(hf, prompts, device, cache, ours.tokenizer) for cache in ("dynamic", "static") if cache in a.hf_caches.split(",")]
+                competitors += [hf_competitor(hf, prompts, device, cache, ours.tokenizer) for cache in ("dynamic", "static") if cache in a.hf_caches]
             for speeds, outputs in time_side_by_side(competitors, batch, a.prompt_len, a.new_tokens, device, repeats):
                 row["ours"] = speeds["ours"]
                 our_out = outputs["ours"]

@@ -20,6 +20,7 @@ import torch
 from transformers.generation.logits_process import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 import chameleon.sampling as sampling_module
+from perf_args import positive_int, positive_ints  # beside this file
 
 
 def logits_of(shape: str, batch: int, vocab: int, g: torch.Generator) -> torch.Tensor:
@@ -30,6 +31,18 @@ def logits_of(shape: str, batch: int, vocab: int, g: torch.Generator) -> torch.T
     return -exponent * ranks.float().log() + 0.1 * torch.randn(batch, vocab, generator=g)
 
 
+def logit_shapes(text: str) -> list[str]:
+    """The --shapes type: a comma list of zipfS (S a positive number) or normal."""
+    for shape in text.split(","):
+        try:
+            ok = shape == "normal" or (shape.startswith("zipf") and float(shape[4:]) > 0)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{shape!r}: expected zipfS (S a positive exponent, e.g. zipf1.2) or normal")
+    return text.split(",")
+
+
 def elapsed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -38,18 +51,20 @@ def elapsed(fn) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", type=int, default=65536)
-    p.add_argument("--batches", default="1,8")
-    p.add_argument("--shapes", default="zipf1.5,zipf1.2,zipf1.0,normal", help="comma list: zipfS (exponent S) or normal")
+    p.add_argument("--vocab", type=positive_int, default=65536)
+    p.add_argument("--batches", type=positive_ints, default="1,8")
+    p.add_argument("--shapes", type=logit_shapes, default="zipf1.5,zipf1.2,zipf1.0,normal", help="comma list: zipfS (exponent S) or normal")
     p.add_argument("--temperature", type=float, default=0.9)
     p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--calls", type=int, default=20, help="picks timed together in one round")
+    p.add_argument("--rounds", type=positive_int, default=5)
+    p.add_argument("--calls", type=positive_int, default=20, help="picks timed together in one round")
     a = p.parse_args()
+    if not a.temperature > 0 or not 0 < a.top_p <= 1:  # (transformers' warpers refuse the others)
+        p.error(f"arguments --temperature, --top-p: expected temperature > 0 and 0 < top-p <= 1, got {a.temperature}, {a.top_p}")
     hf_warpers = LogitsProcessorList([TemperatureLogitsWarper(a.temperature), TopPLogitsWarper(a.top_p)])
     rows = []
-    for batch in map(int, a.batches.split(",")):
-        for shape in a.shapes.split(","):
+    for batch in a.batches:
+        for shape in a.shapes:
             logits = logits_of(shape, batch, a.vocab, torch.Generator().manual_seed(0))
             kept = torch.isfinite(sampling_module.filter_top_k_top_p(logits / a.temperature, 0, a.top_p)).sum(-1)
             generators = [torch.Generator().manual_seed(i) for i in range(batch)]

@@ -17,7 +17,8 @@ import json
 import torch
 
 from decode import build_pair, in_turns, random_prompts, timed  # benchmarks/perf/decode.py, beside this file
-from chameleon.config import preset
+from perf_args import device as device_arg, names_of, positive_int, positive_ints
+from chameleon.config import PRESETS, preset
 from chameleon.generate import GenerationOptions, generate
 from chameleon.tiny import TINY_VQ
 
@@ -26,24 +27,27 @@ generate_module = importlib.import_module("chameleon.generate")  # (chameleon.ge
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="100M")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default="100M", choices=list(PRESETS))
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
-    p.add_argument("--batches", default="1,8")
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=4)
-    p.add_argument("--workloads", default="greedy_stop_strings,sampled,interleaved_image", help="comma list of what to time")
+    p.add_argument("--batches", type=positive_ints, default="1,8")
+    p.add_argument("--new-tokens", type=positive_int, default=64, help="text workloads (the image workload: its image and 2 tokens)")
+    p.add_argument("--repeats", type=positive_int, default=4)
+    names = ("greedy_stop_strings", "sampled", "interleaved_image")
+    p.add_argument("--workloads", type=names_of(*names), default=",".join(names), help="comma list of what to time")
     a = p.parse_args()
-    device = torch.device(a.device)
+    device = a.device
     args = dataclasses.replace(preset(a.preset), max_seq_len=1024, model_parallel_size=1)
     args.vocab_size = max(args.vocab_size, 65536)
+    vq = dataclasses.replace(TINY_VQ, n_embed=8192)
+    n = vq.image_seq_len
+    if a.new_tokens >= n + 2:  # the general loop's interleaved mode could then start an image
+        p.error(f"argument --new-tokens: at most {n + 1} (an image is boi + {n} codes + eoi), got {a.new_tokens}")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    model, _ = build_pair(args, dataclasses.replace(TINY_VQ, n_embed=8192), device, dtype, with_hf=False)
+    model, _ = build_pair(args, vq, device, dtype, with_hf=False)
     tok = model.tokenizer
     # eos kept out, so every row decodes all its tokens; the stop string never occurs.
     base = dict(max_new_tokens=a.new_tokens, logit_bias={tok.eos_id: -1e9, tok.eot_id: -1e9}, seed=0)
-    n = model.image_seq_len
-    assert a.new_tokens < n + 2
     per_row = 10**9  # LOCKSTEP_MIN_CODES that keeps every code in the per-row loop
     workloads = {  # name: {loop: (options, LOCKSTEP_MIN_CODES)}
         name: {"device_loop": (GenerationOptions(**base, **extra), generate_module.LOCKSTEP_MIN_CODES),
@@ -58,9 +62,9 @@ def main() -> None:
         opts, generate_module.LOCKSTEP_MIN_CODES = loop
         return generate(model, prompts, opts)
 
-    for workload in a.workloads.split(","):
+    for workload in a.workloads:
         loops = workloads[workload]
-        for batch in [int(b) for b in a.batches.split(",")]:
+        for batch in a.batches:
             prompts = random_prompts(tok, batch, 128, seed=0).tolist()
             outputs = {name: run(prompts, loop) for name, loop in loops.items()}  # warm-up
             if device.type == "cpu":  # a GPU's device loops sample from GPU generators: other draws

@@ -1,0 +1,46 @@
+"""Argument types of the speed scripts beside this file: a bad value is argparse's error (exit 2,
+naming the flag) before any work, not a traceback after minutes of it (or after a GPU lease)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    value = int(text) if text.strip().lstrip("+").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """A comma list of positive integers, e.g. 1,4."""
+    try:
+        return [positive_int(item) for item in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of positive integers, got {text!r}") from None
+
+
+def names_of(*choices: str):
+    """The type of a comma list of some of `choices`."""
+
+    def names(text: str) -> list[str]:
+        bad = [name for name in text.split(",") if name not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad))}: expected a comma list of {', '.join(choices)}")
+        return text.split(",")
+
+    return names
+
+
+def device(text: str):
+    """A torch device that exists here."""
+    import torch
+
+    try:
+        found = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda, got {text!r}") from None
+    if found.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device here")
+    return found
