@@ -110,6 +110,10 @@ BAD_ARGUMENTS = [  # script, arguments, the flag the error must name
     ("mmlu_loglikelihood.py", ["--subjects", "0"], "--subjects"),  # was a ZeroDivisionError after building the model
     ("caption_prompts.py", ["--photos", "3,3"], "--photos"),  # was a ZeroDivisionError after both runs
     ("caption_scoring.py", ["--repeat", "0"], "--repeat"),
+    # were written only after the timed runs (decode.py: before it printed them), which were lost
+    ("decode.py", ["--json", "no/such/dir/decode.json"], "--json"),
+    ("mmlu_loglikelihood.py", ["--json", "no/such/dir/mmlu.json"], "--json"),
+    ("caption_prompts.py", ["--json", "no/such/dir/prompts.json"], "--json"),
 ]
 
 

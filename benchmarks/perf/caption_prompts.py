@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from perf_args import positive_int, positive_ints  # beside this file
+from perf_args import json_path, positive_int, positive_ints  # beside this file
 
 ROOT = Path(__file__).resolve().parents[2]
 PHOTOS = ROOT / "benchmarks/data/images/coco"
@@ -80,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=positive_ints, default="200,800", help="two comma-separated sizes (default 200,800)")
     parser.add_argument("--nproc", type=positive_int, default=1, help="processes (torchrun) per run (default 1)")
-    parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--json", type=json_path, help="also write the report here")
     args = parser.parse_args()
     if len(args.photos) != 2 or args.photos[0] == args.photos[1]:  # the growth per photo is the slope between them
         parser.error(f"argument --photos: expected two different sizes, got {','.join(map(str, args.photos))}")

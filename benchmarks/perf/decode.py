@@ -22,7 +22,6 @@ import os
 import platform
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -32,7 +31,7 @@ from chameleon.errors import InputError
 from chameleon.convert import HF_VQ_PREFIX, to_hf
 from chameleon.generate import GenerationOptions, generate
 from chameleon.tiny import TINY_VQ, random_model
-from perf_args import device as device_arg, names_of, positive_int, positive_ints  # beside this file
+from perf_args import device as device_arg, json_path, names_of, positive_int, positive_ints  # beside this file
 
 
 def sync(device):
@@ -239,7 +238,7 @@ def main() -> None:
         "experiment: at batch 1, also time our greedy decode on the fused Triton kernels (chameleon/kernels.py, "
         "GenerationOptions(kernels='triton'), replaying graphs of --triton-graph-steps steps), in turns with the default path"))
     p.add_argument("--triton-graph-steps", type=positive_int, default=16, metavar="N", help="with --triton: steps per captured graph (default 16)")
-    p.add_argument("--json", default=None, help="write the results here too")
+    p.add_argument("--json", type=json_path, default=None, help="write the results here too")
     a = p.parse_args()
     if a.new_tokens < 2:
         p.error(f"argument --new-tokens: at least 2 (decode time = that of N tokens - that of 1), got {a.new_tokens}")
@@ -276,7 +275,7 @@ def main() -> None:
 
     def save(report):
         if a.json:
-            Path(a.json).write_text(json.dumps(report, indent=2))
+            a.json.write_text(json.dumps(report, indent=2))
 
     bw = None
     if device.type == "cuda":  # measured first, on an empty GPU

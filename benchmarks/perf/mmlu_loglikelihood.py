@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from perf_args import positive_int  # noqa: E402  (beside this file)
+from perf_args import json_path, positive_int  # noqa: E402  (beside this file)
 
 TARGET_SPEEDUP = 2.0
 CONFIG = dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=65536, multiple_of=256, max_seq_len=4096)
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--per-subject", type=positive_int, default=5)
     ap.add_argument("--batch-size", type=positive_int, default=8)
     ap.add_argument("--model-dir", type=Path, help="where to build/reuse the ~100M model (default: a temp dir)")
-    ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--json", type=json_path, help="also write the figures here")
     args = ap.parse_args()
 
     import transformers

@@ -4,6 +4,7 @@ naming the flag) before any work, not a traceback after minutes of it (or after 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -31,6 +32,14 @@ def names_of(*choices: str):
         return text.split(",")
 
     return names
+
+
+def json_path(text: str) -> Path:
+    """A file to write the report to, in a directory that exists (checked before the runs it reports)."""
+    path = Path(text)
+    if not path.parent.is_dir() or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: expected a file in an existing directory")
+    return path
 
 
 def device(text: str):
