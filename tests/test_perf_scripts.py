@@ -122,3 +122,22 @@ def test_bad_arguments_are_refused_before_any_work(script, args, flag):
     done = run_script(script, *args, ok=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "error: " in done.stderr and flag in done.stderr, done.stderr[-3000:]
+
+
+
+def test_gpu_check_keeps_to_its_deadline(tmp_path):
+    """gpu_check.sh cuts each stage's limit to what is left of TOTAL_S, and skips a stage (saying so)
+    with under 30 s left: its stages' own limits add up to more than one device call."""
+
+    def gpu_check(out: Path, total_s: int) -> list[str]:
+        env = {**os.environ, "OUT": str(out), "DECODE_ARGS": "--preset tiny --device cpu", "STAGES": "decode_7b",
+               "DECODE_S": "120", "TOTAL_S": str(total_s), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        subprocess.run(["bash", "benchmarks/perf/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+        return (out / "run.txt").read_text().splitlines()
+
+    decode = next(line for line in gpu_check(tmp_path / "a", 90) if line.startswith("decode_7b:"))
+    assert decode.startswith("decode_7b: exit 0 after"), decode
+    assert 30 <= int(decode.split("(limit ")[1].split(" s)")[0]) <= 90, decode  # TOTAL_S's rest, not DECODE_S
+    skipped = next(line for line in gpu_check(tmp_path / "b", 0) if line.startswith("decode_7b:"))
+    assert skipped.startswith("decode_7b: skipped") and skipped.endswith("s left of TOTAL_S=0"), skipped
+    assert not (tmp_path / "b" / "decode_7b.log").exists()
