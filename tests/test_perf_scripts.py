@@ -114,6 +114,8 @@ BAD_ARGUMENTS = [  # script, arguments, the flag the error must name
     ("decode.py", ["--json", "no/such/dir/decode.json"], "--json"),
     ("mmlu_loglikelihood.py", ["--json", "no/such/dir/mmlu.json"], "--json"),
     ("caption_prompts.py", ["--json", "no/such/dir/prompts.json"], "--json"),
+    ("convert_memory.py", ["--dim", "256", "--layers", "1", "--json", "no/such/dir/memory.json"], "--json"),
+    ("convert_memory.py", ["--dim", "128"], "--dim"),  # was a traceback from the child building the model
 ]
 
 

@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from perf_args import json_path, positive_int  # beside this file
+
 ROOT = Path(__file__).resolve().parents[2]
 # (name, source, destination, convert flags)
 CONVERSIONS = [
@@ -103,11 +105,13 @@ def measure(cmd: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dim", type=int, default=2048, help="model width (heads of 128)")
-    parser.add_argument("--layers", type=int, default=16, help="decoder layers")
+    parser.add_argument("--dim", type=positive_int, default=2048, help="model width (heads of 128; a multiple of 256)")
+    parser.add_argument("--layers", type=positive_int, default=16, help="decoder layers")
     parser.add_argument("--work", default=None, help="directory for the checkpoints (default: a temporary one, removed)")
-    parser.add_argument("--json", default=None, help="also write the report here")
+    parser.add_argument("--json", type=json_path, default=None, help="also write the report here")
     opts = parser.parse_args()
+    if opts.dim % 256:  # heads of 128, split evenly over the 2 model-parallel shards
+        parser.error(f"argument --dim: expected a multiple of 256 (heads of 128, 2 shards), got {opts.dim}")
     work = Path(opts.work or tempfile.mkdtemp(prefix="convert_memory_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -129,7 +133,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             shutil.rmtree(work / dst, ignore_errors=True)
         if opts.json:
-            Path(opts.json).write_text(json.dumps(report, indent=2))
+            opts.json.write_text(json.dumps(report, indent=2))
     finally:
         if opts.work is None:
             shutil.rmtree(work, ignore_errors=True)
