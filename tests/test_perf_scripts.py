@@ -127,14 +127,20 @@ def test_bad_arguments_are_refused_before_any_work(script, args, flag):
 
 
 
+def run_gpu_check(out: Path, **env: str) -> subprocess.CompletedProcess:
+    """gpu_check.sh rehearsed on the CPU (the tiny preset) with its report in `out`; its stage
+    decode_7b only, unless `env` says otherwise."""
+    env = {**os.environ, "OUT": str(out), "DECODE_ARGS": "--preset tiny --device cpu", "STAGES": "decode_7b", **env,
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", "benchmarks/perf/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+
+
 def test_gpu_check_keeps_to_its_deadline(tmp_path):
     """gpu_check.sh cuts each stage's limit to what is left of TOTAL_S, and skips a stage (saying so)
     with under 30 s left: its stages' own limits add up to more than one device call."""
 
     def gpu_check(out: Path, total_s: int) -> list[str]:
-        env = {**os.environ, "OUT": str(out), "DECODE_ARGS": "--preset tiny --device cpu", "STAGES": "decode_7b",
-               "DECODE_S": "120", "TOTAL_S": str(total_s), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-        subprocess.run(["bash", "benchmarks/perf/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+        run_gpu_check(out, DECODE_S="120", TOTAL_S=str(total_s))
         return (out / "run.txt").read_text().splitlines()
 
     decode = next(line for line in gpu_check(tmp_path / "a", 90) if line.startswith("decode_7b:"))
@@ -143,3 +149,18 @@ def test_gpu_check_keeps_to_its_deadline(tmp_path):
     skipped = next(line for line in gpu_check(tmp_path / "b", 0) if line.startswith("decode_7b:"))
     assert skipped.startswith("decode_7b: skipped") and skipped.endswith("s left of TOTAL_S=0"), skipped
     assert not (tmp_path / "b" / "decode_7b.log").exists()
+
+
+def test_gpu_check_refuses_limits_that_are_not_seconds(tmp_path):
+    """TOTAL_S and the stages' limits go through bash arithmetic (under set -u): a value that is not
+    whole seconds is named, not an abort of the whole script ('abc: unbound variable') nor a deadline
+    silently not applied ('4m')."""
+    done = run_gpu_check(tmp_path / "a", TOTAL_S="9m")
+    assert done.returncode == 2 and "TOTAL_S=9m: expected whole seconds" in done.stderr, done.stderr
+    assert (tmp_path / "a" / "run.txt").read_text().splitlines() == ["TOTAL_S=9m: expected whole seconds"]
+    for limit in ("abc", "4m", "08"):
+        out = tmp_path / f"limit_{limit}"
+        run_gpu_check(out, DECODE_S=limit)
+        lines = (out / "run.txt").read_text().splitlines()
+        assert f"decode_7b: skipped, its limit {limit!r} is not whole seconds" in lines, lines
+        assert not (out / "decode_7b.log").exists()

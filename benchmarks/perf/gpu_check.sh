@@ -54,11 +54,20 @@ STAGES="${STAGES:-cuda_tests triton_7b image_7b profile_triton_7b}"  # a subset 
 # stages' limits (more than 600 s together) cannot run the device call out before the last stage's
 # report; a stage with under 30 s left is skipped, said so in run.txt.
 TOTAL_S="${TOTAL_S:-580}"
+SECONDS_RE='^(0|[1-9][0-9]*)$'  # what bash arithmetic reads as seconds (not 9m, nor 08: octal)
+if [[ ! $TOTAL_S =~ $SECONDS_RE ]]; then
+    echo "TOTAL_S=$TOTAL_S: expected whole seconds" | tee "$OUT/run.txt" >&2
+    exit 2
+fi
 
 stage() {  # stage NAME SECONDS COMMAND...: output in $OUT/NAME.log, outcome in $OUT/run.txt
     local name=$1 limit=$2 start=$SECONDS left=$((TOTAL_S - SECONDS))
     shift 2
     [[ " $STAGES " == *" $name "* ]] || return 0
+    if [[ ! $limit =~ $SECONDS_RE ]]; then  # (a stage's own fault: the others still run)
+        echo "$name: skipped, its limit '$limit' is not whole seconds" | tee -a "$OUT/run.txt"
+        return 0
+    fi
     if ((left < 30)); then
         echo "$name: skipped, $left s left of TOTAL_S=$TOTAL_S" | tee -a "$OUT/run.txt"
         return 0
