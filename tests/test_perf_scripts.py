@@ -29,7 +29,7 @@ def test_decode_benchmark_side_by_side(tmp_path):
     # Decode time = fastest N-token run - fastest 1-token run: N must be large enough that timing
     # noise on a loaded machine cannot make it negative.
     out = tmp_path / "decode.json"
-    run_script("decode.py", "--preset", "tiny", "--dtypes", "fp32", "--batches", "1,2", "--new-tokens", "12", "--repeats", "2",
+    run_script("decode.py", "--preset", "tiny", "--dtypes", "fp32", "--batches", "1,2", "--new-tokens", "24", "--repeats", "2",
                "--hf-caches", "dynamic,static", "--json", out)
     report = json.loads(out.read_text())
     assert [(r["dtype"], r["batch"]) for r in report["rows"]] == [("fp32", 1), ("fp32", 2)]
@@ -37,7 +37,7 @@ def test_decode_benchmark_side_by_side(tmp_path):
         for name in ("hf_default", "hf_static"):
             assert row[name]["decode_tok_s"] > 0 and row[f"decode_ratio_vs_{name}"] > 0
             assert row[f"same_tokens_as_{name}"] is True, row
-            assert row[f"leading_tokens_agreeing_{name}"] == [12] * row["batch"]
+            assert row[f"leading_tokens_agreeing_{name}"] == [24] * row["batch"]
 
 
 def test_text_loop_benchmark(tmp_path):
