@@ -126,7 +126,6 @@ def test_bad_arguments_are_refused_before_any_work(script, args, flag):
     assert "error: " in done.stderr and flag in done.stderr, done.stderr[-3000:]
 
 
-
 def run_gpu_check(out: Path, **env: str) -> subprocess.CompletedProcess:
     """gpu_check.sh rehearsed on the CPU (the tiny preset) with its report in `out`; its stage
     decode_7b only, unless `env` says otherwise."""
@@ -164,3 +163,17 @@ def test_gpu_check_refuses_limits_that_are_not_seconds(tmp_path):
         lines = (out / "run.txt").read_text().splitlines()
         assert f"decode_7b: skipped, its limit {limit!r} is not whole seconds" in lines, lines
         assert not (out / "decode_7b.log").exists()
+
+
+def test_random_prompts_are_text_that_generate_accepts(tiny_model, monkeypatch):
+    """decode.py's prompts are random text: an image code or control token among them would make a
+    prompt the benchmark did not mean (a begin-of-image followed by text is refused by generate)."""
+    from chameleon.generate import non_text_mask
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "perf"))
+    import decode
+
+    tok = tiny_model.tokenizer
+    ids = decode.random_prompts(tok, 64, 512, seed=0)
+    assert (ids[:, 0] == tok.bos_id).all()
+    assert not non_text_mask(tok, tok.vocab_size, "cpu")[ids[:, 1:]].any()

@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from chameleon.config import PRESETS, ModelArgs, VQGANConfig, preset
 from chameleon.errors import InputError
 from chameleon.convert import HF_VQ_PREFIX, to_hf
-from chameleon.generate import GenerationOptions, generate
+from chameleon.generate import GenerationOptions, generate, non_text_mask
 from chameleon.tiny import TINY_VQ, random_model
 from perf_args import device as device_arg, json_path, names_of, positive_int, positive_ints  # beside this file
 
@@ -91,8 +91,13 @@ def greedy(tok, new_tokens: int, compile_: bool, graph_steps: int | None = None,
 
 
 def random_prompts(tok, batch: int, length: int, seed: int) -> torch.Tensor:
-    """Seeded random token ids after bos (ids from 100 up: no special tokens)."""
-    ids = torch.randint(100, tok.vocab_size - 1, (batch, length), generator=torch.Generator().manual_seed(seed))
+    """Seeded random text after bos: text token ids from 100 up. No image codes or control tokens
+    (nor the first ids, the specials): they would make another prompt than plain text; a
+    begin-of-image followed by text, for one, is refused by generate."""
+    text = (~non_text_mask(tok, tok.vocab_size, "cpu")).nonzero().flatten()
+    text = text[text >= 100]
+    picks = torch.randint(len(text), (batch, length), generator=torch.Generator().manual_seed(seed))
+    ids = text[picks]
     ids[:, 0] = tok.bos_id
     return ids
 
