@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,6 +117,9 @@ BAD_ARGUMENTS = [  # script, arguments, the flag the error must name
     ("caption_prompts.py", ["--json", "no/such/dir/prompts.json"], "--json"),
     ("convert_memory.py", ["--dim", "256", "--layers", "1", "--json", "no/such/dir/memory.json"], "--json"),
     ("convert_memory.py", ["--dim", "128"], "--dim"),  # was a traceback from the child building the model
+    # devices that do not exist here were taken, and failed later in the run with a traceback
+    ("decode.py", ["--device", f"cuda:{torch.cuda.device_count()}"], "--device"),  # one past the last GPU
+    *([("decode.py", ["--device", "mps"], "--device")] if not torch.backends.mps.is_available() else []),
 ]
 
 

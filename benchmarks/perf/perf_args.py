@@ -50,6 +50,10 @@ def device(text: str):
         found = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda, got {text!r}") from None
-    if found.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device here")
+    backend = getattr(torch, found.type, None)  # torch.cpu, torch.cuda, torch.mps, torch.xpu...
+    count = backend.device_count() if hasattr(backend, "device_count") and backend.is_available() else 0
+    if not count:
+        raise argparse.ArgumentTypeError(f"{text!r}: no {found.type} device here")
+    if (found.index or 0) >= count:
+        raise argparse.ArgumentTypeError(f"{text!r}: no such device here, {found.type} has {count} (0 to {count - 1})")
     return found
