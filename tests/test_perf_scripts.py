@@ -4,6 +4,8 @@ the same greedy tokens."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -128,6 +130,36 @@ def test_bad_arguments_are_refused_before_any_work(script, args, flag):
     done = run_script(script, *args, ok=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "error: " in done.stderr and flag in done.stderr, done.stderr[-3000:]
+
+
+def test_perf_scripts_refuse_to_reuse_a_model_of_another_shape(tmp_path):
+    """--work / --model-dir reuse what an earlier run built there: one built with another shape was
+    timed and reported as the shape asked for. Both scripts now refuse it, naming the directory."""
+    from chameleon.config import preset
+    from chameleon.tiny import build_tiny_model
+
+    work = tmp_path / "work"  # what convert_memory.py reuses: params.txt and its sources, hf/ the first
+    build_tiny_model(work / "hf", "hf")
+    (work / "params.txt").write_text("1000")
+    done = run_script("convert_memory.py", "--dim", "256", "--layers", "1", "--work", work, ok=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"argument --work: {work / 'hf'} holds a model built with dim=" in done.stderr, done.stderr[-3000:]
+    assert "not the dim=256, n_layers=1, n_heads=2 asked for" in done.stderr, done.stderr[-3000:]
+
+    done = run_script("mmlu_loglikelihood.py", "--subjects", "1", "--per-subject", "1", "--model-dir", work / "hf", ok=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"argument --model-dir: {work / 'hf'} holds a model built with dim=" in done.stderr, done.stderr[-3000:]
+    # ...while one of the shape asked for is reused, though read back its n_kv_heads is None (no GQA)
+    perf = str(ROOT / "benchmarks" / "perf")
+    sys.path.insert(0, perf)
+    try:
+        from perf_args import check_built
+    finally:
+        sys.path.remove(perf)
+    tiny = dataclasses.replace(preset("tiny"), n_kv_heads=None, model_parallel_size=2)
+    build_tiny_model(tmp_path / "mha", "hf", args=tiny)
+    asked = {"dim": tiny.dim, "n_layers": tiny.n_layers, "n_heads": tiny.n_heads, "n_kv_heads": tiny.n_heads}
+    assert check_built(argparse.ArgumentParser(), "--model-dir", tmp_path / "mha", asked) is None
 
 
 def run_gpu_check(out: Path, **env: str) -> subprocess.CompletedProcess:

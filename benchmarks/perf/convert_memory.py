@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from perf_args import json_path, positive_int  # beside this file
+from perf_args import check_built, json_path, positive_int  # beside this file
 
 ROOT = Path(__file__).resolve().parents[2]
 # (name, source, destination, convert flags)
@@ -38,13 +38,18 @@ CONVERSIONS = [
 ]
 
 
+def shape(dim: int, layers: int) -> dict:
+    """The ModelArgs values the flags set (the rest: the 7B's)."""
+    return {"dim": dim, "n_layers": layers, "n_heads": dim // 128}
+
+
 def build(work: Path, dim: int, layers: int) -> None:
     """The three source checkpoints, built in a child process (its memory is gone before measuring)."""
     code = f"""
 import dataclasses, torch
 from chameleon.config import preset
 from chameleon.tiny import TINY_VQ, random_model
-args = dataclasses.replace(preset("7B"), dim={dim}, n_layers={layers}, n_heads={dim // 128}, model_parallel_size=2)
+args = dataclasses.replace(preset("7B"), **{shape(dim, layers)!r}, model_parallel_size=2)
 model = random_model(args, TINY_VQ, seed=0, text_vocab=8192)
 with torch.no_grad():
     for name, p in model.transformer.named_parameters():
@@ -107,7 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=positive_int, default=2048, help="model width (heads of 128; a multiple of 256)")
     parser.add_argument("--layers", type=positive_int, default=16, help="decoder layers")
-    parser.add_argument("--work", default=None, help="directory for the checkpoints (default: a temporary one, removed)")
+    parser.add_argument("--work", default=None, help="directory for the checkpoints, kept and reused by later runs of "
+                        "the same --dim/--layers (default: a temporary one, removed)")
     parser.add_argument("--json", type=json_path, default=None, help="also write the report here")
     opts = parser.parse_args()
     if opts.dim % 256:  # heads of 128, split evenly over the 2 model-parallel shards
@@ -117,6 +123,9 @@ def main() -> None:
     try:
         if not (work / "params.txt").is_file():
             build(work, opts.dim, opts.layers)
+        else:  # refused, not rebuilt: the build there took minutes, and may be wanted as it is
+            for src in dict.fromkeys(src for _, src, _, _ in CONVERSIONS):
+                check_built(parser, "--work", work / src, shape(opts.dim, opts.layers))
         base = measure([sys.executable, "-c", "import benchmarks.cli, chameleon.chameleon, chameleon.commands"])
         report = {"dim": opts.dim, "layers": opts.layers, "parameters": int((work / "params.txt").read_text()),
                   "baseline_rss_gb": round(base["peak_rss"] / 1e9, 2), "rows": []}

@@ -32,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from perf_args import json_path, positive_int  # noqa: E402  (beside this file)
+from perf_args import check_built, json_path, positive_int  # noqa: E402  (beside this file)
 
 TARGET_SPEEDUP = 2.0
 CONFIG = dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, vocab_size=65536, multiple_of=256, max_seq_len=4096)
@@ -83,9 +83,12 @@ def main() -> None:
     ap.add_argument("--subjects", type=positive_int, default=10)
     ap.add_argument("--per-subject", type=positive_int, default=5)
     ap.add_argument("--batch-size", type=positive_int, default=8)
-    ap.add_argument("--model-dir", type=Path, help="where to build/reuse the ~100M model (default: a temp dir)")
+    ap.add_argument("--model-dir", type=Path, help="where to build/reuse the ~100M model (default: a temp dir); "
+                    "a model of another shape there is refused")
     ap.add_argument("--json", type=json_path, help="also write the figures here")
     args = ap.parse_args()
+    if args.model_dir and (args.model_dir / "config.json").is_file():  # refused, not rebuilt: it may be the user's
+        check_built(ap, "--model-dir", args.model_dir, CONFIG)
 
     import transformers
     from lm_eval.models.huggingface import HFLM

@@ -57,3 +57,23 @@ def device(text: str):
     if (found.index or 0) >= count:
         raise argparse.ArgumentTypeError(f"{text!r}: no such device here, {found.type} has {count} (0 to {count - 1})")
     return found
+
+
+def check_built(parser: argparse.ArgumentParser, flag: str, path: Path, asked: dict) -> None:
+    """Reuse the checkpoint in `path` only if it was built with the `asked` ModelArgs values: the
+    report states those, so figures of another shape would be silently mislabelled."""
+    import dataclasses
+
+    from chameleon.checkpoint import read_args
+    from chameleon.errors import InputError
+
+    def shown(args) -> str:  # n_kv_heads as used: a config may store n_heads' value as None (no GQA)
+        return ", ".join(f"{name}={args.kv_heads if name == 'n_kv_heads' else getattr(args, name)}" for name in asked)
+
+    try:
+        built = read_args(path)
+    except InputError as err:
+        parser.error(f"argument {flag}: cannot reuse {path}: {err}")
+    if shown(built) != shown(dataclasses.replace(built, **asked)):
+        parser.error(f"argument {flag}: {path} holds a model built with {shown(built)}, not the "
+                     f"{shown(dataclasses.replace(built, **asked))} asked for; give another directory, or empty this one")
