@@ -125,11 +125,42 @@ BAD_ARGUMENTS = [  # script, arguments, the flag the error must name
 ]
 
 
-@pytest.mark.parametrize("script,args,flag", BAD_ARGUMENTS, ids=[f"{s}:{' '.join(a)}" for s, a, _ in BAD_ARGUMENTS])
-def test_bad_arguments_are_refused_before_any_work(script, args, flag):
-    done = run_script(script, *args, ok=False)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    assert "error: " in done.stderr and flag in done.stderr, done.stderr[-3000:]
+# Runs each case as its script's __main__ in one process of its own (one torch import for all: a
+# process per case cost ~3 s each), and prints each one's exit status and stderr; an exception
+# other than argparse's SystemExit is reported with its traceback, as a process would print it.
+REFUSAL_RUNNER = """
+import contextlib, io, json, runpy, sys, traceback
+sys.path.insert(0, "benchmarks/perf")
+results = []
+for script, args in json.loads(sys.argv[1]):
+    sys.argv, err, code = [script, *args], io.StringIO(), 0
+    try:
+        with contextlib.redirect_stderr(err):
+            runpy.run_path(f"benchmarks/perf/{script}", run_name="__main__")
+    except SystemExit as done:
+        code = done.code
+    except BaseException:
+        code, err = 1, io.StringIO(err.getvalue() + traceback.format_exc())
+    results.append([code, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def refusals() -> list[tuple[int, str]]:
+    """Each BAD_ARGUMENTS case's exit status and stderr."""
+    cases = json.dumps([[script, args] for script, args, _ in BAD_ARGUMENTS])
+    done = subprocess.run([sys.executable, "-c", REFUSAL_RUNNER, cases], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(BAD_ARGUMENTS)), ids=[f"{s}:{' '.join(a)}" for s, a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_refused_before_any_work(case, refusals):
+    (code, stderr), flag = refusals[case], BAD_ARGUMENTS[case][2]
+    assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
+    assert "error: " in stderr and flag in stderr, stderr[-3000:]
 
 
 def test_perf_scripts_refuse_to_reuse_a_model_of_another_shape(tmp_path):
