@@ -74,6 +74,7 @@ def check_built(parser: argparse.ArgumentParser, flag: str, path: Path, asked: d
         built = read_args(path)
     except InputError as err:
         parser.error(f"argument {flag}: cannot reuse {path}: {err}")
-    if shown(built) != shown(dataclasses.replace(built, **asked)):
-        parser.error(f"argument {flag}: {path} holds a model built with {shown(built)}, not the "
-                     f"{shown(dataclasses.replace(built, **asked))} asked for; give another directory, or empty this one")
+    was, wanted = shown(built), shown(dataclasses.replace(built, **asked))
+    if was != wanted:
+        parser.error(f"argument {flag}: {path} holds a model built with {was}, not the {wanted} asked for; "
+                     "give another directory, or empty this one")

@@ -33,14 +33,15 @@ def logits_of(shape: str, batch: int, vocab: int, g: torch.Generator) -> torch.T
 
 def logit_shapes(text: str) -> list[str]:
     """The --shapes type: a comma list of zipfS (S a positive number) or normal."""
-    for shape in text.split(","):
+    shapes = text.split(",")
+    for shape in shapes:
         try:
             ok = shape == "normal" or (shape.startswith("zipf") and float(shape[4:]) > 0)
         except ValueError:
             ok = False
         if not ok:
             raise argparse.ArgumentTypeError(f"{shape!r}: expected zipfS (S a positive exponent, e.g. zipf1.2) or normal")
-    return text.split(",")
+    return shapes
 
 
 def elapsed(fn) -> float:
