@@ -15,16 +15,17 @@ import json
 import os
 import re
 import shutil
+import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from chameleon.config import ModelArgs, VQGANConfig, read_json
-from chameleon.convert import HF_VQ_PREFIX, Progress, Tensors, from_hf, from_meta_shards, to_hf, to_meta_shards
+from chameleon.convert import HF_VQ_PREFIX, LazyTensors, Progress, Tensors, from_hf, from_meta_shards, specs, to_hf, to_meta_shards
 from chameleon.errors import InputError
 from chameleon.tokenizer import SPECIAL_NAMES, ChameleonTokenizer
 
@@ -40,7 +41,7 @@ class Checkpoint:
     """Everything a directory holds, in this stack's layout."""
 
     args: ModelArgs
-    weights: Tensors  # decoder, our names
+    weights: Tensors  # decoder, our names (merged Meta shards: a LazyTensors, merged as read)
     vq_config: VQGANConfig
     vq_weights: Tensors  # taming names; decoder.* may be absent
     tokenizer_file: Path
@@ -50,7 +51,7 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         """The bytes of all its tensors (what a write holds, without the files' headers)."""
-        return sum(t.nbytes for t in (*self.weights.values(), *self.vq_weights.values()))
+        return sum(t.nbytes for t in (*specs(self.weights).values(), *self.vq_weights.values()))
 
     @property
     def has_decoder(self) -> bool:
@@ -287,15 +288,15 @@ def write_hf(ckpt: Checkpoint, out: Path, tokenizer: ChameleonTokenizer, max_sha
     rename = META_IMAGE_TOKEN in tokenizer.vocab and HF_IMAGE_TOKEN not in tokenizer.vocab
     vocab = {(HF_IMAGE_TOKEN if rename and k == META_IMAGE_TOKEN else k): v for k, v in tokenizer.vocab.items()}
     cfg = ckpt.args.to_hf(ckpt.vq_config, dict(sorted(vocab.items(), key=lambda kv: kv[1])), special)
-    cfg["dtype"] = str(next(iter(ckpt.weights.values())).dtype).removeprefix("torch.")
+    cfg["dtype"] = str(next(iter(specs(ckpt.weights).values())).dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    tensors = to_hf(ckpt.weights, ckpt.args)
-    decoder = {k: v for k, v in ckpt.vq_weights.items() if k.startswith("decoder.")}
-    tensors.update({HF_VQ_PREFIX + k: v for k, v in ckpt.vq_weights.items() if not k.startswith("decoder.")})
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    decoder = to_hf(ckpt.weights, ckpt.args)  # permuted (and merged, cast) as each tensor is written
+    encoder = {HF_VQ_PREFIX + k: v for k, v in ckpt.vq_weights.items() if not k.startswith("decoder.")}
+    tensors = LazyTensors({**specs(decoder), **encoder}, lambda k: encoder[k] if k in encoder else decoder[k])
     _write_safetensors_sharded(tensors, out, max_shard_bytes)
-    if decoder:
-        _save_file({k: v.contiguous() for k, v in decoder.items()}, str(out / HF_DECODER_FILE))
+    vq_decoder = {k: v for k, v in ckpt.vq_weights.items() if k.startswith("decoder.")}
+    if vq_decoder:
+        write_safetensors(vq_decoder, out / HF_DECODER_FILE)
     if rename:
         _write_renamed_tokenizer(ckpt.tokenizer_file, out / "tokenizer.json", META_IMAGE_TOKEN, HF_IMAGE_TOKEN)
     else:
@@ -338,30 +339,57 @@ def processor_configs(vq: VQGANConfig) -> tuple[dict, dict]:
 
 def _write_safetensors_sharded(tensors: Tensors, out: Path, max_shard_bytes: int | None) -> None:
     if not max_shard_bytes:
-        _save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
         return
-    shards: list[Tensors] = [{}]
+    sizes = {name: t.nbytes for name, t in specs(tensors).items()}
+    shards: list[list[str]] = [[]]
     size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+    for name in sorted(sizes):
+        if shards[-1] and size + sizes[name] > max_shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
+        shards[-1].append(name)
+        size += sizes[name]
     weight_map = {}
-    for i, shard in enumerate(shards):
+    for i, names in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        shard = LazyTensors({k: specs(tensors)[k] for k in names}, tensors.__getitem__)
+        write_safetensors(shard, out / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in names})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, indent=2))
 
 
-def _save_file(tensors: Tensors, file: str, metadata: dict | None = None) -> None:
-    """safetensors' save_file creates the file 0600: give it the mode of any other new file (0666
-    less the umask), so that a checkpoint's weights are as readable as its config."""
-    save_file(tensors, file, metadata=metadata)
+# safetensors' dtype names, in the order its writer sorts tensors by (descending; then by name)
+_SAFETENSORS_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+                       torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+                       torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+                       torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
+_SAFETENSORS_RANK = {dtype: i for i, dtype in enumerate(_SAFETENSORS_DTYPES)}
+
+
+def write_safetensors(tensors: Tensors, file: Path, metadata: dict | None = None) -> None:
+    """A safetensors file written one tensor at a time: the header from the tensors' specs, then each
+    tensor made (a LazyTensors' merge, permutation or cast), written and dropped. safetensors'
+    `save_file` needs all of them in memory at once, which for merged Meta shards is a second copy
+    of the weights. Same bytes as `save_file` (its tensor order, header and padding); the file gets
+    the mode of any other new file (save_file's is 0600)."""
+    spec = specs(tensors)
+    order = sorted(spec, key=lambda k: (-_SAFETENSORS_RANK[spec[k].dtype], k))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name in order:
+        end = offset + spec[name].nbytes
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[spec[name].dtype], "shape": list(spec[name].shape), "data_offsets": [offset, end]}
+        offset = end
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for name in order:
+            t = tensors[name]  # made here, and dropped before the next is made
+            assert t.shape == spec[name].shape and t.dtype == spec[name].dtype, name  # a spec disagreeing with its tensor
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # the tensor's own buffer: no copy
+            del t
     os.chmod(file, 0o666 & ~_umask())
 
 
@@ -412,7 +440,10 @@ def _read_meta(path: Path, progress: Progress = None) -> Checkpoint:
             if t.shape != shards[0][name].shape:
                 raise InputError(f"{f}: tensor {name} has shape {tuple(t.shape)}, but {files[0].name} has {tuple(shards[0][name].shape)}")
     _check_keys(set(shards[0]) - {"rope.freqs"}, _expected_meta_keys(args), str(files[0]))
-    weights = from_meta_shards(shards, args, str(path), progress)
+    weights = from_meta_shards(shards, args, str(path))
+    if progress:  # (the shards are memory-mapped; several are merged as they are written, one file not at all)
+        for t in specs(weights).values():
+            progress(t.nbytes)
 
     tok_dir = _meta_tokenizer_dir(path)
     vq_yaml, vq_ckpt = tok_dir / "vqgan.yaml", tok_dir / "vqgan.ckpt"
@@ -479,7 +510,7 @@ def _check_keys(found: set[str], expected: set[str], source: str) -> None:
 def _check_against(found: Tensors, ref: dict, source: str) -> None:
     """Names, then shapes, of `found` against a reference state dict: a mismatch names the key."""
     _check_keys(set(found), set(ref), source)
-    for name, w in found.items():
+    for name, w in specs(found).items():
         if tuple(w.shape) != tuple(ref[name].shape):
             raise InputError(f"{source}: weight {name} has shape {tuple(w.shape)}, the config implies {tuple(ref[name].shape)}")
 

@@ -336,7 +336,7 @@ def _parse_size(text: str | None) -> int | None:
 def cmd_convert(args) -> int:
     from chameleon.chameleon import save_checkpoint
     from chameleon.checkpoint import occupied, read_args, read_checkpoint, resolve_checkpoint_path
-    from chameleon.convert import check_meta_shards
+    from chameleon.convert import cast, check_meta_shards
     from chameleon.progress import byte_bar
     from chameleon.tokenizer import ChameleonTokenizer
 
@@ -359,9 +359,8 @@ def cmd_convert(args) -> int:
     size = weights_bytes(src)
     with announced("reading", src, size) as shown, byte_bar(f"reading {src.name}", size, enabled=shown) as bar:
         ckpt = read_checkpoint(src, progress=bar.update)
-    if dtype:  # one tensor at a time, each replaced as it is cast: not all of the old and new at once
-        for name, w in ckpt.weights.items():
-            ckpt.weights[name] = w.to(dtype)
+    if dtype:  # each tensor cast as it is written: never all of the old and the new at once
+        ckpt.weights = cast(ckpt.weights, dtype)
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
     made = topmost_missing(dst)  # (dst, or a missing parent of it: removed if the conversion fails)
     try:

@@ -7,7 +7,7 @@ parameters are permuted within each head: Meta's pair (2i, 2i+1) sits at HF's (i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -15,8 +15,45 @@ from chameleon.config import ModelArgs
 from chameleon.errors import InputError
 from chameleon.model import rope_inv_freq
 
-Tensors = dict[str, torch.Tensor]
+Tensors = Mapping[str, torch.Tensor]  # a dict, or LazyTensors
 Progress = Callable[[int], None] | None  # called with the bytes of each tensor made
+
+
+class LazyTensors(Mapping):
+    """Tensors made when read and not kept: a merged, permuted or cast copy of a checkpoint's
+    weights, made one tensor at a time by whoever reads it (a streaming writer, `load_state_dict`),
+    so that converting a large checkpoint never holds a second full copy. `specs` gives each
+    tensor's shape and dtype (as meta tensors) without making it."""
+
+    def __init__(self, specs: dict[str, torch.Tensor], make: Callable[[str], torch.Tensor]):
+        self.specs, self._make = specs, make
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.specs:
+            raise KeyError(name)
+        return self._make(name)
+
+    def __iter__(self):
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+def specs(sd: Tensors) -> Mapping[str, torch.Tensor]:
+    """Each tensor's shape, dtype and nbytes, without making those of a LazyTensors (whose tensors
+    may take a read and a merge each): for a dict, its tensors themselves."""
+    return sd.specs if isinstance(sd, LazyTensors) else sd
+
+
+def _spec(shape, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def cast(sd: Tensors, dtype: torch.dtype) -> LazyTensors:
+    """`sd` in another dtype, each tensor cast when read."""
+    return LazyTensors({k: _spec(v.shape, dtype) for k, v in specs(sd).items()}, lambda k: sd[k].to(dtype))
+
 
 # Per layer: our/Meta name -> HF name.
 _LAYER_NAMES = {
@@ -71,15 +108,23 @@ def _relayout(suffix: str, w: torch.Tensor, args: ModelArgs, fn) -> torch.Tensor
     return w
 
 
-def to_hf(sd: Tensors, args: ModelArgs) -> Tensors:
-    out: Tensors = {}
-    for name, w in sd.items():
-        if name in _TOP_NAMES:
-            out[_TOP_NAMES[name]] = w
-            continue
-        _, idx, suffix = name.split(".", 2)
-        out[f"model.layers.{idx}.{_LAYER_NAMES[suffix]}"] = _relayout(suffix, w, args, interleaved_to_halves)
-    return out
+def _hf_name(name: str) -> str:
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    _, idx, suffix = name.split(".", 2)
+    return f"model.layers.{idx}.{_LAYER_NAMES[suffix]}"
+
+
+def to_hf(sd: Tensors, args: ModelArgs) -> LazyTensors:
+    """HF's names and RoPE layout, each tensor permuted when read (the permutations keep shapes)."""
+    ours = {_hf_name(name): name for name in sd}
+
+    def make(hf_name: str) -> torch.Tensor:
+        name = ours[hf_name]
+        w = sd[name]
+        return w if name in _TOP_NAMES else _relayout(name.split(".", 2)[2], w, args, interleaved_to_halves)
+
+    return LazyTensors({hf: specs(sd)[name] for hf, name in ours.items()}, make)
 
 
 def from_hf(sd: Tensors, args: ModelArgs, source: str, progress: Progress = None) -> Tensors:
@@ -110,33 +155,50 @@ def _split_dim(name: str) -> int | None:
     return None
 
 
-def from_meta_shards(shards: list[Tensors], args: ModelArgs, source: str, progress: Progress = None) -> Tensors:
-    """Merge Meta's consolidated.NN.pth shards; expand each shard's q/k-norm to its heads."""
+def from_meta_shards(shards: list[Tensors], args: ModelArgs, source: str) -> Tensors:
+    """Meta's consolidated.NN.pth shards merged, each shard's q/k-norm expanded to its heads. With
+    several shards, each tensor is merged when read (a LazyTensors): the merged weights are never
+    all held beside the shards (a 34B's 4 shards would need ~68 GB more)."""
     n = len(shards)
     if n != args.model_parallel_size and n != 1:
         raise InputError(f"{source}: found {n} checkpoint shards but params.json says model_parallel_size={args.model_parallel_size}")
-    out: Tensors = {}
+    names: dict[str, str] = {}  # our name -> Meta's
     for name in shards[0]:
-        if name == "rope.freqs":
-            continue
+        if name != "rope.freqs":
+            names[name.replace("q_normalization", "q_norm").replace("k_normalization", "k_norm")] = name
+
+    def heads_of(norm: str) -> int:
+        return args.n_heads if "q_normalization" in norm else args.kv_heads
+
+    def merged(ours: str) -> torch.Tensor:
+        name = names[ours]
         parts = [s[name] for s in shards]
-        if ".attention.q_normalization." in name or ".attention.k_normalization." in name:
-            heads = args.n_heads if "q_normalization" in name else args.kv_heads
+        if name != ours:  # a q/k-norm: one per shard, repeated for each of its heads
+            heads = heads_of(name)
             per_shard = heads // args.model_parallel_size
             norms = parts if n > 1 else parts * args.model_parallel_size
-            new = name.replace("q_normalization", "q_norm").replace("k_normalization", "k_norm")
-            out[new] = torch.stack([norms[i // per_shard] for i in range(heads)])
-            continue
+            return torch.stack([norms[i // per_shard] for i in range(heads)])
         dim = _split_dim(name)
         if dim is None:
             # Replicated (RMSNorm weights): shards normally agree; average only where they do not.
             same = all(torch.equal(parts[0], p) for p in parts[1:])
-            out[name] = parts[0] if same else torch.stack(parts).float().mean(0).to(parts[0].dtype)
-        else:
-            out[name] = torch.cat(parts, dim=dim) if n > 1 else parts[0]
-        if progress:  # (the merges read the shards: a 34B's take minutes)
-            progress(out[name].nbytes)
-    return out
+            return parts[0] if same else torch.stack(parts).float().mean(0).to(parts[0].dtype)
+        return torch.cat(parts, dim=dim) if n > 1 else parts[0]
+
+    def spec(ours: str) -> torch.Tensor:
+        name = names[ours]
+        first = shards[0][name]
+        if name != ours:
+            return _spec((heads_of(name), *first.shape), first.dtype)
+        dim = _split_dim(name)
+        shape = list(first.shape)
+        if dim is not None and dim < len(shape):
+            shape[dim] *= n
+        return _spec(shape, first.dtype)
+
+    lazy = LazyTensors({ours: spec(ours) for ours in names}, merged)
+    # One file needs no merging: its tensors (memory-mapped) as they are, but the norms expanded.
+    return {k: lazy[k] for k in lazy} if n == 1 else lazy
 
 
 def check_meta_shards(args: ModelArgs, num_shards: int) -> None:
@@ -157,9 +219,10 @@ def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> Iterator[Te
     keeps one q/k-norm, so heads within a shard must share it."""
     check_meta_shards(args, num_shards)
     mp = args.model_parallel_size
-    norms: Tensors = {}  # name -> each model-parallel shard's norm, (mp, head_dim)
-    for name, w in sd.items():
+    norms: dict[str, torch.Tensor] = {}  # name -> each model-parallel shard's norm, (mp, head_dim)
+    for name in sd:
         if name.endswith((".q_norm.weight", ".q_norm.bias", ".k_norm.weight", ".k_norm.bias")):
+            w = sd[name]
             per_shard = w.shape[0] // mp
             groups = w.reshape(mp, per_shard, -1)
             if not torch.equal(groups, groups[:, :1].expand_as(groups)):
@@ -174,15 +237,15 @@ def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> Iterator[Te
     freqs = rope_inv_freq(args)
 
     def shard(s: int) -> Tensors:
-        out: Tensors = {}
-        for name, w in sd.items():
+        out: dict[str, torch.Tensor] = {}
+        for name in sd:  # (a LazyTensors' tensor is made here, and only its slice kept)
             dim = _split_dim(name)
             if name in norms:
                 out[name.replace("q_norm", "q_normalization").replace("k_norm", "k_normalization")] = norms[name][s].clone()
             elif dim is None or num_shards == 1:
-                out[name] = w
+                out[name] = sd[name]
             else:
-                out[name] = torch.chunk(w, num_shards, dim=dim)[s].clone()
+                out[name] = torch.chunk(sd[name], num_shards, dim=dim)[s].clone()
         out["rope.freqs"] = freqs  # Meta's loader expects this (unused) buffer
         return out
 

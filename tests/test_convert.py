@@ -357,3 +357,50 @@ def test_large_checkpoints_show_progress_bars_while_converted_and_saved(tiny_hf,
     assert any(re.fullmatch(f"writing meta{bar}", s) for s in segments), segments
     chameleon.load(tiny_hf).save(tmp_path / "saved", progress=True)
     assert any(re.fullmatch(f"writing saved{bar}", s) for s in capsys.readouterr().err.replace("\r", "\n").splitlines())
+
+
+def test_meta_shards_are_merged_one_tensor_at_a_time_when_converted(tiny_hf, tmp_path, monkeypatch):
+    """Merging model-parallel shards into HF format: each tensor is merged as it is written and freed
+    before the next is merged, so the merged weights are never all in memory beside the shards (a
+    34B's 4 shards: ~68 GB). The files are those of merging everything first."""
+    import weakref
+
+    assert main(["convert", str(tiny_hf), str(tmp_path / "meta2"), "--to", "meta", "--shards", "2"]) == 0
+    cat, merged = torch.cat, []
+
+    def cat_once_the_merged_are_freed(tensors, *args, **kwargs):
+        assert all(ref() is None for ref in merged), "a merged weight is still in memory while the next is merged"
+        out = cat(tensors, *args, **kwargs)
+        merged.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(torch, "cat", cat_once_the_merged_are_freed)
+    assert main(["convert", str(tmp_path / "meta2"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert main(["convert", str(tmp_path / "meta2"), str(tmp_path / "fp16"), "--to", "hf", "--dtype", "fp16"]) == 0
+    monkeypatch.undo()
+    assert len(merged) > 0
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == (tiny_hf / "model.safetensors").read_bytes()
+    a, b = load_file(tiny_hf / "model.safetensors"), load_file(tmp_path / "fp16" / "model.safetensors")
+    assert b["lm_head.weight"].dtype == torch.float16  # (the VQGAN's weights stay fp32)
+    assert a.keys() == b.keys() and all(torch.equal(a[k].to(b[k].dtype), b[k]) for k in a)
+
+
+def test_safetensors_are_written_as_safetensors_writes_them(tmp_path):
+    """The streaming writer's files are byte for byte save_file's (tensor order by dtype then name,
+    header, padding), for every dtype a checkpoint may hold, with and without metadata."""
+    from chameleon.checkpoint import write_safetensors
+    from chameleon.convert import cast
+
+    g = torch.Generator().manual_seed(0)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16,
+              torch.int8, torch.uint8, torch.bool]
+    tensors = {f"w{len(dtypes) - i}": (torch.randn(3, i + 1, generator=g) * 10).to(d) for i, d in enumerate(dtypes)}
+    tensors |= {"scalar": torch.tensor(2.0), "empty": torch.zeros(0, 4), "strided": torch.randn(4, 6, generator=g).t()}
+    for metadata in (None, {"format": "pt"}):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "theirs.safetensors", metadata=metadata)
+        write_safetensors(tensors, tmp_path / "ours.safetensors", metadata=metadata)
+        assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+    floats = {k: v for k, v in tensors.items() if v.dtype == torch.float32}
+    write_safetensors(cast(floats, torch.bfloat16), tmp_path / "cast.safetensors")  # made as written
+    got = load_file(tmp_path / "cast.safetensors")
+    assert got.keys() == floats.keys() and all(torch.equal(got[k], v.bfloat16()) for k, v in floats.items())
