@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Union
@@ -223,17 +224,28 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
     with torch.device("meta"):
         model = Chameleon(ckpt.args, ckpt.vq_config, tokenizer, with_decoder=ckpt.has_decoder)
-    model.transformer.load_state_dict(ckpt.weights, strict=True, assign=True)
-    model.vqgan.load_state_dict(ckpt.vq_weights, strict=True, assign=True)
-    model.tokenizer_file = ckpt.tokenizer_file
     # The VQGAN stays fp32: its argmin over distances must not flip codes under bf16.
-    model.transformer.to(device=device, dtype=dtype)
-    model.vqgan.to(device=device, dtype=torch.float32)
+    _assign(model.transformer, ckpt.weights, device, dtype)
+    _assign(model.vqgan, ckpt.vq_weights, device, torch.float32)
+    model.tokenizer_file = ckpt.tokenizer_file
     if device.type == "cpu":
         model.transformer.optimize_for_cpu_(pack_bf16=pack_bf16)
     else:
         model.transformer.fuse_()
     return model.eval()
+
+
+def _assign(module: nn.Module, weights: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
+    """Each weight of a module built on the meta device made, moved to `device` and `dtype`, and
+    assigned in turn (names and shapes were checked when read): merged Meta shards loaded onto a GPU
+    never hold all the merged weights in host memory, only the one being moved."""
+    for name in weights:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        placeholder = getattr(owner, leaf)
+        w = weights[name]
+        w = w.to(device=device, dtype=dtype if w.is_floating_point() else w.dtype)  # (as Module.to: floats only)
+        setattr(owner, leaf, nn.Parameter(w, requires_grad=placeholder.requires_grad) if isinstance(placeholder, nn.Parameter) else w)
 
 
 def available_device(device: str | torch.device) -> torch.device:

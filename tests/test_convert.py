@@ -404,3 +404,31 @@ def test_safetensors_are_written_as_safetensors_writes_them(tmp_path):
     write_safetensors(cast(floats, torch.bfloat16), tmp_path / "cast.safetensors")  # made as written
     got = load_file(tmp_path / "cast.safetensors")
     assert got.keys() == floats.keys() and all(torch.equal(got[k], v.bfloat16()) for k, v in floats.items())
+
+
+def test_meta_shards_are_merged_one_tensor_at_a_time_when_loaded(tiny_hf, tmp_path, monkeypatch):
+    """chameleon.load of model-parallel shards onto another device or dtype: each weight is merged,
+    moved and assigned before the next is merged (a 34B onto a GPU: not ~68 GB of merged weights in
+    host memory first). Here bf16 on the CPU stands for the move: the merged fp32 tensor is dropped."""
+    import weakref
+
+    assert main(["convert", str(tiny_hf), str(tmp_path / "meta2"), "--to", "meta", "--shards", "2"]) == 0
+    cat, merged = torch.cat, []
+
+    def cat_once_the_merged_are_freed(tensors, *args, **kwargs):
+        if tensors[0].dtype != torch.float32:  # not a merge (the shards are fp32) but fusing q/k/v in bf16, after loading
+            return cat(tensors, *args, **kwargs)
+        assert all(ref() is None for ref in merged), "a merged weight is still in memory while the next is merged"
+        out = cat(tensors, *args, **kwargs)
+        merged.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(torch, "cat", cat_once_the_merged_are_freed)
+    model = chameleon.load(tmp_path / "meta2", dtype=torch.bfloat16, pack_bf16=False)
+    monkeypatch.undo()
+    assert len(merged) > 0
+    reference = chameleon.load(tiny_hf, dtype=torch.bfloat16, pack_bf16=False)
+    ids = torch.tensor([reference.encode_prompt(TEXT)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids), atol=0, rtol=0)
+    assert {p.dtype for p in model.vqgan.parameters()} == {torch.float32}
