@@ -122,7 +122,10 @@ def test_vocab_spans_compute_only_what_is_asked(pair):
 def test_generation_unchanged(pair, mode):
     plain, optimized = pair
     prompts = [optimized.encode_prompt("Natalia sold clips to 48 of her friends"), optimized.encode_prompt("Weng earns")]
-    opts = GenerationOptions(mode=mode, max_new_tokens=300 if mode == "interleaved" else 24, temperature=0.9, seed=3)
+    # Greedy: the two layouts' logits may differ in the last bits (BLAS picks kernels by shape and CPU;
+    # on an AMD EPYC 2.4e-7), and over a random tiny model's near-uniform distributions a sampled draw
+    # flips on such a difference (there: 3 of 16 guided image rows over 8 seeds), an argmax does not.
+    opts = GenerationOptions(mode=mode, max_new_tokens=300 if mode == "interleaved" else 24, temperature=0.0, image_temperature=0.0, seed=3)
     if mode == "interleaved":
         opts.logit_bias = {optimized.tokenizer.boi_id: 8.0}
     assert generate(optimized, prompts, opts) == generate(plain, prompts, opts)
