@@ -48,6 +48,23 @@ def test_text_loop_benchmark(tmp_path):
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [(r["workload"], r["batch"]) for r in rows] == [(w, b) for w in ("greedy_stop_strings", "sampled", "interleaved_image") for b in (1, 3)]
     assert all(r["speedup"] > 0 for r in rows)
+    # new tokens per row: 6 of text, or the image (boi + 256 codes + eoi) and 2 tokens
+    assert [r["new_tokens"] for r in rows] == [6] * 4 + [260] * 2
+
+
+def test_text_loop_counts_the_tokens_of_every_row(monkeypatch):
+    """text_loop.py reported row 0's token count as every row's: a row that ended early (an eos
+    after the image, which that workload did not keep out) went unnoticed, and so did loops that
+    decoded different counts (a GPU's loops draw other image codes, then other text)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "perf"))
+    import text_loop
+
+    same = {"device_loop": [[5, 6, 7], [8, 9, 10]], "general_loop": [[5, 6, 7], [8, 9, 11]]}
+    assert text_loop.tokens_per_row(same) == 3
+    for uneven in ({"device_loop": [[5, 6, 7], [8, 9]], "general_loop": [[5, 6, 7], [8, 9]]},
+                   {"device_loop": [[5, 6, 7]], "general_loop": [[5, 6]]}):
+        with pytest.raises(SystemExit, match="rows decoded different numbers of new tokens"):
+            text_loop.tokens_per_row(uneven)
 
 
 def test_sampling_benchmark():
