@@ -67,6 +67,19 @@ def test_text_loop_counts_the_tokens_of_every_row(monkeypatch):
             text_loop.tokens_per_row(uneven)
 
 
+def test_caption_scoring_times_the_pipelines_in_turns(monkeypatch):
+    """caption_scoring.py timed ours first in every round, so on a shared machine whose speed
+    drifts ours always met the earlier phase; rounds reverse the order every other time now, as
+    decode.py's do (one helper for both)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "perf"))
+    import caption_scoring
+
+    order = []
+    ours_s, ours, base_s, base = caption_scoring.timed_pair(lambda: order.append("ours") or "o", lambda: order.append("base") or "b", 4)
+    assert order == ["ours", "base", "base", "ours"] * 2
+    assert (ours, base) == ("o", "b") and ours_s >= 0 and base_s >= 0
+
+
 def test_sampling_benchmark():
     done = run_script("sampling.py", "--vocab", "5000", "--batches", "1,3", "--rounds", "2", "--calls", "2")
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

@@ -23,6 +23,7 @@ import time
 from benchmarks.captioning.references import load_references
 from benchmarks.captioning.scoring import score_captions
 from perf_args import positive_int  # beside this file
+from perf_timing import in_turns
 
 TARGET_S = 60.0
 METRICS = ["BLEU", "METEOR", "ROUGE_L", "CIDEr"]
@@ -56,14 +57,15 @@ def coco_eval_cap_sequential(refs: dict, preds: dict) -> dict[str, float]:
 
 
 def timed_pair(ours_fn, base_fn, repeat: int):
-    """Best wall time of each side, runs alternated so that load from others hits both alike."""
+    """Best wall time of each side, timed in turns (the order reversed every other round) so that
+    load from others and the machine's drift hit both alike."""
     best = {"ours": math.inf, "base": math.inf}
     out = {}
-    for _ in range(repeat):
-        for side, fn in (("ours", ours_fn), ("base", base_fn)):
-            start = time.perf_counter()
-            out[side] = fn()
-            best[side] = min(best[side], time.perf_counter() - start)
+    fns = {"ours": ours_fn, "base": base_fn}
+    for side in in_turns(list(fns), repeat):
+        start = time.perf_counter()
+        out[side] = fns[side]()
+        best[side] = min(best[side], time.perf_counter() - start)
     return best["ours"], out["ours"], best["base"], out["base"]
 
 

@@ -32,6 +32,7 @@ from chameleon.convert import HF_VQ_PREFIX, to_hf
 from chameleon.generate import GenerationOptions, generate, non_text_mask
 from chameleon.tiny import TINY_VQ, random_model
 from perf_args import device as device_arg, json_path, names_of, positive_int, positive_ints  # beside this file
+from perf_timing import in_turns
 
 
 def sync(device):
@@ -48,13 +49,6 @@ def timed(fn, device, repeats=1):
         sync(device)
         best = min(best, time.perf_counter() - t)
     return best, out
-
-
-def in_turns(items: list, rounds: int):
-    """Each item once per round, the order reversed every other round: on a shared machine whose
-    speed drifts within minutes, competitors timed in turns see the same phases."""
-    for r in range(rounds):
-        yield from (items if r % 2 == 0 else items[::-1])
 
 
 def build_pair(args, vq: VQGANConfig, device, dtype, with_hf=True, fuse=True):

@@ -21,6 +21,7 @@ from transformers.generation.logits_process import LogitsProcessorList, Temperat
 
 import chameleon.sampling as sampling_module
 from perf_args import positive_int, positive_ints  # beside this file
+from perf_timing import in_turns
 
 
 def logits_of(shape: str, batch: int, vocab: int, g: torch.Generator) -> torch.Tensor:
@@ -82,9 +83,8 @@ def main() -> None:
 
             stacks = {"ours": ours, "transformers": transformers_}
             times = {name: (fn(), float("inf"))[1] for name, fn in stacks.items()}  # after a warm-up call each
-            for r in range(a.rounds):  # in turns, the order reversed every other round; the fastest round counts
-                for name in (list(stacks) if r % 2 == 0 else list(stacks)[::-1]):
-                    times[name] = min(times[name], elapsed(stacks[name]) / a.calls)
+            for name in in_turns(list(stacks), a.rounds):  # the fastest round counts
+                times[name] = min(times[name], elapsed(stacks[name]) / a.calls)
             row = {"batch": batch, "shape": shape, "nucleus_median": int(kept.median()),
                    "ours_ms": round(times["ours"] * 1e3, 3), "transformers_ms": round(times["transformers"] * 1e3, 3),
                    "speedup": round(times["transformers"] / times["ours"], 2)}

@@ -16,8 +16,9 @@ import json
 
 import torch
 
-from decode import build_pair, in_turns, random_prompts, timed  # benchmarks/perf/decode.py, beside this file
+from decode import build_pair, random_prompts, timed  # benchmarks/perf/decode.py, beside this file
 from perf_args import device as device_arg, names_of, positive_int, positive_ints
+from perf_timing import in_turns
 from chameleon.config import PRESETS, preset
 from chameleon.generate import GenerationOptions, generate
 from chameleon.tiny import TINY_VQ
