@@ -71,8 +71,8 @@ def build_pair(args, vq: VQGANConfig, device, dtype, with_hf=True, fuse=True):
         cfg.pop("chameleon_bench")
         with torch.device(device):
             hf = ChameleonForConditionalGeneration(ChameleonConfig(**cfg)).to(dtype).eval()
-        state = to_hf(ours.transformer.state_dict(), args)
-        state.update({HF_VQ_PREFIX + k: v for k, v in ours.vqgan.state_dict().items() if not k.startswith("decoder.")})
+        state = {**to_hf(ours.transformer.state_dict(), args),  # (a LazyTensors: permuted as read)
+                 **{HF_VQ_PREFIX + k: v for k, v in ours.vqgan.state_dict().items() if not k.startswith("decoder.")}}
         missing, unexpected = hf.load_state_dict(state, strict=False)
         assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
     return ours, hf
