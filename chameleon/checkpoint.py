@@ -11,6 +11,7 @@ Either may also be named by a Hugging Face hub repo id (`resolve_checkpoint_path
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -66,8 +67,10 @@ HUB_REPO_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?
 # (The hf backend also runs other causal LMs, whose tokenizers may be sentencepiece or BPE files.)
 HUB_FILES = {"hf": ["*.json", "*.safetensors", "*.model", "*.tiktoken", "merges.txt", "vocab.txt"],
              "meta": ["*.json", "consolidated*.pth", "tokenizer/*"]}
-# Older repos hold PyTorch weights only: pytorch_model.bin, or the shards pytorch_model.bin.index.json names.
-HUB_BIN_WEIGHTS = "pytorch_model*.bin"
+# Older repos hold PyTorch weights only: transformers reads pytorch_model.bin, else the shards that
+# pytorch_model.bin.index.json's weight_map names, whatever their names (e.g. model-00001-of-00002.bin);
+# other .bin files (an fp16 variant's copy, training_args.bin) it reads only when asked.
+HUB_BIN_WEIGHTS, HUB_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 # (repo, revision, cache, offline) -> its snapshot: a process resolves a repo once, so that its
 # checks before loading (run's) and its load read one commit, with one lookup on the network.
 _snapshots: dict[tuple, Path] = {}
@@ -115,6 +118,8 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
                          f"cache ({constants.HF_HUB_CACHE}): check the network, or pass a local checkpoint directory") from None
     except errors.HFValidationError as err:
         raise InputError(f"{path}: no such local directory, nor a valid hub repo id ({_first_line(err)})") from None
+    except InputError:  # (a malformed index, from hf_patterns: it names the file)
+        raise
     except Exception as err:  # the HTTP library's own errors (connection reset, proxy), a full disk
         raise InputError(f"{where} could not be downloaded ({type(err).__name__}: {_first_line(err)})") from None
     _snapshots[key] = snapshot
@@ -123,8 +128,15 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 
 def hf_patterns(path: Path) -> list[str]:
     """The file patterns of a HF-format checkpoint in `path` that a hub fetch brings and transformers
-    reads: its .bin weights only where it holds no safetensors (which transformers would load instead)."""
-    return HUB_FILES["hf"] + ([] if any(path.glob("*.safetensors")) else [HUB_BIN_WEIGHTS])
+    reads: its .bin weights only where it holds no safetensors (which transformers would load instead),
+    the shards by the names its .bin index in `path` gives (a hub fetch's first pass brings the index)."""
+    if any(path.glob("*.safetensors")):
+        return HUB_FILES["hf"]
+    index = read_json(path / HUB_BIN_INDEX) if (path / HUB_BIN_INDEX).is_file() else {"weight_map": {}}
+    shards = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(shards, dict) or not all(isinstance(v, str) for v in shards.values()):
+        raise InputError(f"{path / HUB_BIN_INDEX}: expected a JSON object whose 'weight_map' maps tensor names to shard file names")
+    return HUB_FILES["hf"] + [HUB_BIN_WEIGHTS] + sorted({glob.escape(shard) for shard in shards.values()})  # literal names
 
 
 def occupied(path: Path) -> str | None:

@@ -226,22 +226,26 @@ def hub(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory) -> dict[str, Path]:
     """The backend tests' tiny Llama with its weights as model.safetensors ("safetensors"), as PyTorch
-    .bin files only, one ("bin") or two shards and their index ("shards"), and as both ("both")."""
+    .bin files only, one ("bin") or two shards and their index ("shards"; "named": shards not named
+    pytorch_model*, beside an fp16 variant's copy that transformers loads only when asked), and as both
+    ("both")."""
     from safetensors.torch import load_file
 
     root = tmp_path_factory.mktemp("llamas")
     llamas = {"safetensors": build_tiny_llama(root / "safetensors", max_positions=64)}
     weights = load_file(llamas["safetensors"] / "model.safetensors")
-    for kind in ("bin", "shards", "both"):
+    for kind in ("bin", "shards", "named", "both"):
         skip = shutil.ignore_patterns("*.safetensors" if kind != "both" else "")
         llamas[kind] = Path(shutil.copytree(llamas["safetensors"], root / kind, ignore=skip))
     for kind in ("bin", "both"):
         torch.save(weights, llamas[kind] / "pytorch_model.bin")
-    shards = {f"pytorch_model-0000{i + 1}-of-00002.bin": sorted(weights)[i::2] for i in range(2)}
-    for shard, names in shards.items():
-        torch.save({name: weights[name] for name in names}, llamas["shards"] / shard)
-    weight_map = {name: shard for shard, names in shards.items() for name in names}
-    (llamas["shards"] / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    torch.save({name: t.half() for name, t in weights.items()}, llamas["named"] / "pytorch_model.fp16.bin")
+    for kind, prefix in (("shards", "pytorch_model"), ("named", "model")):
+        shards = {f"{prefix}-0000{i + 1}-of-00002.bin": sorted(weights)[i::2] for i in range(2)}
+        for shard, names in shards.items():
+            torch.save({name: weights[name] for name in names}, llamas[kind] / shard)
+        weight_map = {name: shard for shard, names in shards.items() for name in names}
+        (llamas[kind] / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return llamas
 
 
@@ -250,16 +254,16 @@ def serve(hub, checkpoint: Path) -> str:
     return "tiny-org/llama"
 
 
-@pytest.mark.parametrize("kind", ["bin", "shards"])
+@pytest.mark.parametrize("kind", ["bin", "shards", "named"])
 def test_hf_backend_by_repo_id_of_bin_weights(kind, llamas, hub, monkeypatch):
     """A repo holding its weights only as PyTorch .bin files (older models'; one, or shards and their
-    index) is fetched with them: the hf backend loads it by repo id as from its directory, and then
-    offline from the cache alone."""
+    index, whatever the shards' names) is fetched with the files transformers reads, no other .bin:
+    the hf backend loads it by repo id as from its directory, and then offline from the cache alone."""
     from benchmarks.backends import load_backend
 
     repo = serve(hub, llamas[kind])
     from_dir, from_hub = load_backend("hf", str(llamas[kind])), load_backend("hf", repo)
-    assert sorted(set(hub.asked)) == sorted(hub.repos[repo])  # every file fetched
+    assert sorted(set(hub.asked)) == sorted(set(hub.repos[repo]) - {"pytorch_model.fp16.bin"})
     assert from_hub.fingerprint == from_dir.fingerprint and from_hub.describe()["commit"] == COMMIT
     ids = torch.tensor([[1, 5, 9, 200, 7]])
     logits = [backend._logits(ids, torch.ones_like(ids)) for backend in
@@ -284,6 +288,13 @@ def test_hf_fingerprint_covers_the_tokenizer_files_fetched(llamas, tmp_path):
     before = hash_checkpoint(checkpoint)
     (checkpoint / "training_args.bin").write_bytes(b"not weights")
     assert hash_checkpoint(checkpoint) == before
+    # shards count by the index's names (whatever they are), an fp16 variant's copy not
+    checkpoint = Path(shutil.copytree(llamas["named"], tmp_path / "named"))
+    before = hash_checkpoint(checkpoint)
+    (checkpoint / "pytorch_model.fp16.bin").write_bytes(b"another copy")
+    assert hash_checkpoint(checkpoint) == before
+    (checkpoint / "model-00002-of-00002.bin").write_bytes(b"other weights")
+    assert hash_checkpoint(checkpoint) != before
 
 
 def test_a_repo_with_safetensors_fetches_no_bin(llamas, hub):
@@ -311,3 +322,12 @@ def test_hub_errors_name_the_repo_and_what_to_do(name, expected, hub, monkeypatc
     with pytest.raises(InputError) as err:
         chameleon.load(name)
     assert str(err.value).startswith(f"{name}: no local directory of that name; Hugging Face hub repo ") and expected in str(err.value)
+
+
+def test_a_malformed_bin_index_is_named(llamas, hub):
+    """The .bin index read to choose the shards to fetch: unreadable, it is named, not taken for a
+    failed download."""
+    repo = serve(hub, llamas["named"])
+    hub.repos[repo]["pytorch_model.bin.index.json"] = b'{"weight_map": ["model-00001-of-00002.bin"]}'
+    with pytest.raises(InputError, match=r"/pytorch_model.bin.index.json: expected a JSON object whose 'weight_map' maps"):
+        resolve_checkpoint_path(repo)
