@@ -95,11 +95,12 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     where = f"{path}: no local directory of that name; Hugging Face hub repo {repo}"
     try:
         snapshot = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES["hf"]))
-        if (snapshot / "config.json").is_file() and (patterns := hf_patterns(snapshot)) != HUB_FILES["hf"]:
-            # .bin weights only: fetched from the commit the snapshot holds (a branch may have moved since)
+        # A second fetch, of the files its format needs, reads the commit the first resolved (the
+        # snapshot's name): a branch may have moved since.
+        if (snapshot / "config.json").is_file() and (patterns := hf_patterns(snapshot)) != HUB_FILES["hf"]:  # .bin weights only
             snapshot = Path(snapshot_download(repo, revision=snapshot.name, allow_patterns=patterns))
         elif not (snapshot / "config.json").is_file() and (snapshot / "params.json").is_file():  # Meta's format
-            snapshot = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES["meta"]))
+            snapshot = Path(snapshot_download(repo, revision=snapshot.name, allow_patterns=HUB_FILES["meta"]))
     except errors.GatedRepoError:
         raise InputError(f"{where} is gated: accept its licence at https://huggingface.co/{repo}, then {HUB_LOGIN}") from None
     except errors.RevisionNotFoundError:

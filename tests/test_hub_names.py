@@ -26,6 +26,7 @@ from tests.conftest import REPO, build_tiny_llama
 
 REPO_ID = "tiny-org/tiny-chameleon"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+LATER = "fedcba9876543210fedcba9876543210fedcba98"  # a commit a branch moved to
 SUITE = """\
 name: hub
 backend: chameleon
@@ -167,8 +168,9 @@ class Hub(BaseHTTPRequestHandler):
     """Answers as the hub does for huggingface_hub's snapshot_download: for a repo in `server.repos`
     ({repo id: {file: bytes}}, at COMMIT) the revision API (its commit), the tree API (its files), HEAD
     and GET of /ORG/NAME/resolve/REV/FILE with the headers huggingface_hub reads; for any other repo
-    the API's error for its org: gated, missing, or without the revision asked. `server.asked`
-    records the files fetched."""
+    the API's error for its org: gated, missing, or without the revision asked. A repo in
+    `server.later` ({repo id: {file: bytes}}) has its branches moved to commit LATER, holding those
+    files, once the revision API has answered for one. `server.asked` records the files fetched."""
 
     def do_HEAD(self):
         self.do_GET(body=False)
@@ -177,14 +179,18 @@ class Hub(BaseHTTPRequestHandler):
         parts = unquote(urlsplit(self.path).path).split("/")
         api = parts[1] == "api"  # /api/models/ORG/NAME/{revision,tree}/REV, or /ORG/NAME/resolve/REV/FILE
         repo = "/".join(parts[3:5] if api else parts[1:3])
-        files = self.server.repos.get(repo)
-        status, headers, content = 200, {"X-Repo-Commit": COMMIT}, b""
+        rev = parts[6] if api else parts[4]  # a branch, or a commit (COMMIT, LATER)
+        commit = rev if rev in (COMMIT, LATER) else self.server.heads.get(repo, COMMIT)
+        files = (self.server.later if commit == LATER else self.server.repos).get(repo)
+        status, headers, content = 200, {"X-Repo-Commit": commit}, b""
         if files is None:
             status, code = {"gated": (403, "GatedRepo"), "nobody": (404, "RepoNotFound"),
                             "norev": (404, "RevisionNotFound")}.get(repo.split("/")[0], (500, None))
             headers = {"X-Error-Code": code} if code else {}
         elif api and parts[5] == "revision":
-            content = json.dumps({"id": repo, "sha": COMMIT, "siblings": [{"rfilename": f} for f in files]}).encode()
+            content = json.dumps({"id": repo, "sha": commit, "siblings": [{"rfilename": f} for f in files]}).encode()
+            if repo in self.server.later:
+                self.server.heads[repo] = LATER
         elif api:
             content = json.dumps([{"type": "file", "path": f, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
                                   for f, data in files.items()]).encode()
@@ -210,7 +216,7 @@ def hub(tmp_path, monkeypatch):
     """A local server answering as the hub (`Hub`), and this process's huggingface_hub online, sending
     to it (the settings it took from HF_ENDPOINT at import) with an empty cache and no token."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    server.repos, server.asked = {}, []
+    server.repos, server.later, server.heads, server.asked = {}, {}, {}, []
     threading.Thread(target=server.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
@@ -249,8 +255,12 @@ def llamas(tmp_path_factory) -> dict[str, Path]:
     return llamas
 
 
+def files(checkpoint: Path) -> dict[str, bytes]:
+    return {file.relative_to(checkpoint).as_posix(): file.read_bytes() for file in checkpoint.rglob("*") if file.is_file()}
+
+
 def serve(hub, checkpoint: Path) -> str:
-    hub.repos["tiny-org/llama"] = {file.name: file.read_bytes() for file in checkpoint.iterdir()}
+    hub.repos["tiny-org/llama"] = files(checkpoint)
     return "tiny-org/llama"
 
 
@@ -331,3 +341,15 @@ def test_a_malformed_bin_index_is_named(llamas, hub):
     hub.repos[repo]["pytorch_model.bin.index.json"] = b'{"weight_map": ["model-00001-of-00002.bin"]}'
     with pytest.raises(InputError, match=r"/pytorch_model.bin.index.json: expected a JSON object whose 'weight_map' maps"):
         resolve_checkpoint_path(repo)
+
+
+@pytest.mark.parametrize("kind", ["meta", "bin"])
+def test_a_second_fetch_reads_the_commit_the_first_resolved(kind, tiny_meta, llamas, hub):
+    """A Meta-format repo, or a HF one of .bin weights, is fetched twice (the second time with the files
+    its format needs): both from the commit the first resolved, though the branch moved in between (here
+    to a commit holding another model)."""
+    checkpoint, other = (tiny_meta, llamas["safetensors"]) if kind == "meta" else (llamas["bin"], tiny_meta)
+    repo = serve(hub, checkpoint)
+    hub.later[repo] = files(other)
+    snapshot = resolve_checkpoint_path(repo)
+    assert snapshot.name == COMMIT and files(snapshot) == hub.repos[repo]  # every file, each from COMMIT
