@@ -130,8 +130,10 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
 def hf_patterns(path: Path) -> list[str]:
     """The file patterns of a HF-format checkpoint in `path` that a hub fetch brings and transformers
     reads: its .bin weights only where it holds no safetensors (which transformers would load instead),
-    the shards by the names its .bin index in `path` gives (a hub fetch's first pass brings the index)."""
-    if any(path.glob("*.safetensors")):
+    the shards by the names its .bin index in `path` gives (a hub fetch's first pass brings the index).
+    Only the model's own safetensors count (transformers' names): an adapter's or another variant's
+    beside .bin weights is not what transformers loads."""
+    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
         return HUB_FILES["hf"]
     index = read_json(path / HUB_BIN_INDEX) if (path / HUB_BIN_INDEX).is_file() else {"weight_map": {}}
     shards = index.get("weight_map") if isinstance(index, dict) else None

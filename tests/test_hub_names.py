@@ -233,18 +233,20 @@ def hub(tmp_path, monkeypatch):
 def llamas(tmp_path_factory) -> dict[str, Path]:
     """The backend tests' tiny Llama with its weights as model.safetensors ("safetensors"), as PyTorch
     .bin files only, one ("bin") or two shards and their index ("shards"; "named": shards not named
-    pytorch_model*, beside an fp16 variant's copy that transformers loads only when asked), and as both
-    ("both")."""
-    from safetensors.torch import load_file
+    pytorch_model*, beside an fp16 variant's copy that transformers loads only when asked; "adapter": one
+    .bin beside a safetensors file that is not the model's, which transformers does not load as its
+    weights), and as both ("both")."""
+    from safetensors.torch import load_file, save_file
 
     root = tmp_path_factory.mktemp("llamas")
     llamas = {"safetensors": build_tiny_llama(root / "safetensors", max_positions=64)}
     weights = load_file(llamas["safetensors"] / "model.safetensors")
-    for kind in ("bin", "shards", "named", "both"):
+    for kind in ("bin", "shards", "named", "adapter", "both"):
         skip = shutil.ignore_patterns("*.safetensors" if kind != "both" else "")
         llamas[kind] = Path(shutil.copytree(llamas["safetensors"], root / kind, ignore=skip))
-    for kind in ("bin", "both"):
+    for kind in ("bin", "adapter", "both"):
         torch.save(weights, llamas[kind] / "pytorch_model.bin")
+    save_file({"lora_A.weight": torch.zeros(2, 4)}, llamas["adapter"] / "adapter_model.safetensors")
     torch.save({name: t.half() for name, t in weights.items()}, llamas["named"] / "pytorch_model.fp16.bin")
     for kind, prefix in (("shards", "pytorch_model"), ("named", "model")):
         shards = {f"{prefix}-0000{i + 1}-of-00002.bin": sorted(weights)[i::2] for i in range(2)}
@@ -264,7 +266,7 @@ def serve(hub, checkpoint: Path) -> str:
     return "tiny-org/llama"
 
 
-@pytest.mark.parametrize("kind", ["bin", "shards", "named"])
+@pytest.mark.parametrize("kind", ["bin", "shards", "named", "adapter"])
 def test_hf_backend_by_repo_id_of_bin_weights(kind, llamas, hub, monkeypatch):
     """A repo holding its weights only as PyTorch .bin files (older models'; one, or shards and their
     index, whatever the shards' names) is fetched with the files transformers reads, no other .bin:
