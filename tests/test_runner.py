@@ -536,3 +536,28 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tiny_hf,
     assert len(keys) == len(set(keys)) == 4  # each request once
     cli(*args)
     assert all(b["computed_requests"] == 0 for b in json.loads((out / "results.json").read_text())["benchmarks"].values())
+
+
+def test_duplicate_items_get_keys_of_their_own(tiny_hf, baseline, tmp_path):
+    """A dataset may hold the same item twice (the full MMLU test set: 27 questions within their
+    subject): each occurrence gets its own item_hash (the first keeps the plain one, the next ones
+    count their occurrence), so that two runs still join one to one on SCHEMA.md's key."""
+    data = tmp_path / "data"
+    (data / "gsm8k").mkdir(parents=True)
+    rows = (REPO / "benchmarks/data/gsm8k/test.jsonl").read_text().splitlines()
+    (data / "gsm8k" / "test.jsonl").write_text("\n".join([rows[0], rows[1], rows[0], rows[0], *rows[2:]]) + "\n")
+    suite = tmp_path / "dup.yaml"
+    suite.write_text("name: dup\nbackend: chameleon\nseed: 7\nbatch_size: 4\nbenchmarks:\n"
+                     "  - {name: gsm8k, benchmark: gsm8k, shots: 2, limit: 4, generation: {max_gen_toks: 10}}\n")
+    cli("run", suite, "--model", tiny_hf, "--out", tmp_path / "run", "--data-dir", data)
+    recs = [json.loads(line) for line in (tmp_path / "run/samples/gsm8k.jsonl").read_text().splitlines()]
+    keys = [(r["item_hash"], r["filter"]) for r in recs]
+    assert len(recs) == 8 and len(set(keys)) == len(keys)  # 4 items x 2 filters, each key once
+    by_doc = {}
+    for r in recs:
+        by_doc.setdefault(r["item_id"], set()).add(r["item_hash"])
+    assert all(len(hashes) == 1 for hashes in by_doc.values())  # one key per item, whatever the filter
+    # The first occurrence keeps the plain content hash: the same key as in a run without duplicates.
+    plain = {r["item_hash"] for r in map(json.loads, (baseline / "samples/gsm8k.jsonl").read_text().splitlines())
+             if r["item_id"].endswith("/0")}
+    assert by_doc[f"{recs[0]['item_id'].rsplit('/', 1)[0]}/0"] == plain

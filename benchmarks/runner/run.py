@@ -385,6 +385,13 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
         return results
 
 
+def item_hash(task: str, doc_hash: str, occurrence: int = 0) -> str:
+    """A text item's key across runs (SCHEMA.md): its task and content, and for a repeated item its
+    occurrence (the first keeps the plain key)."""
+    key = f"{task}\n{doc_hash}" + (f"\n{occurrence}" if occurrence else "")
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def _run_text(spec: BenchmarkSpec, lm: ResumableLM, *, limit, data_dir, seed,
               lm_eval_bars: bool = False) -> tuple[dict, list[dict]]:
     from benchmarks.text.run import request_kind, run_text_benchmark
@@ -396,6 +403,13 @@ def _run_text(spec: BenchmarkSpec, lm: ResumableLM, *, limit, data_dir, seed,
                                  maj_at=maj_at, limit=limit, gen_kwargs=spec.generation or None, seed=seed,
                                  lm_eval_bars=lm_eval_bars)
     gen_hash = parse_gen_kwargs(spec.generation).digest() if spec.generation else None
+    # A dataset may hold an item twice (the full MMLU test set: 27 questions within their subject):
+    # the occurrences after the first, in dataset order, count in their key, so that two runs join
+    # one to one (a prefix by --limit keeps each occurrence's number).
+    docs: dict[tuple[str, str], set[int]] = {}
+    for s in res.samples:
+        docs.setdefault((s["task"], s["doc_hash"]), set()).add(s["doc_id"])
+    occurrence = {(task, doc_id): n for (task, _), ids in docs.items() for n, doc_id in enumerate(sorted(ids))}
     records, items, failed_items = [], set(), set()
     for s in res.samples:  # a failed item is scored 0 already (score_failures_wrong)
         item_id = f"{s['task']}/{s['doc_id']}"
@@ -406,7 +420,7 @@ def _run_text(spec: BenchmarkSpec, lm: ResumableLM, *, limit, data_dir, seed,
         gen = s["arguments"][0][1] if kind == "generate_until" and s["arguments"] else None
         records.append({
             "benchmark": spec.name, "item_id": item_id, "filter": s["filter"],
-            "item_hash": hashlib.sha256(f"{s['task']}\n{s['doc_hash']}".encode()).hexdigest(),
+            "item_hash": item_hash(s["task"], s["doc_hash"], occurrence[s["task"], s["doc_id"]]),
             "request_hashes": s["request_hashes"], "prompt": s["prompt"], "images": [],
             "output": s["resps"], "filtered_output": s["filtered_resps"], "target": s["target"],
             "score": s["scores"], "doc": s["doc"],
