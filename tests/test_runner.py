@@ -561,3 +561,56 @@ def test_duplicate_items_get_keys_of_their_own(tiny_hf, baseline, tmp_path):
     plain = {r["item_hash"] for r in map(json.loads, (baseline / "samples/gsm8k.jsonl").read_text().splitlines())
              if r["item_id"].endswith("/0")}
     assert by_doc[f"{recs[0]['item_id'].rsplit('/', 1)[0]}/0"] == plain
+
+
+def test_interrupted_rerun_keeps_the_results_it_had(tiny_hf, tmp_path, monkeypatch):
+    """A finished run rerun into its directory (the same command), ^C during its second benchmark:
+    results.json was rewritten after the first with that benchmark alone, so the entries of the
+    later ones were gone though their samples files and cached requests were not. It keeps every
+    entry it had (complete false until the rerun ends), each still matching its samples file, and
+    the next rerun finishes with the results of the first run."""
+    from benchmarks.backends import load_backend
+    from benchmarks.runner import format_results_table, load_suite, run_suite
+    from benchmarks.runner import run as run_module
+
+    (tmp_path / "s.yaml").write_text(SMALL + "  - {name: gsm8k0, benchmark: gsm8k, shots: 0, limit: 1,"
+                                             " generation: {max_gen_toks: 4}}\n")
+    suite, lm, out = load_suite(str(tmp_path / "s.yaml")), load_backend("chameleon", str(tiny_hf)), tmp_path / "run"
+
+    def results():
+        return json.loads((out / "results.json").read_text())
+
+    def as_run(res):  # what does not depend on the invocation that ran a benchmark
+        return {n: {k: v for k, v in b.items() if k not in ("seconds", "computed_requests")}
+                for n, b in res["benchmarks"].items()}, res["data_files"]
+
+    first = run_suite(suite, lm, out, progress=False)
+    assert first["complete"] and list(first["benchmarks"]) == ["gsm8k", "coco", "gsm8k0"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # ^C in the middle of captioning
+
+    monkeypatch.setattr(run_module, "run_captioning", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite, lm, out, progress=False)
+    kept = results()
+    assert list(kept["benchmarks"]) == ["gsm8k", "coco", "gsm8k0"], list(kept["benchmarks"])
+    assert not kept["complete"] and as_run(kept) == as_run(first)
+    assert kept["benchmarks"]["coco"]["seconds"] == first["benchmarks"]["coco"]["seconds"]  # the first run's entry
+    for b in kept["benchmarks"].values():
+        assert hashlib.sha256((out / b["samples_file"]).read_bytes()).hexdigest() == b["samples_sha256"]
+    table = format_results_table(out / "results.json")
+    assert "(INCOMPLETE)" in table and {line.split()[0] for line in table.splitlines()[3:]} == {"gsm8k", "coco", "gsm8k0"}
+    # A samples file that is no longer the one its entry names (as a rerun killed between writing
+    # samples/gsm8k.jsonl and results.json would leave it): that entry is not kept; the order stays
+    for name in ("gsm8k", "gsm8k0"):
+        with open(out / f"samples/{name}.jsonl", "a") as f:
+            f.write("{}\n")
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite, lm, out, progress=False)
+    assert list(results()["benchmarks"]) == ["gsm8k", "coco"]  # gsm8k rerun, gsm8k0 dropped
+    monkeypatch.undo()
+    done = run_suite(suite, lm, out, progress=False)
+    assert done["complete"] and as_run(done) == as_run(first) and as_run(results()) == as_run(first)
+    assert list(done["benchmarks"]) == list(first["benchmarks"]) and list(done["data_files"]) == list(first["data_files"])
+    assert all(b["computed_requests"] == 0 for b in done["benchmarks"].values())

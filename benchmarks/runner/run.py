@@ -6,7 +6,8 @@ RUN_DIR/
                         InputError (for another suite, naming what differs)
   cache/rank*.jsonl     every finished request, appended and fsynced (resume after any kill)
   samples/<name>.jsonl  per-sample records of each benchmark
-  results.json          versioned results (SCHEMA.md), rewritten after each benchmark
+  results.json          versioned results (SCHEMA.md), rewritten after each benchmark; a rerun keeps
+                        the entries it holds until it replaces them (an interrupted one loses none)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from benchmarks.runner.dist import Dist, as_single_process
 from benchmarks.runner.progress import BenchmarkProgress, summary_line
 from benchmarks.runner.resumable import ResumableLM
 from benchmarks.runner.results import (
-    SCHEMA_VERSION, display_path, metric_entry, package_versions, write_json_atomic, write_jsonl_atomic,
+    SCHEMA_VERSION, display_path, metric_entry, package_versions, sha256_file, write_json_atomic, write_jsonl_atomic,
 )
 from benchmarks.runner.store import RecordStore
 from benchmarks.runner.suite import BenchmarkSpec, Suite
@@ -308,6 +309,33 @@ def claim_run_dir(out: Path, model: dict, dist: Dist, identity: dict, suite: dic
         raise InputError(error)
 
 
+def _earlier_results(out: Path, model: dict, identity: dict, suite: Suite) -> tuple[dict, dict]:
+    """(benchmark entries, data_files) of the directory's results.json that a rerun shows until it has
+    run those benchmarks again, so that one interrupted before then leaves no less than there was.
+    Read before the claim: only from a run.json of this same identity (one of an earlier version,
+    without it, is adopted by the claim unchecked for data and images), and only entries whose
+    samples file is still the one they name (a rerun killed between writing a benchmark's samples
+    and results.json leaves the old entry describing another file)."""
+    try:
+        if json.loads((out / "run.json").read_text()).get("identity") != identity:
+            return {}, {}
+        old = json.loads((out / "results.json").read_text())
+        if old["model"]["fingerprint"] != model["fingerprint"]:
+            return {}, {}
+        entries, data_files = dict(old["benchmarks"]), dict(old["data_files"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}, {}
+
+    def matches(entry) -> bool:
+        try:
+            return sha256_file(out / entry["samples_file"]) == entry["samples_sha256"]
+        except (OSError, KeyError, TypeError):
+            return False
+
+    kept = {s.name: entries[s.name] for s in suite.benchmarks if s.name in entries and matches(entries[s.name])}
+    return kept, data_files if kept else {}
+
+
 def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: int | None = None,
               images_dirs: dict[str, Path] | None = None, data_dir: str | Path | None = None,
               dist: Dist = Dist(), chunk_size: int | None = None, command: list[str] | None = None,
@@ -325,6 +353,7 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
     check_image_input(suite, model["backend"], model.get("path"), getattr(backend, "image_problem", None))
     with locked_run_dir(out, dist):  # held until the last write
         identity = run_identity(suite, model, limit=limit, images_dirs=images_dirs, data_dir=data_dir)
+        kept, kept_files = _earlier_results(out, model, identity, suite) if dist.is_main else ({}, {})
         claim_run_dir(out, model, dist, identity, suite.to_dict())
         store = RecordStore(out / "cache", shard=f"rank{dist.rank}")
         lm = ResumableLM(backend, store, dist, chunk_size=chunk_size or 4 * getattr(backend, "batch_size", 8))
@@ -338,9 +367,10 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
             "seeds": {"suite": suite.seed},
             "packages": package_versions(),
             "run": {"started_at": _now(), "finished_at": None, "command": command, "world_size": dist.world_size},
-            "data_files": {},
-            "benchmarks": {},
+            "data_files": kept_files,  # until complete: the kept entries' files too (read: this run's alone)
+            "benchmarks": kept,  # each replaced as its benchmark finishes
         }
+        read = {}
         if dist.is_main:
             (out / "samples").mkdir(exist_ok=True)
         width = max(len(spec.name) for spec in suite.benchmarks)
@@ -360,7 +390,8 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
                 for rec in records:
                     asked_items.add(rec["item_id"])
                     asked_hashes.update(h for h in rec.get("request_hashes") or [rec.get("request_hash")] if h)
-                results["data_files"].update({display_path(k): v for k, v in entry.pop("data_files").items()})
+                read.update({display_path(k): v for k, v in entry.pop("data_files").items()})
+                results["data_files"].update(read)
                 entry["config"] = {k: v for k, v in spec.__dict__.items()}
                 entry["seconds"] = round(time.perf_counter() - started, 2)
                 # not answered from the cache, by every process (each computes its share)
@@ -370,6 +401,8 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
                 entry["samples_file"] = f"samples/{spec.name}.jsonl"
                 entry["samples_sha256"] = write_jsonl_atomic(out / entry["samples_file"], records)
                 results["benchmarks"][spec.name] = entry
+                results["benchmarks"] = {s.name: results["benchmarks"][s.name] for s in suite.benchmarks
+                                         if s.name in results["benchmarks"]}  # suite order, kept entries or not
                 write_json_atomic(out / "results.json", results)
                 if progress:
                     print(summary_line(spec.name, entry, cached=bar.cached, width=width), file=sys.stderr, flush=True)
@@ -377,6 +410,7 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
         if unused and dist.is_main:
             print(f"warning: {unused}", file=sys.stderr, flush=True)
         results["complete"] = True
+        results["data_files"] = read
         results["run"]["finished_at"] = _now()
         if dist.is_main:
             write_json_atomic(out / "results.json", results)
