@@ -450,10 +450,14 @@ def _read_meta(path: Path, progress: Progress = None) -> Checkpoint:
     for f, shard in zip(files[1:], shards[1:]):
         if set(shard) != set(shards[0]):
             raise InputError(f"{f}: its keys differ from {files[0].name}'s")
-        # Model-parallel shards hold equal slices.
+        # Model-parallel shards hold equal slices, of one dtype: merged lazily, each tensor's shape
+        # and dtype are taken from the first shard's before it is made (torch.cat would promote).
         for name, t in shard.items():
             if t.shape != shards[0][name].shape:
                 raise InputError(f"{f}: tensor {name} has shape {tuple(t.shape)}, but {files[0].name} has {tuple(shards[0][name].shape)}")
+            if t.dtype != shards[0][name].dtype:
+                ours, first = (str(d).removeprefix("torch.") for d in (t.dtype, shards[0][name].dtype))
+                raise InputError(f"{f}: tensor {name} has dtype {ours}, but {files[0].name} has {first}")
     _check_keys(set(shards[0]) - {"rope.freqs"}, _expected_meta_keys(args), str(files[0]))
     weights = from_meta_shards(shards, args, str(path))
     if progress:  # (the shards are memory-mapped; several are merged as they are written, one file not at all)

@@ -272,3 +272,19 @@ def test_fields_the_formats_own_loaders_ignore(copy):
     assert read_checkpoint(hf).args == expected
     set_value(hf / "config.json", "num_hiden_layers", 3)
     expect_error(hf, "config.json", "num_hiden_layers (did you mean 'num_hidden_layers'?)")
+
+
+def test_meta_shards_of_different_dtypes(copy, tmp_path, capsys):
+    """Shards merge lazily, each tensor's dtype taken from consolidated.00.pth before it is merged:
+    a shard holding a tensor in another dtype is named when read, not found by an AssertionError
+    halfway through writing the converted file (torch.cat would promote it)."""
+    from benchmarks.cli import main
+
+    ckpt = copy("meta")
+    shard = ckpt / "consolidated.01.pth"
+    sd = torch.load(shard)
+    name = "output.weight"
+    torch.save({**sd, name: sd[name].double()}, shard)
+    expect_error(ckpt, "consolidated.01.pth", f"tensor {name} has dtype float64", "consolidated.00.pth has float32")
+    assert main(["convert", str(ckpt), str(tmp_path / "out"), "--to", "hf"]) == 2
+    assert "consolidated.01.pth" in capsys.readouterr().err and not (tmp_path / "out").exists()
