@@ -374,9 +374,13 @@ def _write_safetensors_sharded(tensors: Tensors, out: Path, max_shard_bytes: int
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, indent=2))
 
 
-# safetensors' dtype names, in the order its writer sorts tensors by (descending; then by name)
+# safetensors' dtype names, in the order its writer sorts tensors by (descending; then by name).
+# Every floating-point dtype a checkpoint may hold (`_state_dict` takes any) has one; float8_e8m0fnu
+# came in torch 2.7.
 _SAFETENSORS_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
-                       torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+                       torch.float8_e4m3fn: "F8_E4M3", getattr(torch, "float8_e8m0fnu", None): "F8_E8M0",
+                       torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
+                       torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
                        torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
                        torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
 _SAFETENSORS_RANK = {dtype: i for i, dtype in enumerate(_SAFETENSORS_DTYPES)}

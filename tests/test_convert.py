@@ -432,3 +432,19 @@ def test_meta_shards_are_merged_one_tensor_at_a_time_when_loaded(tiny_hf, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(model(ids), reference(ids), atol=0, rtol=0)
     assert {p.dtype for p in model.vqgan.parameters()} == {torch.float32}
+
+
+def test_float8_weights_are_written_as_safetensors_writes_them(tiny_hf, tmp_path):
+    """Checkpoints may hold any floating-point dtype, the float8 formats included (safetensors reads
+    and writes F8_E4M3FNUZ, F8_E5M2FNUZ and F8_E8M0): converted, each is written where save_file
+    puts it, not refused by the streaming writer with a KeyError."""
+    names = ["float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu", "float8_e4m3fn", "float8_e5m2"]
+    dtypes = [getattr(torch, n) for n in names if hasattr(torch, n)]  # (float8_e8m0fnu: torch 2.7+)
+    src = shutil.copytree(tiny_hf, tmp_path / "src")
+    weights = load_file(src / "model.safetensors")
+    top = ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight",
+           "model.layers.1.input_layernorm.weight"]
+    weights |= {name: weights[name].abs().to(dtype) for name, dtype in zip(top, dtypes)}  # (abs: e8m0 has no sign)
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "hf"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
