@@ -33,6 +33,9 @@ class LazyTensors(Mapping):
             raise KeyError(name)
         return self._make(name)
 
+    def __contains__(self, name: object) -> bool:  # (Mapping's would make the tensor)
+        return name in self.specs
+
     def __iter__(self):
         return iter(self.specs)
 

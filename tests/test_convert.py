@@ -448,3 +448,15 @@ def test_float8_weights_are_written_as_safetensors_writes_them(tiny_hf, tmp_path
     save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
     assert main(["convert", str(src), str(tmp_path / "out"), "--to", "hf"]) == 0
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+
+
+def test_lazy_tensors_are_not_made_to_answer_membership():
+    """`name in lazy` (and `in lazy.keys()`) answers from the specs: Mapping's default __contains__
+    reads the value, which for merged Meta shards is a merge of the whole tensor per question."""
+    from chameleon.convert import LazyTensors
+
+    def make(name):
+        raise AssertionError(f"{name} was made to answer a membership test")
+
+    lazy = LazyTensors({"w": torch.empty(2, 3, device="meta")}, make)
+    assert "w" in lazy and "w" in lazy.keys() and "v" not in lazy and list(lazy) == ["w"]
