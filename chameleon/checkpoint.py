@@ -390,17 +390,18 @@ def write_safetensors(tensors: Tensors, file: Path, metadata: dict | None = None
     """A safetensors file written one tensor at a time: the header from the tensors' specs, then each
     tensor made (a LazyTensors' merge, permutation or cast), written and dropped. safetensors'
     `save_file` needs all of them in memory at once, which for merged Meta shards is a second copy
-    of the weights. Same bytes as `save_file` (its tensor order, header and padding); the file gets
+    of the weights. Same bytes as `save_file` (its tensor order, header and padding; metadata of more
+    than one key aside, which save_file orders at random); the file gets
     the mode of any other new file (save_file's is 0600)."""
     spec = specs(tensors)
     order = sorted(spec, key=lambda k: (-_SAFETENSORS_RANK[spec[k].dtype], k))
-    header: dict = {"__metadata__": metadata} if metadata else {}
+    header: dict = {} if metadata is None else {"__metadata__": metadata}  # (save_file writes an empty one too)
     offset = 0
     for name in order:
         end = offset + spec[name].nbytes
         header[name] = {"dtype": _SAFETENSORS_DTYPES[spec[name].dtype], "shape": list(spec[name].shape), "data_offsets": [offset, end]}
         offset = end
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()  # (serde_json's: UTF-8 unescaped)
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
     with open(file, "wb") as f:
         f.write(struct.pack("<Q", len(head)) + head)

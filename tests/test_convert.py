@@ -396,7 +396,8 @@ def test_safetensors_are_written_as_safetensors_writes_them(tmp_path):
               torch.int8, torch.uint8, torch.bool]
     tensors = {f"w{len(dtypes) - i}": (torch.randn(3, i + 1, generator=g) * 10).to(d) for i, d in enumerate(dtypes)}
     tensors |= {"scalar": torch.tensor(2.0), "empty": torch.zeros(0, 4), "strided": torch.randn(4, 6, generator=g).t()}
-    for metadata in (None, {"format": "pt"}):
+    tensors |= {"view": torch.arange(40.0)[5:17].view(3, 4), "naïve": torch.ones(2)}  # (a storage's middle; UTF-8 as is)
+    for metadata in (None, {}, {"format": "pt"}, {"note": "café"}):  # (one key: Rust orders several at random)
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "theirs.safetensors", metadata=metadata)
         write_safetensors(tensors, tmp_path / "ours.safetensors", metadata=metadata)
         assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
