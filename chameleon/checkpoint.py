@@ -173,7 +173,8 @@ def detect_format(path: Path) -> str:
 
 
 def read_checkpoint(path: str | Path, progress: Progress = None) -> Checkpoint:
-    """`progress`: called with the bytes of each decoder tensor as it is read (merged, permuted)."""
+    """`progress`: called with the bytes of each decoder tensor as it is read (HF's permuted; Meta's
+    shards are memory-mapped, and several are merged lazily, so their bytes are counted at once)."""
     path = Path(path)
     fmt = detect_format(path)
     ckpt = _read_hf(path, progress) if fmt == "hf" else _read_meta(path, progress)

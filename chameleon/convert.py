@@ -16,14 +16,15 @@ from chameleon.errors import InputError
 from chameleon.model import rope_inv_freq
 
 Tensors = Mapping[str, torch.Tensor]  # a dict, or LazyTensors
-Progress = Callable[[int], None] | None  # called with the bytes of each tensor made
+Progress = Callable[[int], None] | None  # called with the bytes of each tensor read
 
 
 class LazyTensors(Mapping):
     """Tensors made when read and not kept: a merged, permuted or cast copy of a checkpoint's
-    weights, made one tensor at a time by whoever reads it (a streaming writer, `load_state_dict`),
-    so that converting a large checkpoint never holds a second full copy. `specs` gives each
-    tensor's shape and dtype (as meta tensors) without making it."""
+    weights, made one tensor at a time by whoever reads it (the streaming safetensors writer,
+    `chameleon.load`'s assignment), so that converting a large checkpoint never holds a second full
+    copy. `specs` gives each tensor's shape and dtype (as meta tensors) without making it. Not for
+    `load_state_dict`, which copies it into a dict: every tensor made at once."""
 
     def __init__(self, specs: dict[str, torch.Tensor], make: Callable[[str], torch.Tensor]):
         self.specs, self._make = specs, make

@@ -1,7 +1,7 @@
 """Progress bars of checkpoint reads and writes (tqdm on stderr, as generate's and run's bars): bytes,
-with rate and ETA. safetensors and torch.save report no progress of their own, so a write's bar
-follows the bytes this process has written (Linux's /proc/self/io: safetensors writes into a
-temporary file renamed at the end, whose size cannot be watched)."""
+with rate and ETA. The safetensors writer and torch.save report no progress of their own, so a
+write's bar follows the bytes this process has written (Linux's /proc/self/io), whatever files
+they go to."""
 
 from __future__ import annotations
 
