@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from chameleon.checkpoint import Checkpoint, occupied, read_checkpoint, resolve_checkpoint_path, write_hf, write_meta
+from chameleon.checkpoint import Checkpoint, occupied, read_checkpoint, resolve_checkpoint_path, topmost_missing, write_hf, write_meta
 from chameleon.config import ModelArgs, VQGANConfig
 from chameleon.errors import InputError
 from chameleon.model import KVCache, Transformer
@@ -190,7 +191,7 @@ class Chameleon(nn.Module):
              progress: bool = False) -> None:
         """Write a checkpoint directory (`format` "hf" or "meta") into `out`, which must be new or
         empty: files of another checkpoint there would be overwritten or, left beside ours, mixed in.
-        `progress`: a bar of the bytes written, with ETA, on stderr."""
+        `progress`: a bar of the bytes written, with ETA, on stderr. A failed save removes what it wrote."""
         out = Path(out)
         if why := occupied(out):
             raise InputError(f"{out}: exists and is {why}; save into a new directory")
@@ -199,13 +200,25 @@ class Chameleon(nn.Module):
 
 def save_checkpoint(ckpt: Checkpoint, out: Path, format: str, tokenizer: ChameleonTokenizer, shards: int | None = None,
                     max_shard_bytes: int | None = None, progress: bool = False) -> None:
+    """Write `ckpt` into `out` (new, or an empty directory). A failure (bad input, a full disk, ^C)
+    leaves no half-written checkpoint behind, nor the directories made for it; a directory that
+    existed stays, emptied."""
     if format not in ("hf", "meta"):
         raise InputError(f"unknown checkpoint format {format!r}; expected 'hf' or 'meta'")
-    with writing_bar(out, ckpt.nbytes, enabled=progress):
-        if format == "hf":
-            write_hf(ckpt, out, tokenizer, max_shard_bytes)
-        else:
-            write_meta(ckpt, out, shards)
+    existed, made = out.exists(), topmost_missing(out)
+    try:
+        with writing_bar(out, ckpt.nbytes, enabled=progress):
+            if format == "hf":
+                write_hf(ckpt, out, tokenizer, max_shard_bytes)
+            else:
+                write_meta(ckpt, out, shards)
+    except BaseException:
+        if existed:
+            for child in out.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        elif made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, pack_bf16: bool = True) -> Chameleon:

@@ -150,6 +150,11 @@ def occupied(path: Path) -> str | None:
     return "not a directory" if not path.is_dir() else "not empty" if any(path.iterdir()) else None
 
 
+def topmost_missing(path: Path) -> Path | None:
+    """The topmost of `path` and its parents that does not exist: what creating it would make."""
+    return next((p for p in reversed([path.absolute(), *path.absolute().parents]) if not p.exists()), None)
+
+
 def hub_commit(given: str | Path, resolved: Path) -> str | None:
     """The commit `resolve_checkpoint_path(given)` fetched from the hub (its snapshot's name), or None
     where `given` is a local path: records name a checkpoint by the repo id and this commit."""

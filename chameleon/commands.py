@@ -294,13 +294,10 @@ def _fresh_output_dir(out: Path) -> Path | None:
     return make_out_dir(out)
 
 
-def topmost_missing(path: Path) -> Path | None:
-    """The topmost of `path` and its parents that does not exist: what creating it would make."""
-    return next((p for p in reversed([path.absolute(), *path.absolute().parents]) if not p.exists()), None)
-
-
 def make_out_dir(out: Path) -> Path | None:
     """Create --out and its parents; returns the topmost directory this made (None: --out existed)."""
+    from chameleon.checkpoint import topmost_missing
+
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a directory")
     made = topmost_missing(out)
@@ -343,7 +340,6 @@ def cmd_convert(args) -> int:
     dst = Path(args.dst)
     if why := occupied(dst):
         raise InputError(f"{dst}: destination exists and is {why}; choose a new directory")
-    existed = dst.exists()
     if args.to == "hf" and args.shards is not None:
         raise InputError("--shards applies to Meta output (--to meta); HF output is split with --max-shard-size")
     if args.to == "meta" and args.max_shard_size is not None:
@@ -362,20 +358,10 @@ def cmd_convert(args) -> int:
     if dtype:  # each tensor cast as it is written: never all of the old and the new at once
         ckpt.weights = cast(ckpt.weights, dtype)
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)
-    made = topmost_missing(dst)  # (dst, or a missing parent of it: removed if the conversion fails)
-    try:
+    try:  # (a failed write leaves nothing half-written: save_checkpoint removes it)
         with announced("writing", dst, size=ckpt.nbytes) as shown:
             save_checkpoint(ckpt, dst, args.to, tokenizer, args.shards, max_shard, progress=shown)
-    except BaseException as err:
-        # No half-written checkpoint left behind (bad input, a full disk, ^C), nor the directories
-        # made for it; a directory the user made stays, emptied.
-        if existed:
-            for child in dst.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        elif made is not None:
-            shutil.rmtree(made, ignore_errors=True)
-        if isinstance(err, OSError):
-            raise InputError(f"{dst}: writing the checkpoint failed ({err.strerror or err})") from None
-        raise
+    except OSError as err:
+        raise InputError(f"{dst}: writing the checkpoint failed ({err.strerror or err})") from None
     print(f"converted {args.src} ({ckpt.format}) -> {dst} ({args.to})")
     return 0

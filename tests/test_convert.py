@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import stat
+import subprocess
+import sys
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -461,3 +464,28 @@ def test_lazy_tensors_are_not_made_to_answer_membership():
 
     lazy = LazyTensors({"w": torch.empty(2, 3, device="meta")}, make)
     assert "w" in lazy and "w" in lazy.keys() and "v" not in lazy and list(lazy) == ["w"]
+
+
+def test_a_failed_save_leaves_nothing_half_written(tiny_hf, tmp_path):
+    """Chameleon.save failing while it writes (here a real write error: a file-size limit, EFBIG)
+    removes what it wrote, and the directories it made, as convert does; a directory the user made
+    stays, emptied. The error propagates."""
+    size = (tiny_hf / "model.safetensors").stat().st_size
+    code = f"""
+import resource, sys
+import chameleon
+model = chameleon.load({str(tiny_hf)!r})
+resource.setrlimit(resource.RLIMIT_FSIZE, ({size // 2}, {size // 2}))  # (Python ignores SIGXFSZ: writes fail with EFBIG)
+for out in sys.argv[1:]:
+    try:
+        model.save(out)
+    except OSError as err:
+        print(out, err.errno)
+"""
+    (tmp_path / "mine").mkdir()
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "new" / "a" / "hf"), str(tmp_path / "mine")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(tmp_path / "new" / "a" / "hf"), str(errno.EFBIG), str(tmp_path / "mine"), str(errno.EFBIG)]
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
