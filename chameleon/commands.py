@@ -142,7 +142,7 @@ def register(sub) -> None:
         "stop string (repeatable): text ends with the token that completes one, kept in the output with "
         "whatever else that token holds"))
     g.add_argument("--seed", type=int, default=0, help="sampling seed (each prompt draws from its own stream)")
-    g.add_argument("--device", default=default_device(), help="torch device, e.g. cpu, cuda, cuda:1")
+    g.add_argument("--device", default=default_device(), help="torch device, e.g. cpu, cuda, cuda:1 (cuda where available)")
     g.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
                    help=f"{DTYPE_HELP} (bfloat16 where CUDA is available)")
     g.set_defaults(func=cmd_generate, flag_defaults={flag: g.get_default(_dest(flag)) for flags in UNUSED_IN_MODE.values() for flag in flags})
@@ -163,7 +163,8 @@ def register(sub) -> None:
     c.add_argument("--to", choices=["hf", "meta"], required=True, help="target format")
     c.add_argument("--shards", type=int, default=None, help="Meta output: number of consolidated.NN.pth files (1, or model_parallel_size; default: model_parallel_size)")
     c.add_argument("--max-shard-size", default=None, help="HF output: split safetensors above this size, e.g. 5GB or 500MiB; default: one model.safetensors")
-    c.add_argument("--dtype", default=None, help=f"cast decoder weights to {DTYPE_HELP}; default: keep their dtype")
+    c.add_argument("--dtype", default=None, help=f"cast the decoder-only transformer's weights to {DTYPE_HELP}; "
+                   "default: keep their dtype (the VQGAN's always keep theirs)")
     c.set_defaults(func=cmd_convert)
 
 

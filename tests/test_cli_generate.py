@@ -170,6 +170,22 @@ def test_help_states_each_default_once(capsys):
     assert "--out OUT output directory (default: demo_out)" in " ".join(capsys.readouterr().out.split())
 
 
+def test_help_says_what_defaults_cover(capsys):
+    """Help true to the code: shipped photos are COCO's alone, convert --dtype leaves the VQGAN's
+    weights as they are (tests/test_convert.py checks the files), --device follows CUDA as --dtype does."""
+    from benchmarks.runner.captioning import DEFAULT_IMAGES
+
+    assert DEFAULT_IMAGES["coco"].is_dir() and not DEFAULT_IMAGES["flickr30k"].exists()
+    helps = {}
+    for command in ("run", "convert", "generate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert "default: the shipped photos, COCO only (flickr30k needs one)" in helps["run"]
+    assert "cast the decoder-only transformer's weights to" in helps["convert"] and "(the VQGAN's always keep theirs)" in helps["convert"]
+    assert "cuda:1 (cuda where available)" in helps["generate"]
+
+
 def test_misspelt_flag_names_its_command_and_the_flag_meant(capsys, tmp_path):
     """An unknown flag after a command is that command's error (its usage, not the top level's),
     with the closest of its flags."""

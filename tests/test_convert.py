@@ -109,7 +109,12 @@ def test_bf16_load_and_convert(tiny_hf, tmp_path):
         logits = model(ids)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     assert main(["convert", str(tiny_hf), str(tmp_path / "bf16"), "--to", "hf", "--dtype", "bf16"]) == 0
-    assert load_file(tmp_path / "bf16" / "model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
+    weights = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert weights["lm_head.weight"].dtype == torch.bfloat16
+    # --dtype casts the transformer alone (its help says so): the VQGAN's encoder and decoder keep fp32
+    vqgan = [v for k, v in weights.items() if k.startswith("model.vqmodel.")]
+    vqgan += load_file(tmp_path / "bf16" / "vqgan_decoder.safetensors").values()
+    assert vqgan and all(v.dtype == torch.float32 for v in vqgan)
 
 
 def test_meta_output_states_its_model_parallel_size(tiny_hf, tmp_path):

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
                                             "(57 N items) and math (the full MATH) N per subject (7 N)")
     p.add_argument("--images-dir", action="append", default=[], metavar="DATASET=DIR",
                    help="images of a captioning dataset, e.g. coco=/data/coco/val2014 (repeatable); "
-                        "default: the shipped photos")
+                        "default: the shipped photos, COCO only (flickr30k needs one)")
     p.add_argument("--data-dir", help="directory with full text benchmark files (layout of benchmarks/data)")
     p.add_argument("--chunk-size", type=int, help="requests per saved chunk (resume granularity); default 4 x batch size")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (under torchrun, cuda is "
