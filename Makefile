@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The CPU wheel of torch 2.13.0 is what this project is tested with; installing it first keeps
-# pip from pulling a multi-GB CUDA build when the venv has no torch yet.
+# torch 2.13.0 is what this project is tested with (its CPU build), installed first when the venv
+# has no torch yet. pip takes the CPU build (+cpu) where its indexes or wheel folders offer one;
+# from PyPI alone, Linux gets the multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
