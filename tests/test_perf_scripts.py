@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,7 @@ BAD_ARGUMENTS = [  # script, arguments, the flag the error must name
     ("decode.py", ["--shape", "foo=3"], "--shape"),  # was exit 1
     ("decode.py", ["--prompt-len", "1000"], "--prompt-len"),  # was generate's error after building both stacks
     ("decode.py", ["--device", "cpu", "--no-fuse"], "--no-fuse"),  # was reported "fused": false, the CPU path fused
+    ("decode.py", ["--device", "cpu", "--sdpa-backend", "efficient"], "--sdpa-backend"),  # was a RuntimeError mid-run
     ("text_loop.py", ["--workloads", "greedy"], "--workloads"),
     ("text_loop.py", ["--preset", "tiny", "--new-tokens", "300"], "--new-tokens"),  # was an AssertionError
     ("sampling.py", ["--shapes", "zipf"], "--shapes"),
@@ -274,3 +276,12 @@ def test_random_prompts_are_text_that_generate_accepts(tiny_model, monkeypatch):
     ids = decode.random_prompts(tok, 64, 512, seed=0)
     assert (ids[:, 0] == tok.bos_id).all()
     assert not non_text_mask(tok, tok.vocab_size, "cpu")[ids[:, 1:]].any()
+
+
+def test_decode_help_names_every_preset():
+    """--preset's help lists each choice (34B, the 30B's other name, was missing) and the one default."""
+    from chameleon.config import PRESETS
+
+    text = " ".join(run_script("decode.py", "--help").stdout.split())
+    shapes = re.search(r"--preset \{[^}]*\} model shape: (.*?) --shape SHAPE", text)[1]
+    assert shapes.startswith("100M (default, on every device)") and all(name in shapes for name in PRESETS), shapes

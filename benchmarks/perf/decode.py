@@ -212,7 +212,7 @@ def sdpa_enabled() -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="100M", choices=list(PRESETS), help="model shape: 100M (CPU default), 7B, 30B, tiny")
+    p.add_argument("--preset", default="100M", choices=list(PRESETS), help="model shape: 100M (default, on every device), 7B, 30B (34B: the same), tiny")
     p.add_argument("--shape", default=None, help="override the preset's shape, e.g. dim=384,n_layers=26,n_heads=6 (params.json names)")
     p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", type=names_of("fp32", "bf16"), default=None, help="comma list of fp32, bf16 (default: bf16 on CUDA;"
@@ -229,7 +229,8 @@ def main() -> None:
     p.add_argument("--profile", type=positive_int, default=0, metavar="N", help="also profile our first row's decode of N tokens (kernel table)")
     p.add_argument("--sdpa-backend", default=None, choices=sorted(SDPA_BACKENDS), help=(
         "experiment: restrict F.scaled_dot_product_attention to one backend for the whole run, both stacks "
-        "(math: plain matmul/softmax, which inductor compiles and fuses; default: PyTorch's choice, cuDNN on an H200)"))
+        "(math: plain matmul/softmax, which inductor compiles and fuses; efficient and cudnn: CUDA only; default: "
+        "PyTorch's choice, cuDNN on an H200)"))
     p.add_argument("--graph-steps", type=positive_int, default=None, metavar="N", help=(
         "experiment: our greedy decode replays CUDA graphs of N steps captured by the generator, instead of "
         "torch.compile's one-step reduce-overhead graphs (GenerationOptions.graph_steps)"))
@@ -243,6 +244,8 @@ def main() -> None:
         p.error(f"argument --new-tokens: at least 2 (decode time = that of N tokens - that of 1), got {a.new_tokens}")
     if a.no_fuse and a.device.type == "cpu":
         p.error("argument --no-fuse: CUDA only (on the CPU the weights are always fused, as chameleon.load does)")
+    if a.sdpa_backend in ("efficient", "cudnn") and a.device.type == "cpu":  # (torch's CPU SDPA: math or flash)
+        p.error(f"argument --sdpa-backend: {a.sdpa_backend} is CUDA only; on the CPU only math applies")
     args = dataclasses.replace(preset(a.preset), max_seq_len=4096 if a.image else 1024, model_parallel_size=1)
     if a.shape:
         items = [item.partition("=") for item in a.shape.split(",") if item]
