@@ -362,7 +362,8 @@ def _write_safetensors_sharded(tensors: Tensors, out: Path, max_shard_bytes: int
     if not max_shard_bytes:
         write_safetensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
         return
-    sizes = {name: t.nbytes for name, t in specs(tensors).items()}
+    spec = specs(tensors)
+    sizes = {name: t.nbytes for name, t in spec.items()}
     shards: list[list[str]] = [[]]
     size = 0
     for name in sorted(sizes):
@@ -374,7 +375,7 @@ def _write_safetensors_sharded(tensors: Tensors, out: Path, max_shard_bytes: int
     weight_map = {}
     for i, names in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        shard = LazyTensors({k: specs(tensors)[k] for k in names}, tensors.__getitem__)
+        shard = LazyTensors({k: spec[k] for k in names}, tensors.__getitem__)
         write_safetensors(shard, out / fname, metadata={"format": "pt"})
         weight_map.update({k: fname for k in names})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}, indent=2))
@@ -397,8 +398,8 @@ def write_safetensors(tensors: Tensors, file: Path, metadata: dict | None = None
     tensor made (a LazyTensors' merge, permutation or cast), written and dropped. safetensors'
     `save_file` needs all of them in memory at once, which for merged Meta shards is a second copy
     of the weights. Same bytes as `save_file` (its tensor order, header and padding; metadata of more
-    than one key aside, which save_file orders at random); the file gets
-    the mode of any other new file (save_file's is 0600)."""
+    than one key aside, which save_file orders at random); the file gets the mode of any other new
+    file (save_file's is 0600)."""
     spec = specs(tensors)
     order = sorted(spec, key=lambda k: (-_SAFETENSORS_RANK[spec[k].dtype], k))
     header: dict = {} if metadata is None else {"__metadata__": metadata}  # (save_file writes an empty one too)
