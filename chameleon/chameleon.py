@@ -202,10 +202,11 @@ def save_checkpoint(ckpt: Checkpoint, out: Path, format: str, tokenizer: Chamele
                     max_shard_bytes: int | None = None, progress: bool = False) -> None:
     """Write `ckpt` into `out` (new, or an empty directory). A failure (bad input, a full disk, ^C)
     leaves no half-written checkpoint behind, nor the directories made for it; a directory that
-    existed stays, emptied."""
+    existed keeps what it held before."""
     if format not in ("hf", "meta"):
         raise InputError(f"unknown checkpoint format {format!r}; expected 'hf' or 'meta'")
-    existed, made = out.exists(), topmost_missing(out)
+    made = topmost_missing(out)
+    held = set(out.iterdir()) if made is None else set()
     try:
         with writing_bar(out, ckpt.nbytes, enabled=progress):
             if format == "hf":
@@ -213,11 +214,11 @@ def save_checkpoint(ckpt: Checkpoint, out: Path, format: str, tokenizer: Chamele
             else:
                 write_meta(ckpt, out, shards)
     except BaseException:
-        if existed:
-            for child in out.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        elif made is not None:
+        if made is not None:
             shutil.rmtree(made, ignore_errors=True)
+        else:  # only what this write added
+            for child in set(out.iterdir()) - held:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
         raise
 
 

@@ -474,23 +474,32 @@ def test_lazy_tensors_are_not_made_to_answer_membership():
 def test_a_failed_save_leaves_nothing_half_written(tiny_hf, tmp_path):
     """Chameleon.save failing while it writes (here a real write error: a file-size limit, EFBIG)
     removes what it wrote, and the directories it made, as convert does; a directory the user made
-    stays, emptied. The error propagates."""
+    stays, emptied; save_checkpoint called into a directory holding files removes only its own.
+    The error propagates."""
     size = (tiny_hf / "model.safetensors").stat().st_size
     code = f"""
 import resource, sys
 import chameleon
 model = chameleon.load({str(tiny_hf)!r})
 resource.setrlimit(resource.RLIMIT_FSIZE, ({size // 2}, {size // 2}))  # (Python ignores SIGXFSZ: writes fail with EFBIG)
+from pathlib import Path
+from chameleon.chameleon import save_checkpoint
 for out in sys.argv[1:]:
     try:
-        model.save(out)
+        if out.endswith("held"):  # (save refuses a directory that holds files; the writer under it keeps them)
+            save_checkpoint(model.to_checkpoint(), Path(out), "hf", model.tokenizer)
+        else:
+            model.save(out)
     except OSError as err:
         print(out, err.errno)
 """
     (tmp_path / "mine").mkdir()
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "new" / "a" / "hf"), str(tmp_path / "mine")],
-                          capture_output=True, text=True, timeout=120)
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "notes.txt").write_text("the user's")
+    targets = [tmp_path / "new" / "a" / "hf", tmp_path / "mine", tmp_path / "held"]
+    done = subprocess.run([sys.executable, "-c", code, *map(str, targets)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == [str(tmp_path / "new" / "a" / "hf"), str(errno.EFBIG), str(tmp_path / "mine"), str(errno.EFBIG)]
+    assert done.stdout.split() == [x for t in targets for x in (str(t), str(errno.EFBIG))]
     assert not (tmp_path / "new").exists()
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+    assert [p.name for p in (tmp_path / "held").iterdir()] == ["notes.txt"]
