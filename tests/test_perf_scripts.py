@@ -285,3 +285,23 @@ def test_decode_help_names_every_preset():
     text = " ".join(run_script("decode.py", "--help").stdout.split())
     shapes = re.search(r"--preset \{[^}]*\} model shape: (.*?) --shape SHAPE", text)[1]
     assert shapes.startswith("100M (default, on every device)") and all(name in shapes for name in PRESETS), shapes
+
+
+def test_decode_time_lost_in_noise_is_reported_as_unmeasured(monkeypatch):
+    """Decode time is the fastest N-token run less the fastest 1-token run; where timing noise makes
+    that zero or negative (a short run on a loaded machine), decode speed is reported as null, not
+    as a negative rate, a division by zero, or ratios and a roofline fraction made of them."""
+    import time
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "perf"))
+    import decode
+
+    def sleeper(one_token_s, n_token_s):
+        return lambda n: (time.sleep(one_token_s if n == 1 else n_token_s), [[0] * n])[1]
+
+    competitors = [decode.Competitor("ours", sleeper(0.03, 0.01)), decode.Competitor("hf_default", sleeper(0.001, 0.02))]
+    speeds, _ = list(decode.time_side_by_side(competitors, batch=1, prompt_len=4, new_tokens=3, device=torch.device("cpu"), repeats=1))[-1]
+    assert speeds["ours"]["decode_tok_s"] is None and speeds["ours"]["prefill_tok_s"] > 0
+    assert speeds["hf_default"]["decode_tok_s"] > 0
+    row = decode.compare(speeds, {"ours": [[0] * 3], "hf_default": [[0] * 3]}, weight_bytes=10, bw=100.0, batch=1)
+    assert row["decode_ratio_vs_hf_default"] is None and row["fraction_of_roofline"] is None

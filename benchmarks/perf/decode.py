@@ -164,8 +164,38 @@ def time_side_by_side(competitors, batch, prompt_len, new_tokens, device, repeat
         assert all(len(o) == new_tokens for o in outputs[c.name])
         best[c.name]["prefill_s"] = min(best[c.name]["prefill_s"], t1)
         best[c.name]["total_s"] = min(best[c.name]["total_s"], tn)
-        yield {name: {"prefill_tok_s": batch * prompt_len / b["prefill_s"], "decode_tok_s": batch * (new_tokens - 1) / (b["total_s"] - b["prefill_s"])}
+        yield {name: {"prefill_tok_s": batch * prompt_len / b["prefill_s"], "decode_tok_s": _rate(batch * (new_tokens - 1), b["total_s"] - b["prefill_s"])}
                for name, b in best.items()}, outputs
+
+
+def _rate(tokens: int, seconds: float) -> float | None:
+    """tokens / seconds, or None where timing noise left no time (a short run on a loaded machine)."""
+    return tokens / seconds if seconds > 0 else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b is not None else None
+
+
+def compare(speeds: dict, outputs: dict, weight_bytes: int, bw: float | None, batch: int) -> dict:
+    """A row's figures from each competitor's speeds and tokens: ours against the roofline (a decode
+    step can take no less than reading every weight once) and against each other competitor.
+    Unmeasured decode speeds (None) give None."""
+    row = {"ours": speeds["ours"]}
+    for name in ("ours", "ours_triton"):
+        if bw is not None and name in speeds:
+            row[f"fraction_of_roofline{name[4:]}"] = _ratio(speeds[name]["decode_tok_s"], bw / weight_bytes * batch)
+    for name, speed in speeds.items():
+        if name == "ours":
+            continue
+        row[name] = speed
+        row[f"decode_ratio_vs_{name}"] = _ratio(row["ours"]["decode_tok_s"], speed["decode_tok_s"])
+        # Greedy tokens agree exactly in fp32; in bf16 the two stacks round differently, so
+        # report how many leading tokens agree (random weights make near-ties common).
+        row[f"same_tokens_as_{name}"] = outputs[name] == outputs["ours"]
+        row[f"leading_tokens_agreeing_{name}"] = [next((i for i, (x, y) in enumerate(zip(o, h)) if x != y), len(o))
+                                                  for o, h in zip(outputs["ours"], outputs[name])]
+    return row
 
 
 def profile_ours(model, prompts, new_tokens, device, compile_, graph_steps=None, kernels="torch") -> None:
@@ -300,20 +330,7 @@ def main() -> None:
             if hf is not None:
                 competitors += [hf_competitor(hf, prompts, device, cache, ours.tokenizer) for cache in ("dynamic", "static") if cache in a.hf_caches]
             for speeds, outputs in time_side_by_side(competitors, batch, a.prompt_len, a.new_tokens, device, repeats):
-                row["ours"] = speeds["ours"]
-                our_out = outputs["ours"]
-                for name in ("ours", "ours_triton"):
-                    if bw is not None and name in speeds:  # a decode step can take no less than reading every weight once
-                        row[f"fraction_of_roofline{name[4:]}"] = (weight_bytes / bw) / (batch / speeds[name]["decode_tok_s"])
-                for name, speed in speeds.items():
-                    if name == "ours":
-                        continue
-                    row[name] = speed
-                    row[f"decode_ratio_vs_{name}"] = row["ours"]["decode_tok_s"] / speed["decode_tok_s"]
-                    # Greedy tokens agree exactly in fp32; in bf16 the two stacks round differently, so
-                    # report how many leading tokens agree (random weights make near-ties common).
-                    row[f"same_tokens_as_{name}"] = outputs[name] == our_out
-                    row[f"leading_tokens_agreeing_{name}"] = [next((i for i, (x, y) in enumerate(zip(o, h)) if x != y), len(o)) for o, h in zip(our_out, outputs[name])]
+                row.update(compare(speeds, outputs, weight_bytes, bw, batch))
                 save(report)  # a long GPU run keeps what it has measured if it is cut short
             print(json.dumps(row, indent=1), flush=True)
             if a.profile and len(report["rows"]) == 1:
