@@ -186,6 +186,7 @@ def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | No
     new_ids = generate(model, [prompt_ids], opts)[0]
     seconds = time.perf_counter() - start
     output = model.decode_output(new_ids)
+    weight = next(model.transformer.parameters())  # the numbers, so the output, depend on both
     out.mkdir(parents=True, exist_ok=True)
     text = "\n".join(s for s in output if isinstance(s, str))
     (out / "output.txt").write_text(text, encoding="utf-8")  # what the page declares; not the locale's
@@ -198,6 +199,8 @@ def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | No
         "tokens_per_second": round(len(new_ids) / seconds, 1) if seconds else None,
         "images": sum(1 for s in output if not isinstance(s, str)),
         "model_fingerprint": model.fingerprint,
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "device": str(weight.device),
         **(extra_meta or {}),
     }
     page = write_generation_page(out, segments, output, opts.mode, record)

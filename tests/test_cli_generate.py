@@ -236,3 +236,15 @@ def test_flags_the_mode_does_not_read_get_a_warning(tmp_path, capsys):
         assert main([*base, *flags]) == 2  # (the missing checkpoint)
         err = capsys.readouterr().err
         assert (warning in err) if warning else "warning" not in err, (flags, err)
+
+
+def test_generation_json_records_dtype_and_device(tiny_hf, tmp_path):
+    """The dtype and device change the numbers, so the output too: generation.json records them
+    beside the model, the seed and the options, or a rerun cannot know how it was made."""
+    for dtype, recorded in (("bf16", "bfloat16"), ("float32", "float32")):
+        out = tmp_path / dtype
+        argv = ["generate", "--model", str(tiny_hf), "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu",
+                "--dtype", dtype, "--out", str(out)]
+        assert main(argv) == 0
+        record = json.loads((out / "generation.json").read_text())
+        assert (record["dtype"], record["device"]) == (recorded, "cpu")
