@@ -12,6 +12,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
+from tempfile import TemporaryFile
 
 import torch
 
@@ -309,6 +310,13 @@ def make_out_dir(out: Path) -> Path | None:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"--out {out}: cannot create it ({err.strerror or err})") from None
+    try:  # a directory it may not write in (read-only mount, permissions) is found now, not after the work
+        with TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+        raise InputError(f"--out {out}: cannot write in it ({err.strerror or err})") from None
     return made
 
 

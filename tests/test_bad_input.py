@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models
 
+import chameleon
 from benchmarks.cli import main
 from chameleon.errors import InputError
 from chameleon.generate import GenerationOptions, generate
@@ -457,3 +458,15 @@ def test_cli_bad_images_and_over_long_prompt_exit_2(tiny_hf, tmp_path, capsys):
         assert main([*base, *flags]) == 2
         assert re.match(message, capsys.readouterr().err), flags
         assert not (tmp_path / "out").exists()
+
+
+def test_generate_refuses_an_unwritable_out_before_working(tiny_hf, tmp_path, capsys, monkeypatch):
+    """An --out it may not write in (read-only file system, permissions) is refused before the model
+    loads and generates, not after a generation that is then lost; the directory stays as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(importlib.import_module("chameleon.commands"), "TemporaryFile", lambda dir: denied(dir), raising=False)
+    monkeypatch.setattr(chameleon, "load", must_not_read)
+    assert main(["generate", "--model", str(tiny_hf), "--prompt", "hi", "--out", str(out)]) == 2
+    assert f"error: --out {out}: cannot write in it (Permission denied)" in capsys.readouterr().err
+    assert out.is_dir() and not any(out.iterdir())
