@@ -222,6 +222,9 @@ def cmd_generate(args) -> int:
     from chameleon.checkpoint import hub_commit, resolve_checkpoint_path
     from chameleon.vqgan import open_image
 
+    for flag, path in [("--model", args.model), ("--out", args.out), *(("--image", p) for p in args.image)]:
+        if not path:  # (an unset shell variable) Path("") is ".": --out "" wrote into the current directory
+            raise InputError(f"{flag}: empty path")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:  # the API allows 0; a command that makes nothing is a mistake
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     # Bytes the locale cannot decode reach argv as lone surrogates, which no tokenizer can encode.

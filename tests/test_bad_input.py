@@ -470,3 +470,16 @@ def test_generate_refuses_an_unwritable_out_before_working(tiny_hf, tmp_path, ca
     assert main(["generate", "--model", str(tiny_hf), "--prompt", "hi", "--out", str(out)]) == 2
     assert f"error: --out {out}: cannot write in it (Permission denied)" in capsys.readouterr().err
     assert out.is_dir() and not any(out.iterdir())
+
+
+def test_generate_refuses_empty_paths(tiny_hf, tmp_path, capsys, monkeypatch):
+    """An empty --out, --image or --model (an unset shell variable: --out "$DIR") is an error naming
+    the flag, not the current directory: --out "" wrote the generation into it."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--prompt", "hi", "--max-new-tokens", "2"]
+    for argv, flag in ((["--model", str(tiny_hf), "--out", ""], "--out"),
+                       (["--model", str(tiny_hf), "--image", "", "--out", "a"], "--image"),
+                       (["--model", "", "--out", "b"], "--model")):
+        assert main(["generate", *base, *argv]) == 2
+        assert f"error: {flag}: empty path" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
