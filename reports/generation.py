@@ -13,13 +13,23 @@ TEMPLATES = Path(__file__).parent / "templates"
 _env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(["html", "j2"]))
 
 
+def _as_model_reads(image: Image.Image) -> Image.Image:
+    """RGB on white (PNG cannot hold CMYK) and the centre square: the part the model reads (see
+    chameleon.vqgan.preprocess), so that a panorama's page does not show what the model never saw."""
+    image = to_rgb(image)
+    w, h = image.size
+    side = min(w, h)
+    x0, y0 = (w - side) // 2, (h - side) // 2
+    return image.crop((x0, y0, x0 + side, y0 + side))
+
+
 def _segments(segments, out_dir: Path, prefix: str) -> list[dict]:
     rendered, n_images = [], 0
     for seg in segments:
         if isinstance(seg, Image.Image):
             n_images += 1
             name = f"{prefix}_image_{n_images}.png"
-            to_rgb(seg).save(out_dir / name)  # RGB on white, as the model reads it (PNG cannot hold CMYK)
+            _as_model_reads(seg).save(out_dir / name)
             rendered.append({"kind": "image", "src": name, "number": n_images})  # counted among images only
         else:
             rendered.append({"kind": "text", "text": seg})

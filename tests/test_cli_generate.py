@@ -248,3 +248,17 @@ def test_generation_json_records_dtype_and_device(tiny_hf, tmp_path):
         assert main(argv) == 0
         record = json.loads((out / "generation.json").read_text())
         assert (record["dtype"], record["device"]) == (recorded, "cpu")
+
+
+def test_page_shows_the_part_of_a_prompt_image_the_model_reads(tiny_hf, tmp_path):
+    """The model reads a prompt image's centre square (shortest side scaled, the rest cropped): the
+    page shows that square, not a panorama's whole width, most of which the model never saw."""
+    wide = np.zeros((100, 300, 3), np.uint8)
+    wide[:, :100], wide[:, 100:200], wide[:, 200:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    out = tmp_path / "out"
+    argv = ["generate", "--model", str(tiny_hf), "--prompt", "hi", "--image", str(tmp_path / "wide.png"),
+            "--max-new-tokens", "2", "--out", str(out)]
+    assert main(argv) == 0
+    shown = np.asarray(Image.open(out / "prompt_image_1.png"))
+    assert shown.shape == (100, 100, 3) and (shown == (0, 255, 0)).all()
