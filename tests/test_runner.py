@@ -430,6 +430,23 @@ def test_torchrun_one_process_damaged_cache_file(tiny_hf, tmp_path):
     assert res["complete"] and all(b["computed_requests"] == 0 for b in res["benchmarks"].values())
 
 
+def gloo_pair(argvs: list[list]) -> tuple[list[subprocess.Popen], list[str]]:
+    """Two processes of one gloo group, started as torchrun starts them but without torchrun (whose
+    SIGTERM would race the outcome), each with its own CLI arguments; returns them and their stderr."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.cli", *map(str, argv)], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                              env={**ENV, "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r, argv in enumerate(argvs)]
+    try:
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+    finally:  # (a hang fails the test; it must not leave the processes behind)
+        for p in procs:
+            p.kill()
+    return procs, errors
+
+
 def test_one_process_failing_stops_the_other_with_a_short_error(tiny_hf, tmp_path):
     """Two processes of one gloo group, started as torchrun starts them but without torchrun, whose
     SIGTERM races the outcome: rank 1 fails on its cache file; rank 0, at its next collective,
@@ -438,18 +455,7 @@ def test_one_process_failing_stops_the_other_with_a_short_error(tiny_hf, tmp_pat
     out = tmp_path / "run"
     cli("run", tmp_path / "small.yaml", "--model", tiny_hf, "--out", out)
     (out / "cache/rank1.jsonl").symlink_to(tmp_path / "gone/rank1.jsonl")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.cli", "run", str(tmp_path / "small.yaml"), "--model", str(tiny_hf), "--out", str(out)],
-                              cwd=REPO, stderr=subprocess.PIPE, text=True,
-                              env={**ENV, "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-             for r in (0, 1)]
-    try:
-        errors = [p.communicate(timeout=120)[1] for p in procs]
-    finally:  # (a hang fails the test; it must not leave the processes behind)
-        for p in procs:
-            p.kill()
+    procs, errors = gloo_pair([["run", tmp_path / "small.yaml", "--model", tiny_hf, "--out", out]] * 2)
     # -6: once in a while gloo aborts in its teardown at exit, after the error was printed
     assert all(p.returncode in (2, -6) for p in procs), ([p.returncode for p in procs], errors)
     assert f"error: --out {out}: cannot read or write {out}/cache/rank1.jsonl (No such file or directory)" in errors[1]
@@ -614,3 +620,20 @@ def test_interrupted_rerun_keeps_the_results_it_had(tiny_hf, tmp_path, monkeypat
     assert done["complete"] and as_run(done) == as_run(first) and as_run(results()) == as_run(first)
     assert list(done["benchmarks"]) == list(first["benchmarks"]) and list(done["data_files"]) == list(first["data_files"])
     assert all(b["computed_requests"] == 0 for b in done["benchmarks"].values())
+
+
+def test_processes_that_loaded_different_models_are_refused(tiny_hf, tmp_path):
+    """Every process of a torchrun job must run the same model: a hub branch that moves while they
+    start, or a checkpoint rewritten under them, would otherwise mix two models' outputs in one run
+    (only the main process's is recorded). Each process stops with an error naming both
+    fingerprints, before anything is written."""
+    from chameleon.tiny import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", "hf", seed=1)
+    (tmp_path / "small.yaml").write_text(SMALL)
+    out = tmp_path / "run"
+    procs, errors = gloo_pair([["run", tmp_path / "small.yaml", "--model", model, "--out", out] for model in (tiny_hf, other)])
+    assert all(p.returncode in (2, -6) for p in procs), ([p.returncode for p in procs], errors)
+    for err in errors:
+        assert "error: --model: the processes of this job loaded different models (fingerprints " in err and "Traceback" not in err, err
+    assert not out.exists()

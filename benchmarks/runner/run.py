@@ -299,6 +299,17 @@ def _claim(out: Path, model: dict, identity: dict, suite: dict | None = None) ->
     return None
 
 
+def check_same_model(model: dict, dist: Dist) -> None:
+    """Every process of a torchrun job loaded the same model (only the main process's is recorded): a
+    hub branch that moved while they started, or a checkpoint rewritten under them, would otherwise
+    mix two models' outputs in one run."""
+    fingerprints = dist.all_gather(model["fingerprint"])
+    if len(set(fingerprints)) > 1:
+        shown = ", ".join(f"rank {rank}: {fp[:16]}" for rank, fp in enumerate(fingerprints))
+        raise InputError(f"--model: the processes of this job loaded different models (fingerprints {shown}); pin the "
+                         "checkpoint (a local directory, or ORG/NAME@COMMIT) and rerun. Nothing was written")
+
+
 def claim_run_dir(out: Path, model: dict, dist: Dist, identity: dict, suite: dict | None = None) -> None:
     """Make `out` the directory of this model's run `identity` (run_identity), or refuse (InputError)
     without touching it; a directory of the same model and identity is resumed. `suite`
@@ -351,6 +362,7 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
     if not inputs_checked:
         check_inputs(suite, data_dir, images_dirs)
     check_image_input(suite, model["backend"], model.get("path"), getattr(backend, "image_problem", None))
+    check_same_model(model, dist)
     with locked_run_dir(out, dist):  # held until the last write
         identity = run_identity(suite, model, limit=limit, images_dirs=images_dirs, data_dir=data_dir)
         kept, kept_files = _earlier_results(out, model, identity, suite) if dist.is_main else ({}, {})
