@@ -237,9 +237,11 @@ def _generate(model, prompts: list[list[int]], opts: GenerationOptions, use_comp
         budget = n_codes + 2  # boi + codes + eoi, whatever max_new_tokens says
     longest = max(len(p) for p in prompts)
     if longest + budget > args.max_seq_len:
-        raise InputError(
-            f"prompt of {longest} tokens plus {budget} new tokens exceeds the model's context of {args.max_seq_len} tokens"
-        )
+        room = args.max_seq_len - longest
+        what_to_do = ("the prompt alone fills it; shorten the prompt" if room <= 0 else
+                      f"an image takes {budget}; shorten the prompt by {-room + budget} tokens" if opts.mode == "image" else
+                      f"at most {room} new tokens fit after it (lower max_new_tokens), or shorten the prompt")
+        raise InputError(f"prompt of {longest} tokens plus {budget} new tokens exceeds the model's context of {args.max_seq_len} tokens: {what_to_do}")
 
     guided = opts.guided
     rows = [_Row(p, opts, row_seed(opts.seed, p)) for p in prompts]

@@ -298,8 +298,16 @@ def test_convert_refuses_bad_destinations_and_flags(tiny_hf, tmp_path, capsys, m
 def test_prompt_longer_than_context(tiny_model):
     n = tiny_model.config.max_seq_len
     too_long = [tiny_model.tokenizer.bos_id] * (n - 3)
-    with pytest.raises(InputError, match=f"^prompt of {n - 3} tokens plus 8 new tokens exceeds the model's context of {n} tokens$"):
+    with pytest.raises(InputError, match=f"^prompt of {n - 3} tokens plus 8 new tokens exceeds the model's context of {n} tokens: "
+                                         "at most 3 new tokens fit after it \\(lower max_new_tokens\\), or shorten the prompt$"):
         generate(tiny_model, [too_long], GenerationOptions(max_new_tokens=8))
+    codes = tiny_model.image_seq_len
+    with pytest.raises(InputError, match=f"^prompt of {n - 3} tokens plus {codes + 2} new tokens exceeds the model's context of {n} tokens: "
+                                         f"an image takes {codes + 2}; shorten the prompt by {codes - 1} tokens$"):
+        generate(tiny_model, [too_long], GenerationOptions(mode="image"))
+    with pytest.raises(InputError, match=f"^prompt of {n} tokens plus 1 new tokens exceeds the model's context of {n} tokens: "
+                                         "the prompt alone fills it; shorten the prompt$"):
+        generate(tiny_model, [too_long + [0] * 3], GenerationOptions(max_new_tokens=1))
     with pytest.raises(InputError, match=rf"^sequence of {n + 7} tokens is longer than the model's context \({n}\)$"):
         tiny_model(torch.tensor([too_long + [0] * 10]))
 
