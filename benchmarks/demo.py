@@ -23,7 +23,7 @@ def register(sub) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    d.add_argument("--out", default="demo_out", type=Path, help="output directory (default: demo_out)")
+    d.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     d.add_argument("--skip-suite", action="store_true", help="only the generation page")
     d.set_defaults(func=cmd_demo)
 
@@ -31,11 +31,14 @@ def register(sub) -> None:
 def cmd_demo(args) -> int:
     import chameleon
     from chameleon.commands import make_out_dir, run_generation
+    from chameleon.errors import InputError
     from chameleon.generate import GenerationOptions
     from chameleon.tiny import build_tiny_model
     from chameleon.vqgan import open_image
 
-    out: Path = args.out
+    if not args.out:  # (an unset shell variable) Path("") is ".": the demo wrote into the current directory
+        raise InputError("--out: empty path")
+    out = Path(args.out)
     make_out_dir(out)
     model_dir = out / "tiny-chameleon"
     if not (model_dir / "config.json").is_file():

@@ -407,6 +407,12 @@ def test_demo_refuses_a_bad_out(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "file" / "sub"), "--skip-suite"]) == 2
     assert "cannot create it" in capsys.readouterr().err
 
+def test_demo_refuses_an_empty_out(tmp_path, capsys, monkeypatch):
+    # Path("") is ".": an unset shell variable made the demo build its model and page in the working directory
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--out", "", "--skip-suite"]) == 2
+    assert "error: --out: empty path" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
 
 def _extra_index(ckpt):
     names = load_file(ckpt / "model.safetensors")
