@@ -30,14 +30,12 @@ def register(sub) -> None:
 
 def cmd_demo(args) -> int:
     import chameleon
-    from chameleon.commands import make_out_dir, run_generation
-    from chameleon.errors import InputError
+    from chameleon.commands import make_out_dir, refuse_empty_paths, run_generation
     from chameleon.generate import GenerationOptions
     from chameleon.tiny import build_tiny_model
     from chameleon.vqgan import open_image
 
-    if not args.out:  # (an unset shell variable) Path("") is ".": the demo wrote into the current directory
-        raise InputError("--out: empty path")
+    refuse_empty_paths(("--out", args.out))
     out = Path(args.out)
     make_out_dir(out)
     model_dir = out / "tiny-chameleon"

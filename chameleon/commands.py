@@ -222,9 +222,7 @@ def cmd_generate(args) -> int:
     from chameleon.checkpoint import hub_commit, resolve_checkpoint_path
     from chameleon.vqgan import open_image
 
-    for flag, path in [("--model", args.model), ("--out", args.out), *(("--image", p) for p in args.image)]:
-        if not path:  # (an unset shell variable) Path("") is ".": --out "" wrote into the current directory
-            raise InputError(f"{flag}: empty path")
+    refuse_empty_paths(("--model", args.model), ("--out", args.out), *(("--image", p) for p in args.image))
     if args.max_new_tokens is not None and args.max_new_tokens < 1:  # the API allows 0; a command that makes nothing is a mistake
         raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     # Bytes the locale cannot decode reach argv as lone surrogates, which no tokenizer can encode.
@@ -300,6 +298,14 @@ def _fresh_output_dir(out: Path) -> Path | None:
     if earlier:
         raise InputError(f"--out {out}: already holds a generation ({', '.join(earlier)}); choose a new directory")
     return make_out_dir(out)
+
+
+def refuse_empty_paths(*given: tuple[str, str]) -> None:
+    """(flag, path) pairs: an empty path (an unset shell variable) is Path("") = ".", the current
+    directory, never what was meant (--out "" wrote there)."""
+    for flag, path in given:
+        if not path:
+            raise InputError(f"{flag}: empty path")
 
 
 def make_out_dir(out: Path) -> Path | None:

@@ -296,14 +296,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(out, "RGB")
 
 
+def centre_square(image: Image.Image, side: int) -> Image.Image:
+    """The `side` x `side` square at the image's centre (what `preprocess` keeps once it has scaled)."""
+    x0, y0 = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((x0, y0, x0 + side, y0 + side))
+
+
 def preprocess(image: Image.Image, resolution: int = 512) -> torch.Tensor:
     """Meta's input pipeline: RGB on white, shortest side to `resolution` (LANCZOS), centre crop, x/255*2-1."""
     check_image(image, getattr(image, "filename", "") or "image")
     image = to_rgb(image)
     scale = resolution / min(image.size)
     image = image.resize((round(scale * image.size[0]), round(scale * image.size[1])), Image.LANCZOS)
-    x0, y0 = (image.width - resolution) // 2, (image.height - resolution) // 2
-    image = image.crop((x0, y0, x0 + resolution, y0 + resolution))
+    image = centre_square(image, resolution)
     arr = np.asarray(image, dtype=np.float64) / 255.0 * 2 - 1
     return torch.from_numpy(arr).permute(2, 0, 1).float().unsqueeze(0)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import jinja2
 from PIL import Image
 
-from chameleon.vqgan import to_rgb
+from chameleon.vqgan import centre_square, to_rgb
 
 TEMPLATES = Path(__file__).parent / "templates"
 _env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=jinja2.select_autoescape(["html", "j2"]))
@@ -16,11 +16,7 @@ _env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=
 def _as_model_reads(image: Image.Image) -> Image.Image:
     """RGB on white (PNG cannot hold CMYK) and the centre square: the part the model reads (see
     chameleon.vqgan.preprocess), so that a panorama's page does not show what the model never saw."""
-    image = to_rgb(image)
-    w, h = image.size
-    side = min(w, h)
-    x0, y0 = (w - side) // 2, (h - side) // 2
-    return image.crop((x0, y0, x0 + side, y0 + side))
+    return centre_square(to_rgb(image), min(image.size))
 
 
 def _segments(segments, out_dir: Path, prefix: str) -> list[dict]:

@@ -43,20 +43,14 @@ def json_path(text: str) -> Path:
 
 
 def device(text: str):
-    """A torch device that exists here."""
-    import torch
+    """A torch device that exists here (chameleon.load's own check)."""
+    from chameleon.chameleon import available_device
+    from chameleon.errors import InputError
 
     try:
-        found = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda, got {text!r}") from None
-    backend = getattr(torch, found.type, None)  # torch.cpu, torch.cuda, torch.mps, torch.xpu...
-    count = backend.device_count() if hasattr(backend, "device_count") and backend.is_available() else 0
-    if not count:
-        raise argparse.ArgumentTypeError(f"{text!r}: no {found.type} device here")
-    if (found.index or 0) >= count:
-        raise argparse.ArgumentTypeError(f"{text!r}: no such device here, {found.type} has {count} (0 to {count - 1})")
-    return found
+        return available_device(text)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def check_built(parser: argparse.ArgumentParser, flag: str, path: Path, asked: dict) -> None:

@@ -402,8 +402,9 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
                 for rec in records:
                     asked_items.add(rec["item_id"])
                     asked_hashes.update(h for h in rec.get("request_hashes") or [rec.get("request_hash")] if h)
-                read.update({display_path(k): v for k, v in entry.pop("data_files").items()})
-                results["data_files"].update(read)
+                files = {display_path(k): v for k, v in entry.pop("data_files").items()}
+                read.update(files)
+                results["data_files"].update(files)
                 entry["config"] = {k: v for k, v in spec.__dict__.items()}
                 entry["seconds"] = round(time.perf_counter() - started, 2)
                 # not answered from the cache, by every process (each computes its share)
