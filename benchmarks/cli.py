@@ -49,8 +49,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
     try:
+        args = parse_args(build_parser(), argv)  # (importing the commands takes seconds: ^C may land here)
         result = args.func(args)
     except InputError as err:
         # one write: under torchrun every process may report at once, and print's two writes

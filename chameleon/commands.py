@@ -204,16 +204,31 @@ def run_generation(model, segments: list, opts, out: Path, extra_meta: dict | No
         "device": str(weight.device),
         **(extra_meta or {}),
     }
-    page = write_generation_page(out, segments, output, opts.mode, record)
+    settings = {k: v for k, v in asdict(opts).items() if k != "progress"}
+    shown = {k: v for k, v in record.items() if k != "seed"}  # (the seed is shown among the settings)
+    page = write_generation_page(out, segments, output, opts.mode, shown, page_settings(settings))
     record["page"] = str(page)
     # What reproduces the output: the prompt (images by position: their files are the caller's to
     # name), its ids and the settings, beside what was generated.
     files = iter(image_files or [])
     prompt = [s if isinstance(s, str) else {"image": str(next(files, "(given in memory)"))} for s in segments]
-    settings = {k: v for k, v in asdict(opts).items() if k != "progress"}
     (out / "generation.json").write_text(json.dumps({**record, "prompt": prompt, "options": settings,
                                                       "prompt_ids": prompt_ids, "new_ids": new_ids}, indent=2))
     return record
+
+
+# The options each mode reads, which the page shows (generation.json records them all); image
+# mode makes exactly one image, whatever the token budget.
+_TEXT_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "stop_strings", "stop_ids")
+_IMAGE_SETTINGS = ("image_temperature", "image_top_p", "cfg_text_scale", "cfg_image_scale")
+PAGE_SETTINGS = {"text": _TEXT_SETTINGS, "image": _IMAGE_SETTINGS, "interleaved": _TEXT_SETTINGS + _IMAGE_SETTINGS}
+
+
+def page_settings(options: dict) -> dict:
+    """The settings the options' mode reads, then the seed and any logit bias; empty stop lists are left out."""
+    names = (*PAGE_SETTINGS[options["mode"]], "seed", "logit_bias")
+    return {name: json.dumps(list(v) if isinstance(v, tuple) else v) if isinstance(v, (tuple, dict)) else v
+            for name in names if (v := options[name]) not in ((), {})}
 
 
 def cmd_generate(args) -> int:
@@ -229,7 +244,12 @@ def cmd_generate(args) -> int:
     for flag, text in [("--prompt", args.prompt), *(("--stop", s) for s in args.stop)]:
         if problem := unicode_problem(text):
             raise InputError(f"{flag}: not valid text in this locale's encoding ({problem})")
-    images = [open_image(p) for p in args.image]
+    images = []
+    for path in args.image:
+        try:
+            images.append(open_image(path))
+        except InputError as err:
+            raise InputError(f"--image {err}") from None
     segments = interleave(args.prompt, images, source="--prompt")
     opts = generation_options(args)  # the flags are checked before the model loads
     warn_unused_flags(args)

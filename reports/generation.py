@@ -32,8 +32,10 @@ def _segments(segments, out_dir: Path, prefix: str) -> list[dict]:
     return rendered
 
 
-def write_generation_page(out_dir: Path, prompt: list, output: list, mode: str, meta: dict, title: str = "Chameleon generation") -> Path:
-    """Write PNGs and index.html into out_dir; return the page's path."""
+def write_generation_page(out_dir: Path, prompt: list, output: list, mode: str, meta: dict, settings: dict | None = None,
+                          title: str = "Chameleon generation") -> Path:
+    """Write PNGs and index.html into out_dir; return the page's path. `meta`: what the run was
+    (model, speed, ...); `settings`: the sampling settings that made the output."""
     out_dir.mkdir(parents=True, exist_ok=True)
     html = _env.get_template("generation.html.j2").render(
         title=title,
@@ -41,6 +43,7 @@ def write_generation_page(out_dir: Path, prompt: list, output: list, mode: str, 
         output=_segments(output, out_dir, "output"),
         mode=mode,
         meta=meta,
+        settings=settings or {},
     )
     page = out_dir / "index.html"
     page.write_text(html, encoding="utf-8")  # as its <meta charset> says, whatever the locale

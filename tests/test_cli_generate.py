@@ -262,3 +262,47 @@ def test_page_shows_the_part_of_a_prompt_image_the_model_reads(tiny_hf, tmp_path
     assert main(argv) == 0
     shown = np.asarray(Image.open(out / "prompt_image_1.png"))
     assert shown.shape == (100, 100, 3) and (shown == (0, 255, 0)).all()
+
+
+def _table(html: str, css_class: str) -> dict[str, str]:
+    """The rows of the page's <table class=css_class>, key -> value text."""
+    table = re.search(rf'<table class="{css_class}">(.*?)</table>', html, re.S)
+    assert table, css_class
+    return dict(re.findall(r"<tr><td>(.*?)</td><td><code>(.*?)</code></td></tr>", table[1]))
+
+
+def test_page_shows_the_settings_the_mode_reads(tiny_hf, tmp_path):
+    """The page is what people look at and share: it shows the sampling settings that made the
+    output, those the mode reads (text mode has no guidance, image mode no text sampling)."""
+    base = ["generate", "--model", str(tiny_hf), "--prompt", "hi", "--max-new-tokens", "3", "--seed", "4"]
+    assert main([*base, "--temperature", "0.5", "--top-k", "7", "--stop", "x<y", "--out", str(tmp_path / "text")]) == 0
+    shown = _table((tmp_path / "text" / "index.html").read_text(), "settings")
+    assert shown["temperature"] == "0.5" and shown["top_k"] == "7" and shown["top_p"] == "0.9" and shown["seed"] == "4"
+    assert shown["stop_strings"] == "[&#34;x&lt;y&#34;]" and shown["max_new_tokens"] == "3"
+    assert not {"cfg_text_scale", "image_temperature", "kernels", "progress"} & set(shown)
+    assert main([*base, "--mode", "image", "--cfg-text-scale", "5", "--out", str(tmp_path / "image")]) == 0
+    shown = _table((tmp_path / "image" / "index.html").read_text(), "settings")
+    assert shown["cfg_text_scale"] == "5.0" and shown["image_top_p"] == "0.9" and shown["seed"] == "4"
+    assert not {"temperature", "top_k", "stop_strings", "max_new_tokens"} & set(shown)  # (image mode makes one image)
+
+
+def test_image_errors_name_the_flag(tiny_hf, tmp_path, capsys):
+    """A prompt image that cannot be read is named with its flag, before the model loads."""
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    for path, problem in ((tmp_path / "missing.png", "image file not found"), (tmp_path / "bad.png", "not a readable image")):
+        argv = ["generate", "--model", str(tiny_hf), "--prompt", "hi", "--image", str(path), "--out", str(tmp_path / "out")]
+        assert main(argv) == 2
+        assert f"error: --image {path}: {problem}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_interrupt_while_commands_import_is_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """^C in the seconds the command modules take to import (torch, transformers) ends as any
+    other interrupt does: exit 130, "interrupted", no traceback."""
+    import benchmarks.cli
+
+    (tmp_path / "slow_import.py").write_text("raise KeyboardInterrupt\n")  # where ^C lands: inside an import
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(benchmarks.cli, "COMMAND_MODULES", [*benchmarks.cli.COMMAND_MODULES, "slow_import"])
+    assert main(["generate", "--help"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
