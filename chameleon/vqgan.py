@@ -260,7 +260,7 @@ def open_image(path: str | Path, decode: bool = True) -> Image.Image | None:
     except FileNotFoundError:
         raise InputError(f"{path}: image file not found") from None
     except Image.DecompressionBombError as err:
-        raise InputError(f"{path}: image too large to decode safely ({err})") from None
+        raise InputError(f"{path}: image too large to decode safely ({err}); downscale it") from None
     except UnidentifiedImageError:
         raise InputError(f"{path}: not a readable image (PNG/JPEG/... expected)") from None
     except (OSError, SyntaxError) as err:
