@@ -24,10 +24,12 @@ class LazyTensors(Mapping):
     weights, made one tensor at a time by whoever reads it (the streaming safetensors writer,
     `chameleon.load`'s assignment), so that converting a large checkpoint never holds a second full
     copy. `specs` gives each tensor's shape and dtype (as meta tensors) without making it. Not for
-    `load_state_dict`, which copies it into a dict: every tensor made at once."""
+    `load_state_dict`, which copies it into a dict: every tensor made at once. `make_chunk`, where
+    given, makes one chunk of a tensor (see `chunk`) from what it needs alone: one Meta shard's slice."""
 
-    def __init__(self, specs: dict[str, torch.Tensor], make: Callable[[str], torch.Tensor]):
-        self.specs, self._make = specs, make
+    def __init__(self, specs: dict[str, torch.Tensor], make: Callable[[str], torch.Tensor],
+                 make_chunk: Callable[[str, int, int, int], torch.Tensor] | None = None):
+        self.specs, self._make, self.make_chunk = specs, make, make_chunk
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.specs:
@@ -44,6 +46,25 @@ class LazyTensors(Mapping):
         return len(self.specs)
 
 
+def chunk(sd: Tensors, name: str, chunks: int, dim: int, index: int) -> torch.Tensor:
+    """`torch.chunk(sd[name], chunks, dim)[index]` alone in its storage (torch.save of a view writes
+    its whole storage): a dict's copied; a LazyTensors' made from the slices it covers alone, where
+    it can (merged Meta shards: shard s of as many is that file's tensor as it is)."""
+    if isinstance(sd, LazyTensors) and sd.make_chunk:
+        return sd.make_chunk(name, chunks, dim, index)
+    return _cut(sd[name], chunks, dim, index)
+
+
+def _cut(t: torch.Tensor, chunks: int, dim: int, index: int) -> torch.Tensor:
+    return torch.chunk(t, chunks, dim)[index].clone()
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """`t` where torch.save writes it alone and as a contiguous tensor (its storage is exactly it,
+    e.g. a memory-mapped shard's), else a contiguous copy."""
+    return t if t.is_contiguous() and t.untyped_storage().nbytes() == t.nbytes else t.clone(memory_format=torch.contiguous_format)
+
+
 def specs(sd: Tensors) -> Mapping[str, torch.Tensor]:
     """Each tensor's shape, dtype and nbytes, without making those of a LazyTensors (whose tensors
     may take a read and a merge each): for a dict, its tensors themselves."""
@@ -56,7 +77,8 @@ def _spec(shape, dtype: torch.dtype) -> torch.Tensor:
 
 def cast(sd: Tensors, dtype: torch.dtype) -> LazyTensors:
     """`sd` in another dtype, each tensor cast when read."""
-    return LazyTensors({k: _spec(v.shape, dtype) for k, v in specs(sd).items()}, lambda k: sd[k].to(dtype))
+    return LazyTensors({k: _spec(v.shape, dtype) for k, v in specs(sd).items()}, lambda k: sd[k].to(dtype),
+                       lambda k, *where: chunk(sd, k, *where).to(dtype))  # (a chunk cast: not the whole tensor)
 
 
 # Per layer: our/Meta name -> HF name.
@@ -200,7 +222,23 @@ def from_meta_shards(shards: list[Tensors], args: ModelArgs, source: str) -> Ten
             shape[dim] *= n
         return _spec(shape, first.dtype)
 
-    lazy = LazyTensors({ours: spec(ours) for ours in names}, merged)
+    def merged_chunk(ours: str, chunks: int, dim: int, index: int) -> torch.Tensor:
+        """A chunk of the merged tensor from the shards' slices it covers alone: writing as many
+        shards as were read, shard s's slices as they are (read once, not merged once per shard)."""
+        name = names[ours]
+        if name != ours or dim != _split_dim(name):  # (replicated, or a q/k-norm: cut from the merged)
+            return _cut(merged(ours), chunks, dim, index)
+        width = specs(shards[0])[name].shape[dim]
+        step = -(-width * n // chunks)  # torch.chunk's
+        start, stop = index * step, min((index + 1) * step, width * n)
+        pieces = []
+        for i, shard in enumerate(shards):
+            lo, hi = max(start, i * width), min(stop, (i + 1) * width)  # what shard i holds of the chunk
+            if lo < hi:
+                pieces.append(shard[name].narrow(dim, lo - i * width, hi - lo))
+        return _own(pieces[0]) if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+    lazy = LazyTensors({ours: spec(ours) for ours in names}, merged, merged_chunk)
     # One file needs no merging: its tensors (memory-mapped) as they are, but the norms expanded.
     return {k: lazy[k] for k in lazy} if n == 1 else lazy
 
@@ -219,8 +257,9 @@ def check_meta_shards(args: ModelArgs, num_shards: int) -> None:
 def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> Iterator[Tensors]:
     """Split into Meta shards, checked at once, then made one at a time: a shard holds copies of its
     slices (torch.save of a view writes the whole tensor), so a caller that writes and drops each
-    before taking the next holds 1/num_shards of the weights in copies, not all of them. Each shard
-    keeps one q/k-norm, so heads within a shard must share it."""
+    before taking the next holds 1/num_shards of the weights in copies, not all of them. Merged Meta
+    shards cut into as many give each source shard's slices as they are (`chunk`): read once, not
+    merged once per shard. Each shard keeps one q/k-norm, so heads within a shard must share it."""
     check_meta_shards(args, num_shards)
     mp = args.model_parallel_size
     norms: dict[str, torch.Tensor] = {}  # name -> each model-parallel shard's norm, (mp, head_dim)
@@ -249,7 +288,7 @@ def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> Iterator[Te
             elif dim is None or num_shards == 1:
                 out[name] = sd[name]
             else:
-                out[name] = torch.chunk(sd[name], num_shards, dim=dim)[s].clone()
+                out[name] = chunk(sd, name, num_shards, dim, s)
         out["rope.freqs"] = freqs  # Meta's loader expects this (unused) buffer
         return out
 

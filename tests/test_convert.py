@@ -503,3 +503,56 @@ for out in sys.argv[1:]:
     assert not (tmp_path / "new").exists()
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
     assert [p.name for p in (tmp_path / "held").iterdir()] == ["notes.txt"]
+
+
+def test_meta_shards_rewritten_as_meta_shards_read_each_slice_once(tiny_hf, tmp_path):
+    """Meta shards written as as many Meta shards (convert's default, e.g. to cast with --dtype):
+    output shard s is source shard s's slices, each read once, not every tensor merged once per
+    output shard (a 34B: 4 passes over 68 GB). The files are byte for byte those of cutting the
+    merged (and cast) weights, as before."""
+    from collections import Counter
+    from dataclasses import replace
+
+    from chameleon.checkpoint import read_checkpoint, write_meta
+    from chameleon.convert import LazyTensors, cast
+
+    src = tmp_path / "meta2"
+    assert main(["convert", str(tiny_hf), str(src), "--to", "meta"]) == 0
+    ckpt = read_checkpoint(src)
+    files = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in sorted(src.glob("consolidated.*.pth"))]
+    reads = Counter()
+
+    def counted(i: int, shard: dict) -> LazyTensors:  # source shard i, counting the reads of each tensor
+        return LazyTensors(shard, lambda name: reads.update([(i, name)]) or shard[name])
+
+    for dtype in (None, torch.float16):
+        weights = from_meta_shards([counted(i, s) for i, s in enumerate(files)], ckpt.args, str(src))
+        reads.clear()
+        write_meta(replace(ckpt, weights=cast(weights, dtype) if dtype else weights), tmp_path / f"new{dtype}")
+        split = {key: n for key, n in reads.items() if _split_dim(key[1]) is not None}
+        assert len(split) == 2 * sum(_split_dim(k) is not None for k in files[0]) and set(split.values()) == {1}, split
+        # The files of before: the merged weights (cast) as a dict, each shard cut from them.
+        merged = {k: v.to(dtype) if dtype else v for k, v in from_meta_shards(files, ckpt.args, str(src)).items()}
+        write_meta(replace(ckpt, weights=merged), tmp_path / f"old{dtype}")
+        names = sorted(p.relative_to(tmp_path / f"old{dtype}") for p in (tmp_path / f"old{dtype}").rglob("*") if p.is_file())
+        assert names == sorted(p.relative_to(tmp_path / f"new{dtype}") for p in (tmp_path / f"new{dtype}").rglob("*") if p.is_file())
+        for name in names:
+            assert (tmp_path / f"new{dtype}" / name).read_bytes() == (tmp_path / f"old{dtype}" / name).read_bytes(), name
+
+
+def test_chunks_of_merged_meta_shards_are_those_of_the_merged_tensor():
+    """A chunk of merged shards, made from the slices it covers, is torch.chunk's of the merged
+    tensor, for any number of chunks (within a shard, across several, uneven), contiguous and alone
+    in its storage (torch.save writes a view's whole storage)."""
+    from chameleon.convert import chunk
+
+    args = ModelArgs(dim=96, n_layers=1, n_heads=3, vocab_size=96, multiple_of=96, model_parallel_size=3)
+    g = torch.Generator().manual_seed(0)
+    shards = [{"output.weight": torch.randn(5, 4, generator=g), "tok_embeddings.weight": torch.randn(4, 5, generator=g)} for _ in range(3)]
+    lazy = from_meta_shards(shards, args, "test")
+    for name, dim in (("output.weight", 0), ("tok_embeddings.weight", 1)):
+        merged = lazy[name]
+        for chunks in range(1, 8):
+            for index, expected in enumerate(torch.chunk(merged, chunks, dim)):
+                got = chunk(lazy, name, chunks, dim, index)
+                assert torch.equal(got, expected) and got.is_contiguous() and got.untyped_storage().nbytes() == got.nbytes
