@@ -465,8 +465,8 @@ def test_cli_bad_images_and_over_long_prompt_exit_2(tiny_hf, tmp_path, capsys):
     Image.new("I;16", (32, 32)).save(tmp_path / "gray16.png")
     base = ["generate", "--model", str(tiny_hf), "--out", str(tmp_path / "out")]
     for flags, message in [
-        (["--prompt", "hi", "--image", str(tmp_path / "cut.png")], re.escape(f"error: {tmp_path / 'cut.png'}: image is truncated or corrupt")),
-        (["--prompt", "hi", "--image", str(tmp_path / "gray16.png")], re.escape(f"error: {tmp_path / 'gray16.png'}: unsupported image mode 'I;16'")),
+        (["--prompt", "hi", "--image", str(tmp_path / "cut.png")], re.escape(f"error: --image {tmp_path / 'cut.png'}: image is truncated or corrupt")),
+        (["--prompt", "hi", "--image", str(tmp_path / "gray16.png")], re.escape(f"error: --image {tmp_path / 'gray16.png'}: unsupported image mode 'I;16'")),
         (["--prompt", "Natalia sold clips. " * 600], r"error: prompt of \d+ tokens plus 256 new tokens exceeds the model's context of 2048 tokens"),
     ]:
         assert main([*base, *flags]) == 2

@@ -242,8 +242,11 @@ def test_gpu_check_keeps_to_its_deadline(tmp_path):
         return (out / "run.txt").read_text().splitlines()
 
     decode = next(line for line in gpu_check(tmp_path / "a", 90) if line.startswith("decode_7b:"))
-    assert decode.startswith("decode_7b: exit 0 after"), decode
-    assert 30 <= int(decode.split("(limit ")[1].split(" s)")[0]) <= 90, decode  # TOTAL_S's rest, not DECODE_S
+    # Done, or stopped at its limit (a loaded machine; which shows the deadline applied as well)
+    done = re.fullmatch(r"decode_7b: exit (0|124) after (\d+) s \(limit (\d+) s\)", decode)
+    assert done, decode
+    seconds, limit = int(done[2]), int(done[3])
+    assert 30 <= limit <= 90 and seconds <= limit + 5, decode  # TOTAL_S's rest, not DECODE_S
     skipped = next(line for line in gpu_check(tmp_path / "b", 0) if line.startswith("decode_7b:"))
     assert skipped.startswith("decode_7b: skipped") and skipped.endswith("s left of TOTAL_S=0"), skipped
     assert not (tmp_path / "b" / "decode_7b.log").exists()
