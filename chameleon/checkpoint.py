@@ -12,11 +12,14 @@ Either may also be named by a Hugging Face hub repo id (`resolve_checkpoint_path
 from __future__ import annotations
 
 import glob
+import inspect
 import json
 import os
+import pickle
 import re
 import shutil
 import struct
+import types
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from chameleon.config import ModelArgs, VQGANConfig, read_json
-from chameleon.convert import HF_VQ_PREFIX, LazyTensors, Progress, Tensors, from_hf, from_meta_shards, specs, to_hf, to_meta_shards
+from chameleon.convert import HF_VQ_PREFIX, LazyTensors, Progress, Tensors, _own, from_hf, from_meta_shards, specs, to_hf, to_meta_shards
 from chameleon.errors import InputError
 from chameleon.tokenizer import SPECIAL_NAMES, ChameleonTokenizer
 
@@ -420,6 +423,81 @@ def write_safetensors(tensors: Tensors, file: Path, metadata: dict | None = None
     os.chmod(file, 0o666 & ~_umask())
 
 
+def _pth_streaming() -> bool:
+    """Whether this torch has what write_pth streams with: torch.save's own zip writing and
+    pickling (private), and skip_data's saving of fake tensors as real ones (a prototype, 2.5+)."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+    except ImportError:
+        return False
+    ser = torch.serialization
+    return (hasattr(FakeTensorMode, "from_tensor") and hasattr(ser, "_save") and hasattr(ser, "_open_zipfile_writer") and hasattr(ser, "skip_data")
+            and "materialize_fake_tensors" in inspect.signature(ser.skip_data).parameters)
+
+
+_PTH_STREAMING = _pth_streaming()
+
+
+class _PthPickler(pickle._Pickler):
+    """Python's pickler (whose save_pers can be overridden), giving a storage's location string
+    as one object, as torch.save's pickle does (a fake tensor's is a new string each): pickle
+    memoizes it, so the bytes are torch.save's."""
+
+    locations: dict[str, str] = {}
+
+    def save_pers(self, pid):
+        super().save_pers(pid[:3] + (self.locations.setdefault(pid[3], pid[3]),) + pid[4:])
+
+
+class _FillingWriter:
+    """torch.save's zip writer, writing each storage where skip_data would leave its space empty:
+    `storage(key)` makes it when its turn comes, and nothing keeps it after."""
+
+    def __init__(self, writer, storage):
+        self._writer, self._storage = writer, storage
+
+    def __getattr__(self, name):
+        return getattr(self._writer, name)
+
+    def write_record_metadata(self, name: str, nbytes: int) -> None:
+        storage = self._storage(int(name.removeprefix("data/")))
+        assert storage.nbytes() == nbytes, name
+        self._writer.write_record(name, storage, nbytes)
+
+
+def write_pth(tensors: Tensors, file: Path) -> None:
+    """`torch.save(dict(tensors), file)` made, written and dropped one tensor at a time: torch.save
+    needs every tensor in memory at once, which for merged Meta shards is a second copy of the
+    weights. Same bytes as torch.save: the file is torch.save's of fake tensors (shapes, no data)
+    under skip_data, whose reserved space is filled with each storage as torch writes it. A dict's
+    tensors are written as torch.save writes them (a view: its whole storage); a LazyTensors' as
+    made, contiguous and alone. Plain torch.save where torch lacks the APIs this uses."""
+    lazy = isinstance(tensors, LazyTensors)
+    if not _PTH_STREAMING:  # (every tensor made at once)
+        torch.save({name: _own(tensors[name]) if lazy else tensors[name] for name in tensors}, file)
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    with mode:  # (a dict's: fakes sharing storages as its tensors do, torch.save writing each once)
+        fakes = {k: torch.empty(t.shape, dtype=t.dtype) if lazy else mode.from_tensor(t) for k, t in specs(tensors).items()}
+    first: dict[int, str] = {}  # storage -> the first tensor of it: torch.save's key order
+    for name, fake in fakes.items():
+        first.setdefault(fake.untyped_storage()._cdata, name)
+    owner = list(first.values())
+
+    def storage(key: int) -> torch.UntypedStorage:
+        t = tensors[owner[key]]
+        if lazy:
+            assert t.shape == fakes[owner[key]].shape and t.dtype == fakes[owner[key]].dtype, owner[key]  # a spec disagreeing with its tensor
+            t = _own(t)
+        return t.untyped_storage()
+
+    ser = torch.serialization
+    with ser.skip_data(materialize_fake_tensors=True), ser._open_zipfile_writer(str(file)) as zf:
+        ser._save(fakes, _FillingWriter(zf, storage), types.SimpleNamespace(Pickler=_PthPickler), ser.DEFAULT_PROTOCOL, False)
+
+
 def _umask() -> int:
     """The process's umask: read from /proc on Linux; elsewhere reading it means setting it for an
     instant (a file another thread creates meanwhile would get 022)."""
@@ -509,7 +587,7 @@ def write_meta(ckpt: Checkpoint, out: Path, num_shards: int | None = None) -> No
     (out / "consolidate_params.json").write_text(json.dumps({"model_parallel_size": num_shards}))
     # Each shard made, written and dropped before the next (no loop variable keeps it while the next is made).
     for name in ["consolidated.pth"] if num_shards == 1 else [f"consolidated.{i:02d}.pth" for i in range(num_shards)]:
-        torch.save(next(shards), out / name)
+        write_pth(next(shards), out / name)
     tok_dir = out / "tokenizer"
     tok_dir.mkdir(exist_ok=True)
     shutil.copyfile(ckpt.tokenizer_file, tok_dir / "text_tokenizer.json")

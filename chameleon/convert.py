@@ -255,9 +255,9 @@ def check_meta_shards(args: ModelArgs, num_shards: int) -> None:
 
 
 def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> Iterator[Tensors]:
-    """Split into Meta shards, checked at once, then made one at a time: a shard holds copies of its
-    slices (torch.save of a view writes the whole tensor), so a caller that writes and drops each
-    before taking the next holds 1/num_shards of the weights in copies, not all of them. Merged Meta
+    """Split into Meta shards, checked at once, each a LazyTensors whose tensors (copies of their
+    slices: torch.save of a view writes the whole tensor) are made when read, so that a streaming
+    writer (`write_pth`) holds one tensor at a time, not a shard's. Merged Meta
     shards cut into as many give each source shard's slices as they are (`chunk`): read once, not
     merged once per shard. Each shard keeps one q/k-norm, so heads within a shard must share it."""
     check_meta_shards(args, num_shards)
@@ -279,17 +279,19 @@ def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> Iterator[Te
             norms[name] = groups[:, 0]
     freqs = rope_inv_freq(args)
 
-    def shard(s: int) -> Tensors:
-        out: dict[str, torch.Tensor] = {}
-        for name in sd:  # (a LazyTensors' tensor is made here, and only its slice kept)
+    def shard(s: int) -> LazyTensors:
+        spec: dict[str, torch.Tensor] = {}
+        make: dict[str, Callable[[], torch.Tensor]] = {}  # (a LazyTensors' tensor is made when written, only its slice kept)
+        for name, w in specs(sd).items():
             dim = _split_dim(name)
             if name in norms:
-                out[name.replace("q_norm", "q_normalization").replace("k_norm", "k_normalization")] = norms[name][s].clone()
+                meta_name = name.replace("q_norm", "q_normalization").replace("k_norm", "k_normalization")
+                spec[meta_name], make[meta_name] = norms[name][s], lambda n=name: norms[n][s].clone()
             elif dim is None or num_shards == 1:
-                out[name] = sd[name]
+                spec[name], make[name] = w, lambda n=name: sd[n]
             else:
-                out[name] = chunk(sd, name, num_shards, dim, s)
-        out["rope.freqs"] = freqs  # Meta's loader expects this (unused) buffer
-        return out
+                spec[name], make[name] = torch.chunk(_spec(w.shape, w.dtype), num_shards, dim)[s], lambda n=name, d=dim: chunk(sd, n, num_shards, d, s)
+        spec["rope.freqs"], make["rope.freqs"] = freqs, lambda: freqs  # Meta's loader expects this (unused) buffer
+        return LazyTensors(spec, lambda name: make[name]())
 
     return (shard(s) for s in range(num_shards))

@@ -310,29 +310,6 @@ def test_large_checkpoints_are_announced_while_they_load_and_save(tiny_hf, tmp_p
     assert f"loading {tiny_hf} {gb}\n" in err and re.search(rf"loading {re.escape(str(tiny_hf))}: done in \d+\.\d s\n", err)
 
 
-def test_meta_shards_are_built_and_written_one_at_a_time(tiny_hf, tmp_path, monkeypatch):
-    """Each shard's slices are copies (torch.save of a view would write its whole storage): a shard
-    is freed once written, before the next is cut, so that writing N shards holds 1/N of the weights
-    in copies rather than all of them (a 34B: 17 GB rather than 68)."""
-    import weakref
-
-    save, clone, written = torch.save, torch.Tensor.clone, []
-
-    def save_and_remember(obj, f, *args, **kwargs):
-        save(obj, f, *args, **kwargs)
-        if "rope.freqs" in obj:  # a shard, not vqgan.ckpt
-            written.extend(weakref.ref(t) for name, t in obj.items() if _split_dim(name) is not None)  # its slices
-
-    def clone_once_the_written_are_freed(t, *args, **kwargs):  # the next shard's slices are made by clone
-        assert all(ref() is None for ref in written), "a written shard is still in memory while the next is made"
-        return clone(t, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", save_and_remember)
-    monkeypatch.setattr(torch.Tensor, "clone", clone_once_the_written_are_freed)
-    assert main(["convert", str(tiny_hf), str(tmp_path / "meta"), "--to", "meta", "--shards", "2"]) == 0
-    assert len(written) > 0 and len(list((tmp_path / "meta").glob("consolidated.*.pth"))) == 2
-
-
 def test_dtype_cast_replaces_weights_one_at_a_time(tiny_meta, tmp_path, monkeypatch):
     """--dtype frees each weight as its cast is made: a merged (in-memory) checkpoint is not held
     twice, in its old dtype and the new (cast to fp16, a 34B's merged bf16 shards: 136 GB, not 68+68)."""
@@ -413,6 +390,90 @@ def test_safetensors_are_written_as_safetensors_writes_them(tmp_path):
     write_safetensors(cast(floats, torch.bfloat16), tmp_path / "cast.safetensors")  # made as written
     got = load_file(tmp_path / "cast.safetensors")
     assert got.keys() == floats.keys() and all(torch.equal(got[k], v.bfloat16()) for k, v in floats.items())
+
+
+def test_pth_files_are_written_as_torch_save_writes_them(tmp_path, monkeypatch):
+    """The streaming .pth writer's files are byte for byte torch.save's, for every dtype a
+    checkpoint may hold, views (a storage's middle, two views of one storage, a transpose: their
+    storages written whole, as torch.save does) and the rope.freqs buffer; lazily made tensors are
+    made once each, one at a time, and written as torch.save writes them alone and contiguous. Both
+    torch.load ways read them back. Without the torch APIs it streams with, torch.save itself."""
+    import weakref
+
+    from chameleon import checkpoint
+    from chameleon.checkpoint import write_pth
+    from chameleon.convert import LazyTensors, _own
+    from chameleon.model import rope_inv_freq
+
+    g = torch.Generator().manual_seed(0)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16,
+              torch.int8, torch.uint8, torch.bool, torch.complex64, torch.uint16, torch.uint32, torch.uint64,
+              torch.float8_e4m3fn, torch.float8_e5m2]
+    tensors = {f"w{i}": (torch.randn(3, i + 1, generator=g) * 10).to(d) for i, d in enumerate(dtypes)}
+    base = torch.arange(40.0)
+    tensors |= {"scalar": torch.tensor(2.0), "empty": torch.zeros(0, 4), "strided": torch.randn(4, 6, generator=g).t(),
+                "view": base[5:17].view(3, 4), "same storage": base[20:], "naïve": torch.ones(2),
+                "rope.freqs": rope_inv_freq(ModelArgs(dim=64, n_heads=2))}
+
+    def read_back(file, reference):
+        for mmap in (False, True):
+            got = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+            assert list(got) == list(reference)
+            for k, v in reference.items():
+                assert got[k].dtype == v.dtype and got[k].stride() == v.stride() and torch.equal(got[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), k
+        assert got["view"].untyped_storage().data_ptr() == got["same storage"].untyped_storage().data_ptr()
+
+    for streaming in (True, False):
+        monkeypatch.setattr(checkpoint, "_PTH_STREAMING", streaming and checkpoint._PTH_STREAMING)
+        (tmp_path / "theirs").mkdir(exist_ok=True)
+        (tmp_path / "ours").mkdir(exist_ok=True)
+        torch.save(tensors, tmp_path / "theirs" / "consolidated.pth")
+        write_pth(tensors, tmp_path / "ours" / "consolidated.pth")
+        assert (tmp_path / "ours" / "consolidated.pth").read_bytes() == (tmp_path / "theirs" / "consolidated.pth").read_bytes()
+        read_back(tmp_path / "ours" / "consolidated.pth", tensors)
+
+        made = []
+
+        def make(name):  # each tensor made once, the one before dropped (streaming)
+            assert name not in [n for n, _ in made]
+            assert not streaming or all(ref() is None for _, ref in made), "a tensor written is still in memory"
+            t = tensors[name].clone()  # (a copy, which the writer alone holds)
+            made.append((name, weakref.ref(t)))
+            return t
+
+        lazy = LazyTensors({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()}, make)
+        write_pth(lazy, tmp_path / "ours" / "consolidated.pth")
+        assert sorted(n for n, _ in made) == sorted(tensors)
+        alone = {k: _own(v) for k, v in tensors.items()}
+        torch.save(alone, tmp_path / "theirs" / "consolidated.pth")
+        assert (tmp_path / "ours" / "consolidated.pth").read_bytes() == (tmp_path / "theirs" / "consolidated.pth").read_bytes()
+
+
+def test_meta_checkpoints_are_written_one_tensor_at_a_time(tiny_hf, tmp_path):
+    """write_meta makes, writes and drops each tensor of a shard before making the next (torch.save
+    needs a shard's all at once): HF or merged Meta shards written as Meta shards hold one tensor's
+    copy at a time, not a shard's (a 34B in 2 shards: 34 GB). Replaces the shard-at-a-time test."""
+    import weakref
+    from dataclasses import replace
+
+    from chameleon.checkpoint import read_checkpoint, write_meta
+    from chameleon.convert import LazyTensors, specs
+
+    assert main(["convert", str(tiny_hf), str(tmp_path / "meta2"), "--to", "meta", "--shards", "2"]) == 0
+    for src in (tiny_hf, tmp_path / "meta2"):  # (the tiny model's shards differ in q/k-norms: no single file)
+        ckpt = read_checkpoint(src)
+        alive = []
+
+        def make(name, weights=ckpt.weights):
+            if ".q_norm." in name or ".k_norm." in name:  # (the q/k-norms are read up front, to check they fit Meta's format)
+                return weights[name]
+            assert all(ref() is None for ref in alive), "a tensor written is still in memory while the next is made"
+            t = weights[name].clone()  # (a copy, which the writer alone holds)
+            alive.append(weakref.ref(t))
+            return t
+
+        write_meta(replace(ckpt, weights=LazyTensors(specs(ckpt.weights), make)), tmp_path / "out", 2)
+        assert len(alive) == 2 * sum(".q_norm." not in k and ".k_norm." not in k for k in specs(ckpt.weights))  # once a shard
 
 
 def test_meta_shards_are_merged_one_tensor_at_a_time_when_loaded(tiny_hf, tmp_path, monkeypatch):
