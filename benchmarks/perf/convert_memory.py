@@ -35,6 +35,7 @@ CONVERSIONS = [
     ("meta 1 file -> hf", "meta1", "out_hf1", ["--to", "hf"]),
     ("meta 2 shards -> hf", "meta2", "out_hf2", ["--to", "hf"]),
     ("meta 2 shards -> hf, --dtype fp16", "meta2", "out_fp16", ["--to", "hf", "--dtype", "fp16"]),
+    ("meta 2 shards -> meta, 1 file", "meta2", "out_meta2to1", ["--to", "meta", "--shards", "1"]),
 ]
 
 
