@@ -5,6 +5,7 @@ autograd and weight updates still reach the parameters."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 import weakref
 
@@ -129,6 +130,41 @@ def test_generation_unchanged(pair, mode):
     if mode == "interleaved":
         opts.logit_bias = {optimized.tokenizer.boi_id: 8.0}
     assert generate(optimized, prompts, opts) == generate(plain, prompts, opts)
+
+
+def sampled_options(model, case: str, seed: int) -> GenerationOptions:
+    """Sampling whose draws a last-bit logit difference cannot plausibly flip (see the test below)."""
+    text = dict(temperature=0.9, top_k=40, repetition_penalty=1.3)
+    if case == "text":
+        return GenerationOptions(max_new_tokens=24, seed=seed, **text)
+    if case == "text, top-p":  # 8 text tokens with logits 10..17 (the rest near 0): their order is fixed
+        ladder = (~model.tokenizer.non_text_ids).nonzero().squeeze(-1)[100:108].tolist()
+        return GenerationOptions(max_new_tokens=24, seed=seed, temperature=0.9, top_p=0.8, repetition_penalty=1.3,
+                                 logit_bias={t: 10.0 + i for i, t in enumerate(ladder)})
+    if case == "image":
+        return GenerationOptions(mode="image", seed=seed, image_top_p=1.0)
+    return GenerationOptions(mode="interleaved", max_new_tokens=300, seed=seed, image_top_p=1.0,
+                             logit_bias={model.tokenizer.boi_id: 8.0}, **text)
+
+
+@pytest.mark.parametrize("case", ["text", "text, top-p", "image", "interleaved"])
+def test_sampled_generation_unchanged(pair, case):
+    """The two layouts' logits may differ in the last bits (above); top-p is what turns that into
+    another token. It ranks tokens by probability and inverts the running sum in that order, and a
+    random tiny model's distributions are near-uniform: some two tokens are nearly tied, swap places
+    on such a difference, and a draw landing on either picks the other (image_top_p=0.9: 5 of 100
+    guided image rows over 50 seeds differed on an AMD EPYC). In token-id order (top_p=1) a draw
+    changes only if it lands within ~1e-8 of an edge. So image codes are drawn from all codes (every
+    one reachable: the logits' support is compared too), text with temperature, top-k and the
+    penalty, and top-p over tokens a logit bias sets a whole unit apart. There, over 50 seeds: 0 of
+    100 rows differed per case (interleaved: 1 in one of three runs); with the logits moved ~50x
+    more, at most 3 (interleaved)."""
+    plain, optimized = pair
+    prompts = [optimized.encode_prompt("Natalia sold clips to 48 of her friends"), optimized.encode_prompt("Weng earns")]
+    opts = sampled_options(optimized, case, seed=3)
+    out = generate(optimized, prompts, opts)
+    assert out == generate(plain, prompts, opts)
+    assert out != generate(optimized, prompts, dataclasses.replace(opts, temperature=0.0, image_temperature=0.0))  # not argmax
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16 kernels")
