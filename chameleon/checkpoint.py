@@ -181,12 +181,15 @@ def detect_format(path: Path) -> str:
 
 
 def read_checkpoint(path: str | Path, progress: Progress = None) -> Checkpoint:
-    """`progress`: called with the bytes of each decoder tensor as it is read (HF's permuted; Meta's
-    shards are memory-mapped, and several are merged lazily, so their bytes are counted at once)."""
+    """`progress`: called with the bytes of the decoder's tensors once read: the files are
+    memory-mapped, and the tensors merged (Meta shards) or permuted (HF's q/k) as each is used."""
     path = Path(path)
     fmt = detect_format(path)
-    ckpt = _read_hf(path, progress) if fmt == "hf" else _read_meta(path, progress)
+    ckpt = _read_hf(path) if fmt == "hf" else _read_meta(path)
     _check_weights(ckpt)
+    if progress:
+        for t in specs(ckpt.weights).values():
+            progress(t.nbytes)
     return ckpt
 
 
@@ -268,7 +271,7 @@ def _meta_config(path: Path) -> tuple[ModelArgs, list[Path]]:
     return ModelArgs.from_meta([(str(f), read_json(f)) for f in configs]), configs
 
 
-def _read_hf(path: Path, progress: Progress = None) -> Checkpoint:
+def _read_hf(path: Path) -> Checkpoint:
     args, cfg = _hf_config(path)
     vq_config = VQGANConfig.from_hf(cfg.get("vq_config"), str(path / "config.json"))
     index = path / "model.safetensors.index.json"
@@ -299,7 +302,7 @@ def _read_hf(path: Path, progress: Progress = None) -> Checkpoint:
     decoder_file = path / HF_DECODER_FILE
     if decoder_file.is_file():
         vq.update(_load_safetensors(decoder_file))
-    weights = from_hf({k: v for k, v in raw.items() if not k.startswith(HF_VQ_PREFIX)}, args, str(path), progress)
+    weights = from_hf({k: v for k, v in raw.items() if not k.startswith(HF_VQ_PREFIX)}, args, str(path))
     tok = path / "tokenizer.json"
     if not tok.is_file():
         raise InputError(f"{path}: tokenizer.json is missing (the text tokenizer, `tokenizers` JSON)")
@@ -518,7 +521,7 @@ def _meta_tokenizer_dir(path: Path) -> Path:
     raise InputError(f"{path}: tokenizer folder not found: expected {path / 'tokenizer'}/text_tokenizer.json (or ../../tokenizer, the release layout)")
 
 
-def _read_meta(path: Path, progress: Progress = None) -> Checkpoint:
+def _read_meta(path: Path) -> Checkpoint:
     args, configs = _meta_config(path)
     files = sorted(path.glob("consolidated.*.pth"))
     shard_names = [f"consolidated.{i:02d}.pth" for i in range(args.model_parallel_size)]
@@ -550,9 +553,6 @@ def _read_meta(path: Path, progress: Progress = None) -> Checkpoint:
                 raise InputError(f"{f}: tensor {name} has dtype {ours}, but {files[0].name} has {first}")
     _check_keys(set(shards[0]) - {"rope.freqs"}, _expected_meta_keys(args), str(files[0]))
     weights = from_meta_shards(shards, args, str(path))
-    if progress:  # (the shards are memory-mapped; several are merged as they are written, one file not at all)
-        for t in specs(weights).values():
-            progress(t.nbytes)
 
     tok_dir = _meta_tokenizer_dir(path)
     vq_yaml, vq_ckpt = tok_dir / "vqgan.yaml", tok_dir / "vqgan.ckpt"

@@ -153,22 +153,27 @@ def to_hf(sd: Tensors, args: ModelArgs) -> LazyTensors:
     return LazyTensors({hf: specs(sd)[name] for hf, name in ours.items()}, make)
 
 
-def from_hf(sd: Tensors, args: ModelArgs, source: str, progress: Progress = None) -> Tensors:
+def from_hf(sd: Tensors, args: ModelArgs, source: str) -> LazyTensors:
+    """Our names (checked at once) and Meta's RoPE layout, each q/k tensor permuted when read: the
+    permuted copies (a 7B's q/k rows: ~2 GB) are never all held at once."""
     inverse_top = {v: k for k, v in _TOP_NAMES.items()}
     inverse_layer = {v: k for k, v in _LAYER_NAMES.items()}
-    out: Tensors = {}
-    for name, w in sd.items():
-        if progress:
-            progress(w.nbytes)
+    hf_names: dict[str, str] = {}  # our name -> HF's
+    for name in sd:
         if name in inverse_top:
-            out[inverse_top[name]] = w
+            hf_names[inverse_top[name]] = name
             continue
         parts = name.split(".", 3)
         if len(parts) != 4 or parts[:2] != ["model", "layers"] or parts[3] not in inverse_layer:
             raise InputError(f"{source}: unexpected weight {name!r} for a Chameleon decoder")
-        suffix = inverse_layer[parts[3]]
-        out[f"layers.{parts[2]}.{suffix}"] = _relayout(suffix, w, args, halves_to_interleaved)
-    return out
+        hf_names[f"layers.{parts[2]}.{inverse_layer[parts[3]]}"] = name
+
+    def make(name: str) -> torch.Tensor:
+        w = sd[hf_names[name]]
+        return w if name in _TOP_NAMES else _relayout(name.split(".", 2)[2], w, args, halves_to_interleaved)
+
+    given = specs(sd)
+    return LazyTensors({name: _spec(given[hf].shape, given[hf].dtype) for name, hf in hf_names.items()}, make)
 
 
 # --- Meta shards ------------------------------------------------------------------------------

@@ -532,6 +532,48 @@ def test_lazy_tensors_are_not_made_to_answer_membership():
     assert "w" in lazy and "w" in lazy.keys() and "v" not in lazy and list(lazy) == ["w"]
 
 
+def test_hf_checkpoints_are_permuted_one_tensor_at_a_time(tiny_hf, tmp_path, monkeypatch):
+    """Reading an HF checkpoint permutes nothing into Meta's RoPE layout (q/k rows, q/k-norms): each
+    tensor is permuted when read, and freed before the next is permuted when converted to Meta
+    shards or back to HF, or loaded in another dtype (a 7B's q/k matrices: ~2 GB, not all at once)."""
+    import weakref
+
+    from chameleon import convert
+    from chameleon.checkpoint import read_checkpoint
+
+    permute, calls, made = convert.halves_to_interleaved, [], []
+
+    def permute_once_the_permuted_are_freed(w, heads):
+        out = permute(w, heads)
+        calls.append(w.shape)
+        if w.ndim == 2:  # q/k rows (norms are permuted flat, and kept by to_meta_shards, which checks them first)
+            assert all(ref() is None for ref in made), "a permuted weight is still in memory while the next is permuted"
+            made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(convert, "halves_to_interleaved", permute_once_the_permuted_are_freed)
+    ckpt = read_checkpoint(tiny_hf)
+    assert calls == [], "weights were permuted before they were read"
+    name, args = "layers.1.attention.wk.weight", ckpt.args
+    assert name in ckpt.weights and ckpt.nbytes and calls == []  # (answered from the specs)
+    wk = ckpt.weights[name]
+    assert len(calls) == 1
+    hf_wk = load_file(tiny_hf / "model.safetensors")["model.layers.1.self_attn.k_proj.weight"]
+    assert torch.equal(wk, permute(hf_wk, args.kv_heads)) and torch.equal(interleaved_to_halves(wk, args.kv_heads), hf_wk)
+    del wk, ckpt
+    made.clear()
+    assert main(["convert", str(tiny_hf), str(tmp_path / "meta"), "--to", "meta"]) == 0
+    assert main(["convert", str(tiny_hf), str(tmp_path / "hf"), "--to", "hf", "--dtype", "bf16"]) == 0
+    chameleon.load(tiny_hf, dtype=torch.bfloat16, pack_bf16=False)
+    monkeypatch.undo()
+    assert len(made) == 2 * args.n_layers * (2 + 1 + 1)  # q and k of each layer: once per Meta shard, once for hf, for load
+    reference = chameleon.load(tmp_path / "meta", dtype=torch.bfloat16, pack_bf16=False)
+    model = chameleon.load(tmp_path / "hf", dtype=torch.bfloat16, pack_bf16=False)
+    ids = torch.tensor([reference.encode_prompt(TEXT)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids), atol=0, rtol=0)
+
+
 def test_a_failed_save_leaves_nothing_half_written(tiny_hf, tmp_path):
     """Chameleon.save failing while it writes (here a real write error: a file-size limit, EFBIG)
     removes what it wrote, and the directories it made, as convert does; a directory the user made
