@@ -9,7 +9,7 @@ page cache, given back under pressure) as well as its own memory; peak anonymous
 sampled every 20 ms) is what it cannot give back. Ratios are to the weight files' bytes; the
 baseline is a child that only imports the stack.
 
-    .venv/bin/python benchmarks/perf/convert_memory.py [--dim 2048] [--layers 16] [--work DIR] [--json FILE]
+    .venv/bin/python benchmarks/perf/convert_memory.py [--dim 2048] [--layers 16] [--work DIR] [--from SRC ...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONVERSIONS = [
     ("hf -> meta, 2 shards", "hf", "out_meta2", ["--to", "meta"]),
     ("hf -> meta, 1 file", "hf", "out_meta1", ["--to", "meta", "--shards", "1"]),
+    ("hf -> hf", "hf", "out_hfhf", ["--to", "hf"]),
     ("meta 1 file -> hf", "meta1", "out_hf1", ["--to", "hf"]),
     ("meta 2 shards -> hf", "meta2", "out_hf2", ["--to", "hf"]),
     ("meta 2 shards -> hf, --dtype fp16", "meta2", "out_fp16", ["--to", "hf", "--dtype", "fp16"]),
@@ -115,6 +116,8 @@ def main() -> None:
     parser.add_argument("--layers", type=positive_int, default=16, help="decoder layers")
     parser.add_argument("--work", default=None, help="directory for the checkpoints, kept and reused by later runs of "
                         "the same --dim/--layers (default: a temporary one, removed)")
+    parser.add_argument("--from", dest="sources", nargs="+", choices=sorted({src for _, src, _, _ in CONVERSIONS}), default=None,
+                        help="only the conversions from these sources (default: all)")
     parser.add_argument("--json", type=json_path, default=None, help="also write the report here")
     opts = parser.parse_args()
     if opts.dim % 256:  # heads of 128, split evenly over the 2 model-parallel shards
@@ -132,6 +135,8 @@ def main() -> None:
                   "baseline_rss_gb": round(base["peak_rss"] / 1e9, 2), "rows": []}
         print(f"baseline (imports): peak RSS {report['baseline_rss_gb']} GB", file=sys.stderr)
         for name, src, dst, flags in CONVERSIONS:
+            if opts.sources and src not in opts.sources:
+                continue
             shutil.rmtree(work / dst, ignore_errors=True)
             size = weight_bytes(work / src)
             m = measure([sys.executable, "-m", "benchmarks.cli", "convert", str(work / src), str(work / dst), *flags])
