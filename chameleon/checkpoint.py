@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from chameleon.config import ModelArgs, VQGANConfig, read_json
-from chameleon.convert import HF_VQ_PREFIX, LazyTensors, Progress, Tensors, _own, from_hf, from_meta_shards, specs, to_hf, to_meta_shards
+from chameleon.convert import HF_VQ_PREFIX, LazyTensors, Tensors, from_hf, from_meta_shards, specs, standalone, to_hf, to_meta_shards
 from chameleon.errors import InputError
 from chameleon.tokenizer import SPECIAL_NAMES, ChameleonTokenizer
 
@@ -180,16 +180,14 @@ def detect_format(path: Path) -> str:
     raise InputError(f"{path}: not a checkpoint directory: expected config.json (HF format) or params.json (Meta format)")
 
 
-def read_checkpoint(path: str | Path, progress: Progress = None) -> Checkpoint:
-    """`progress`: called with the bytes of the decoder's tensors once read: the files are
-    memory-mapped, and the tensors merged (Meta shards) or permuted (HF's q/k) as each is used."""
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """The checkpoint's config, tokenizer files and weights, checked. Reading takes a moment: the
+    files are memory-mapped, and the tensors merged (Meta shards) or permuted (HF's q/k) as each
+    is used (a Meta .pth in torch's legacy format, which cannot be mapped, is read whole)."""
     path = Path(path)
     fmt = detect_format(path)
     ckpt = _read_hf(path) if fmt == "hf" else _read_meta(path)
     _check_weights(ckpt)
-    if progress:
-        for t in specs(ckpt.weights).values():
-            progress(t.nbytes)
     return ckpt
 
 
@@ -477,7 +475,7 @@ def write_pth(tensors: Tensors, file: Path) -> None:
     made, contiguous and alone. Plain torch.save where torch lacks the APIs this uses."""
     lazy = isinstance(tensors, LazyTensors)
     if not _PTH_STREAMING:  # (every tensor made at once)
-        torch.save({name: _own(tensors[name]) if lazy else tensors[name] for name in tensors}, file)
+        torch.save({name: standalone(tensors[name]) if lazy else tensors[name] for name in tensors}, file)
         return
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -493,7 +491,7 @@ def write_pth(tensors: Tensors, file: Path) -> None:
         t = tensors[owner[key]]
         if lazy:
             assert t.shape == fakes[owner[key]].shape and t.dtype == fakes[owner[key]].dtype, owner[key]  # a spec disagreeing with its tensor
-            t = _own(t)
+            t = standalone(t)
         return t.untyped_storage()
 
     ser = torch.serialization

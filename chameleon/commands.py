@@ -375,7 +375,6 @@ def cmd_convert(args) -> int:
     from chameleon.chameleon import save_checkpoint
     from chameleon.checkpoint import occupied, read_args, read_checkpoint, resolve_checkpoint_path
     from chameleon.convert import cast, check_meta_shards
-    from chameleon.progress import byte_bar
     from chameleon.tokenizer import ChameleonTokenizer
 
     dst = Path(args.dst)
@@ -393,9 +392,8 @@ def cmd_convert(args) -> int:
     if args.to == "meta":  # from the config alone, before minutes of reading a large checkpoint's weights
         source_args = read_args(src)
         check_meta_shards(source_args, args.shards or source_args.model_parallel_size)
-    size = weights_bytes(src)
-    with announced("reading", src, size) as shown, byte_bar(f"reading {src.name}", size, enabled=shown) as bar:
-        ckpt = read_checkpoint(src, progress=bar.update)
+    with announced("reading", src):  # (no bar: the files are mapped; the work is in the writing's)
+        ckpt = read_checkpoint(src)
     if dtype:  # each tensor cast as it is written: never all of the old and the new at once
         ckpt.weights = cast(ckpt.weights, dtype)
     tokenizer = ChameleonTokenizer.from_file(ckpt.tokenizer_file)

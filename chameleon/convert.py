@@ -16,7 +16,6 @@ from chameleon.errors import InputError
 from chameleon.model import rope_inv_freq
 
 Tensors = Mapping[str, torch.Tensor]  # a dict, or LazyTensors
-Progress = Callable[[int], None] | None  # called with the bytes of each tensor read
 
 
 class LazyTensors(Mapping):
@@ -59,7 +58,7 @@ def _cut(t: torch.Tensor, chunks: int, dim: int, index: int) -> torch.Tensor:
     return torch.chunk(t, chunks, dim)[index].clone()
 
 
-def _own(t: torch.Tensor) -> torch.Tensor:
+def standalone(t: torch.Tensor) -> torch.Tensor:
     """`t` where torch.save writes it alone and as a contiguous tensor (its storage is exactly it,
     e.g. a memory-mapped shard's), else a contiguous copy."""
     return t if t.is_contiguous() and t.untyped_storage().nbytes() == t.nbytes else t.clone(memory_format=torch.contiguous_format)
@@ -241,7 +240,7 @@ def from_meta_shards(shards: list[Tensors], args: ModelArgs, source: str) -> Ten
             lo, hi = max(start, i * width), min(stop, (i + 1) * width)  # what shard i holds of the chunk
             if lo < hi:
                 pieces.append(shard[name].narrow(dim, lo - i * width, hi - lo))
-        return _own(pieces[0]) if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+        return standalone(pieces[0]) if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
     lazy = LazyTensors({ours: spec(ours) for ours in names}, merged, merged_chunk)
     # One file needs no merging: its tensors (memory-mapped) as they are, but the norms expanded.
