@@ -11,6 +11,7 @@ Either may also be named by a Hugging Face hub repo id (`resolve_checkpoint_path
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import inspect
 import json
@@ -456,14 +457,31 @@ class _FillingWriter:
 
     def __init__(self, writer, storage):
         self._writer, self._storage = writer, storage
+        self.making = False  # a tensor being made: its failure is not the writer's
 
     def __getattr__(self, name):
         return getattr(self._writer, name)
 
     def write_record_metadata(self, name: str, nbytes: int) -> None:
+        self.making = True
         storage = self._storage(int(name.removeprefix("data/")))
+        self.making = False
         assert storage.nbytes() == nbytes, name
         self._writer.write_record(name, storage, nbytes)
+
+
+@contextlib.contextmanager
+def _pth_write_errors(file: Path, writer: _FillingWriter | None = None):
+    """torch's zip writer failing (a full disk, a file-size limit) raises a RuntimeError with no
+    errno ('basic_ios::clear: iostream error', replaced by 'unexpected pos' as it closes): an
+    OSError naming the file instead, which convert reports as an error, not a traceback. A
+    tensor's making failing (`writer.making`) is left as it is."""
+    try:
+        yield
+    except RuntimeError as err:
+        if writer is not None and writer.making:
+            raise
+        raise OSError(f"{file}: the write failed (torch gives no reason: most likely a full disk or a file-size limit)") from err
 
 
 def write_pth(tensors: Tensors, file: Path) -> None:
@@ -475,7 +493,9 @@ def write_pth(tensors: Tensors, file: Path) -> None:
     made, contiguous and alone. Plain torch.save where torch lacks the APIs this uses."""
     lazy = isinstance(tensors, LazyTensors)
     if not _PTH_STREAMING:  # (every tensor made at once)
-        torch.save({name: standalone(tensors[name]) if lazy else tensors[name] for name in tensors}, file)
+        made = {name: standalone(tensors[name]) if lazy else tensors[name] for name in tensors}
+        with _pth_write_errors(file):
+            torch.save(made, file)
         return
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -495,8 +515,10 @@ def write_pth(tensors: Tensors, file: Path) -> None:
         return t.untyped_storage()
 
     ser = torch.serialization
-    with ser.skip_data(materialize_fake_tensors=True), ser._open_zipfile_writer(str(file)) as zf:
-        ser._save(fakes, _FillingWriter(zf, storage), types.SimpleNamespace(Pickler=_PthPickler), ser.DEFAULT_PROTOCOL, False)
+    writer = _FillingWriter(None, storage)  # (its zip writer: opened below, within _pth_write_errors)
+    with _pth_write_errors(file, writer), ser.skip_data(materialize_fake_tensors=True), ser._open_zipfile_writer(str(file)) as zf:
+        writer._writer = zf
+        ser._save(fakes, writer, types.SimpleNamespace(Pickler=_PthPickler), ser.DEFAULT_PROTOCOL, False)
 
 
 def _umask() -> int:
@@ -590,7 +612,8 @@ def write_meta(ckpt: Checkpoint, out: Path, num_shards: int | None = None) -> No
     tok_dir.mkdir(exist_ok=True)
     shutil.copyfile(ckpt.tokenizer_file, tok_dir / "text_tokenizer.json")
     (tok_dir / "vqgan.yaml").write_text(yaml.safe_dump(ckpt.vq_config.to_yaml_dict(), sort_keys=False))
-    torch.save({"state_dict": ckpt.vq_weights}, tok_dir / "vqgan.ckpt")
+    with _pth_write_errors(tok_dir / "vqgan.ckpt"):
+        torch.save({"state_dict": ckpt.vq_weights}, tok_dir / "vqgan.ckpt")
 
 
 # --- validation -------------------------------------------------------------------------------

@@ -660,3 +660,20 @@ def test_chunks_of_merged_meta_shards_are_those_of_the_merged_tensor():
             for index, expected in enumerate(torch.chunk(merged, chunks, dim)):
                 got = chunk(lazy, name, chunks, dim, index)
                 assert torch.equal(got, expected) and got.is_contiguous() and got.untyped_storage().nbytes() == got.nbytes
+
+
+def test_a_failed_meta_write_is_an_error_naming_the_file(tiny_hf, tmp_path):
+    """A .pth write failing (here a real one: a file-size limit, EFBIG) in a shard or in vqgan.ckpt:
+    convert exits 2 with an error naming the file, not torch's zip writer's traceback (its
+    'basic_ios::clear: iostream error' replaced by 'unexpected pos' as the writer closes), and
+    removes what it wrote."""
+    import resource
+
+    for limit, file in ((600_000, "consolidated.00.pth"), (2_000_000, "vqgan.ckpt")):  # (a shard: 1.3 MB, vqgan.ckpt: 4.4 MB)
+        out = tmp_path / f"meta{limit}"
+        done = subprocess.run([sys.executable, "-m", "benchmarks.cli", "convert", str(tiny_hf), str(out), "--to", "meta", "--shards", "2"],
+                              capture_output=True, text=True, timeout=120,
+                              preexec_fn=lambda n=limit: resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)))
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert done.stderr.startswith(f"error: {out}: writing the checkpoint failed (") and file in done.stderr, done.stderr
+        assert not out.exists()
