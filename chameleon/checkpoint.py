@@ -481,7 +481,7 @@ def _pth_write_errors(file: Path, writer: _FillingWriter | None = None):
     except RuntimeError as err:
         if writer is not None and writer.making:
             raise
-        raise OSError(f"{file}: the write failed (torch gives no reason: most likely a full disk or a file-size limit)") from err
+        raise OSError(f"{file}: the write failed (torch says {str(err).strip()!r}: most likely a full disk or a file-size limit)") from err
 
 
 def write_pth(tensors: Tensors, file: Path) -> None:
