@@ -154,7 +154,8 @@ def to_hf(sd: Tensors, args: ModelArgs) -> LazyTensors:
 
 def from_hf(sd: Tensors, args: ModelArgs, source: str) -> LazyTensors:
     """Our names (checked at once) and Meta's RoPE layout, each q/k tensor permuted when read: the
-    permuted copies (a 7B's q/k rows: ~2 GB) are never all held at once."""
+    permuted copies (a 7B's q/k rows: ~2 GB) are never all held at once; a Meta shard's chunk
+    permutes that shard's rows alone."""
     inverse_top = {v: k for k, v in _TOP_NAMES.items()}
     inverse_layer = {v: k for k, v in _LAYER_NAMES.items()}
     hf_names: dict[str, str] = {}  # our name -> HF's
@@ -171,8 +172,20 @@ def from_hf(sd: Tensors, args: ModelArgs, source: str) -> LazyTensors:
         w = sd[hf_names[name]]
         return w if name in _TOP_NAMES else _relayout(name.split(".", 2)[2], w, args, halves_to_interleaved)
 
+    def make_chunk(name: str, chunks: int, dim: int, index: int) -> torch.Tensor:
+        """A chunk of a tensor (see `chunk`): q/k rows cut on head boundaries (Meta shards' are)
+        permuted alone, the permutation being within each head: not the whole matrix per shard."""
+        w = sd[hf_names[name]]
+        suffix = "" if name in _TOP_NAMES else name.split(".", 2)[2]
+        parts, hd = torch.chunk(w, chunks, dim), args.head_dim
+        if (suffix in ("attention.wq.weight", "attention.wk.weight") and w.shape[:1] == (_heads_of(suffix, args) * hd,)
+                and dim == 0 and parts[0].shape[0] % hd == 0):  # (chunk i starts at i * the first's length)
+            return standalone(halves_to_interleaved(parts[index], parts[index].shape[0] // hd))
+        whole = _relayout(suffix, w, args, halves_to_interleaved) if suffix else w  # (w itself where not permuted)
+        return standalone(torch.chunk(whole, chunks, dim)[index])
+
     given = specs(sd)
-    return LazyTensors({name: _spec(given[hf].shape, given[hf].dtype) for name, hf in hf_names.items()}, make)
+    return LazyTensors({name: _spec(given[hf].shape, given[hf].dtype) for name, hf in hf_names.items()}, make, make_chunk)
 
 
 # --- Meta shards ------------------------------------------------------------------------------
@@ -263,7 +276,8 @@ def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> Iterator[Te
     slices: torch.save of a view writes the whole tensor) are made when read, so that a streaming
     writer (`write_pth`) holds one tensor at a time, not a shard's. Merged Meta
     shards cut into as many give each source shard's slices as they are (`chunk`): read once, not
-    merged once per shard. Each shard keeps one q/k-norm, so heads within a shard must share it."""
+    merged once per shard; an HF source's q/k rows are permuted per shard, not whole once per shard.
+    Each shard keeps one q/k-norm, so heads within a shard must share it."""
     check_meta_shards(args, num_shards)
     mp = args.model_parallel_size
     norms: dict[str, torch.Tensor] = {}  # name -> each model-parallel shard's norm, (mp, head_dim)

@@ -677,3 +677,45 @@ def test_a_failed_meta_write_is_an_error_naming_the_file(tiny_hf, tmp_path):
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
         assert done.stderr.startswith(f"error: {out}: writing the checkpoint failed (") and file in done.stderr, done.stderr
         assert not out.exists()
+
+
+def test_hf_checkpoints_written_as_meta_shards_permute_each_shards_rows_only(tiny_hf, tmp_path, monkeypatch):
+    """HF -> Meta shards: each shard's q/k rows (whole heads, GQA's k too) are permuted into Meta's
+    RoPE layout alone, not the whole matrix once per shard (N times the work, and a whole permuted
+    matrix held where a shard's slice would do). The files are byte for byte those of cutting each
+    shard from the whole permuted tensors, as before; any chunk of any tensor is torch.chunk's of
+    the whole one, alone in its storage, also where it does not fall on head boundaries."""
+    from dataclasses import replace
+
+    from chameleon import convert
+    from chameleon.checkpoint import read_checkpoint, write_meta
+    from chameleon.convert import LazyTensors, chunk, specs
+
+    ckpt = read_checkpoint(tiny_hf)
+    args, weights = ckpt.args, ckpt.weights
+    assert args.n_kv_heads < args.n_heads and args.model_parallel_size == 2
+    permute, rows = convert.halves_to_interleaved, []
+
+    def counted(w, heads):  # the rows of each q/k matrix permuted, and as how many heads
+        if w.ndim == 2:
+            rows.append((w.shape[0], heads))
+        return permute(w, heads)
+
+    monkeypatch.setattr(convert, "halves_to_interleaved", counted)
+    write_meta(ckpt, tmp_path / "new", 2)
+    half_q, half_k = args.n_heads // 2, args.kv_heads // 2
+    assert sorted(rows) == sorted([(half_q * args.head_dim, half_q)] * 2 * args.n_layers + [(half_k * args.head_dim, half_k)] * 2 * args.n_layers)
+    monkeypatch.undo()
+    # Before: each shard cut from the whole permuted tensors (the same weights, without make_chunk).
+    write_meta(replace(ckpt, weights=LazyTensors(specs(weights), weights.__getitem__)), tmp_path / "old", 2)
+    names = sorted(p.relative_to(tmp_path / "old") for p in (tmp_path / "old").rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(tmp_path / "new") for p in (tmp_path / "new").rglob("*") if p.is_file())
+    for name in names:
+        assert (tmp_path / "new" / name).read_bytes() == (tmp_path / "old" / name).read_bytes(), name
+    for name in ("layers.0.attention.wq.weight", "layers.1.attention.wk.weight", "layers.0.attention.q_norm.weight", "output.weight", "layers.0.feed_forward.w2.weight"):
+        whole = weights[name]
+        for dim in range(whole.ndim):
+            for chunks in range(1, 6):  # (3 and 5 cut q/k rows inside heads)
+                for index, expected in enumerate(torch.chunk(whole, chunks, dim)):
+                    got = chunk(weights, name, chunks, dim, index)
+                    assert torch.equal(got, expected) and got.is_contiguous() and got.untyped_storage().nbytes() == got.nbytes, (name, chunks, dim, index)
