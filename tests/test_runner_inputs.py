@@ -564,10 +564,8 @@ def test_exemplar_split_for_a_pool_without_splits_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_damaged_run_dir_is_named_and_keeps_the_cache(tmp_path):
-    """A file where the run directory has a directory (or the reverse) is an error naming it, without a
-    traceback; finished requests stay cached, results.json's temporary file is not left behind, and the
-    repaired directory resumes."""
+def finished_responses_run(tmp_path):
+    """(suite, responses file, run directory) of a finished two-item run of the responses backend."""
     suite = tmp_path / "s.yaml"
     suite.write_text("name: t\nbackend: responses\nbenchmarks:\n  - {name: g, benchmark: gsm8k, shots: 0, limit: 2}\n")
     responses = tmp_path / "r.jsonl"
@@ -575,6 +573,14 @@ def test_damaged_run_dir_is_named_and_keeps_the_cache(tmp_path):
                          '{"item_id": "chameleon_gsm8k_cot/1", "output": "The answer is 2."}\n')
     out = tmp_path / "run"
     assert run_cli(REPO, "run", suite, "--model", responses, "--out", out).returncode == 0
+    return suite, responses, out
+
+
+def test_damaged_run_dir_is_named_and_keeps_the_cache(tmp_path):
+    """A file where the run directory has a directory (or the reverse) is an error naming it, without a
+    traceback; finished requests stay cached, results.json's temporary file is not left behind, and the
+    repaired directory resumes."""
+    suite, responses, out = finished_responses_run(tmp_path)
     cache = (out / "cache" / "rank0.jsonl").read_bytes()
     (out / "results.json").unlink()
     (out / "results.json").mkdir()
@@ -644,3 +650,33 @@ def test_generation_budget_and_caption_pool_checked_before_any_benchmark(tmp_pat
     with pytest.raises(InputError, match=r"s\.yaml: benchmark 'm': 12-shot prompts draw their exemplars from the scored "
                                          r"split's items with an image, the query excluded: 4 have one, 13 are needed"):
         check_inputs(shots)
+
+
+def test_deleted_run_manifest_resumes_from_results_and_cache(tmp_path):
+    """A run directory whose run.json was deleted is not stranded: its results.json tells whose run it
+    is (another model or suite is still refused, nothing touched), so the same command resumes from
+    the cache and writes run.json again; a directory left with only its cache/ (whose keys hash the
+    model: it answers no other) is resumed too."""
+    suite, responses, out = finished_responses_run(tmp_path)
+    manifest = json.loads((out / "run.json").read_text())
+    (out / "run.json").unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = run_cli(REPO, "run", suite, "--model", responses, "--out", out, "--limit", "1")
+    assert proc.returncode == 2 and "(limit unset there, 1 now)" in proc.stderr, proc.stderr
+    other = tmp_path / "other.jsonl"
+    other.write_text(responses.read_text().replace("1.", "3."))
+    proc = run_cli(REPO, "run", suite, "--model", other, "--out", out)
+    assert proc.returncode == 2 and "holds a run of another model" in proc.stderr, proc.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    proc = run_cli(REPO, "run", suite, "--model", responses, "--out", out)
+    assert proc.returncode == 0 and "0 requests computed, 2 cached" in proc.stderr, proc.stderr
+    assert json.loads((out / "run.json").read_text())["identity"] == manifest["identity"]
+    fresh = tmp_path / "fresh"  # the cache alone, copied into a new directory
+    (fresh / "cache").mkdir(parents=True)
+    (fresh / "cache" / "rank0.jsonl").write_bytes((out / "cache" / "rank0.jsonl").read_bytes())
+    (fresh / "notes.txt").write_text("mine")  # anything else: whose run is unknown, so it is named
+    proc = run_cli(REPO, "run", suite, "--model", responses, "--out", fresh)
+    assert proc.returncode == 2 and "holds a run's cache/ but no run.json" in proc.stderr, proc.stderr
+    (fresh / "notes.txt").unlink()
+    proc = run_cli(REPO, "run", suite, "--model", responses, "--out", fresh)
+    assert proc.returncode == 0 and "0 requests computed, 2 cached" in proc.stderr, proc.stderr

@@ -178,12 +178,38 @@ def _suite_changes(old: dict, new: dict) -> list[str]:
                        "the same settings: comments or layout only)"]
 
 
+def _lost_manifest(out: Path) -> dict | None:
+    """For a run directory whose run.json is gone (deleted by hand), what stands in for it: a
+    manifest of the model its results.json names, without identity (_recorded_identity then compares
+    results.json's suite and settings, as for an old run.json), or {} where only cache/ is left (its
+    keys hash the model's fingerprint: it answers no other model). None: `out` is no such directory."""
+    if not (out / "cache").is_dir():
+        return None
+    names = {p.name for p in out.iterdir()} - {"run.json.tmp", "results.json.tmp"}
+    if names <= {"cache"}:
+        return {}
+    if not names <= {"cache", "samples", "results.json"}:
+        return None
+    try:
+        results = json.loads((out / "results.json").read_text())
+        model, started = results["model"], results["run"]["started_at"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(model, dict) or not isinstance(model.get("fingerprint"), str):
+        return None
+    return {"schema_version": SCHEMA_VERSION, "model": model, "created_at": started}
+
+
 def _out_problem(out: Path) -> str | None:
     """Why `out` can be neither a new run directory nor an earlier run, as far as is known without
     the model (None: it may be)."""
-    if (out / "run.json").is_file():
+    if (out / "run.json").is_file() or (out.is_dir() and _lost_manifest(out) is not None):
         return None
     # (run.json.tmp alone: a fresh run killed while writing its manifest, before anything was computed)
+    if out.is_dir() and (out / "cache").is_dir():
+        return (f"--out {out}: holds a run's cache/ but no run.json, nor a results.json naming the run's model; "
+                "leave only cache/ there (move the rest away) to resume from it, or use another --out. "
+                "Nothing was written")
     if out.exists() and (not out.is_dir() or any(p.name != "run.json.tmp" for p in out.iterdir())):
         return f"--out {out}: exists and is not an empty directory or a chameleon-bench run; nothing was written"
     above = next(p for p in out.absolute().parents if p.exists())
@@ -260,9 +286,10 @@ def _create(out: Path) -> str | None:
 def _claim(out: Path, model: dict, identity: dict, suite: dict | None = None) -> str | None:
     """The reason `out` cannot be this run's directory, or None once it is."""
     manifest = out / "run.json"
-    if manifest.is_file():
+    lost = None if manifest.is_file() or not out.is_dir() else _lost_manifest(out)
+    if manifest.is_file() or lost:
         try:
-            data = json.loads(manifest.read_text())
+            data = lost or json.loads(manifest.read_text())
             owner = data["model"]
         except (OSError, ValueError, KeyError, TypeError):
             owner = None
