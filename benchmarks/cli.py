@@ -11,8 +11,6 @@ import difflib
 import importlib
 import sys
 
-from chameleon.errors import InputError
-
 COMMAND_MODULES = [
     "chameleon.commands",  # generate, convert
     "benchmarks.demo",  # demo (make demo)
@@ -49,18 +47,23 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The commands and the model stack (torch) are imported within, not with this module: that takes
+    # seconds, and a ^C meanwhile is an interrupt like any other, not a traceback.
     try:
-        args = parse_args(build_parser(), argv)  # (importing the commands takes seconds: ^C may land here)
+        args = parse_args(build_parser(), argv)
         result = args.func(args)
-    except InputError as err:
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        errors = sys.modules.get("chameleon.errors")  # (by module: its import may be what failed)
+        if errors is None or not isinstance(err, errors.InputError):
+            raise
         # one write: under torchrun every process may report at once, and print's two writes
         # (text, then newline) of two processes could run together on one line
         sys.stderr.write(f"error: {err}\n")
         sys.stderr.flush()
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
     return int(result or 0)
 
 

@@ -306,3 +306,18 @@ def test_interrupt_while_commands_import_is_not_a_traceback(tmp_path, monkeypatc
     monkeypatch.setattr(benchmarks.cli, "COMMAND_MODULES", [*benchmarks.cli.COMMAND_MODULES, "slow_import"])
     assert main(["generate", "--help"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_interrupt_while_the_cli_starts_is_not_a_traceback():
+    """^C in the first second of any command, while the console script imports the model stack
+    (torch), also ends as an interrupt: exit 130, "interrupted", no traceback. A finder raising
+    KeyboardInterrupt on importing `chameleon` stands in for the keypress, deterministically."""
+    start = ("import sys\n"
+             "class Interrupt:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'chameleon': raise KeyboardInterrupt\n"
+             "sys.meta_path.insert(0, Interrupt())\n"
+             "from benchmarks.cli import main\n"
+             "sys.exit(main(['generate', '--help']))\n")
+    done = subprocess.run([sys.executable, "-c", start], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (130, "interrupted\n"), done.stderr[-2000:]
