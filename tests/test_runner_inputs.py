@@ -680,3 +680,20 @@ def test_deleted_run_manifest_resumes_from_results_and_cache(tmp_path):
     (fresh / "notes.txt").unlink()
     proc = run_cli(REPO, "run", suite, "--model", responses, "--out", fresh)
     assert proc.returncode == 0 and "0 requests computed, 2 cached" in proc.stderr, proc.stderr
+
+
+def test_deleted_run_manifest_refuses_other_data(tmp_path):
+    """Without run.json, results.json's overrides still say which data the run read: a rerun with
+    another --data-dir is refused, as it is with run.json, not let overwrite the run's results."""
+    import shutil
+
+    suite, responses, out = finished_responses_run(tmp_path)
+    (out / "run.json").unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "benchmarks" / "data" / "gsm8k", data / "gsm8k")
+    proc = run_cli(REPO, "run", suite, "--model", responses, "--out", out, "--data-dir", data)
+    assert proc.returncode == 2 and f"data_dir unset there, {str(data)!r} now" in proc.stderr, proc.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    proc = run_cli(REPO, "run", suite, "--model", responses, "--out", out, "--data-dir", REPO / "benchmarks" / "data")
+    assert proc.returncode == 0 and "0 requests computed, 2 cached" in proc.stderr, proc.stderr  # the shipped data, named

@@ -89,6 +89,14 @@ def check_generation_room(suite: Suite, backend) -> None:
                              f"for a prompt in the model's context of {room} tokens; expected fewer. Nothing was run")
 
 
+def _where(path, shipped=None) -> str | None:
+    """A path as run identities record it: absolute, or None where not given or the shipped one."""
+    if not path:
+        return None
+    resolved = Path(path).expanduser().resolve()
+    return None if shipped is not None and resolved == Path(shipped).resolve() else str(resolved)
+
+
 def run_identity(suite: Suite, model: dict, *, limit=None, images_dirs=None, data_dir=None) -> dict:
     """What a run's results depend on besides the weights: a rerun into the same --out must match it.
     Inputs as they take effect: the shipped data and images (given or by default) are null, so the
@@ -99,33 +107,39 @@ def run_identity(suite: Suite, model: dict, *, limit=None, images_dirs=None, dat
     from benchmarks.runner.captioning import DEFAULT_IMAGES
     from benchmarks.text.data import SHIPPED_DATA_DIR
 
-    def where(path, shipped=None):
-        if not path:
-            return None
-        resolved = Path(path).expanduser().resolve()
-        return None if shipped is not None and resolved == Path(shipped).resolve() else str(resolved)
-
     def references(source):  # a shipped set by name, or a file
-        return None if source is None or str(source) in SHIPPED else where(source)
+        return None if source is None or str(source) in SHIPPED else _where(source)
 
     captioning = [s for s in suite.benchmarks if s.kind == "captioning"]
     return {"suite_sha256": suite.sha256, "limit": limit, "dtype": model.get("dtype"),
-            "data_dir": where(data_dir, SHIPPED_DATA_DIR) if any(s.kind == "text" for s in suite.benchmarks) else None,
-            "images_dirs": {b: where((images_dirs or {}).get(b), DEFAULT_IMAGES[b]) for b in sorted({s.benchmark for s in captioning})},
-            "caption_files": {s.name: [references(s.references), references(s.exemplars), where(s.exemplar_images)] for s in captioning}}
+            "data_dir": _where(data_dir, SHIPPED_DATA_DIR) if any(s.kind == "text" for s in suite.benchmarks) else None,
+            "images_dirs": {b: _where((images_dirs or {}).get(b), DEFAULT_IMAGES[b]) for b in sorted({s.benchmark for s in captioning})},
+            "caption_files": {s.name: [references(s.references), references(s.exemplars), _where(s.exemplar_images)] for s in captioning}}
 
 
-def _recorded_identity(out: Path, manifest: dict) -> dict:
+def _recorded_identity(out: Path, manifest: dict, identity: dict) -> dict:
     if "identity" in manifest:
         return manifest["identity"]
-    # run.json of an earlier version, without "identity": what its results.json shows, else nothing
-    # (an interrupted run is resumed) and this command's identity is recorded from now on
+    # run.json of an earlier version, without "identity", or deleted: what its results.json shows,
+    # else nothing (an interrupted run is resumed) and this command's identity is recorded from now
+    # on. The data and images as `identity` (this command's) records them: for the same suite
+    # (compared too), the benchmarks that read them are the same.
+    from benchmarks.runner.captioning import DEFAULT_IMAGES
+    from benchmarks.text.data import SHIPPED_DATA_DIR
+
     try:
         res = json.loads((out / "results.json").read_text())
-        return {"suite_sha256": res["suite"]["sha256"], "limit": res["overrides"]["limit"],
-                "dtype": res["model"].get("dtype")}
+        given = res["overrides"]
+        recorded = {"suite_sha256": res["suite"]["sha256"], "limit": given["limit"], "dtype": res["model"].get("dtype")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
+    try:  # (a results.json of an earlier version may lack them)
+        if any(b.get("benchmark") not in DEFAULT_IMAGES for b in res["suite"]["benchmarks"]):  # text: see run_identity
+            recorded["data_dir"] = _where(given["data_dir"], SHIPPED_DATA_DIR)
+        recorded["images_dirs"] = {b: _where(given["images_dirs"].get(b), DEFAULT_IMAGES[b]) for b in identity.get("images_dirs", {})}
+    except (KeyError, TypeError, AttributeError):
+        pass
+    return recorded
 
 
 def _recorded_suite(out: Path, manifest: dict) -> dict | None:
@@ -306,7 +320,7 @@ def _claim(out: Path, model: dict, identity: dict, suite: dict | None = None) ->
             return (f"--out {out} holds a run of another model ({owner.get('backend')} {owner.get('path')}, "
                     f"fingerprint {str(owner.get('fingerprint'))[:16]}), not of this one (fingerprint "
                     f"{model['fingerprint'][:16]}); {todo}. Nothing was overwritten")
-        recorded, diff = _recorded_identity(out, data), []
+        recorded, diff = _recorded_identity(out, data, identity), []
         for k, v in recorded.items():
             if v == identity.get(k):
                 continue
