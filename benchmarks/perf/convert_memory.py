@@ -37,6 +37,8 @@ CONVERSIONS = [
     ("meta 2 shards -> hf", "meta2", "out_hf2", ["--to", "hf"]),
     ("meta 2 shards -> hf, --dtype fp16", "meta2", "out_fp16", ["--to", "hf", "--dtype", "fp16"]),
     ("meta 2 shards -> meta, 1 file", "meta2", "out_meta2to1", ["--to", "meta", "--shards", "1"]),
+    ("meta 2 shards -> meta 2 shards", "meta2", "out_meta2to2", ["--to", "meta"]),
+    ("meta 2 shards -> meta 2, --dtype fp16", "meta2", "out_meta2to2_fp16", ["--to", "meta", "--dtype", "fp16"]),
 ]
 
 
