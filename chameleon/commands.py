@@ -225,10 +225,15 @@ PAGE_SETTINGS = {"text": _TEXT_SETTINGS, "image": _IMAGE_SETTINGS, "interleaved"
 
 
 def page_settings(options: dict) -> dict:
-    """The settings the options' mode reads, then the seed and any logit bias; empty stop lists are left out."""
-    names = (*PAGE_SETTINGS[options["mode"]], "seed", "logit_bias")
+    """The settings the options' mode reads, then the seed and any logit bias (text phases only);
+    empty stop lists are left out, and so are the nucleus, top-k and seed of greedy choices."""
+    mode = options["mode"]
+    unread = ({"top_p", "top_k"} if options["temperature"] == 0 else set()) | ({"image_top_p"} if options["image_temperature"] == 0 else set())
+    temperatures = {"text": ("temperature",), "image": ("image_temperature",)}.get(mode, ("temperature", "image_temperature"))
+    sampled = any(options[t] > 0 for t in temperatures)
+    names = (*PAGE_SETTINGS[mode], *(("seed",) if sampled else ()), *(() if mode == "image" else ("logit_bias",)))
     return {name: json.dumps(list(v) if isinstance(v, tuple) else v) if isinstance(v, (tuple, dict)) else v
-            for name in names if (v := options[name]) not in ((), {})}
+            for name in names if name not in unread and (v := options[name]) not in ((), {})}
 
 
 def cmd_generate(args) -> int:

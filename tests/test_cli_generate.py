@@ -284,6 +284,10 @@ def test_page_shows_the_settings_the_mode_reads(tiny_hf, tmp_path):
     shown = _table((tmp_path / "image" / "index.html").read_text(), "settings")
     assert shown["cfg_text_scale"] == "5.0" and shown["image_top_p"] == "0.9" and shown["seed"] == "4"
     assert not {"temperature", "top_k", "stop_strings", "max_new_tokens"} & set(shown)  # (image mode makes one image)
+    # Greedy: no nucleus, top-k or seed, which change nothing there
+    assert main([*base, "--temperature", "0", "--top-k", "7", "--out", str(tmp_path / "greedy")]) == 0
+    shown = _table((tmp_path / "greedy" / "index.html").read_text(), "settings")
+    assert shown["temperature"] == "0.0" and not {"top_p", "top_k", "seed"} & set(shown), shown
 
 
 def test_image_errors_name_the_flag(tiny_hf, tmp_path, capsys):
