@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -14,7 +13,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from chameleon.checkpoint import Checkpoint, occupied, read_checkpoint, resolve_checkpoint_path, topmost_missing, write_hf, write_meta
+from chameleon.checkpoint import (Checkpoint, occupied, read_checkpoint, removed_on_failure, resolve_checkpoint_path,
+                                  topmost_missing, write_hf, write_meta)
 from chameleon.config import ModelArgs, VQGANConfig
 from chameleon.errors import InputError
 from chameleon.model import KVCache, Transformer
@@ -205,21 +205,11 @@ def save_checkpoint(ckpt: Checkpoint, out: Path, format: str, tokenizer: Chamele
     existed keeps what it held before."""
     if format not in ("hf", "meta"):
         raise InputError(f"unknown checkpoint format {format!r}; expected 'hf' or 'meta'")
-    made = topmost_missing(out)
-    held = set(out.iterdir()) if made is None else set()
-    try:
-        with writing_bar(out, ckpt.nbytes, enabled=progress):
-            if format == "hf":
-                write_hf(ckpt, out, tokenizer, max_shard_bytes)
-            else:
-                write_meta(ckpt, out, shards)
-    except BaseException:
-        if made is not None:
-            shutil.rmtree(made, ignore_errors=True)
-        else:  # only what this write added
-            for child in set(out.iterdir()) - held:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        raise
+    with removed_on_failure(out, topmost_missing(out)), writing_bar(out, ckpt.nbytes, enabled=progress):
+        if format == "hf":
+            write_hf(ckpt, out, tokenizer, max_shard_bytes)
+        else:
+            write_meta(ckpt, out, shards)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, pack_bf16: bool = True) -> Chameleon:

@@ -139,10 +139,7 @@ def hf_patterns(path: Path) -> list[str]:
     beside .bin weights is not what transformers loads."""
     if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
         return HUB_FILES["hf"]
-    index = read_json(path / HUB_BIN_INDEX) if (path / HUB_BIN_INDEX).is_file() else {"weight_map": {}}
-    shards = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(shards, dict) or not all(isinstance(v, str) for v in shards.values()):
-        raise InputError(f"{path / HUB_BIN_INDEX}: expected a JSON object whose 'weight_map' maps tensor names to shard file names")
+    shards = read_weight_map(path / HUB_BIN_INDEX) if (path / HUB_BIN_INDEX).is_file() else {}
     return HUB_FILES["hf"] + [HUB_BIN_WEIGHTS] + sorted({glob.escape(shard) for shard in shards.values()})  # literal names
 
 
@@ -157,6 +154,31 @@ def occupied(path: Path) -> str | None:
 def topmost_missing(path: Path) -> Path | None:
     """The topmost of `path` and its parents that does not exist: what creating it would make."""
     return next((p for p in reversed([path.absolute(), *path.absolute().parents]) if not p.exists()), None)
+
+
+@contextlib.contextmanager
+def removed_on_failure(out: Path, made: Path | None):
+    """On any failure in the body (bad input, a full disk, ^C): remove `made`, the topmost directory
+    made for `out`, or where `out` existed (`made` None), only what the body added to it."""
+    held = set(out.iterdir()) if made is None else set()
+    try:
+        yield
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        else:
+            for child in set(out.iterdir()) - held:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        raise
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """An index file's weight_map (tensor name -> shard file name), checked."""
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(f"{index}: expected a JSON object whose 'weight_map' maps tensor names to shard file names")
+    return weight_map
 
 
 def hub_commit(given: str | Path, resolved: Path) -> str | None:
@@ -278,10 +300,7 @@ def _read_hf(path: Path) -> Checkpoint:
         # transformers would load model.safetensors, this stack the shards: refuse to guess which is current
         raise InputError(f"{path}: both model.safetensors and {index.name}: keep one layout (one file, or the shards and their index)")
     if index.is_file():
-        index_json = read_json(index)
-        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise InputError(f"{index}: expected a JSON object whose 'weight_map' maps tensor names to shard file names")
+        weight_map = read_weight_map(index)
         raw: Tensors = {}
         for shard in sorted(set(weight_map.values())):
             for name, t in _load_safetensors(path / shard).items():

@@ -239,7 +239,7 @@ def page_settings(options: dict) -> dict:
 def cmd_generate(args) -> int:
     import chameleon
     from chameleon.chameleon import interleave
-    from chameleon.checkpoint import hub_commit, resolve_checkpoint_path
+    from chameleon.checkpoint import hub_commit, removed_on_failure, resolve_checkpoint_path
     from chameleon.vqgan import open_image
 
     refuse_empty_paths(("--model", args.model), ("--out", args.out), *(("--image", p) for p in args.image))
@@ -261,25 +261,19 @@ def cmd_generate(args) -> int:
     dtype = parse_dtype(args.dtype)
     out = Path(args.out)
     made = _fresh_output_dir(out)  # before the model loads and generates: nothing computed is lost
-    before = set(out.iterdir())
+    # No empty or half-written --out left behind (a rerun would refuse its output.txt)
     try:
-        path = resolve_checkpoint_path(args.model)
-        with announced("loading", path):
-            model = chameleon.load(path, device=args.device, dtype=dtype)
-        opts = replace(opts, max_new_tokens=token_budget(args.max_new_tokens, args.mode, model.image_seq_len))
-        commit = hub_commit(args.model, path)
-        source = {"model": str(args.model), **({"model_commit": commit} if commit else {})}
-        record = run_generation(model, segments, opts, out, {**source, "seed": args.seed},
-                                fit_context=args.max_new_tokens is None, chat=args.chat, image_files=args.image)
-    except BaseException as err:
-        # No empty or half-written --out left behind (a rerun would refuse its output.txt): remove
-        # what this run added, and the directories it made.
-        if made:
-            shutil.rmtree(made, ignore_errors=True)
-        else:
-            for child in set(out.iterdir()) - before:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        if isinstance(err, OSError) and names_file_in(err, out):
+        with removed_on_failure(out, made):
+            path = resolve_checkpoint_path(args.model)
+            with announced("loading", path):
+                model = chameleon.load(path, device=args.device, dtype=dtype)
+            opts = replace(opts, max_new_tokens=token_budget(args.max_new_tokens, args.mode, model.image_seq_len))
+            commit = hub_commit(args.model, path)
+            source = {"model": str(args.model), **({"model_commit": commit} if commit else {})}
+            record = run_generation(model, segments, opts, out, {**source, "seed": args.seed},
+                                    fit_context=args.max_new_tokens is None, chat=args.chat, image_files=args.image)
+    except OSError as err:
+        if names_file_in(err, out):
             raise InputError(f"--out {out}: cannot write {err.filename} ({err.strerror or err})") from None
         raise
     print(json.dumps(record, indent=2))

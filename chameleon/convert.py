@@ -175,14 +175,13 @@ def from_hf(sd: Tensors, args: ModelArgs, source: str) -> LazyTensors:
     def make_chunk(name: str, chunks: int, dim: int, index: int) -> torch.Tensor:
         """A chunk of a tensor (see `chunk`): q/k rows cut on head boundaries (Meta shards' are)
         permuted alone, the permutation being within each head: not the whole matrix per shard."""
-        w = sd[hf_names[name]]
-        suffix = "" if name in _TOP_NAMES else name.split(".", 2)[2]
-        parts, hd = torch.chunk(w, chunks, dim), args.head_dim
-        if (suffix in ("attention.wq.weight", "attention.wk.weight") and w.shape[:1] == (_heads_of(suffix, args) * hd,)
-                and dim == 0 and parts[0].shape[0] % hd == 0):  # (chunk i starts at i * the first's length)
-            return standalone(halves_to_interleaved(parts[index], parts[index].shape[0] // hd))
-        whole = _relayout(suffix, w, args, halves_to_interleaved) if suffix else w  # (w itself where not permuted)
-        return standalone(torch.chunk(whole, chunks, dim)[index])
+        w, hd = sd[hf_names[name]], args.head_dim
+        suffix = name.split(".", 2)[-1]
+        if suffix in ("attention.wq.weight", "attention.wk.weight") and w.shape[:1] == (_heads_of(suffix, args) * hd,) and dim == 0:
+            parts = torch.chunk(w, chunks, dim)
+            if parts[0].shape[0] % hd == 0:  # (chunk i starts at i * the first's length: on a head boundary)
+                return standalone(halves_to_interleaved(parts[index], parts[index].shape[0] // hd))
+        return standalone(torch.chunk(make(name), chunks, dim)[index])
 
     given = specs(sd)
     return LazyTensors({name: _spec(given[hf].shape, given[hf].dtype) for name, hf in hf_names.items()}, make, make_chunk)
