@@ -96,6 +96,36 @@ def test_minerva_majority_vote_uses_normalized_answers():
     assert majority_sample(["garbage", "more garbage"]) == "garbage"
 
 
+def _gsm8k_votes(tm, samples: list[str], k: int = 8) -> tuple[str, float]:
+    """The gsm8k maj@k filter's answer for one question's k samples, and exact_match's score of it
+    (target 1000), both through the task's own filter and metric."""
+    from lm_eval.api.instance import Instance
+
+    task = task_spec(tm, "gsm8k", k)
+    doc = {"question": "q", "answer": "#### 1000"}
+    inst = Instance("generate_until", doc, ("Q: q\nA:", {}), 0)
+    inst.resps = list(samples)
+    next(f for f in task._filters if f.name == f"maj@{k}").apply([inst])
+    answer = inst.filtered_resps[f"maj@{k}"]
+    return answer, task.process_results(doc, [answer])["exact_match"]
+
+
+def test_gsm8k_majority_vote_counts_answers_as_exact_match_compares_them(tm):
+    """maj@k votes over the final answers: one answer written two ways ("1,000", "1000") is one
+    answer, as exact_match scores it, and samples without "The answer is N." have no answer to vote
+    for (lm-eval's majority_vote counted "[invalid]" as one, which then won here)."""
+    said = lambda n: f"So the total is {n}. The answer is {n}."  # noqa: E731
+    samples = ["I am not sure.", "It is hard."] + [said("1,000")] * 2 + [said("1000"), said(7), said(7), "Hmm."]
+    assert _gsm8k_votes(tm, samples) == ("1,000", 1.0)
+    # ties go to the answer given first; with no answer at all the vote is "[invalid]"
+    assert _gsm8k_votes(tm, [said(7), said(1000)] * 4)[0] == "7"
+    assert _gsm8k_votes(tm, ["Hmm."] * 8) == ("[invalid]", 0.0)
+    task = task_spec(tm, "gsm8k", 32)  # every vote compares answers as the task's exact_match does
+    [metric] = task.config.metric_list
+    for f in task._filters:
+        assert f.filters[-2].keywords == {k: v for k, v in metric.items() if k.startswith(("ignore_", "regexes_"))}
+
+
 def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
