@@ -153,7 +153,8 @@ def test_responses_file(tmp_path):
              {"item_id": "gsm8k/7", "output": "four"}]
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     backend = load_backend("responses", str(path))
-    assert backend.generate_until(reqs) == ["The answer is 3.\nQ: more", "four"]  # stored verbatim
+    # cut at the request's stop ("\n"), as our model's and lm-eval's outputs are
+    assert backend.generate_until(reqs) == ["The answer is 3.", "four"]
     assert backend.fingerprint.startswith("responses:")
     missing = backend.generate_until([gen_request("Q: three", 2)])
     assert missing == [""] and len(backend.failures) == 1  # a failure, not a crash

@@ -10,6 +10,7 @@ as written in our per-sample records) or by `item_id`, as the samples file recor
     {"item_id": "199783", "output": "A cat on a couch."}                        # a COCO caption
     {"request_hash": "...", "loglikelihood": -3.2, "is_greedy": false}
 
+An output is cut before the request's first stop string (`until`), as every backend's is.
 A request without a response is a per-item failure (recorded in `failures`, empty output /
 -inf loglikelihood), never a crash; lines no request of a run asked for are reported once at its
 end (`unused_inputs`).
@@ -23,7 +24,8 @@ from pathlib import Path
 
 from lm_eval.api.registry import register_model
 
-from benchmarks.backends.base import MixedModalLM, instance_hash, item_id, sample_indices
+from benchmarks.backends.base import (MixedModalLM, instance_hash, item_id, parse_gen_kwargs, sample_indices,
+                                     truncate_at_stops)
 from chameleon.errors import InputError, unicode_problem
 
 
@@ -145,7 +147,10 @@ class ResponsesBackend(MixedModalLM):
         out = []
         for req, k in zip(requests, sample_index):
             found = self._lookup("generate_until", req, k, "output")
-            out.append("" if found is None else found["output"])
+            # cut at the request's stop strings, as our model's outputs are (and an API's, given
+            # them as `stop`): an output that runs on into the next "Q:" is scored like ours
+            until = parse_gen_kwargs(req.args[1]).until
+            out.append("" if found is None else truncate_at_stops(found["output"], until))
             if found is not None:
                 self.cache_hook.add_partial("generate_until", req.args, out[-1])
         return out
