@@ -159,8 +159,8 @@ def register(sub) -> None:
         ),
         formatter_class=HelpFormatter,
     )
-    c.add_argument("src", help=f"source {MODEL_HELP}")
-    c.add_argument("dst", help="destination directory")
+    c.add_argument("src", metavar="SRC", help=f"source {MODEL_HELP}")
+    c.add_argument("dst", metavar="DST", help="destination directory")
     c.add_argument("--to", choices=["hf", "meta"], required=True, help="target format")
     c.add_argument("--shards", type=int, default=None, help="Meta output: number of consolidated.NN.pth files (1, or model_parallel_size; default: model_parallel_size)")
     c.add_argument("--max-shard-size", default=None, help="HF output: split safetensors above this size, e.g. 5GB or 500MiB; default: one model.safetensors")
@@ -376,6 +376,7 @@ def cmd_convert(args) -> int:
     from chameleon.convert import cast, check_meta_shards
     from chameleon.tokenizer import ChameleonTokenizer
 
+    refuse_empty_paths(("SRC", args.src), ("DST", args.dst))
     dst = Path(args.dst)
     if why := occupied(dst):
         raise InputError(f"{dst}: destination exists and is {why}; choose a new directory")
@@ -386,7 +387,7 @@ def cmd_convert(args) -> int:
     max_shard = _parse_size(args.max_shard_size)
     if args.shards is not None and args.shards < 1:
         raise InputError(f"--shards {args.shards}: expected a positive integer")
-    dtype = parse_dtype(args.dtype) if args.dtype else None  # before the checkpoint is read
+    dtype = None if args.dtype is None else parse_dtype(args.dtype)  # before the checkpoint is read ('' is no name)
     src = resolve_checkpoint_path(args.src)
     if args.to == "meta":  # from the config alone, before minutes of reading a large checkpoint's weights
         source_args = read_args(src)

@@ -295,6 +295,20 @@ def test_convert_refuses_bad_destinations_and_flags(tiny_hf, tmp_path, capsys, m
     assert not (tmp_path / "new").exists()
 
 
+def test_convert_refuses_empty_arguments(tiny_hf, tmp_path, capsys, monkeypatch):
+    """An empty SRC, DST or --dtype (an unset shell variable) is an error naming it: SRC and DST
+    were the current directory ('.: destination exists and is not empty'), and --dtype '' kept
+    the weights' dtype without a word."""
+    monkeypatch.chdir(tmp_path)
+    for argv, message in ((["", "a", "--to", "hf"], "error: SRC: empty path\n"),
+                          ([str(tiny_hf), "", "--to", "hf"], "error: DST: empty path\n"),
+                          ([str(tiny_hf), "a", "--to", "hf", "--dtype", ""],
+                           "error: --dtype '': expected one of float32, fp32, bfloat16, bf16, float16, fp16\n")):
+        assert main(["convert", *argv]) == 2
+        assert capsys.readouterr().err == message
+    assert not any(tmp_path.iterdir())
+
+
 def test_prompt_longer_than_context(tiny_model):
     n = tiny_model.config.max_seq_len
     too_long = [tiny_model.tokenizer.bos_id] * (n - 3)
