@@ -238,7 +238,7 @@ def page_settings(options: dict) -> dict:
 
 def cmd_generate(args) -> int:
     import chameleon
-    from chameleon.chameleon import interleave
+    from chameleon.chameleon import available_device, interleave
     from chameleon.checkpoint import hub_commit, removed_on_failure, resolve_checkpoint_path
     from chameleon.vqgan import open_image
 
@@ -259,6 +259,10 @@ def cmd_generate(args) -> int:
     opts = generation_options(args)  # the flags are checked before the model loads
     warn_unused_flags(args)
     dtype = parse_dtype(args.dtype)
+    try:  # before --out is made and the model loads
+        available_device(args.device)
+    except InputError as err:
+        raise InputError(re.sub(r"^device ", "--device ", str(err))) from None
     out = Path(args.out)
     made = _fresh_output_dir(out)  # before the model loads and generates: nothing computed is lost
     # No empty or half-written --out left behind (a rerun would refuse its output.txt)
@@ -270,8 +274,11 @@ def cmd_generate(args) -> int:
             opts = replace(opts, max_new_tokens=token_budget(args.max_new_tokens, args.mode, model.image_seq_len))
             commit = hub_commit(args.model, path)
             source = {"model": str(args.model), **({"model_commit": commit} if commit else {})}
-            record = run_generation(model, segments, opts, out, {**source, "seed": args.seed},
-                                    fit_context=args.max_new_tokens is None, chat=args.chat, image_files=args.image)
+            try:
+                record = run_generation(model, segments, opts, out, {**source, "seed": args.seed},
+                                        fit_context=args.max_new_tokens is None, chat=args.chat, image_files=args.image)
+            except InputError as err:  # e.g. the context's room for max_new_tokens
+                raise InputError(flags_for_fields(err)) from None
     except OSError as err:
         if names_file_in(err, out):
             raise InputError(f"--out {out}: cannot write {err.filename} ({err.strerror or err})") from None
@@ -291,7 +298,12 @@ def generation_options(args):
     try:
         return GenerationOptions(**fields, seed=args.seed, mode=args.mode, progress=True)
     except InputError as err:
-        raise InputError(_OPTION_FIELD.sub(lambda m: OPTION_FLAGS[m[1]], str(err))) from None
+        raise InputError(flags_for_fields(err)) from None
+
+
+def flags_for_fields(err: InputError) -> str:
+    """An error's message with the GenerationOptions fields it names as generate's flags."""
+    return _OPTION_FIELD.sub(lambda m: OPTION_FLAGS[m[1]], str(err))
 
 
 def token_budget(max_new_tokens: int | None, mode: str, image_seq_len: int) -> int:

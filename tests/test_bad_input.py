@@ -374,6 +374,21 @@ def test_generate_errors_name_the_flags(tiny_hf, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_generate_errors_name_the_flags_after_loading_too(tiny_hf, tmp_path, capsys):
+    """--device (checked before --out is made, as run does) and a --max-new-tokens that does not
+    fit the context after the prompt: the errors name the flags, not chameleon.load's argument or
+    GenerationOptions' field."""
+    base = ["generate", "--model", str(tiny_hf), "--prompt", "hi", "--out", str(tmp_path / "out")]
+    for flags, message in [
+        (["--device", "bogus"], r"error: --device 'bogus': not a torch device"),
+        (["--max-new-tokens", "2048"], r"error: prompt of 3 tokens plus 2048 new tokens exceeds the model's context of "
+                                       r"2048 tokens: at most 2045 new tokens fit after it \(lower --max-new-tokens\)"),
+    ]:
+        assert main([*base, *flags]) == 2
+        assert re.match(message, capsys.readouterr().err), flags
+    assert not (tmp_path / "out").exists()
+
+
 def test_dtype_names_are_one_set_everywhere(tiny_hf, tmp_path, monkeypatch):
     from chameleon.commands import DTYPES, parse_dtype
 
