@@ -150,6 +150,23 @@ def test_cli_bad_input_exits_2(tmp_path, extra, match):
     assert not (tmp_path / "out").exists() and (tmp_path / "afile").read_text() == ""
 
 
+def test_run_refuses_empty_arguments(tmp_path, capsys, monkeypatch):
+    """An empty SUITE, --model or --out (an unset shell variable) is an error naming it, not the
+    current directory ('.: not a checkpoint directory', '--out .: exists and is not an empty
+    directory', 'suite : a directory')."""
+    from benchmarks.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    suite = str(suite_file(tmp_path, GOOD))
+    for argv, message in (([suite, "--model", str(tmp_path), "--out", ""], "error: --out: empty path\n"),
+                          ([suite, "--model", "", "--out", "o"], "error: --model: empty path\n"),
+                          (["", "--model", str(tmp_path), "--out", "o"],
+                           "error: suite '': empty; expected a shipped suite (paper, smoke) or a YAML file\n")):
+        assert main(["run", *argv]) == 2
+        assert capsys.readouterr().err == message
+    assert [p.name for p in tmp_path.iterdir()] == ["s.yaml"]
+
+
 def test_limit_help_says_it_counts_per_subject():
     """--limit is lm-eval's, per task: `--limit 2` runs 114 MMLU items and 14 of the full MATH, not
     2 per benchmark as its help said."""

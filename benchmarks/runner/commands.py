@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from chameleon.commands import DTYPE_HELP, announced, names_file_in, parse_dtype
+from chameleon.commands import DTYPE_HELP, announced, names_file_in, parse_dtype, refuse_empty_paths
 from chameleon.errors import InputError
 
 
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory or Hugging Face hub repo id ORG/NAME[@REVISION] "
                                                   "(chameleon, hf; a repo id is fetched into the hub cache, or with "
                                                   "HF_HUB_OFFLINE=1 read from it alone), or responses JSONL (responses)")
-    p.add_argument("--out", required=True, type=Path, help="run directory (results.json, samples/, cache/)")
+    p.add_argument("--out", required=True, help="run directory (results.json, samples/, cache/)")
     p.add_argument("--backend", choices=["chameleon", "hf", "responses"], help="default: the suite's backend")
     p.add_argument("--batch-size", type=int, help="default: the suite's batch_size")
     p.add_argument("--limit", type=int, help="the first N items of each benchmark (smaller of this and the suite's "
@@ -73,6 +73,8 @@ def run_command(args) -> int:
     from chameleon.chameleon import available_device
     from chameleon.checkpoint import resolve_checkpoint_path
 
+    refuse_empty_paths(("--model", args.model), ("--out", args.out))  # (Path("") is the current directory)
+    args.out = Path(args.out)
     suite = load_suite(args.suite)
     if args.data_dir is not None and not str(args.data_dir).strip():
         raise InputError("--data-dir: empty path; give the directory with the full benchmark files, or leave the flag out")

@@ -154,12 +154,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def resolve_suite_path(suite: str) -> Path:
     """A shipped suite name ("paper", "smoke") or a YAML path."""
+    shipped = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+    if not suite:  # (Path("") is the current directory)
+        raise InputError(f"suite '': empty; expected a shipped suite ({', '.join(shipped)}) or a YAML file")
     path = Path(suite)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise InputError(f"suite {suite}: " + ("a directory; expected a suite YAML file" if path.is_dir() else "file not found"))
         return path
-    shipped = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
     if suite not in shipped:
         raise InputError(f"suite '{suite}': not a shipped suite ({', '.join(shipped)}) nor a YAML file")
     return SUITES_DIR / f"{suite}.yaml"
