@@ -167,6 +167,15 @@ def test_run_refuses_empty_arguments(tmp_path, capsys, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["s.yaml"]
 
 
+def test_suite_that_is_not_text_is_a_one_line_error(tmp_path):
+    """A binary file given as the suite: PyYAML's reader error spans lines; the error is one."""
+    path = tmp_path / "s.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(InputError) as err:
+        load_suite(str(path))
+    assert re.fullmatch(r".*s\.yaml: not valid YAML \(.*#x0089.*\)", str(err.value)), str(err.value)
+
+
 def test_limit_help_says_it_counts_per_subject():
     """--limit is lm-eval's, per task: `--limit 2` runs 114 MMLU items and 14 of the full MATH, not
     2 per benchmark as its help said."""

@@ -178,7 +178,8 @@ def load_suite(suite: str) -> Suite:
     except yaml.YAMLError as err:
         mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark and problem else ""
-        raise InputError(f"{path}: not valid YAML ({at}{problem or err})") from None
+        detail = " ".join(str(problem or err).split())  # one line: a reader error (not text) spans several
+        raise InputError(f"{path}: not valid YAML ({at}{detail})") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping with keys {', '.join(sorted(SUITE_KEYS))}")
     _check_keys(data, SUITE_KEYS, str(path))
