@@ -580,3 +580,14 @@ def test_lm_eval_model_arguments(tiny_hf, name):
     ]:
         with pytest.raises(InputError, match=re.escape(message)):
             make(model_args, **flags)
+
+
+def test_lm_eval_chat_template_refused_naming_the_flag(tiny_hf):
+    """lm-eval's --apply_chat_template asks the model for a chat template, which these models do
+    not have: refused saying so, not lm-eval's 'please implement the tokenizer_name property'."""
+    import lm_eval
+
+    model = load_backend("chameleon", str(tiny_hf))
+    with pytest.raises(InputError, match=r"^--apply_chat_template: these models have no chat template"):
+        lm_eval.simple_evaluate(model=model, tasks=["chameleon_gsm8k_cot"], limit=1, apply_chat_template=True,
+                                task_manager=lm_eval.tasks.TaskManager(include_path=str(REPO / "benchmarks/text/tasks")))

@@ -293,6 +293,11 @@ class MixedModalLM(LM):
         super().__init__()
         self.failures: dict[str, str] = {}  # request hash -> reason; the runner counts them
 
+    @property
+    def tokenizer_name(self) -> str:
+        # lm-eval reads this only for --apply_chat_template (LM's own says "please implement it")
+        raise InputError("--apply_chat_template: these models have no chat template; run without it")
+
     # Why this backend takes no image input from its model (None: it does), for the runner to refuse
     # a suite with captioning before any benchmark runs rather than when it reaches one.
     image_problem: str | None = None
