@@ -92,7 +92,7 @@ def announced(what: str, path: str | Path, size: int | None = None, enabled: boo
 # generate's flags that a mode does not read: set there, they get a warning (their effect is none)
 UNUSED_IN_MODE = {
     "text": ("--image-temperature", "--image-top-p", "--cfg-text-scale", "--cfg-image-scale"),
-    "image": ("--temperature", "--top-p", "--top-k", "--repetition-penalty", "--stop"),
+    "image": ("--max-new-tokens", "--temperature", "--top-p", "--top-k", "--repetition-penalty", "--stop"),  # (one image)
 }
 
 

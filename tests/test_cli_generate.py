@@ -230,6 +230,7 @@ def test_flags_the_mode_does_not_read_get_a_warning(tmp_path, capsys):
         (["--cfg-text-scale", "5"], "warning: --cfg-text-scale has no effect in --mode text"),
         (["--mode", "text", "--image-top-p", "0.5", "--cfg-image-scale", "1"], "warning: --image-top-p, --cfg-image-scale have no effect in --mode text"),
         (["--mode", "image", "--temperature", "0", "--stop", "x"], "warning: --temperature, --stop have no effect in --mode image"),
+        (["--mode", "image", "--max-new-tokens", "100"], "warning: --max-new-tokens has no effect in --mode image"),  # one image, whatever the budget
         (["--mode", "image", "--temperature", "0.7", "--cfg-text-scale", "5"], None),  # the default's value; a flag image mode reads
         (["--mode", "interleaved", "--temperature", "0", "--cfg-text-scale", "5", "--stop", "x"], None),
     ]:
