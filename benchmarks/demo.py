@@ -30,7 +30,8 @@ def register(sub) -> None:
 
 def cmd_demo(args) -> int:
     import chameleon
-    from chameleon.commands import make_out_dir, refuse_empty_paths, run_generation
+    from chameleon.commands import make_out_dir, run_generation
+    from chameleon.errors import refuse_empty_paths
     from chameleon.generate import GenerationOptions
     from chameleon.tiny import build_tiny_model
     from chameleon.vqgan import open_image

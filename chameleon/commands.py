@@ -17,7 +17,7 @@ from tempfile import TemporaryFile
 import torch
 
 from chameleon.chameleon import IMAGE_MARKER
-from chameleon.errors import InputError, unicode_problem
+from chameleon.errors import InputError, refuse_empty_paths, unicode_problem
 
 # One set of --dtype names for every command (generate, convert, run): torch's and the short ones.
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -329,14 +329,6 @@ def _fresh_output_dir(out: Path) -> Path | None:
     if earlier:
         raise InputError(f"--out {out}: already holds a generation ({', '.join(earlier)}); choose a new directory")
     return make_out_dir(out)
-
-
-def refuse_empty_paths(*given: tuple[str, str]) -> None:
-    """(flag, path) pairs: an empty path (an unset shell variable) is Path("") = ".", the current
-    directory, never what was meant (--out "" wrote there)."""
-    for flag, path in given:
-        if not path:
-            raise InputError(f"{flag}: empty path")
 
 
 def make_out_dir(out: Path) -> Path | None:

@@ -18,3 +18,11 @@ def unicode_problem(text: str) -> str | None:
     except UnicodeEncodeError as err:
         return f"{err.reason}: {text[err.start:err.end]!r} at character {err.start}"
     return None
+
+
+def refuse_empty_paths(*given: tuple[str, str | None]) -> None:
+    """(flag, path) pairs: an empty path (an unset shell variable) is Path("") = ".", the current
+    directory, never what was meant (--out "" wrote there). None: a flag not given."""
+    for flag, path in given:
+        if path is not None and not str(path):
+            raise InputError(f"{flag}: empty path")

@@ -361,6 +361,21 @@ def test_cli_score_captions_output_paths_checked_first(tmp_path, capsys, monkeyp
     assert json.loads(preds.read_text()) == [{"image_id": 1, "caption": "a cat"}] and "annotations" in refs.read_text()
 
 
+def test_cli_score_captions_empty_paths_named(tmp_path, capsys):
+    """An empty path (an unset shell variable) is refused naming its flag; Path("") was the current
+    directory ('--results .: not a readable JSON file', "caption references '': is a directory")."""
+    base = {"--annotations": str(DEMO_REFS), "--results": str(DEMO_RESULTS)}
+    for flag in ["--annotations", "--results", "--out", "--per-item"]:
+        argv = ["score-captions"] + [x for k, v in {**base, flag: ""}.items() for x in (k, v)]
+        assert cli_main(argv) == 2, flag
+        assert capsys.readouterr().err == f"error: {flag}: empty path\n", flag
+
+
+def test_cli_score_captions_bad_annotations_named(tmp_path, capsys):
+    assert cli_main(["score-captions", "--annotations", str(tmp_path), "--results", str(DEMO_RESULTS)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --annotations {str(tmp_path)!r}: is a directory")
+
+
 def test_captioning_images_dir_without_any_image_refused(tmp_path):
     from benchmarks.runner.captioning import run_captioning
     from benchmarks.runner.suite import BenchmarkSpec

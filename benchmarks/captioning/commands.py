@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks.captioning.references import SHIPPED, load_references, reference_path
 from benchmarks.captioning.scoring import METRIC_GROUPS, resolve_metrics, score_captions
-from chameleon.errors import InputError, unicode_problem
+from chameleon.errors import InputError, refuse_empty_paths, unicode_problem
 
 DESCRIPTION = """\
 Score generated captions against references with pycocoevalcap (PTB tokenizer, BLEU-1..4,
@@ -36,10 +36,10 @@ def register(subparsers) -> None:
                         help="references: a COCO annotation JSON (images, annotations), a Karpathy "
                              "test file (COCO or Flickr30k), Karpathy's dataset_*.json (test split), "
                              f"or a shipped set: {', '.join(SHIPPED)}")
-    parser.add_argument("--results", required=True, type=Path, metavar="PREDS",
+    parser.add_argument("--results", required=True, metavar="PREDS",
                         help="COCO results JSON: a list of {\"image_id\": ..., \"caption\": \"...\"}, one per image")
-    parser.add_argument("--out", type=Path, metavar="METRICS", help="also write the metrics JSON here")
-    parser.add_argument("--per-item", type=Path, metavar="JSONL",
+    parser.add_argument("--out", metavar="METRICS", help="also write the metrics JSON here")
+    parser.add_argument("--per-item", metavar="JSONL",
                         help="write each image's scores, one JSON object per line (for paired comparisons)")
     parser.add_argument("--metrics", nargs="+", action="extend", metavar="NAME",  # repeated: all of them
                         help=f"metrics to compute (default all): {' '.join(METRIC_GROUPS)}")
@@ -122,6 +122,9 @@ def check_outputs(args) -> None:
 
 
 def run(args) -> int:
+    refuse_empty_paths(("--annotations", args.annotations), ("--results", args.results),
+                       ("--out", args.out), ("--per-item", args.per_item))  # Path("") is the current directory
+    args.results, args.out, args.per_item = (None if p is None else Path(p) for p in (args.results, args.out, args.per_item))
     progress = None if args.quiet else (lambda msg: print(f"score-captions: {msg}", file=sys.stderr, flush=True))
     if args.metrics:  # before any file is read or Java started
         try:
@@ -129,7 +132,7 @@ def run(args) -> int:
         except InputError as err:
             raise InputError(f"--metrics: {err}") from None
     check_outputs(args)
-    items = load_references(args.annotations)
+    items = load_references(args.annotations, what="--annotations")
     references = {item.image_id: item.references for item in items}
     predictions = match_ids(references, load_results(args.results), args.results)
     missing = [k for k in references if k not in predictions]

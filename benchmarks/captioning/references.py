@@ -51,14 +51,16 @@ def reference_path(source: str | Path) -> Path:
     return SHIPPED.get(str(source), Path(source))
 
 
-def load_references(source: str | Path = "coco_karpathy_test", split: str = "test") -> list[CaptionItem]:
-    """Items of a shipped set (by name) or of a local JSON file, in file order."""
+def load_references(source: str | Path = "coco_karpathy_test", split: str = "test",
+                    what: str = "caption references") -> list[CaptionItem]:
+    """Items of a shipped set (by name) or of a local JSON file, in file order; `what` names the
+    source in errors (a command line's flag)."""
     path = reference_path(source)
     if path.is_dir():
-        raise InputError(f"caption references {str(source)!r}: is a directory; expected a JSON file")
+        raise InputError(f"{what} {str(source)!r}: is a directory; expected a JSON file")
     if not path.is_file():
         raise InputError(
-            f"caption references {str(source)!r}: no such file; expected a local JSON file or one of "
+            f"{what} {str(source)!r}: no such file; expected a local JSON file or one of "
             f"{', '.join(SHIPPED)} (hub datasets are not downloaded: pass a local copy)"
         )
     try:

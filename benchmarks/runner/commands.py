@@ -7,8 +7,8 @@ import re
 import sys
 from pathlib import Path
 
-from chameleon.commands import DTYPE_HELP, announced, names_file_in, parse_dtype, refuse_empty_paths
-from chameleon.errors import InputError
+from chameleon.commands import DTYPE_HELP, announced, names_file_in, parse_dtype
+from chameleon.errors import InputError, refuse_empty_paths
 
 
 def register(subparsers) -> None:
