@@ -1,7 +1,8 @@
 """`chameleon-bench`: the project's one command line.
 
 Each feature registers its own subcommands from the module listed in COMMAND_MODULES: a module
-exposes `register(subparsers)` and sets `func` on its parsers. `InputError` becomes exit 2.
+exposes `register(subparsers)` and sets `func` on its parsers. `InputError` becomes exit 2, ^C
+130, and a reader of stdout or stderr that went away (`| head`) 141, as SIGPIPE would.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
+import signal
 import sys
 
 COMMAND_MODULES = [
@@ -47,6 +50,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def main(argv: list[str] | None = None) -> int:
+    _reopen_closed_std_streams()
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # stop without a traceback (which would go nowhere, or to the pipe)
+        _discard_unwritable_output()
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     # The commands and the model stack (torch) are imported within, not with this module: that takes
     # seconds, and a ^C meanwhile is an interrupt like any other, not a traceback.
     try:
@@ -65,6 +77,33 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         return 2
     return int(result or 0)
+
+
+def _reopen_closed_std_streams() -> None:
+    """stdout or stderr closed at start (`2>&-`) is None in sys, so writing to it (a progress bar,
+    an error) failed, and its descriptor is free: the next file opened (a checkpoint, results.json)
+    would take it, and C libraries' warnings land in it. Both become /dev/null instead."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is None:
+            _to_devnull(fd)
+            setattr(sys, name, open(fd, "w", errors="backslashreplace", closefd=False))
+
+
+def _discard_unwritable_output() -> None:
+    """Output still buffered for a broken pipe goes to /dev/null: Python's flush at exit would
+    otherwise fail again, print 'Exception ignored ... BrokenPipeError' and exit 120."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            _to_devnull(stream.fileno())
+
+
+def _to_devnull(fd: int) -> None:
+    null = os.open(os.devnull, os.O_WRONLY)
+    if null != fd:
+        os.dup2(null, fd)
+        os.close(null)
 
 
 if __name__ == "__main__":

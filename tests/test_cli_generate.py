@@ -326,3 +326,31 @@ def test_interrupt_while_the_cli_starts_is_not_a_traceback():
              "sys.exit(main(['generate', '--help']))\n")
     done = subprocess.run([sys.executable, "-c", start], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (130, "interrupted\n"), done.stderr[-2000:]
+
+
+def _cli(argv, **streams):
+    return subprocess.run([sys.executable, "-m", "benchmarks.cli", *map(str, argv)], cwd=REPO, timeout=300, **streams)
+
+
+def test_closed_output_ends_quietly(tiny_hf, tmp_path):
+    """Whoever reads stdout or stderr going away (`| head`) stops a command as SIGPIPE stops a C
+    program: exit 141, no traceback, no 'Exception ignored' at exit (a traceback and exit 1
+    before). A stdout or stderr closed from the start (`2>&-`) is as if sent to /dev/null:
+    before, an error exited 1 (writing it to None failed) and generate's progress bar failed it."""
+    read, write = os.pipe()
+    os.close(read)  # a reader that is gone: writing raises BrokenPipeError (Python ignores SIGPIPE)
+    argv = ["convert", tiny_hf, tmp_path / "meta", "--to", "meta"]
+    done = _cli(argv, stdout=write, stderr=subprocess.PIPE, text=True)
+    assert (done.returncode, done.stderr) == (141, "")
+    assert sorted(p.name for p in (tmp_path / "meta").iterdir())[:3] == ["consolidate_params.json", "consolidated.00.pth",
+                                                                         "consolidated.01.pth"]  # the work was done
+    generate = ["generate", "--model", tiny_hf, "--prompt", "hi", "--max-new-tokens", "2", "--out"]
+    done = _cli([*generate, tmp_path / "g1"], stdout=subprocess.PIPE, stderr=write, text=True)  # its progress bar
+    assert (done.returncode, done.stdout) == (141, "") and not (tmp_path / "g1").exists()
+    os.close(write)
+
+    closed = {"stdout": subprocess.PIPE, "preexec_fn": lambda: os.close(2), "text": True}
+    assert _cli(["convert", "", tmp_path / "x", "--to", "hf"], **closed).returncode == 2
+    done = _cli([*generate, tmp_path / "g2"], **closed)
+    assert done.returncode == 0 and json.loads(done.stdout)["new_tokens"] == 2
+    assert (tmp_path / "g2" / "output.txt").is_file()
