@@ -723,3 +723,25 @@ def test_deleted_run_manifest_refuses_other_data(tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     proc = run_cli(REPO, "run", suite, "--model", responses, "--out", out, "--data-dir", REPO / "benchmarks" / "data")
     assert proc.returncode == 0 and "0 requests computed, 2 cached" in proc.stderr, proc.stderr  # the shipped data, named
+
+
+def test_deleted_run_manifest_tells_relative_data_dirs_apart(tmp_path):
+    """results.json records --data-dir absolute, as run.json's identity does: a rerun without run.json
+    from another working directory with the same relative --data-dir names other data, and is
+    refused as it is with run.json (it was resolved in the new directory and adopted)."""
+    import shutil
+
+    suite, responses, _ = finished_responses_run(tmp_path)
+    for where in ("a", "b"):
+        shutil.copytree(REPO / "benchmarks" / "data" / "gsm8k", tmp_path / where / "data" / "gsm8k")
+    out = tmp_path / "run2"
+    assert run_cli(tmp_path / "a", "run", suite, "--model", responses, "--out", out, "--data-dir", "data").returncode == 0
+    assert json.loads((out / "results.json").read_text())["overrides"]["data_dir"] == str(tmp_path / "a" / "data")
+    (out / "run.json").unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = run_cli(tmp_path / "b", "run", suite, "--model", responses, "--out", out, "--data-dir", "data")
+    assert proc.returncode == 2, proc.stderr
+    assert f"data_dir {str(tmp_path / 'a' / 'data')!r} there, {str(tmp_path / 'b' / 'data')!r} now" in proc.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    proc = run_cli(tmp_path / "b", "run", suite, "--model", responses, "--out", out, "--data-dir", tmp_path / "a" / "data")
+    assert proc.returncode == 0 and "0 requests computed, 2 cached" in proc.stderr, proc.stderr

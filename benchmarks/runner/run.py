@@ -123,7 +123,8 @@ def _recorded_identity(out: Path, manifest: dict, identity: dict) -> dict:
     # run.json of an earlier version, without "identity", or deleted: what its results.json shows,
     # else nothing (an interrupted run is resumed) and this command's identity is recorded from now
     # on. The data and images as `identity` (this command's) records them: for the same suite
-    # (compared too), the benchmarks that read them are the same.
+    # (compared too), the benchmarks that read them are the same. (A relative path, from a results.json
+    # of an earlier version, is read from the working directory: where it was given is not recorded.)
     from benchmarks.runner.captioning import DEFAULT_IMAGES
     from benchmarks.text.data import SHIPPED_DATA_DIR
 
@@ -415,8 +416,9 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
             "complete": False,
             "model": model,
             "suite": suite.to_dict(),
-            "overrides": {"limit": limit, "images_dirs": {k: str(v) for k, v in (images_dirs or {}).items()},
-                          "data_dir": str(data_dir) if data_dir else None},
+            # paths absolute: a rerun without run.json compares them, maybe from another directory
+            "overrides": {"limit": limit, "images_dirs": {k: _where(v) for k, v in (images_dirs or {}).items()},
+                          "data_dir": _where(data_dir)},
             "seeds": {"suite": suite.seed},
             "packages": package_versions(),
             "run": {"started_at": _now(), "finished_at": None, "command": command, "world_size": dist.world_size},
