@@ -12,6 +12,7 @@ Either may also be named by a Hugging Face hub repo id (`resolve_checkpoint_path
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import inspect
 import json
@@ -470,6 +471,22 @@ class _PthPickler(pickle._Pickler):
         super().save_pers(pid[:3] + (self.locations.setdefault(pid[3], pid[3]),) + pid[4:])
 
 
+try:
+    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim  # glibc's
+except (OSError, AttributeError, TypeError):  # another C library, another system
+    _MALLOC_TRIM = None
+
+
+def _give_back_freed_memory() -> None:
+    """Return the C heap's free pages to the system (glibc; elsewhere nothing). Tensors made and
+    dropped one at a time (q/k rows permuted, shards' slices cut) come from glibc's heap once the
+    first is freed (that raises its mmap threshold to their size, up to 32 MiB), where the freed
+    space fragments: HF -> Meta of 2.2 GB held 0.04 to 0.15 of the weights more from run to run
+    (2 shards: 0.11 to 0.28), none with this after each tensor."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class _FillingWriter:
     """torch.save's zip writer, writing each storage where skip_data would leave its space empty:
     `storage(key)` makes it when its turn comes, and nothing keeps it after."""
@@ -487,6 +504,8 @@ class _FillingWriter:
         self.making = False
         assert storage.nbytes() == nbytes, name
         self._writer.write_record(name, storage, nbytes)
+        del storage
+        _give_back_freed_memory()
 
 
 @contextlib.contextmanager
