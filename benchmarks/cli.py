@@ -11,6 +11,7 @@ import argparse
 import difflib
 import importlib
 import os
+import select
 import signal
 import sys
 
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except BrokenPipeError:  # stop without a traceback (which would go nowhere, or to the pipe)
-        _discard_unwritable_output()
+        if not _discard_unwritable_output():
+            raise  # not our stdout or stderr (a subprocess's pipe, a socket): a real failure
         return 128 + signal.SIGPIPE
 
 
@@ -89,14 +91,26 @@ def _reopen_closed_std_streams() -> None:
             setattr(sys, name, open(fd, "w", errors="backslashreplace", closefd=False))
 
 
-def _discard_unwritable_output() -> None:
-    """Output still buffered for a broken pipe goes to /dev/null: Python's flush at exit would
-    otherwise fail again, print 'Exception ignored ... BrokenPipeError' and exit 120."""
+def _discard_unwritable_output() -> bool:
+    """Whether stdout's or stderr's reader is gone; if so, that stream goes to /dev/null: Python's
+    flush at exit would otherwise fail again, print 'Exception ignored ... BrokenPipeError' and
+    exit 120."""
+    gone = [stream for stream in (sys.stdout, sys.stderr) if _reader_gone(stream.fileno())]
+    for stream in gone:
+        _to_devnull(stream.fileno())
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except OSError:
-            _to_devnull(stream.fileno())
+            pass
+    return bool(gone)
+
+
+def _reader_gone(fd: int) -> bool:
+    """A pipe or socket whose reading end is closed polls as an error or hang-up."""
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
 
 
 def _to_devnull(fd: int) -> None:

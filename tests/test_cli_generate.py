@@ -354,3 +354,14 @@ def test_closed_output_ends_quietly(tiny_hf, tmp_path):
     done = _cli([*generate, tmp_path / "g2"], **closed)
     assert done.returncode == 0 and json.loads(done.stdout)["new_tokens"] == 2
     assert (tmp_path / "g2" / "output.txt").is_file()
+
+
+def test_a_broken_pipe_elsewhere_is_not_hidden():
+    """Only stdout's or stderr's reader going away ends quietly: a BrokenPipeError from another
+    pipe (a subprocess's, a socket) is a failure with its traceback."""
+    start = ("import os, sys; from benchmarks import cli\n"
+             "def fail(args):\n    r, w = os.pipe(); os.close(r); os.write(w, b'x')\n"
+             "cli._main = lambda argv: fail(argv)\n"
+             "sys.exit(cli.main([]))\n")
+    done = subprocess.run([sys.executable, "-c", start], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "BrokenPipeError" in done.stderr, done.stderr[-2000:]
