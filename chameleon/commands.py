@@ -301,6 +301,11 @@ def generation_options(args):
         raise InputError(flags_for_fields(err)) from None
 
 
+def shards_flag(err: InputError) -> InputError:
+    """convert's error naming the API's `shards=N` (`Chameleon.save`) as the CLI's flag, `--shards N`."""
+    return InputError(re.sub(r"\bshards=", "--shards ", str(err)))
+
+
 def flags_for_fields(err: InputError) -> str:
     """An error's message with the GenerationOptions fields it names as generate's flags."""
     return _OPTION_FIELD.sub(lambda m: OPTION_FLAGS[m[1]], str(err))
@@ -395,7 +400,10 @@ def cmd_convert(args) -> int:
     src = resolve_checkpoint_path(args.src)
     if args.to == "meta":  # from the config alone, before minutes of reading a large checkpoint's weights
         source_args = read_args(src)
-        check_meta_shards(source_args, args.shards or source_args.model_parallel_size)
+        try:
+            check_meta_shards(source_args, args.shards or source_args.model_parallel_size)
+        except InputError as err:
+            raise shards_flag(err) from None
     with announced("reading", src):  # (no bar: the files are mapped; the work is in the writing's)
         ckpt = read_checkpoint(src)
     if dtype:  # each tensor cast as it is written: never all of the old and the new at once
@@ -404,6 +412,8 @@ def cmd_convert(args) -> int:
     try:  # (a failed write leaves nothing half-written: save_checkpoint removes it)
         with announced("writing", dst, size=ckpt.nbytes) as shown:
             save_checkpoint(ckpt, dst, args.to, tokenizer, args.shards, max_shard, progress=shown)
+    except InputError as err:  # e.g. q/k-norms that one file cannot keep, found once the weights are read
+        raise shards_flag(err) from None
     except OSError as err:
         raise InputError(f"{dst}: writing the checkpoint failed ({err.strerror or err})") from None
     print(f"converted {args.src} ({ckpt.format}) -> {dst} ({args.to})")

@@ -260,14 +260,15 @@ def from_meta_shards(shards: list[Tensors], args: ModelArgs, source: str) -> Ten
 
 
 def check_meta_shards(args: ModelArgs, num_shards: int) -> None:
-    """Whether a model of this shape can be saved as `num_shards` Meta files (from its config alone)."""
+    """Whether a model of this shape can be saved as `num_shards` Meta files (from its config alone).
+    Errors name the Python API's `shards=N`; the CLI reads them as `--shards N` (`commands.shards_flag`)."""
     mp = args.model_parallel_size
     if num_shards not in (1, mp):
-        raise InputError(f"--shards {num_shards}: a Meta checkpoint has 1 file or model_parallel_size={mp} files")
+        raise InputError(f"shards={num_shards}: a Meta checkpoint has 1 file or model_parallel_size={mp} files")
     if num_shards > 1:  # Meta's model-parallel layout gives each shard an equal slice of these
         for what, size in (("vocab_size", args.vocab_size), ("dim", args.dim), ("the FFN width", args.ffn_hidden_dim)):
             if size % num_shards:
-                raise InputError(f"--shards {num_shards}: {what} ({size}) does not split into {num_shards} equal shards; save with --shards 1, or keep the HF format")
+                raise InputError(f"shards={num_shards}: {what} ({size}) does not split into {num_shards} equal shards; save with shards=1, or keep the HF format")
 
 
 def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> Iterator[Tensors]:
@@ -292,7 +293,7 @@ def to_meta_shards(sd: Tensors, args: ModelArgs, num_shards: int) -> Iterator[Te
                 )
             # A single file of a model-parallel model keeps shard 0's norm: lossless only if all agree.
             if num_shards == 1 and mp > 1 and not torch.equal(groups[:, 0], groups[:1, 0].expand_as(groups[:, 0])):
-                raise InputError(f"weight {name}: shards have different q/k-norms; save with --shards {mp}, or keep the HF format")
+                raise InputError(f"weight {name}: shards have different q/k-norms; save with shards={mp}, or keep the HF format")
             norms[name] = groups[:, 0]
     freqs = rope_inv_freq(args)
 

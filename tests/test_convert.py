@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import ChameleonForConditionalGeneration
@@ -19,6 +20,7 @@ import chameleon
 from benchmarks.cli import main
 from chameleon.config import ModelArgs
 from chameleon.convert import _split_dim, from_meta_shards, halves_to_interleaved, interleaved_to_halves
+from chameleon.errors import InputError
 from conftest import hf_logits
 
 TEXT = "Weng earns $12 an hour for babysitting."
@@ -47,8 +49,15 @@ def test_hf_meta_hf_round_trip_is_bit_exact(tiny_hf, tmp_path):
 
 def test_single_file_meta_refuses_distinct_shard_norms(tiny_hf, tmp_path, capsys):
     assert main(["convert", str(tiny_hf), str(tmp_path / "one"), "--to", "meta", "--shards", "1"]) == 2
-    assert "different q/k-norms" in capsys.readouterr().err
+    assert "different q/k-norms; save with --shards 2" in capsys.readouterr().err
     assert not (tmp_path / "one").exists()  # nothing half-written is left
+    # The Python API's error names its own argument, not the CLI's flag.
+    model = chameleon.load(tiny_hf)
+    for shards, message in [(1, "different q/k-norms; save with shards=2,"), (3, "shards=3: a Meta checkpoint has 1 file")]:
+        with pytest.raises(InputError) as err:
+            model.save(tmp_path / "api", format="meta", shards=shards)
+        assert message in str(err.value) and "--shards" not in str(err.value)
+    assert not (tmp_path / "api").exists()
 
 
 def test_meta_shards_merge_and_split(tiny_hf, tmp_path):
@@ -173,7 +182,7 @@ def test_unequal_model_parallel_slices_are_refused_when_written(tmp_path, capsys
     hf = build_tiny_model(tmp_path / "hf", "hf", args=replace(preset("tiny"), vocab_size=4097, model_parallel_size=2))
     assert chameleon.load(hf).config.vocab_size == 4097
     assert main(["convert", str(hf), str(tmp_path / "meta"), "--to", "meta"]) == 2
-    assert "vocab_size (4097) does not split into 2 equal shards" in capsys.readouterr().err
+    assert "vocab_size (4097) does not split into 2 equal shards; save with --shards 1," in capsys.readouterr().err
 
 
 def test_weight_files_get_the_umask_mode_of_other_files(tiny_hf, tmp_path):
