@@ -745,3 +745,26 @@ def test_deleted_run_manifest_tells_relative_data_dirs_apart(tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     proc = run_cli(tmp_path / "b", "run", suite, "--model", responses, "--out", out, "--data-dir", tmp_path / "a" / "data")
     assert proc.returncode == 0 and "0 requests computed, 2 cached" in proc.stderr, proc.stderr
+
+
+def test_deleted_run_manifest_tells_relative_caption_files_apart(tmp_path):
+    """results.json records the run's identity, caption files included: a rerun without run.json from
+    another working directory, where the suite's relative `references: refs.json` is another file,
+    is refused as it is with run.json (it was adopted and the first run's results overwritten)."""
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: t\nbackend: responses\nbenchmarks:\n  - {name: c, benchmark: coco, references: refs.json}\n")
+    responses = tmp_path / "r.jsonl"
+    responses.write_text('{"item_id": "199510", "output": "A dog on a bench."}\n')
+    for where, caption in (("a", "a dog sitting on a bench"), ("b", "a cat asleep on a sofa")):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "refs.json").write_text(json.dumps([{"image": "val2014/COCO_val2014_000000199510.jpg", "caption": [caption]}]))
+    out = tmp_path / "run"
+    assert run_cli(tmp_path / "a", "run", suite, "--model", responses, "--out", out).returncode == 0
+    (out / "run.json").unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = run_cli(tmp_path / "b", "run", suite, "--model", responses, "--out", out)
+    assert proc.returncode == 2, proc.stderr
+    assert f"caption_files {{'c': [{str(tmp_path / 'a' / 'refs.json')!r}, None, None]}} there" in proc.stderr, proc.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    proc = run_cli(tmp_path / "a", "run", suite, "--model", responses, "--out", out)  # its own directory resumes
+    assert proc.returncode == 0 and "0 requests computed, 1 cached" in proc.stderr, proc.stderr

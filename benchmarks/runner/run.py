@@ -120,16 +120,19 @@ def run_identity(suite: Suite, model: dict, *, limit=None, images_dirs=None, dat
 def _recorded_identity(out: Path, manifest: dict, identity: dict) -> dict:
     if "identity" in manifest:
         return manifest["identity"]
-    # run.json of an earlier version, without "identity", or deleted: what its results.json shows,
-    # else nothing (an interrupted run is resumed) and this command's identity is recorded from now
-    # on. The data and images as `identity` (this command's) records them: for the same suite
-    # (compared too), the benchmarks that read them are the same. (A relative path, from a results.json
-    # of an earlier version, is read from the working directory: where it was given is not recorded.)
+    # run.json of an earlier version, without "identity", or deleted: the identity its results.json
+    # records, else what that shows, else nothing (an interrupted run is resumed) and this command's
+    # identity is recorded from now on. From a results.json of an earlier version, without
+    # "identity": the data and images as `identity` (this command's) records them: for the same suite
+    # (compared too), the benchmarks that read them are the same (a relative path is read from the
+    # working directory: where it was given is not recorded), and the caption files not at all.
     from benchmarks.runner.captioning import DEFAULT_IMAGES
     from benchmarks.text.data import SHIPPED_DATA_DIR
 
     try:
         res = json.loads((out / "results.json").read_text())
+        if isinstance(res.get("identity"), dict):
+            return res["identity"]
         given = res["overrides"]
         recorded = {"suite_sha256": res["suite"]["sha256"], "limit": given["limit"], "dtype": res["model"].get("dtype")}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -419,6 +422,7 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
             # paths absolute: a rerun without run.json compares them, maybe from another directory
             "overrides": {"limit": limit, "images_dirs": {k: _where(v) for k, v in (images_dirs or {}).items()},
                           "data_dir": _where(data_dir)},
+            "identity": identity,  # run.json's: a rerun without run.json compares it
             "seeds": {"suite": suite.seed},
             "packages": package_versions(),
             "run": {"started_at": _now(), "finished_at": None, "command": command, "world_size": dist.world_size},
