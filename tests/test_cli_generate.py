@@ -182,6 +182,8 @@ def test_help_says_what_defaults_cover(capsys):
             main([command, "--help"])
         helps[command] = " ".join(capsys.readouterr().out.split())
     assert "default: the shipped photos, COCO only (flickr30k needs one)" in helps["run"]
+    # the responses backend has no batch size: run_suite chunks it by 32
+    assert "--chunk-size CHUNK_SIZE requests per saved chunk (resume granularity); default 4 x batch size (responses: 32)" in helps["run"]
     assert "cast the decoder-only transformer's weights to" in helps["convert"] and "(the VQGAN's always keep theirs)" in helps["convert"]
     assert "cuda:1 (cuda where available)" in helps["generate"]
 

@@ -36,7 +36,7 @@ def register(subparsers) -> None:
                    help="images of a captioning dataset, e.g. coco=/data/coco/val2014 (repeatable); "
                         "default: the shipped photos, COCO only (flickr30k needs one)")
     p.add_argument("--data-dir", help="directory with full text benchmark files (layout of benchmarks/data)")
-    p.add_argument("--chunk-size", type=int, help="requests per saved chunk (resume granularity); default 4 x batch size")
+    p.add_argument("--chunk-size", type=int, help="requests per saved chunk (resume granularity); default 4 x batch size (responses: 32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (under torchrun, cuda is "
                                                   "each process's own GPU); default: cpu")
     p.add_argument("--dtype", default="float32", help=f"{DTYPE_HELP}; default: float32")

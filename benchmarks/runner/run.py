@@ -413,6 +413,7 @@ def run_suite(suite: Suite, backend: MixedModalLM, out: str | Path, *, limit: in
         kept, kept_files = _earlier_results(out, model, identity, suite) if dist.is_main else ({}, {})
         claim_run_dir(out, model, dist, identity, suite.to_dict())
         store = RecordStore(out / "cache", shard=f"rank{dist.rank}")
+        # (responses has no batch size: 32, as run --help says)
         lm = ResumableLM(backend, store, dist, chunk_size=chunk_size or 4 * getattr(backend, "batch_size", 8))
         results = {
             "schema_version": SCHEMA_VERSION,
