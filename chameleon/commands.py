@@ -41,11 +41,11 @@ _OPTION_FIELD = re.compile(r"\b(" + "|".join(OPTION_FLAGS) + r")\b")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends an option's default unless it has none (None, or [] for a repeatable one) or its
-    help already says it."""
+    """Appends an option's default unless it has none (None, or [] for a repeatable one), it is an
+    on/off flag taking no value (store_true: off unless given), or its help already says it."""
 
     def _get_help_string(self, action):
-        if action.default in (None, []) or "default:" in (action.help or ""):
+        if action.default in (None, []) or action.nargs == 0 or "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

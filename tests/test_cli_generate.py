@@ -163,6 +163,7 @@ def test_help_states_each_default_once(capsys):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "(default: None)" not in text and "(default: [])" not in text, command
+        assert "(default: False)" not in text, command  # an on/off flag (generate --chat) is off unless given
         assert "float32 (fp32) | bfloat16 (bf16) | float16 (fp16)" in text, command
     assert "--device DEVICE torch device, e.g. cpu, cuda, cuda:1 (under torchrun, cuda is each process's own GPU); default: cpu" in text
     with pytest.raises(SystemExit):
