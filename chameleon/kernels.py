@@ -506,7 +506,7 @@ class FusedDecoder:
         return self.logits.view(1, -1)
 
     def greedy_step(self, cache: KVCache, state) -> None:
-        """The compiled greedy step's work (generate._compiled_greedy_step) on these kernels."""
+        """The compiled greedy step's work (compiled_decode._compiled_greedy_step) on these kernels."""
         cache.valid.index_fill_(1, state.slot, True)
         state.advance(self.step_logits(state.tokens, state.positions, state.slot, cache))
 

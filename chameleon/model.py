@@ -495,8 +495,8 @@ class Transformer(nn.Module):
         if self.packed:
             self.packed.clear()
         # The fused Triton decoders (chameleon/kernels.py) hold the weights they were made for, and
-        # the greedy graphs captured around them (generate._GreedyGraphs) hold the decoders; graphs
-        # keyed to the old weights would be captured anew anyway.
+        # the greedy graphs captured around them (compiled_decode._GreedyGraphs) hold the decoders;
+        # graphs keyed to the old weights would be captured anew anyway.
         self.__dict__.pop("_fused_decoders", None)
         self._greedy_graphs = None
         return super()._apply(fn, recurse)

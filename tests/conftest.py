@@ -131,7 +131,7 @@ def emulate_cuda_graphs(monkeypatch, transformer, events: list) -> None:
     """Let `_GreedyGraphs` run on CPU, with torch's CUDA graph API emulated: a capture records the
     steps without running them (the tensors they write are restored after it), a replay runs
     them. `events` gets "capture", "captured N" and "clear" (cuBLAS workspaces emptied)."""
-    generate_module = importlib.import_module("chameleon.generate")
+    compiled_decode = importlib.import_module("chameleon.compiled_decode")
 
     @contextlib.contextmanager
     def capture(graph, pool=None, stream=None, capture_error_mode="global"):
@@ -150,7 +150,7 @@ def emulate_cuda_graphs(monkeypatch, transformer, events: list) -> None:
             graph.steps = lambda: [step(*c) for c in calls]
             events.append(f"captured {len(calls)}")
 
-    monkeypatch.setattr(generate_module, "_captures_graphs", lambda cache: True)
+    monkeypatch.setattr(compiled_decode, "_captures_graphs", lambda cache: True)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Stream", _FakeStream)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())

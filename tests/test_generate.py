@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import cut_at_stop_strings, emulate_cuda_graphs
+from chameleon import compiled_decode
 from chameleon.config import preset
 from chameleon.errors import InputError
 from chameleon.generate import GenerationOptions, cfg_mix, generate
@@ -458,7 +459,7 @@ def test_greedy_graphs_bookkeeping_with_emulated_cuda_graphs(tiny_model, graph_s
     assert of_shape(1) is not graphs and len(tiny_model.transformer._greedy_graphs) == 2
     events[:] = []
     assert generate(tiny_model, prompts, graphed) == eager and of_shape(len(prompts)) is graphs and events == []  # kept
-    monkeypatch.setattr(generate_module._GreedyGraphs, "KEPT_SHAPES", 2)
+    monkeypatch.setattr(compiled_decode._GreedyGraphs, "KEPT_SHAPES", 2)
     assert generate(tiny_model, prompts[:2], graphed) == [generate(tiny_model, prompts[:2], GenerationOptions(**opts))[0],
                                                           generate(tiny_model, prompts[1:2], GenerationOptions(**opts))[0]]
     assert [rows for rows, *_ in tiny_model.transformer._greedy_graphs] == [len(prompts), 2]  # 1 row, used least recently, dropped
@@ -535,22 +536,22 @@ def test_cache_buffers_freed_before_new_ones_are_allocated(monkeypatch):
     once would double the peak."""
     model = random_model(preset("tiny"), TINY_VQ, seed=6)
     transformer, alive = model.transformer, []
-    init = generate_module._CacheStore.__init__
+    init = compiled_decode._CacheStore.__init__
 
     def tracked_init(self, *args, **kwargs):
         alive.append([ref() is not None for ref in refs])
         init(self, *args, **kwargs)
 
-    monkeypatch.setattr(generate_module._CacheStore, "__init__", tracked_init)
+    monkeypatch.setattr(compiled_decode._CacheStore, "__init__", tracked_init)
     refs = []
-    generate_module._reusable_cache(transformer, 1, 256)
+    compiled_decode._reusable_cache(transformer, 1, 256)
     refs = [weakref.ref(t) for t in transformer._cache_store.k]
-    generate_module._reusable_cache(transformer, 2, 256)  # grows
+    compiled_decode._reusable_cache(transformer, 2, 256)  # grows
     with torch.inference_mode():
         refs = [weakref.ref(t) for t in transformer._cache_store.k]
-        generate_module._reusable_cache(transformer, 3, 256)  # grows, inference tensors
+        compiled_decode._reusable_cache(transformer, 3, 256)  # grows, inference tensors
     refs = [weakref.ref(t) for t in transformer._cache_store.k]
-    generate_module._reusable_cache(transformer, 3, 256)  # outside: not writable, allocated afresh
+    compiled_decode._reusable_cache(transformer, 3, 256)  # outside: not writable, allocated afresh
     assert alive == [[], [False, False], [False, False], [False, False]]
 
 
@@ -569,9 +570,9 @@ def test_new_shapes_allowed_under_torchs_older_limit_names(monkeypatch):
             return contextlib.nullcontext()
 
     monkeypatch.setattr(torch._dynamo, "config", OldConfig)
-    with generate_module._new_shapes_allowed():
+    with compiled_decode._new_shapes_allowed():
         pass
-    assert patched == {"cache_size_limit": generate_module.RECOMPILE_LIMIT, "accumulated_cache_size_limit": 5000}
+    assert patched == {"cache_size_limit": compiled_decode.RECOMPILE_LIMIT, "accumulated_cache_size_limit": 5000}
 
 
 @pytest.mark.parametrize("sampled", [False, True])
