@@ -383,7 +383,7 @@ def test_meta_shards_are_merged_one_tensor_at_a_time_when_converted(tiny_hf, tmp
 def test_safetensors_are_written_as_safetensors_writes_them(tmp_path):
     """The streaming writer's files are byte for byte save_file's (tensor order by dtype then name,
     header, padding), for every dtype a checkpoint may hold, with and without metadata."""
-    from chameleon.checkpoint import write_safetensors
+    from chameleon.tensor_files import write_safetensors
     from chameleon.convert import cast
 
     g = torch.Generator().manual_seed(0)
@@ -410,10 +410,10 @@ def test_pth_files_are_written_as_torch_save_writes_them(tmp_path, monkeypatch):
     torch.load ways read them back. Without the torch APIs it streams with, torch.save itself."""
     import weakref
 
-    from chameleon import checkpoint
-    from chameleon.checkpoint import write_pth
+    from chameleon import tensor_files
     from chameleon.convert import LazyTensors, standalone
     from chameleon.model import rope_inv_freq
+    from chameleon.tensor_files import write_pth
 
     g = torch.Generator().manual_seed(0)
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int16,
@@ -434,7 +434,7 @@ def test_pth_files_are_written_as_torch_save_writes_them(tmp_path, monkeypatch):
         assert got["view"].untyped_storage().data_ptr() == got["same storage"].untyped_storage().data_ptr()
 
     for streaming in (True, False):
-        monkeypatch.setattr(checkpoint, "_PTH_STREAMING", streaming and checkpoint._PTH_STREAMING)
+        monkeypatch.setattr(tensor_files, "_PTH_STREAMING", streaming and tensor_files._PTH_STREAMING)
         (tmp_path / "theirs").mkdir(exist_ok=True)
         (tmp_path / "ours").mkdir(exist_ok=True)
         torch.save(tensors, tmp_path / "theirs" / "consolidated.pth")
