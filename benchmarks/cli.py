@@ -53,7 +53,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 def main(argv: list[str] | None = None) -> int:
     _reopen_closed_std_streams()
     try:
-        return _main(argv)
+        # stdout to a pipe is buffered: flushed here, not by Python at exit, where a reader that is
+        # gone gives 'Exception ignored ... BrokenPipeError' and exit 120
+        try:
+            status = _main(argv)
+        except SystemExit:  # argparse's --help and usage errors
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()
+        return status
     except BrokenPipeError:  # stop without a traceback (which would go nowhere, or to the pipe)
         if not _discard_unwritable_output():
             raise  # not our stdout or stderr (a subprocess's pipe, a socket): a real failure

@@ -332,7 +332,10 @@ def test_interrupt_while_the_cli_starts_is_not_a_traceback():
 
 
 def _cli(argv, **streams):
-    return subprocess.run([sys.executable, "-m", "benchmarks.cli", *map(str, argv)], cwd=REPO, timeout=300, **streams)
+    # stdout buffered, as in a user's shell (not PYTHONUNBUFFERED, which a test runner may set)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.run([sys.executable, "-m", "benchmarks.cli", *map(str, argv)], cwd=REPO, timeout=300, env=env,
+                          **streams)
 
 
 def test_closed_output_ends_quietly(tiny_hf, tmp_path):
@@ -347,6 +350,8 @@ def test_closed_output_ends_quietly(tiny_hf, tmp_path):
     assert (done.returncode, done.stderr) == (141, "")
     assert sorted(p.name for p in (tmp_path / "meta").iterdir())[:3] == ["consolidate_params.json", "consolidated.00.pth",
                                                                          "consolidated.01.pth"]  # the work was done
+    done = _cli(["generate", "--help"], stdout=write, stderr=subprocess.PIPE, text=True)  # argparse's exit
+    assert (done.returncode, done.stderr) == (141, "")
     generate = ["generate", "--model", tiny_hf, "--prompt", "hi", "--max-new-tokens", "2", "--out"]
     done = _cli([*generate, tmp_path / "g1"], stdout=subprocess.PIPE, stderr=write, text=True)  # its progress bar
     assert (done.returncode, done.stdout) == (141, "") and not (tmp_path / "g1").exists()
