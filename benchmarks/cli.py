@@ -103,7 +103,7 @@ def _discard_unwritable_output() -> bool:
     """Whether stdout's or stderr's reader is gone; if so, that stream goes to /dev/null: Python's
     flush at exit would otherwise fail again, print 'Exception ignored ... BrokenPipeError' and
     exit 120."""
-    gone = [stream for stream in (sys.stdout, sys.stderr) if _reader_gone(stream.fileno())]
+    gone = [stream for stream in (sys.stdout, sys.stderr) if _reader_gone(stream)]
     for stream in gone:
         _to_devnull(stream.fileno())
     for stream in (sys.stdout, sys.stderr):
@@ -114,8 +114,13 @@ def _discard_unwritable_output() -> bool:
     return bool(gone)
 
 
-def _reader_gone(fd: int) -> bool:
-    """A pipe or socket whose reading end is closed polls as an error or hang-up."""
+def _reader_gone(stream) -> bool:
+    """A pipe or socket whose reading end is closed polls as an error or hang-up. A stream without
+    a descriptor (main called in a process that captures its output) has no reader to lose."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        return False
     poll = select.poll()
     poll.register(fd, select.POLLOUT)
     return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))

@@ -373,3 +373,21 @@ def test_a_broken_pipe_elsewhere_is_not_hidden():
              "sys.exit(cli.main([]))\n")
     done = subprocess.run([sys.executable, "-c", start], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "BrokenPipeError" in done.stderr, done.stderr[-2000:]
+
+
+def test_a_broken_pipe_with_captured_output_is_not_replaced(monkeypatch, capsys):
+    """main called where stdout and stderr have no descriptor (captured, as here): a BrokenPipeError
+    from another pipe stays itself, not io.UnsupportedOperation from asking for their descriptors."""
+    from benchmarks import cli
+
+    def fail(argv):
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            os.write(write, b"x")
+        finally:
+            os.close(write)
+
+    monkeypatch.setattr(cli, "_main", fail)
+    with pytest.raises(BrokenPipeError):
+        cli.main([])
