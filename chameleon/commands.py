@@ -61,6 +61,16 @@ def parse_dtype(name: str, flag: str = "--dtype") -> torch.dtype:
     return DTYPES[name]
 
 
+def check_device(device: str) -> None:
+    """--device available here, checked before any weights are read; the error names the flag."""
+    from chameleon.chameleon import available_device
+
+    try:
+        available_device(device)
+    except InputError as err:
+        raise InputError(re.sub(r"^device ", "--device ", str(err))) from None
+
+
 ANNOUNCED_FROM = 1 << 30  # bytes of weights: smaller checkpoints load and save in a moment, unannounced
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".ckpt")
 
@@ -238,7 +248,7 @@ def page_settings(options: dict) -> dict:
 
 def cmd_generate(args) -> int:
     import chameleon
-    from chameleon.chameleon import available_device, interleave
+    from chameleon.chameleon import interleave
     from chameleon.checkpoint import hub_commit, removed_on_failure, resolve_checkpoint_path
     from chameleon.vqgan import open_image
 
@@ -259,10 +269,7 @@ def cmd_generate(args) -> int:
     opts = generation_options(args)  # the flags are checked before the model loads
     warn_unused_flags(args)
     dtype = parse_dtype(args.dtype)
-    try:  # before --out is made and the model loads
-        available_device(args.device)
-    except InputError as err:
-        raise InputError(re.sub(r"^device ", "--device ", str(err))) from None
+    check_device(args.device)  # before --out is made and the model loads
     out = Path(args.out)
     made = _fresh_output_dir(out)  # before the model loads and generates: nothing computed is lost
     # No empty or half-written --out left behind (a rerun would refuse its output.txt)

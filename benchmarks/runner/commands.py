@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from chameleon.commands import DTYPE_HELP, announced, names_file_in, parse_dtype
+from chameleon.commands import DTYPE_HELP, announced, check_device, names_file_in, parse_dtype
 from chameleon.errors import InputError, refuse_empty_paths
 
 
@@ -70,7 +70,6 @@ def run_command(args) -> int:
     from benchmarks.runner.results import format_results_table
     from benchmarks.runner.run import check_generation_room, check_image_input, check_inputs, check_out_dir, run_suite
     from benchmarks.runner.suite import load_suite
-    from chameleon.chameleon import available_device
     from chameleon.checkpoint import resolve_checkpoint_path
 
     refuse_empty_paths(("--model", args.model), ("--out", args.out))  # (Path("") is the current directory)
@@ -104,10 +103,7 @@ def run_command(args) -> int:
     kwargs = {} if kind == "responses" else {"batch_size": args.batch_size or suite.batch_size,
                                              "device": dist.device(args.device), "dtype": dtype}
     if kind != "responses":  # before the model loads, for every backend
-        try:
-            available_device(kwargs["device"])
-        except InputError as err:
-            raise InputError(re.sub(r"^device ", "--device ", str(err))) from None
+        check_device(kwargs["device"])
     path = Path(args.model) if kind == "responses" else resolve_checkpoint_path(args.model)  # a hub repo id: its snapshot
     if kind != "responses" and not path.is_dir():
         raise InputError(f"--model {args.model}: expected a checkpoint directory or hub repo id for backend {kind}")
