@@ -37,7 +37,8 @@ OPTION_FLAGS = {
     "image_top_p": "--image-top-p", "cfg_text_scale": "--cfg-text-scale", "cfg_image_scale": "--cfg-image-scale",
     "stop_strings": "--stop",
 }
-_OPTION_FIELD = re.compile(r"\b(" + "|".join(OPTION_FLAGS) + r")\b")
+# a field named as a word: not part of a path, a file name or a quoted value ('temperature-sweep/')
+_OPTION_FIELD = re.compile(r"(?<![\w/.'\"-])(" + "|".join(OPTION_FLAGS) + r")(?![\w/.'\"-])")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

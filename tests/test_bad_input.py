@@ -526,3 +526,14 @@ def test_generate_refuses_empty_paths(tiny_hf, tmp_path, capsys, monkeypatch):
         assert main(["generate", *base, *argv]) == 2
         assert f"error: {flag}: empty path" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_field_names_become_flags_only_as_words():
+    """generate's errors name GenerationOptions' fields as its flags, but a field name inside a
+    path or a quoted value (a directory 'temperature-sweep') is left as it is."""
+    from chameleon.commands import flags_for_fields
+
+    err = InputError("at most 7 new tokens fit after it (lower max_new_tokens); top_p 1.5: expected a number in (0, 1]")
+    assert flags_for_fields(err) == "at most 7 new tokens fit after it (lower --max-new-tokens); --top-p 1.5: expected a number in (0, 1]"
+    for kept in ["runs/temperature-sweep/cat.png: not an image", "'top_k': unknown", "/data/top_p/x.json: missing"]:
+        assert flags_for_fields(InputError(kept)) == kept
