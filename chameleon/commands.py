@@ -37,8 +37,10 @@ OPTION_FLAGS = {
     "image_top_p": "--image-top-p", "cfg_text_scale": "--cfg-text-scale", "cfg_image_scale": "--cfg-image-scale",
     "stop_strings": "--stop",
 }
-# a field named as a word: not part of a path, a file name or a quoted value ('temperature-sweep/')
-_OPTION_FIELD = re.compile(r"(?<![\w/.'\"-])(" + "|".join(OPTION_FLAGS) + r")(?![\w/.'\"-])")
+# a name standing as a word in an error: not part of a path, a file name or a quoted value ('temperature-sweep/')
+_NOT_IN_A_WORD = r"\w/.'\"-"
+_OPTION_FIELD = re.compile(rf"(?<![{_NOT_IN_A_WORD}])(" + "|".join(OPTION_FLAGS) + rf")(?![{_NOT_IN_A_WORD}])")
+_SHARDS_ARG = re.compile(rf"(?<![{_NOT_IN_A_WORD}])shards=(\d+)(?![{_NOT_IN_A_WORD}])")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -311,7 +313,7 @@ def generation_options(args):
 
 def shards_flag(err: InputError) -> InputError:
     """convert's error naming the API's `shards=N` (`Chameleon.save`) as the CLI's flag, `--shards N`."""
-    return InputError(re.sub(r"\bshards=", "--shards ", str(err)))
+    return InputError(_SHARDS_ARG.sub(r"--shards \1", str(err)))  # (not in a path: a sweep directory 'shards=2/')
 
 
 def flags_for_fields(err: InputError) -> str:

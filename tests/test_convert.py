@@ -60,6 +60,16 @@ def test_single_file_meta_refuses_distinct_shard_norms(tiny_hf, tmp_path, capsys
     assert not (tmp_path / "api").exists()
 
 
+def test_shards_in_a_path_is_not_taken_for_the_api_argument(tiny_hf, tmp_path, capsys):
+    """convert names the API's shards=N as --shards N in its errors, but a path holding 'shards='
+    (a sweep directory, as hydra names them) is left as it is."""
+    src = tmp_path / "shards=2" / "hf"
+    shutil.copytree(tiny_hf, src)
+    (src / "vqgan_decoder.safetensors").unlink()  # an HF checkpoint without the decoder: Meta's format needs it
+    assert main(["convert", str(src), str(tmp_path / "meta"), "--to", "meta"]) == 2
+    assert f"error: {src}: no VQGAN decoder weights" in capsys.readouterr().err
+
+
 def test_meta_shards_merge_and_split(tiny_hf, tmp_path):
     """30B-style: two model-parallel shards, each with its own q/k-norm."""
     assert main(["convert", str(tiny_hf), str(tmp_path / "meta2"), "--to", "meta"]) == 0  # default: 2 shards
