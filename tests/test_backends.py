@@ -225,6 +225,15 @@ def test_responses_file_encoding_and_line_breaks(tmp_path):
     assert load_backend("responses", str(path)).generate_until([req]) == ["a\u2028b"]
 
 
+def test_responses_output_ends_before_the_earliest_stop_string(tmp_path):
+    """An output ends before whichever of the request's stop strings occurs first in it, not the
+    first one listed, and the stop string is dropped (README, lm-eval's semantics)."""
+    path = tmp_path / "responses.jsonl"
+    req = gen_request("Q: one", until=["Q:", "\n\n"])
+    path.write_text(json.dumps({"request_hash": request_hash("generate_until", req.args), "output": "42\n\nQ: two"}) + "\n")
+    assert load_backend("responses", str(path)).generate_until([req]) == ["42"]
+
+
 def test_hf_dtype_is_described_for_the_run_identity(hf, tiny_hf):
     """The fingerprint identifies the checkpoint files; the dtype, which changes outputs too, is in
     the description, which the run directory's identity records (a bf16 rerun of an fp32 run is refused)."""

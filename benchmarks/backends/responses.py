@@ -10,7 +10,7 @@ as written in our per-sample records) or by `item_id`, as the samples file recor
     {"item_id": "199783", "output": "A cat on a couch."}                        # a COCO caption
     {"request_hash": "...", "loglikelihood": -3.2, "is_greedy": false}
 
-An output is cut where any of the request's stop strings (`until`) first occurs, as every backend's is.
+An output ends before the earliest occurrence of any of the request's stop strings (`until`), as every backend's does.
 A request without a response is a per-item failure (recorded in `failures`, empty output /
 -inf loglikelihood), never a crash; lines no request of a run asked for are reported once at its
 end (`unused_inputs`).
