@@ -17,6 +17,7 @@ from chameleon.checkpoint import (Checkpoint, occupied, read_checkpoint, removed
                                   topmost_missing, write_hf, write_meta)
 from chameleon.config import ModelArgs, VQGANConfig
 from chameleon.errors import InputError
+from chameleon.generate import is_integer
 from chameleon.model import KVCache, Transformer
 from chameleon.progress import writing_bar
 from chameleon.tokenizer import ChameleonTokenizer
@@ -76,6 +77,7 @@ class Chameleon(nn.Module):
         row's valid slots before them. `valid` (B, T) marks slots that later tokens must not see
         (left padding), `positions` (B, T) gives RoPE positions when they differ from the slots.
         """
+        self._check_inputs(tokens, cache, start_pos, valid, positions)
         if tokens.shape[1] + start_pos > self.config.max_seq_len:
             raise InputError(f"sequence of {tokens.shape[1] + start_pos} tokens is longer than the model's context ({self.config.max_seq_len})")
         kv_len = None
@@ -85,6 +87,40 @@ class Chameleon(nn.Module):
                 raise InputError(f"{kv_len} tokens do not fit the KV cache ({cache.max_seq_len} slots)")
             cache.valid[:, start_pos:kv_len] = True if valid is None else valid
         return self.transformer(tokens, cache=cache, input_pos=start_pos, positions=positions, kv_len=kv_len, last_only=last_only)
+
+    def _check_inputs(self, tokens, cache: KVCache | None, start_pos, valid, positions) -> None:
+        """Name the argument at fault: torch would fail deep inside (an IndexError in the embedding,
+        a reshape of nothing) or, for negative ids and positions, wrap around silently. One host
+        sync per call (the id and position ranges), never per decoded token: generation steps
+        call the transformer directly."""
+        if not isinstance(tokens, torch.Tensor):
+            raise InputError(f"tokens: expected a (batch, seq) tensor of token ids, got {type(tokens).__name__}")
+        if tokens.dim() != 2 or 0 in tokens.shape:
+            raise InputError(f"tokens: expected a (batch, seq) tensor of token ids, got a tensor of shape {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.long, torch.int):  # (what the embedding takes)
+            raise InputError(f"tokens: expected integer token ids, got {tokens.dtype}")
+        if tokens.device != self.device:
+            raise InputError(f"tokens: on {tokens.device}, the model on {self.device}")
+        if not (is_integer(start_pos) and start_pos >= 0):
+            raise InputError(f"start_pos: expected an integer >= 0, got {start_pos!r}")
+        if valid is not None and cache is None:
+            raise InputError("valid: marks cache slots; pass a cache with it")
+        for name, given, kind in (("valid", valid, "bool"), ("positions", positions, "integer")):
+            if given is None:
+                continue
+            if not isinstance(given, torch.Tensor) or given.shape != tokens.shape:
+                shape = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
+                raise InputError(f"{name}: expected shape {tuple(tokens.shape)} (as tokens), got {shape}")
+            if (given.dtype == torch.bool) != (kind == "bool") or given.is_floating_point() or given.is_complex():
+                raise InputError(f"{name}: expected {'a bool tensor' if kind == 'bool' else 'integer RoPE positions'}, got {given.dtype}")
+            if given.device != self.device:
+                raise InputError(f"{name}: on {given.device}, the model on {self.device}")
+        ranges = [*torch.aminmax(tokens), *(torch.aminmax(positions) if positions is not None else ())]
+        lo, hi, *pos = torch.stack([r.long() for r in ranges]).tolist()
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise InputError(f"tokens: ids must lie in 0..{self.config.vocab_size - 1}, got {lo}..{hi}")
+        if pos and (pos[0] < 0 or pos[1] >= self.config.max_seq_len):
+            raise InputError(f"positions: must lie in 0..{self.config.max_seq_len - 1}, got {pos[0]}..{pos[1]}")
 
     def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
         return self.transformer.new_cache(batch_size, max_seq_len)

@@ -537,3 +537,36 @@ def test_field_names_become_flags_only_as_words():
     assert flags_for_fields(err) == "at most 7 new tokens fit after it (lower --max-new-tokens); --top-p 1.5: expected a number in (0, 1]"
     for kept in ["runs/temperature-sweep/cat.png: not an image", "'top_k': unknown", "/data/top_p/x.json: missing"]:
         assert flags_for_fields(InputError(kept)) == kept
+
+
+def test_forward_checks_its_inputs(tiny_model):
+    """model(tokens, ...) names the argument at fault, not an IndexError deep in the embedding or
+    RoPE table, a reshape of zero elements, or (negative ids, start_pos, positions) a silent wrap."""
+    n, vocab = tiny_model.config.max_seq_len, tiny_model.config.vocab_size
+    ids = torch.tensor([[0, 5, 6]])
+    for kwargs, message in [
+        (dict(tokens=ids[0]), "tokens: expected a (batch, seq) tensor of token ids, got a tensor of shape (3,)"),
+        (dict(tokens=ids[None]), "tokens: expected a (batch, seq) tensor of token ids, got a tensor of shape (1, 1, 3)"),
+        (dict(tokens=ids[:, :0]), "tokens: expected a (batch, seq) tensor of token ids, got a tensor of shape (1, 0)"),
+        (dict(tokens=ids.to("meta")), "tokens: on meta, the model on cpu"),
+        (dict(tokens=ids.float()), "tokens: expected integer token ids, got torch.float32"),
+        (dict(tokens=ids.tolist()), "tokens: expected a (batch, seq) tensor of token ids, got list"),
+        (dict(tokens=torch.tensor([[0, vocab]])), f"tokens: ids must lie in 0..{vocab - 1}, got 0..{vocab}"),
+        (dict(tokens=torch.tensor([[-1, 5]])), f"tokens: ids must lie in 0..{vocab - 1}, got -1..5"),
+        (dict(start_pos=-1), "start_pos: expected an integer >= 0, got -1"),
+        (dict(start_pos=1.0), "start_pos: expected an integer >= 0, got 1.0"),
+        (dict(valid=torch.ones(1, 3, dtype=torch.bool)), "valid: marks cache slots; pass a cache with it"),
+        (dict(positions=torch.zeros(1, 4, dtype=torch.long)), "positions: expected shape (1, 3) (as tokens), got (1, 4)"),
+        (dict(positions=torch.zeros(1, 3)), "positions: expected integer RoPE positions, got torch.float32"),
+        (dict(positions=torch.tensor([[0, 1, n]])), f"positions: must lie in 0..{n - 1}, got 0..{n}"),
+        (dict(positions=torch.tensor([[-1, 0, 1]])), f"positions: must lie in 0..{n - 1}, got -1..1"),
+    ]:
+        kwargs = {"tokens": ids, **kwargs}
+        with pytest.raises(InputError, match="^" + re.escape(message)):
+            tiny_model(**kwargs)
+    cache = tiny_model.new_cache(1, 8)
+    for valid, message in [(torch.ones(1, 4, dtype=torch.bool), "valid: expected shape (1, 3) (as tokens), got (1, 4)"),
+                           (torch.ones(1, 3), "valid: expected a bool tensor, got torch.float32")]:
+        with pytest.raises(InputError, match="^" + re.escape(message)):
+            tiny_model(ids, cache=cache, valid=valid)
+    assert tiny_model(ids.int()).shape == (1, 3, vocab)  # int32 ids are ids too
