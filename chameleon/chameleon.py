@@ -18,7 +18,7 @@ from chameleon.checkpoint import (Checkpoint, occupied, read_checkpoint, removed
 from chameleon.config import ModelArgs, VQGANConfig
 from chameleon.errors import InputError
 from chameleon.generate import is_integer
-from chameleon.model import KVCache, Transformer
+from chameleon.model import KVCache, Transformer, describe_layout
 from chameleon.progress import writing_bar
 from chameleon.tokenizer import ChameleonTokenizer
 from chameleon.vqgan import VQGAN
@@ -115,6 +115,8 @@ class Chameleon(nn.Module):
                 raise InputError(f"{name}: expected {'a bool tensor' if kind == 'bool' else 'integer RoPE positions'}, got {given.dtype}")
             if given.device != self.device:
                 raise InputError(f"{name}: on {given.device}, the model on {self.device}")
+        if cache is not None:
+            self._check_cache(cache, tokens.shape[0])
         ranges = [*torch.aminmax(tokens), *(torch.aminmax(positions) if positions is not None else ())]
         lo, hi, *pos = torch.stack([r.long() for r in ranges]).tolist()
         if lo < 0 or hi >= self.config.vocab_size:
@@ -122,8 +124,27 @@ class Chameleon(nn.Module):
         if pos and (pos[0] < 0 or pos[1] >= self.config.max_seq_len):
             raise InputError(f"positions: must lie in 0..{self.config.max_seq_len - 1}, got {pos[0]}..{pos[1]}")
 
+    def _check_cache(self, cache: KVCache, rows: int) -> None:
+        """A cache of this model's layout, dtype and device, with a row per sequence."""
+        if not isinstance(cache, KVCache):
+            raise InputError(f"cache: expected a KVCache (model.new_cache), got {type(cache).__name__}")
+        args = self.config
+        if (want := describe_layout(args.n_layers, args.kv_heads, args.head_dim)) != cache.layout():
+            raise InputError(f"cache: made for another model: {cache.layout()}; this model has {want}")
+        if cache.k[0].dtype != (dtype := self.transformer.output.weight.dtype):
+            raise InputError(f"cache: holds {cache.k[0].dtype}, the model computes in {dtype}")
+        if cache.valid.device != self.device:
+            raise InputError(f"cache: on {cache.valid.device}, the model on {self.device}")
+        if cache.batch_size != rows:
+            raise InputError(f"cache: holds {cache.batch_size} row(s) but tokens have {rows}")
+
     def new_cache(self, batch_size: int, max_seq_len: int | None = None) -> KVCache:
-        return self.transformer.new_cache(batch_size, max_seq_len)
+        """A static KV cache of `batch_size` rows and `max_seq_len` slots (default: the model's context)."""
+        if not (is_integer(batch_size) and batch_size >= 1):
+            raise InputError(f"batch_size: expected an integer >= 1, got {batch_size!r}")
+        if not (max_seq_len is None or is_integer(max_seq_len) and max_seq_len >= 1):
+            raise InputError(f"max_seq_len: expected an integer >= 1 (None: the model's context), got {max_seq_len!r}")
+        return self.transformer.new_cache(int(batch_size), None if max_seq_len is None else int(max_seq_len))
 
     @property
     def device(self) -> torch.device:

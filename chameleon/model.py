@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chameleon.config import ModelArgs
+from chameleon.errors import InputError
 
 
 @functools.cache
@@ -326,13 +327,30 @@ class KVCache(nn.Module):
     def tensors(self) -> list[torch.Tensor]:
         return [*self.k, *self.v, self.valid]
 
+    def layout(self) -> str:
+        """Layers, kv heads and head size: what a cache shares with the model that fills it."""
+        return describe_layout(len(self.k), *self.k[0].shape[1::2]) if self.k else "no layers"
+
     def copy_rows_from(self, src: "KVCache", src_row: int = 0, length: int | None = None) -> None:
         """Broadcast one row of `src` (e.g. a prefilled shared prefix) into every row of this cache."""
-        n = min(src.max_seq_len, self.max_seq_len) if length is None else length
+        if not isinstance(src, KVCache):
+            raise InputError(f"src: expected a KVCache, got {type(src).__name__}")
+        if src.layout() != self.layout():  # (a cache of fewer layers would fill only some)
+            raise InputError(f"src: a cache of another model: {src.layout()}; this cache has {self.layout()}")
+        if not (isinstance(src_row, int) and 0 <= src_row < src.batch_size):
+            raise InputError(f"src_row: expected 0..{src.batch_size - 1} (the source has {src.batch_size} row(s)), got {src_row!r}")
+        most = min(src.max_seq_len, self.max_seq_len)
+        n = most if length is None else length
+        if not (isinstance(n, int) and 0 <= n <= most):
+            raise InputError(f"length: expected 0..{most} (slots in both caches), got {length!r}")
         for dst, source in zip(self.k + self.v, src.k + src.v):
             dst[:, :, :n] = source[src_row : src_row + 1, :, :n]
         self.valid[:, :n] = src.valid[src_row, :n]
         self.valid[:, n:] = False
+
+
+def describe_layout(n_layers: int, kv_heads: int, head_dim: int) -> str:
+    return f"{n_layers} layers of {kv_heads} kv heads x {head_dim}"
 
 
 def attend(q, k, v, mask, layer: int, cache: KVCache | None, input_pos, kv_len: int | None, dropout_p: float = 0.0):

@@ -570,3 +570,35 @@ def test_forward_checks_its_inputs(tiny_model):
         with pytest.raises(InputError, match="^" + re.escape(message)):
             tiny_model(ids, cache=cache, valid=valid)
     assert tiny_model(ids.int()).shape == (1, 3, vocab)  # int32 ids are ids too
+
+
+def test_caches_check_their_sizes(tiny_model):
+    """new_cache, copy_rows_from and model(..., cache=) name the size that does not fit, where torch
+    failed in a matmul or a broadcast, or (a cache of fewer layers) copied part of a prefix silently."""
+    from dataclasses import replace
+
+    from chameleon.model import KVCache
+
+    ids = torch.tensor([[0, 5, 6]])
+    one = tiny_model.new_cache(1, 8)
+    tiny_model(ids, cache=one)
+    args = tiny_model.config
+    fewer_layers = KVCache(replace(args, n_layers=args.n_layers - 1), 1, 8, torch.float32)
+    for call, message in [
+        (lambda: tiny_model.new_cache(0, 8), "batch_size: expected an integer >= 1, got 0"),
+        (lambda: tiny_model.new_cache(1.5, 8), "batch_size: expected an integer >= 1, got 1.5"),
+        (lambda: tiny_model.new_cache(1, 0), "max_seq_len: expected an integer >= 1 (None: the model's context), got 0"),
+        (lambda: tiny_model(ids.expand(2, 3), cache=one), "cache: holds 1 row(s) but tokens have 2"),
+        (lambda: tiny_model(ids, cache=fewer_layers), f"cache: made for another model: {args.n_layers - 1} layers"),
+        (lambda: tiny_model(ids, cache=tiny_model.transformer.new_cache(1, 8, dtype=torch.bfloat16)),
+         "cache: holds torch.bfloat16, the model computes in torch.float32"),
+        (lambda: tiny_model(ids, cache="cache"), "cache: expected a KVCache (model.new_cache), got str"),
+        (lambda: tiny_model.new_cache(4, 8).copy_rows_from(one, src_row=1), "src_row: expected 0..0 (the source has 1 row(s)), got 1"),
+        (lambda: tiny_model.new_cache(4, 8).copy_rows_from(one, src_row=-1), "src_row: expected 0..0 (the source has 1 row(s)), got -1"),
+        (lambda: tiny_model.new_cache(4, 6).copy_rows_from(one, length=7), "length: expected 0..6 (slots in both caches), got 7"),
+        (lambda: tiny_model.new_cache(4, 8).copy_rows_from(one, length=-1), "length: expected 0..8 (slots in both caches), got -1"),
+        (lambda: tiny_model.new_cache(4, 8).copy_rows_from(fewer_layers), f"src: a cache of another model: {args.n_layers - 1} layers"),
+        (lambda: tiny_model.new_cache(4, 8).copy_rows_from(torch.zeros(3)), "src: expected a KVCache, got Tensor"),
+    ]:
+        with pytest.raises(InputError, match="^" + re.escape(message)):
+            call()
