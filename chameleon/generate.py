@@ -20,6 +20,7 @@ import hashlib
 import math
 import numbers
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -78,7 +79,7 @@ class GenerationOptions:
     def __post_init__(self):
         if self.mode not in MODES:
             raise InputError(f"mode {self.mode!r}: expected one of {', '.join(MODES)}")
-        for name in ("max_new_tokens", "top_k"):
+        for name in ("max_new_tokens", "top_k", "seed"):
             value = getattr(self, name)
             if not is_integer(value):
                 raise InputError(f"{name} must be an integer, got {value!r}")
@@ -88,8 +89,8 @@ class GenerationOptions:
             raise InputError(f"top_k must be >= 0 (0: off), got {self.top_k}")
         if self.kernels not in KERNELS:
             raise InputError(f"kernels {self.kernels!r}: expected one of {', '.join(KERNELS)}")
-        if self.graph_steps is not None and self.graph_steps < 1:
-            raise InputError(f"graph_steps must be >= 1 (None: off), got {self.graph_steps}")
+        if self.graph_steps is not None and not (is_integer(self.graph_steps) and self.graph_steps >= 1):
+            raise InputError(f"graph_steps must be an integer >= 1 (None: off), got {self.graph_steps!r}")
         for name, ok, expected in (
             ("temperature", lambda v: v >= 0, " >= 0"),
             ("image_temperature", lambda v: v >= 0, " >= 0"),
@@ -102,6 +103,12 @@ class GenerationOptions:
             value = as_real(getattr(self, name))
             if value is None or not math.isfinite(value) or not ok(value):
                 raise InputError(f"{name} must be a finite number{expected}, got {getattr(self, name)!r}")
+        if self.compile not in (True, False, None):  # (a string "no" would compile)
+            raise InputError(f"compile must be True, False or None (default), got {self.compile!r}")
+        if self.progress not in (True, False):
+            raise InputError(f"progress must be True or False, got {self.progress!r}")
+        if not isinstance(self.logit_bias, dict):
+            raise InputError(f"logit_bias must be a dict {{token id: bias}}, got {type(self.logit_bias).__name__}")
         for token, bias in self.logit_bias.items():
             value = as_real(bias)
             if value is None or not (math.isfinite(value) or value == -math.inf):
@@ -109,10 +116,14 @@ class GenerationOptions:
         # (ids as decimal strings too: JSON's keys, as generation.json records these options)
         self.logit_bias = {int(token) if isinstance(token, str) and token.isdecimal() else token: as_real(bias)
                            for token, bias in self.logit_bias.items()}
+        if isinstance(self.stop_ids, (str, bytes)) or not isinstance(self.stop_ids, Iterable):  # (ids: checked by generate)
+            raise InputError(f"stop_ids must be a list of token ids, got {self.stop_ids!r}")
         self.stop_ids = tuple(self.stop_ids)
-        self.stop_strings = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings)
-        if not all(isinstance(s, str) and s for s in self.stop_strings):
-            raise InputError(f"stop_strings must be non-empty strings (an empty one would stop every row at once), got {list(self.stop_strings)!r}")
+        strings = self.stop_strings
+        self.stop_strings = (strings,) if isinstance(strings, str) else tuple(strings) if isinstance(strings, Iterable) else None
+        if self.stop_strings is None or not all(isinstance(s, str) and s for s in self.stop_strings):
+            shown = strings if self.stop_strings is None else list(self.stop_strings)
+            raise InputError(f"stop_strings must be non-empty strings (an empty one would stop every row at once), got {shown!r}")
 
     @property
     def guided(self) -> bool:

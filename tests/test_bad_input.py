@@ -602,3 +602,24 @@ def test_caches_check_their_sizes(tiny_model):
     ]:
         with pytest.raises(InputError, match="^" + re.escape(message)):
             call()
+
+
+def test_generation_options_check_their_types():
+    """Fields of the wrong type are named where given, not met later as a TypeError or an
+    AttributeError, or (a string for compile, a float or string seed) taken silently."""
+    for field, value, message in [
+        ("stop_ids", 5, "stop_ids must be a list of token ids, got 5"),
+        ("stop_ids", "12", "stop_ids must be a list of token ids, got '12'"),  # (not the ids '1' and '2')
+        ("stop_strings", 5, "stop_strings must be non-empty strings"),
+        ("seed", 1.5, "seed must be an integer, got 1.5"),
+        ("seed", "1", "seed must be an integer, got '1'"),  # (it hashed as the seed 1)
+        ("logit_bias", [1, 2], "logit_bias must be a dict {token id: bias}, got list"),
+        ("logit_bias", None, "logit_bias must be a dict {token id: bias}, got NoneType"),
+        ("compile", "no", "compile must be True, False or None (default), got 'no'"),  # ("no" compiled)
+        ("progress", "yes", "progress must be True or False, got 'yes'"),
+        ("graph_steps", "2", "graph_steps must be an integer >= 1 (None: off), got '2'"),
+        ("graph_steps", 2.5, "graph_steps must be an integer >= 1 (None: off), got 2.5"),
+    ]:
+        with pytest.raises(InputError, match="^" + re.escape(message)):
+            GenerationOptions(**{field: value})
+

@@ -418,7 +418,7 @@ def test_compiled_greedy_steps_in_calls_of_several(tiny_model, graph_steps, monk
     opts = dict(max_new_tokens=48 - len(prompt[0]), logit_bias={short.tokenizer.eos_id: -1e9, short.tokenizer.eot_id: -1e9})
     eager = generate(short, prompt, GenerationOptions(**opts))
     assert len(eager[0]) == opts["max_new_tokens"] and generate(short, prompt, GenerationOptions(compile=True, graph_steps=graph_steps, **opts)) == eager
-    with pytest.raises(InputError, match="graph_steps must be >= 1"):
+    with pytest.raises(InputError, match="graph_steps must be an integer >= 1"):
         GenerationOptions(graph_steps=0)
 
 
