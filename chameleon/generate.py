@@ -204,6 +204,10 @@ def generate(model, prompts: list[list[int]], opts: GenerationOptions) -> list[l
     text with images; an image starts only where `boi + N codes + eoi` still fits. In both, a prompt
     ending inside an image (boi, maybe some of its codes) continues it: the output begins with them.
     """
+    if not isinstance(prompts, (list, tuple)):  # (a tensor's truth value, a generator read twice: no clear error later)
+        raise InputError(f"prompts: expected a list of prompts (lists of token ids), got {type(prompts).__name__}")
+    if not isinstance(opts, GenerationOptions):
+        raise InputError(f"opts: expected GenerationOptions, got {type(opts).__name__}")
     use_compile = opts.compile if opts.compile is not None else model.device.type == "cuda"
     # Eager steps run in inference mode, which skips autograd's bookkeeping on every op (a 100M
     # bf16 CPU step is ~7% faster); compiled steps (CUDA graphs) run under no_grad.

@@ -623,3 +623,18 @@ def test_generation_options_check_their_types():
         with pytest.raises(InputError, match="^" + re.escape(message)):
             GenerationOptions(**{field: value})
 
+
+
+def test_generate_checks_its_batch_and_options(tiny_model):
+    ids = tiny_model.encode_prompt("hi")
+    opts = GenerationOptions(max_new_tokens=2)
+    for prompts, options, message in [
+        (torch.tensor([ids]), opts, "prompts: expected a list of prompts (lists of token ids), got Tensor"),
+        ("hi", opts, "prompts: expected a list of prompts (lists of token ids), got str"),
+        ((p for p in [ids]), opts, "prompts: expected a list of prompts (lists of token ids), got generator"),
+        ([ids], {"max_new_tokens": 2}, "opts: expected GenerationOptions, got dict"),
+        ([ids], None, "opts: expected GenerationOptions, got NoneType"),
+    ]:
+        with pytest.raises(InputError, match="^" + re.escape(message)):
+            generate(tiny_model, prompts, options)
+    assert generate(tiny_model, ([*ids],), opts) == generate(tiny_model, [ids], opts)  # a tuple is a batch too
