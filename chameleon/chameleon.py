@@ -16,8 +16,8 @@ from torch import nn
 from chameleon.checkpoint import (Checkpoint, occupied, read_checkpoint, removed_on_failure, resolve_checkpoint_path,
                                   topmost_missing, write_hf, write_meta)
 from chameleon.config import ModelArgs, VQGANConfig
-from chameleon.errors import InputError
-from chameleon.generate import is_integer
+from chameleon.errors import InputError, unicode_problem
+from chameleon.generate import is_integer, is_token_id
 from chameleon.model import KVCache, Transformer, describe_layout
 from chameleon.progress import writing_bar
 from chameleon.tokenizer import ChameleonTokenizer
@@ -164,11 +164,15 @@ class Chameleon(nn.Module):
         """`<s>`, then each segment (text, or an image as boi + codes + eoi). `end_turn`: close the
         prompt with the end-of-turn token, as chat-tuned checkpoints expect a user turn to end
         (Meta's chat format; transformers' ChameleonProcessor appends it by default)."""
-        if isinstance(segments, str):
+        if isinstance(segments, (str, Image.Image)):
             segments = [segments]
+        elif not isinstance(segments, (list, tuple)):  # (bytes would be read as a list of ints)
+            raise InputError(f"prompt: expected text, a PIL image or a list of them, got {type(segments).__name__}")
         ids = [self.tokenizer.bos_id] if bos else []
         for i, seg in enumerate(segments):
             if isinstance(seg, str):
+                if why := unicode_problem(seg):  # (the tokenizer's own error names nothing)
+                    raise InputError(f"prompt segment {i}: not valid text ({why})")
                 ids += self.tokenizer.encode_text(seg)
             elif isinstance(seg, Image.Image):
                 ids += self.encode_image(seg)
@@ -178,6 +182,14 @@ class Chameleon(nn.Module):
 
     def decode_output(self, ids: list[int]) -> list[Segment]:
         """Generated ids -> text and image segments. An image cut short (no room left) is dropped."""
+        if hasattr(ids, "tolist") and hasattr(ids, "ndim"):  # a tensor or numpy array of one sequence
+            if ids.ndim != 1:
+                raise InputError(f"ids: expected a list of token ids, got a tensor of shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        if not isinstance(ids, (list, tuple)):
+            raise InputError(f"ids: expected a list of token ids, got {type(ids).__name__}")
+        if (bad := next((t for t in ids if not is_token_id(t, self.config.vocab_size)), None)) is not None:
+            raise InputError(f"ids: expected token ids 0..{self.config.vocab_size - 1}, got {bad!r}")
         tok, n = self.tokenizer, self.image_seq_len
         segments: list[Segment] = []
         text: list[int] = []

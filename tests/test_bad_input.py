@@ -638,3 +638,27 @@ def test_generate_checks_its_batch_and_options(tiny_model):
         with pytest.raises(InputError, match="^" + re.escape(message)):
             generate(tiny_model, prompts, options)
     assert generate(tiny_model, ([*ids],), opts) == generate(tiny_model, [ids], opts)  # a tuple is a batch too
+
+
+def test_encode_prompt_and_decode_output_check_their_input(tiny_model):
+    """Bytes read as a list of ints ("got int"), None failed to iterate, a lone surrogate failed in
+    the tokenizer ("TextInputSequence must be str"); ids outside the vocabulary were dropped silently."""
+    vocab = tiny_model.config.vocab_size
+    for segments, message in [
+        (b"hi", "prompt: expected text, a PIL image or a list of them, got bytes"),
+        (None, "prompt: expected text, a PIL image or a list of them, got NoneType"),
+        (["a\ud800b"], "prompt segment 0: not valid text (surrogates not allowed: '\\ud800' at character 1)"),
+    ]:
+        with pytest.raises(InputError, match="^" + re.escape(message)):
+            tiny_model.encode_prompt(segments)
+    for ids, message in [
+        ([5, vocab], f"ids: expected token ids 0..{vocab - 1}, got {vocab}"),
+        ([-1], f"ids: expected token ids 0..{vocab - 1}, got -1"),
+        ([1.5], f"ids: expected token ids 0..{vocab - 1}, got 1.5"),
+        ("abc", "ids: expected a list of token ids, got str"),
+        (torch.tensor([[5, 6]]), "ids: expected a list of token ids, got a tensor of shape (1, 2)"),
+    ]:
+        with pytest.raises(InputError, match="^" + re.escape(message)):
+            tiny_model.decode_output(ids)
+    ids = tiny_model.encode_prompt("hello", bos=False)
+    assert tiny_model.decode_output(torch.tensor(ids)) == tiny_model.decode_output(ids) == ["hello"]
