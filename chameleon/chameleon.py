@@ -16,7 +16,7 @@ from torch import nn
 from chameleon.checkpoint import (Checkpoint, occupied, read_checkpoint, removed_on_failure, resolve_checkpoint_path,
                                   topmost_missing, write_hf, write_meta)
 from chameleon.config import ModelArgs, VQGANConfig
-from chameleon.errors import InputError, unicode_problem
+from chameleon.errors import InputError, refuse_empty_paths, unicode_problem
 from chameleon.generate import is_integer, is_token_id
 from chameleon.model import KVCache, Transformer, describe_layout
 from chameleon.progress import writing_bar
@@ -261,6 +261,15 @@ class Chameleon(nn.Module):
         """Write a checkpoint directory (`format` "hf" or "meta") into `out`, which must be new or
         empty: files of another checkpoint there would be overwritten or, left beside ours, mixed in.
         `progress`: a bar of the bytes written, with ETA, on stderr. A failed save removes what it wrote."""
+        refuse_empty_paths(("out", out))
+        for name, value, other in (("shards", shards, "meta"), ("max_shard_bytes", max_shard_bytes, "hf")):
+            if value is None:
+                continue
+            if format != other and format in ("hf", "meta"):  # (not ignored silently)
+                split = "HF output is split with max_shard_bytes" if other == "meta" else "Meta output is split with shards"
+                raise InputError(f"{name}: applies to format={other!r}; {split}")
+            if not (is_integer(value) and value >= 1):
+                raise InputError(f"{name}: expected an integer >= 1, got {value!r}")
         out = Path(out)
         if why := occupied(out):
             raise InputError(f"{out}: exists and is {why}; save into a new directory")

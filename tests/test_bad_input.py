@@ -662,3 +662,20 @@ def test_encode_prompt_and_decode_output_check_their_input(tiny_model):
             tiny_model.decode_output(ids)
     ids = tiny_model.encode_prompt("hello", bos=False)
     assert tiny_model.decode_output(torch.tensor(ids)) == tiny_model.decode_output(ids) == ["hello"]
+
+
+def test_save_checks_its_arguments(tiny_model, tmp_path):
+    """shards with HF output and max_shard_bytes with Meta output were ignored silently, shards=0
+    meant the default, shards="2" was refused as if not 2, and out="" saved into the current directory."""
+    for kwargs, message in [
+        (dict(format="hf", shards=2), "shards: applies to format='meta'; HF output is split with max_shard_bytes"),
+        (dict(format="meta", max_shard_bytes=100), "max_shard_bytes: applies to format='hf'; Meta output is split with shards"),
+        (dict(format="meta", shards=0), "shards: expected an integer >= 1, got 0"),
+        (dict(format="meta", shards="2"), "shards: expected an integer >= 1, got '2'"),
+        (dict(format="hf", max_shard_bytes=0), "max_shard_bytes: expected an integer >= 1, got 0"),
+    ]:
+        with pytest.raises(InputError, match="^" + re.escape(message)):
+            tiny_model.save(tmp_path / "out", **kwargs)
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(InputError, match="^out: empty path$"):
+        tiny_model.save("")
