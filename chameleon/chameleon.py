@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -299,6 +300,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     decoding (`Transformer.optimize_for_cpu_`); in bf16 that includes a packed copy of every matrix
     (2x faster decoding, 2x the weight memory; skipped, with a warning, where memory runs short)
     unless `pack_bf16=False`."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path: expected a checkpoint directory or hub repo id, got {path!r}")
+    refuse_empty_paths(("path", path))
     device = available_device(device)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # before any weights are read
         raise InputError(f"dtype {dtype!r}: expected a floating-point torch.dtype, e.g. torch.float32 or torch.bfloat16")

@@ -679,3 +679,11 @@ def test_save_checks_its_arguments(tiny_model, tmp_path):
         assert not (tmp_path / "out").exists()
     with pytest.raises(InputError, match="^out: empty path$"):
         tiny_model.save("")
+
+
+def test_load_names_an_empty_or_missing_path():
+    """chameleon.load("") read the current directory ('. : not a checkpoint directory'); None failed in pathlib."""
+    with pytest.raises(InputError, match=r"^path: empty path$"):
+        chameleon.load("")
+    with pytest.raises(InputError, match=r"^path: expected a checkpoint directory or hub repo id, got None$"):
+        chameleon.load(None)
