@@ -8,6 +8,7 @@ model-parallel shard and HF's per-head norms without loss.
 from __future__ import annotations
 
 import functools
+import operator
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -337,16 +338,26 @@ class KVCache(nn.Module):
             raise InputError(f"src: expected a KVCache, got {type(src).__name__}")
         if src.layout() != self.layout():  # (a cache of fewer layers would fill only some)
             raise InputError(f"src: a cache of another model: {src.layout()}; this cache has {self.layout()}")
-        if not (isinstance(src_row, int) and 0 <= src_row < src.batch_size):
+        row = _as_index(src_row)
+        if not (row is not None and 0 <= row < src.batch_size):
             raise InputError(f"src_row: expected 0..{src.batch_size - 1} (the source has {src.batch_size} row(s)), got {src_row!r}")
         most = min(src.max_seq_len, self.max_seq_len)
-        n = most if length is None else length
-        if not (isinstance(n, int) and 0 <= n <= most):
+        n = most if length is None else _as_index(length)
+        if not (n is not None and 0 <= n <= most):
             raise InputError(f"length: expected 0..{most} (slots in both caches), got {length!r}")
         for dst, source in zip(self.k + self.v, src.k + src.v):
-            dst[:, :, :n] = source[src_row : src_row + 1, :, :n]
-        self.valid[:, :n] = src.valid[src_row, :n]
+            dst[:, :, :n] = source[row : row + 1, :, :n]
+        self.valid[:, :n] = src.valid[row, :n]
         self.valid[:, n:] = False
+
+
+def _as_index(value) -> int | None:
+    """An integer, Python's, numpy's or a one-element integer tensor's (e.g. a length taken from
+    an array), as an int; None for anything else (floats, bools)."""
+    try:
+        return None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        return None
 
 
 def describe_layout(n_layers: int, kv_heads: int, head_dim: int) -> str:

@@ -687,3 +687,19 @@ def test_load_names_an_empty_or_missing_path():
         chameleon.load("")
     with pytest.raises(InputError, match=r"^path: expected a checkpoint directory or hub repo id, got None$"):
         chameleon.load(None)
+
+
+def test_cache_sizes_may_be_numpy_or_torch_integers(tiny_model):
+    """src_row and length taken from an array or a tensor (e.g. per-batch prefix lengths) are
+    integers too: they sliced the source before copy_rows_from checked them."""
+    import numpy as np
+
+    ids = torch.tensor([[0, 5, 6], [0, 7, 8]])
+    two = tiny_model.new_cache(2, 8)
+    tiny_model(ids, cache=two)
+    expected = tiny_model.new_cache(3, 8)
+    expected.copy_rows_from(two, src_row=1, length=2)
+    for src_row, length in [(np.int64(1), np.int32(2)), (torch.tensor(1), torch.tensor(2))]:
+        got = tiny_model.new_cache(3, 8)
+        got.copy_rows_from(two, src_row=src_row, length=length)
+        assert all(torch.equal(a, b) for a, b in zip(got.tensors(), expected.tensors()))
