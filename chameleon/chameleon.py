@@ -79,6 +79,7 @@ class Chameleon(nn.Module):
         (left padding), `positions` (B, T) gives RoPE positions when they differ from the slots.
         """
         self._check_inputs(tokens, cache, start_pos, valid, positions)
+        start_pos = int(start_pos)  # (numpy's integers pass the check; the transformer slices with ints)
         if tokens.shape[1] + start_pos > self.config.max_seq_len:
             raise InputError(f"sequence of {tokens.shape[1] + start_pos} tokens is longer than the model's context ({self.config.max_seq_len})")
         kv_len = None

@@ -703,3 +703,17 @@ def test_cache_sizes_may_be_numpy_or_torch_integers(tiny_model):
         got = tiny_model.new_cache(3, 8)
         got.copy_rows_from(two, src_row=src_row, length=length)
         assert all(torch.equal(a, b) for a, b in zip(got.tensors(), expected.tensors()))
+
+
+def test_start_pos_may_be_a_numpy_integer(tiny_model):
+    """The check takes numpy's integers as integers: so must the forward (an IndexError in RoPE's
+    slot range before)."""
+    import numpy as np
+
+    ids = torch.tensor([[0, 5, 6]])
+    logits = []
+    for start_pos in (2, np.int64(2)):
+        cache = tiny_model.new_cache(1, 8)
+        tiny_model(ids[:, :2], cache=cache)
+        logits.append(tiny_model(ids[:, 2:], cache=cache, start_pos=start_pos))
+    assert torch.equal(*logits)
