@@ -107,14 +107,15 @@ class Chameleon(nn.Module):
             raise InputError(f"start_pos: expected an integer >= 0, got {start_pos!r}")
         if valid is not None and cache is None:
             raise InputError("valid: marks cache slots; pass a cache with it")
-        for name, given, kind in (("valid", valid, "bool"), ("positions", positions, "integer")):
+        # valid: bool, or an integer mask (HF's attention_mask: nonzero = valid, as the bool cache takes it)
+        for name, given, kind in (("valid", valid, "a bool (or 0/1 integer) mask"), ("positions", positions, "integer RoPE positions")):
             if given is None:
                 continue
             if not isinstance(given, torch.Tensor) or given.shape != tokens.shape:
                 shape = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
                 raise InputError(f"{name}: expected shape {tuple(tokens.shape)} (as tokens), got {shape}")
-            if (given.dtype == torch.bool) != (kind == "bool") or given.is_floating_point() or given.is_complex():
-                raise InputError(f"{name}: expected {'a bool tensor' if kind == 'bool' else 'integer RoPE positions'}, got {given.dtype}")
+            if given.is_floating_point() or given.is_complex() or (name == "positions" and given.dtype == torch.bool):
+                raise InputError(f"{name}: expected {kind}, got {given.dtype}")
             if given.device != self.device:
                 raise InputError(f"{name}: on {given.device}, the model on {self.device}")
         if cache is not None:

@@ -566,7 +566,7 @@ def test_forward_checks_its_inputs(tiny_model):
             tiny_model(**kwargs)
     cache = tiny_model.new_cache(1, 8)
     for valid, message in [(torch.ones(1, 4, dtype=torch.bool), "valid: expected shape (1, 3) (as tokens), got (1, 4)"),
-                           (torch.ones(1, 3), "valid: expected a bool tensor, got torch.float32")]:
+                           (torch.ones(1, 3), "valid: expected a bool (or 0/1 integer) mask, got torch.float32")]:
         with pytest.raises(InputError, match="^" + re.escape(message)):
             tiny_model(ids, cache=cache, valid=valid)
     assert tiny_model(ids.int()).shape == (1, 3, vocab)  # int32 ids are ids too
@@ -716,4 +716,16 @@ def test_start_pos_may_be_a_numpy_integer(tiny_model):
         cache = tiny_model.new_cache(1, 8)
         tiny_model(ids[:, :2], cache=cache)
         logits.append(tiny_model(ids[:, 2:], cache=cache, start_pos=start_pos))
+    assert torch.equal(*logits)
+
+
+def test_valid_may_be_an_integer_mask(tiny_model):
+    """An HF-style attention mask (int64, 1 on tokens, 0 on padding) marks the same slots as its
+    bool form: written into the bool cache.valid, it did before 4569b1d's check refused it."""
+    ids = torch.tensor([[1, 5, 6], [0, 7, 8]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    positions = torch.tensor([[0, 0, 1], [0, 1, 2]])
+    logits = []
+    for valid in (mask.bool(), mask):
+        logits.append(tiny_model(ids, cache=tiny_model.new_cache(2, 8), valid=valid, positions=positions))
     assert torch.equal(*logits)
