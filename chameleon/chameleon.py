@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Union
@@ -169,7 +169,7 @@ class Chameleon(nn.Module):
         (Meta's chat format; transformers' ChameleonProcessor appends it by default)."""
         if isinstance(segments, (str, Image.Image)):
             segments = [segments]
-        elif not isinstance(segments, (list, tuple)):  # (bytes would be read as a list of ints)
+        elif isinstance(segments, (bytes, bytearray)) or not isinstance(segments, Iterable):  # (bytes: a list of ints)
             raise InputError(f"prompt: expected text, a PIL image or a list of them, got {type(segments).__name__}")
         ids = [self.tokenizer.bos_id] if bos else []
         for i, seg in enumerate(segments):

@@ -20,7 +20,7 @@ import hashlib
 import math
 import numbers
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -107,7 +107,7 @@ class GenerationOptions:
             raise InputError(f"compile must be True, False or None (default), got {self.compile!r}")
         if self.progress not in (True, False):
             raise InputError(f"progress must be True or False, got {self.progress!r}")
-        if not isinstance(self.logit_bias, dict):
+        if not isinstance(self.logit_bias, Mapping):
             raise InputError(f"logit_bias must be a dict {{token id: bias}}, got {type(self.logit_bias).__name__}")
         for token, bias in self.logit_bias.items():
             value = as_real(bias)

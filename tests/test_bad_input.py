@@ -729,3 +729,13 @@ def test_valid_may_be_an_integer_mask(tiny_model):
     for valid in (mask.bool(), mask):
         logits.append(tiny_model(ids, cache=tiny_model.new_cache(2, 8), valid=valid, positions=positions))
     assert torch.equal(*logits)
+
+
+def test_api_takes_any_mapping_and_iterable_it_took_before(tiny_model):
+    """The argument checks refuse what is wrong, not what worked: a read-only mapping as logit_bias,
+    a generator of prompt segments."""
+    from types import MappingProxyType
+
+    opts = GenerationOptions(logit_bias=MappingProxyType({5: -1.0}))
+    assert opts.logit_bias == {5: -1.0}
+    assert tiny_model.encode_prompt(s for s in ["a", "b"]) == tiny_model.encode_prompt(["a", "b"])
