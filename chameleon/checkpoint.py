@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from chameleon.config import ModelArgs, VQGANConfig, read_json
 from chameleon.convert import HF_VQ_PREFIX, LazyTensors, Tensors, from_hf, from_meta_shards, specs, to_hf, to_meta_shards
 from chameleon.errors import InputError
-from chameleon.tensor_files import _pth_write_errors, write_pth, write_safetensors
+from chameleon.tensor_files import pth_write_errors, write_pth, write_safetensors
 from chameleon.tokenizer import SPECIAL_NAMES, ChameleonTokenizer
 
 HF_DECODER_FILE = "vqgan_decoder.safetensors"
@@ -481,7 +481,7 @@ def write_meta(ckpt: Checkpoint, out: Path, num_shards: int | None = None) -> No
     tok_dir.mkdir(exist_ok=True)
     shutil.copyfile(ckpt.tokenizer_file, tok_dir / "text_tokenizer.json")
     (tok_dir / "vqgan.yaml").write_text(yaml.safe_dump(ckpt.vq_config.to_yaml_dict(), sort_keys=False))
-    with _pth_write_errors(tok_dir / "vqgan.ckpt"):
+    with pth_write_errors(tok_dir / "vqgan.ckpt"):
         torch.save({"state_dict": ckpt.vq_weights}, tok_dir / "vqgan.ckpt")
 
 

@@ -23,7 +23,6 @@ import torch
 from chameleon.convert import LazyTensors, Tensors, specs, standalone
 
 
-
 # safetensors' dtype names, in the order its writer sorts tensors by (descending; then by name).
 # Every floating-point dtype a checkpoint may hold (`_state_dict` takes any) has one; float8_e8m0fnu
 # came in torch 2.7.
@@ -127,7 +126,7 @@ class _FillingWriter:
 
 
 @contextlib.contextmanager
-def _pth_write_errors(file: Path, writer: _FillingWriter | None = None):
+def pth_write_errors(file: Path, writer: _FillingWriter | None = None):
     """torch's zip writer failing (a full disk, a file-size limit) raises a RuntimeError with no
     errno ('basic_ios::clear: iostream error', replaced by 'unexpected pos' as it closes): an
     OSError naming the file instead, which convert reports as an error, not a traceback. A
@@ -150,7 +149,7 @@ def write_pth(tensors: Tensors, file: Path) -> None:
     lazy = isinstance(tensors, LazyTensors)
     if not _PTH_STREAMING:  # (every tensor made at once)
         made = {name: standalone(tensors[name]) if lazy else tensors[name] for name in tensors}
-        with _pth_write_errors(file):
+        with pth_write_errors(file):
             torch.save(made, file)
         return
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -171,8 +170,8 @@ def write_pth(tensors: Tensors, file: Path) -> None:
         return t.untyped_storage()
 
     ser = torch.serialization
-    writer = _FillingWriter(None, storage)  # (its zip writer: opened below, within _pth_write_errors)
-    with _pth_write_errors(file, writer), ser.skip_data(materialize_fake_tensors=True), ser._open_zipfile_writer(str(file)) as zf:
+    writer = _FillingWriter(None, storage)  # (its zip writer: opened below, within pth_write_errors)
+    with pth_write_errors(file, writer), ser.skip_data(materialize_fake_tensors=True), ser._open_zipfile_writer(str(file)) as zf:
         writer._writer = zf
         ser._save(fakes, writer, types.SimpleNamespace(Pickler=_PthPickler), ser.DEFAULT_PROTOCOL, False)
 
